@@ -1,0 +1,26 @@
+"""tokenmerge: faster Vision Transformers by merging tokens inside the network.
+
+>>> import timm, tokenmerge
+>>> model = timm.create_model("vit_small_patch16_224")
+>>> tokenmerge.patch(model, method="tome", r=13)   # ~1.5x fewer GFLOPs, no retraining
+>>> tokenmerge.unpatch(model)                      # back to the original
+"""
+
+from .api import is_patched, patch, unpatch
+from .core.schedule import KeepRatio
+from .methods import TokenReducer, TokenState, create_reducer, list_methods, register_method
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "KeepRatio",
+    "TokenReducer",
+    "TokenState",
+    "create_reducer",
+    "is_patched",
+    "list_methods",
+    "patch",
+    "register_method",
+    "unpatch",
+    "__version__",
+]

@@ -1,0 +1,99 @@
+"""The public entry points: :func:`patch` and :func:`unpatch`."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from torch import nn
+
+from .core.schedule import KeepRatio, validate_schedule
+from .methods import create_reducer
+
+__all__ = ["patch", "unpatch", "is_patched"]
+
+
+def _backend_for(model: nn.Module):
+    from .backends import timm as timm_backend
+
+    if timm_backend.is_timm_vit(model):
+        return timm_backend.patch_timm, timm_backend.unpatch_timm
+    try:
+        from .backends import transformers as hf_backend
+    except ImportError:
+        hf_backend = None
+    if hf_backend is not None and hf_backend.is_supported_hf_model(model):
+        return hf_backend.patch_hf, hf_backend.unpatch_hf
+    raise TypeError(
+        f"tokenmerge cannot patch {type(model).__module__}.{type(model).__qualname__}: supported "
+        "models are timm VisionTransformer/DeiT/DeiT-3 and Hugging Face ViT/DeiT/CLIP/DINOv2 "
+        "vision encoders (hierarchical or windowed models such as Swin or ConvNeXt keep no "
+        "global token sequence to merge)"
+    )
+
+
+def patch(
+    model: nn.Module,
+    method: str = "tome",
+    r=None,
+    *,
+    keep_ratio: Optional[float] = None,
+    trace_source: bool = False,
+    attention_impl: str = "auto",
+    num_protected: Optional[int] = None,
+    **method_options,
+) -> nn.Module:
+    """Make ``model`` merge tokens inside its blocks (in place; returns the model).
+
+    Args:
+        model: a timm ``VisionTransformer`` (ViT, DeiT, DeiT-3, ...) or a supported
+            Hugging Face vision encoder.
+        method: ``"tome"``, ``"dtem"``, ``"tcvit"`` or a baseline (``tokenmerge.list_methods()``).
+        r: tokens removed per block: an int, ``(r, inflection)``, or a per-block list.
+        keep_ratio: instead of ``r``, keep this fraction of mergeable tokens in every block.
+        trace_source: track which patches each token covers (visualisation, unmerging).
+        attention_impl: how proportional attention reaches the fused kernel
+            (``"auto"``, ``"fold"``, ``"bias"``; see :mod:`tokenmerge.core.attention`).
+        num_protected: leading tokens never merged; default: the model's prefix tokens.
+        **method_options: options of the method (e.g. ``order=2`` for TC-ViT).
+
+    ``r=0`` reproduces the unmodified model exactly. Patching a patched model replaces its
+    patch. :func:`unpatch` restores the original.
+    """
+    if (r is None) == (keep_ratio is None):
+        raise ValueError(
+            "give exactly one of r= (tokens per block, e.g. r=13) or keep_ratio= (e.g. 0.9)"
+        )
+    schedule = validate_schedule(KeepRatio(keep_ratio) if keep_ratio is not None else r)
+    patch_fn, _ = _backend_for(model)
+    reducer = method if isinstance(method, nn.Module) else create_reducer(method, **method_options)
+    from .backends.timm import MergeConfig
+
+    if num_protected is None:
+        num_protected = _prefix_tokens(model)
+    elif isinstance(num_protected, bool) or not isinstance(num_protected, int) or num_protected < 0:
+        raise ValueError(f"num_protected must be a non-negative int, got {num_protected!r}")
+    config = MergeConfig(schedule, num_protected, attention_impl, trace_source)
+    return patch_fn(model, reducer, config)
+
+
+def _prefix_tokens(model: nn.Module) -> int:
+    count = getattr(model, "num_prefix_tokens", None)
+    if count is None:
+        from .backends import transformers as hf_backend
+
+        count = hf_backend.prefix_tokens(model)
+    return int(count)
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Restore a patched model to its original classes and behaviour (in place)."""
+    if not is_patched(model):
+        return model
+    _, unpatch_fn = _backend_for(model)
+    return unpatch_fn(model)
+
+
+def is_patched(model: nn.Module) -> bool:
+    return getattr(type(model), "_tokenmerge_base", None) is not None or hasattr(
+        model, "tokenmerge_config"
+    )

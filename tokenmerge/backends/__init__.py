@@ -1,0 +1,1 @@
+"""One module per model family. Each patches in place and unpatches symmetrically."""

@@ -1,0 +1,295 @@
+"""timm backend: token reduction inside timm's ``VisionTransformer`` family.
+
+Patching swaps the classes of the model and of its blocks for subclasses (the ToMe and
+tomesd approach), so a patched model is still a timm ``VisionTransformer`` (``isinstance``
+holds, ``forward_features``/``forward_head`` keep their signatures, the state_dict keys do
+not change) and :func:`unpatch_timm` swaps them back. Nothing is stored per forward: the
+tokens, their sizes and their sources travel as a :class:`~tokenmerge.methods.base.TokenState`
+through :meth:`MergingVisionTransformerMixin.forward_tokens`.
+
+Covered: plain ViT/AugReg, DeiT (distilled: two protected tokens), DeiT-3 (LayerScale),
+register/prefix tokens, qk-norm, average pooling (made size-weighted), ``dynamic_img_size``.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..core.attention import ATTENTION_IMPLS, proportional_attention, size_bias
+from ..core.merge import initial_sources
+from ..core.schedule import resolve_schedule, tokens_per_block
+from ..methods.base import AttentionTensors, TokenReducer, TokenState
+
+__all__ = [
+    "MergeConfig",
+    "is_timm_vit",
+    "patch_timm",
+    "unpatch_timm",
+    "timm_attention",
+]
+
+_SIZE_WEIGHTED_POOLS = ("avg", "avgmax")
+_SUPPORTED_POOLS = ("", "token", "avg", "avgmax", "max")
+
+
+@dataclass(frozen=True)
+class MergeConfig:
+    """Everything a patched model needs besides the method's policy.
+
+    Attributes:
+        schedule: validated schedule (see :mod:`tokenmerge.core.schedule`).
+        num_protected: leading tokens never merged (class, distillation, register tokens).
+        attention_impl: proportional-attention implementation (``auto``/``fold``/``bias``).
+        trace_source: track which patches each token covers (for visualisation/unmerging).
+    """
+
+    schedule: object
+    num_protected: int
+    attention_impl: str = "auto"
+    trace_source: bool = False
+
+
+def _timm_vit_classes():
+    from timm.layers import Attention
+    from timm.models.vision_transformer import Block, VisionTransformer
+
+    return VisionTransformer, Block, Attention
+
+
+def is_timm_vit(model: nn.Module) -> bool:
+    try:
+        VisionTransformer, _, _ = _timm_vit_classes()
+    except ImportError:
+        return False
+    return isinstance(model, VisionTransformer)
+
+
+def timm_attention(attn: nn.Module, x: torch.Tensor, log_size: Optional[torch.Tensor], impl: str):
+    """timm ``Attention.forward`` with proportional attention; also returns q and k.
+
+    Args:
+        attn: a ``timm.layers.Attention``.
+        x: ``[B, N, C]`` normalised tokens.
+        log_size: ``[B, N]`` log token sizes, or ``None``.
+        impl: see :func:`~tokenmerge.core.attention.proportional_attention`.
+
+    Returns:
+        ``(out [B, N, C], AttentionTensors)``.
+    """
+    B, N, C = x.shape
+    gate = getattr(attn, "gate", None)
+    gate = gate(x).sigmoid() if gate is not None else None
+    qkv = attn.qkv(x).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    out = proportional_attention(
+        q, k, v, log_size,
+        impl=impl,
+        dropout_p=attn.attn_drop.p if attn.training else 0.0,
+        scale=attn.scale,
+    )
+    out = out.transpose(1, 2).reshape(B, N, attn.num_heads * attn.head_dim)
+    norm = getattr(attn, "norm", None)
+    if norm is not None:
+        out = norm(out)
+    if gate is not None:
+        out = out * gate
+    out = attn.proj_drop(attn.proj(out))
+    return out, AttentionTensors(q, k, log_size, attn.scale)
+
+
+class MergingBlockMixin:
+    """Mixin for timm ``Block``: adds :meth:`forward_tokens`; ``forward`` is unchanged."""
+
+    def forward_tokens(
+        self,
+        state: TokenState,
+        r: int,
+        reducer: TokenReducer,
+        config: MergeConfig,
+        block_index: int,
+    ) -> TokenState:
+        """One block on a :class:`TokenState`, removing ``r`` tokens between attention and MLP."""
+        if r == 0 and state.size is None:
+            # Nothing merged so far and nothing to merge here: the unmodified block, bit for bit.
+            return state._replace(x=self.forward(state.x))
+        x = state.x
+        attn_out, attn = timm_attention(
+            self.attn, self.norm1(x), size_bias(state.size), config.attention_impl
+        )
+        x = x + self.drop_path1(self.ls1(attn_out))
+        state = state._replace(x=x)
+        if r > 0:
+            state = reducer.reduce(state, attn, r, config.num_protected, block_index)
+        x = state.x
+        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        return state._replace(x=x)
+
+
+class MergingVisionTransformerMixin:
+    """Mixin for timm ``VisionTransformer``: token reduction in every block.
+
+    ``forward_tokens(images)`` returns the final :class:`TokenState` (tokens after the
+    final norm, their sizes and sources); ``forward_features`` returns its tokens;
+    ``forward_head`` accepts ``token_sizes`` for size-weighted average pooling.
+    """
+
+    def tokenmerge_schedule(self, num_tokens: Optional[int] = None) -> tuple:
+        """Tokens removed by each block for an input of ``num_tokens`` tokens (default size)."""
+        if num_tokens is None:
+            num_tokens = _default_num_tokens(self)
+        cache = self._tokenmerge_schedules
+        if num_tokens not in cache:
+            cache[num_tokens] = resolve_schedule(
+                self.tokenmerge_config.schedule,
+                len(self.blocks),
+                num_tokens,
+                self.tokenmerge_config.num_protected,
+                self.token_reducer.max_reduction,
+            )
+        return cache[num_tokens]
+
+    def tokens_per_block(self, num_tokens: Optional[int] = None) -> list:
+        """Tokens entering each block, then the count leaving the last one."""
+        if num_tokens is None:
+            num_tokens = _default_num_tokens(self)
+        return tokens_per_block(num_tokens, self.tokenmerge_schedule(num_tokens))
+
+    def forward_tokens(self, x: torch.Tensor) -> TokenState:
+        """Images ``[B, 3, H, W]`` -> final :class:`TokenState` (after the final norm)."""
+        x = self.patch_embed(x)
+        x = self._pos_embed(x)
+        x = self.patch_drop(x)
+        x = self.norm_pre(x)
+        config = self.tokenmerge_config
+        B, N, _ = x.shape
+        schedule = self.tokenmerge_schedule(N)
+        source = initial_sources(B, N, config.num_protected, x.device) if config.trace_source else None
+        state = TokenState(x, None, source)
+        for i, block in enumerate(self.blocks):
+            state = block.forward_tokens(state, schedule[i], self.token_reducer, config, i)
+        return state._replace(x=self.norm(state.x))
+
+    def forward_features(self, x, attn_mask=None, is_causal=False):
+        _reject_masks(attn_mask, is_causal)
+        return self.forward_tokens(x).x
+
+    def forward_head(self, x, pre_logits: bool = False, token_sizes: Optional[torch.Tensor] = None):
+        if self.global_pool not in _SIZE_WEIGHTED_POOLS:
+            return super().forward_head(x, pre_logits=pre_logits)
+        if token_sizes is None:
+            if x.shape[1] != _default_num_tokens(self) and any(self.tokenmerge_schedule()):
+                raise ValueError(
+                    f"this model pools by averaging (global_pool={self.global_pool!r}) and its "
+                    f"{x.shape[1]} tokens were merged: an unweighted mean would be wrong. Call "
+                    "model(x), or pass token_sizes=model.forward_tokens(x).size to forward_head"
+                )
+            return super().forward_head(x, pre_logits=pre_logits)
+        start = 0 if self.pool_include_prefix else self.num_prefix_tokens
+        tokens, sizes = x[:, start:], token_sizes[:, start:].to(x.dtype)
+        pooled = (tokens * sizes).sum(dim=1) / sizes.sum(dim=1)
+        if self.global_pool == "avgmax":
+            pooled = 0.5 * (pooled + tokens.amax(dim=1))
+        pooled = self.head_drop(self.fc_norm(pooled))
+        return pooled if pre_logits else self.head(pooled)
+
+    def forward(self, x, attn_mask=None, is_causal=False):
+        _reject_masks(attn_mask, is_causal)
+        state = self.forward_tokens(x)
+        return self.forward_head(state.x, token_sizes=state.size)
+
+
+def _reject_masks(attn_mask, is_causal):
+    if attn_mask is not None or is_causal:
+        raise ValueError(
+            "attention masks are not supported on a token-merged model (merging changes the "
+            "token set a mask refers to); call tokenmerge.unpatch(model) to use them"
+        )
+
+
+def _default_num_tokens(model) -> int:
+    return model.patch_embed.num_patches + model.num_prefix_tokens
+
+
+_PATCHED_CLASSES: dict = {}
+
+
+def _patched_class(base: type, mixin: type) -> type:
+    """``TokenMerge<Base>`` subclass of ``base``, cached and importable (so models pickle)."""
+    key = (base, mixin)
+    if key not in _PATCHED_CLASSES:
+        name = f"TokenMerge{base.__name__}"
+        cls = type(name, (mixin, base), {"_tokenmerge_base": base, "__module__": __name__})
+        unique = name if not hasattr(sys.modules[__name__], name) else f"{name}_{len(_PATCHED_CLASSES)}"
+        cls.__qualname__ = cls.__name__ = unique
+        setattr(sys.modules[__name__], unique, cls)
+        _PATCHED_CLASSES[key] = cls
+    return _PATCHED_CLASSES[key]
+
+
+def _check_supported(model: nn.Module) -> None:
+    VisionTransformer, Block, Attention = _timm_vit_classes()
+    kind = type(model)
+    if kind.forward_features is not VisionTransformer.forward_features:
+        raise TypeError(
+            f"{kind.__name__} overrides VisionTransformer.forward_features; tokenmerge supports "
+            "the timm VisionTransformer family whose blocks run in sequence"
+        )
+    if getattr(model, "attn_pool", None) is not None:
+        raise TypeError(
+            f"{kind.__name__} pools with an attention head (global_pool={model.global_pool!r}), "
+            "which merged tokens would bias; use a model with 'token' or 'avg' pooling"
+        )
+    if model.global_pool not in _SUPPORTED_POOLS:
+        raise TypeError(f"global_pool={model.global_pool!r} is not supported; use one of {_SUPPORTED_POOLS}")
+    for i, block in enumerate(model.blocks):
+        where = f"blocks.{i} ({type(block).__name__})"
+        if not isinstance(block, Block) or type(block).forward is not Block.forward:
+            raise TypeError(
+                f"cannot patch {where}: tokenmerge supports timm's pre-norm "
+                f"`Block`; {type(block).__module__}.{type(block).__qualname__} is not one"
+            )
+        if not isinstance(block.attn, Attention) or type(block.attn).forward is not Attention.forward:
+            raise TypeError(
+                f"cannot patch {where}.attn ({type(block.attn).__name__}): tokenmerge supports "
+                "timm's global self-attention `Attention` (windowed, RoPE or relative-position "
+                "attention is not supported)"
+            )
+
+
+def patch_timm(model: nn.Module, reducer: TokenReducer, config: MergeConfig) -> nn.Module:
+    """Patch a timm ``VisionTransformer`` in place (see :func:`tokenmerge.patch`)."""
+    if config.attention_impl not in ATTENTION_IMPLS:
+        raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {config.attention_impl!r}")
+    if getattr(model, "_tokenmerge_base", None) is not None:
+        unpatch_timm(model)
+    _check_supported(model)
+    for block in model.blocks:
+        block.__class__ = _patched_class(type(block), MergingBlockMixin)
+    model.__class__ = _patched_class(type(model), MergingVisionTransformerMixin)
+    model.token_reducer = reducer
+    model.tokenmerge_config = config
+    model._tokenmerge_schedules = {}
+    model.tokenmerge_schedule()  # validate and warn now, for the model's default input size
+    return model
+
+
+def unpatch_timm(model: nn.Module) -> nn.Module:
+    """Undo :func:`patch_timm` in place: original classes, no extra attributes."""
+    base = getattr(type(model), "_tokenmerge_base", None)
+    if base is None:
+        return model
+    for block in model.blocks:
+        block_base = getattr(type(block), "_tokenmerge_base", None)
+        if block_base is not None:
+            block.__class__ = block_base
+    model.__class__ = base
+    del model.token_reducer
+    del model.tokenmerge_config
+    del model._tokenmerge_schedules
+    return model

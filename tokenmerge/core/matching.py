@@ -1,0 +1,81 @@
+"""Bipartite soft matching (ToMe, Bolya et al. 2023), as a pure function.
+
+Partition. Tokens before ``num_protected`` are never merged. The others are split by the
+parity of their absolute index: set A holds the even indices, set B the odd ones. With
+one class token this is exactly ToMe's split (``a = x[::2]``, ``b = x[1::2]`` with the
+class token masked out of A), so results match the published algorithm; with more
+protected tokens (distillation, registers) it stays well defined and keeps every
+protected token at the front.
+
+Output order. ``[protected..., unmerged A (original order)..., B...]``, as in ToMe, so
+the split parity of the next block is reproducible.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .merge import MergePlan
+
+__all__ = ["bipartite_soft_matching", "bipartite_max_reduction", "split_parity"]
+
+
+def bipartite_max_reduction(num_tokens: int, num_protected: int) -> int:
+    """At most half of the mergeable tokens can leave in one bipartite step."""
+    return max(0, (num_tokens - num_protected) // 2)
+
+
+def split_parity(num_protected: int) -> tuple:
+    """First absolute index of set A and of set B."""
+    a0 = num_protected + (num_protected % 2)
+    b0 = num_protected + 1 - (num_protected % 2)
+    return a0, b0
+
+
+def bipartite_soft_matching(metric: torch.Tensor, r: int, num_protected: int = 1) -> MergePlan:
+    """Plan ToMe's merge of ``r`` tokens.
+
+    Each A-token proposes its most similar B-token (cosine similarity of ``metric``); the
+    ``r`` strongest proposals are merged, the rest of A is kept.
+
+    Args:
+        metric: ``[B, N, D]`` per-token features to compare (ToMe: keys averaged over heads).
+        r: tokens to remove, ``0 <= r <= bipartite_max_reduction(N, num_protected)``.
+        num_protected: leading tokens that are never merged.
+
+    Returns:
+        A :class:`~tokenmerge.core.merge.MergePlan` with ``num_out = N - r``.
+    """
+    B, N, _ = metric.shape
+    limit = bipartite_max_reduction(N, num_protected)
+    if not 0 <= r <= limit:
+        raise ValueError(
+            f"bipartite matching can remove 0..{limit} of {N} tokens "
+            f"({num_protected} protected), asked for r={r}"
+        )
+    device = metric.device
+    a0, b0 = split_parity(num_protected)
+    with torch.no_grad():
+        metric = metric / metric.norm(dim=-1, keepdim=True)
+        a, b = metric[:, a0::2], metric[:, b0::2]
+        num_a, num_b = a.shape[1], b.shape[1]
+        scores = a @ b.transpose(-1, -2)  # [B, Na, Nb]
+        node_max, node_idx = scores.max(dim=-1)
+        edge_order = node_max.argsort(dim=-1, descending=True)
+        src = edge_order[:, :r]  # positions in A that merge
+        unm = edge_order[:, r:].sort(dim=-1).values  # positions in A that stay, in order
+        dst = node_idx.gather(1, src)  # their partners' positions in B
+
+        num_kept_a = num_a - r
+        b_base = num_protected + num_kept_a
+        assign_a = torch.empty(B, num_a, dtype=torch.long, device=device)
+        kept_slots = torch.arange(num_protected, b_base, device=device).expand(B, -1)
+        assign_a.scatter_(1, unm, kept_slots)
+        assign_a.scatter_(1, src, dst + b_base)
+        assign_b = torch.arange(b_base, b_base + num_b, device=device).expand(B, -1)
+
+        assign = torch.empty(B, N, dtype=torch.long, device=device)
+        assign[:, :num_protected] = torch.arange(num_protected, device=device)
+        assign[:, a0::2] = assign_a
+        assign[:, b0::2] = assign_b
+    return MergePlan(assign, N - r)

@@ -1,0 +1,128 @@
+"""Size-weighted token merging, source tracking and unmerging.
+
+Every reduction method in tokenmerge ends in the same representation, a :class:`MergePlan`:
+an *assignment* ``assign[b, i]`` that sends input token ``i`` to output slot ``assign[b, i]``.
+Several tokens sent to one slot are averaged, weighted by their sizes (how many input
+patches each stands for). A slot index equal to ``num_out`` is a discard slot: tokens sent
+there are pruned without being fused into anything.
+
+This one form covers bipartite matching (ToMe, DTEM), select-and-fuse (TC-ViT, EViT),
+pruning and random merging, and it composes: the patches behind each output token are
+found by chaining assignments (:func:`track_sources`), so source tracking is an index map
+of ``[B, num_patches]`` rather than an ``N x N`` matrix per image.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+
+__all__ = [
+    "MergePlan",
+    "merge_tokens",
+    "track_sources",
+    "initial_sources",
+    "unmerge_tokens",
+    "keep_first",
+]
+
+
+class MergePlan(NamedTuple):
+    """Where each input token goes.
+
+    Attributes:
+        assign: ``[B, N]`` int64, values in ``[0, num_out]``; ``num_out`` means "discard".
+        num_out: number of output tokens (a Python int, so shapes stay static).
+    """
+
+    assign: torch.Tensor
+    num_out: int
+
+
+def merge_tokens(
+    x: torch.Tensor, size: Optional[torch.Tensor], plan: MergePlan
+) -> tuple:
+    """Apply a plan with size-weighted averaging, in one scatter pass.
+
+    The size travels as an extra channel beside ``x * size``, so tokens and sizes are
+    merged by the same ``index_add``; the average is the sum divided by the summed size.
+
+    Args:
+        x: ``[B, N, C]`` tokens.
+        size: ``[B, N, 1]`` patches per token, or ``None`` for all ones.
+        plan: a :class:`MergePlan` over the ``N`` tokens.
+
+    Returns:
+        ``(x_out [B, num_out, C], size_out [B, num_out, 1])``. A slot that receives no token
+        gets size 0 and value 0 (plans made by tokenmerge never leave one empty).
+    """
+    B, N, C = x.shape
+    num_out = plan.num_out
+    if size is None:
+        size = x.new_ones(B, N, 1)
+    weighted = torch.cat([x * size, size], dim=-1)  # [B, N, C + 1]
+    # Flatten the batch so one index_add covers every image; row num_out of each image is
+    # the discard slot.
+    offsets = torch.arange(B, device=x.device).unsqueeze(1) * (num_out + 1)
+    index = (plan.assign + offsets).reshape(-1)
+    out = weighted.new_zeros(B * (num_out + 1), C + 1)
+    out.index_add_(0, index, weighted.reshape(B * N, C + 1))
+    out = out.view(B, num_out + 1, C + 1)[:, :num_out]
+    size_out = out[..., C:]
+    x_out = out[..., :C] / size_out.clamp_min(torch.finfo(out.dtype).tiny)
+    return x_out, size_out
+
+
+def initial_sources(batch: int, num_tokens: int, num_protected: int, device=None) -> torch.Tensor:
+    """``[B, num_tokens - num_protected]``: patch ``p`` starts in token ``num_protected + p``."""
+    patches = torch.arange(num_protected, num_tokens, device=device)
+    return patches.unsqueeze(0).expand(batch, -1).contiguous()
+
+
+def track_sources(source: torch.Tensor, plan: MergePlan) -> torch.Tensor:
+    """Compose a source map with one more merge step.
+
+    Args:
+        source: ``[B, P]`` the token each input patch currently belongs to.
+        plan: the plan applied to those tokens.
+
+    Returns:
+        ``[B, P]`` the output token each patch belongs to; ``plan.num_out`` for a patch
+        whose token was discarded.
+    """
+    # A patch already discarded (index num_in) stays discarded: the discard slot gets an entry.
+    assign = torch.cat(
+        [plan.assign, plan.assign.new_full((plan.assign.shape[0], 1), plan.num_out)], dim=1
+    )
+    return assign.gather(1, source)
+
+
+def unmerge_tokens(
+    x: torch.Tensor, source: torch.Tensor, fill: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """Copy each merged token back to every patch it covers.
+
+    Args:
+        x: ``[B, M, C]`` merged tokens.
+        source: ``[B, P]`` token index per patch (from :func:`track_sources`); an index of
+            ``M`` or more marks a discarded patch.
+        fill: ``[C]`` or ``[B, C]`` value for discarded patches (default zeros).
+
+    Returns:
+        ``[B, P, C]``.
+    """
+    B, M, C = x.shape
+    if fill is None:
+        fill = x.new_zeros(B, 1, C)
+    else:
+        fill = fill.to(x.dtype).reshape(-1, 1, C).expand(B, 1, C)
+    padded = torch.cat([x, fill], dim=1)
+    index = source.clamp_max(M).unsqueeze(-1).expand(-1, -1, C)
+    return padded.gather(1, index)
+
+
+def keep_first(num_tokens: int, num_out: int, batch: int, device=None) -> MergePlan:
+    """The plan that keeps the first ``num_out`` tokens and discards the rest."""
+    assign = torch.arange(num_tokens, device=device).clamp_max(num_out)
+    return MergePlan(assign.unsqueeze(0).expand(batch, -1), num_out)

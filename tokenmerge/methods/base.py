@@ -1,0 +1,96 @@
+"""What every reduction method shares: the token state, the attention tensors a block
+exposes, and the :class:`TokenReducer` policy interface.
+
+A method is a policy: given the tokens after a block's attention, it decides which
+tokens leave and where they go, as a :class:`~tokenmerge.core.merge.MergePlan`. The
+backend (timm, transformers) owns the model and calls the policy; the policy knows no
+model. All state is passed explicitly (:class:`TokenState` in, :class:`TokenState` out),
+so a patched model is re-entrant and traces under ``torch.compile(fullgraph=True)``.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, NamedTuple, Optional
+
+import torch
+from torch import nn
+
+from ..core.matching import bipartite_max_reduction
+from ..core.merge import MergePlan, merge_tokens, track_sources
+
+__all__ = ["TokenState", "AttentionTensors", "TokenReducer"]
+
+
+class TokenState(NamedTuple):
+    """Tokens travelling through the blocks.
+
+    Attributes:
+        x: ``[B, N, C]`` tokens, protected ones first.
+        size: ``[B, N, 1]`` patches per token, or ``None`` while every token is one patch.
+        source: ``[B, P]`` token index of each of the ``P`` input patches, or ``None`` when
+            sources are not tracked.
+    """
+
+    x: torch.Tensor
+    size: Optional[torch.Tensor] = None
+    source: Optional[torch.Tensor] = None
+
+
+class AttentionTensors(NamedTuple):
+    """What a block's attention computed, for methods that score tokens with it.
+
+    Attributes:
+        q, k: ``[B, H, N, D]`` queries and keys, after any q/k normalisation.
+        log_size: ``[B, N]`` the proportional-attention bias that was used, or ``None``.
+        scale: the softmax scale that was used.
+    """
+
+    q: torch.Tensor
+    k: torch.Tensor
+    log_size: Optional[torch.Tensor]
+    scale: float
+
+
+class TokenReducer(nn.Module):
+    """A token-reduction method's policy (subclasses: ToMe, DTEM, TC-ViT, baselines).
+
+    Class attributes:
+        name: the registry name (``tokenmerge.patch(model, method=name)``).
+        tracks_size: merged tokens carry sizes, which feed proportional attention and
+            size-weighted pooling. Pure pruning leaves sizes alone.
+    """
+
+    name: ClassVar[str] = ""
+    tracks_size: ClassVar[bool] = True
+
+    def max_reduction(self, num_tokens: int, num_protected: int) -> int:
+        """The most tokens one block may remove (default: bipartite, half the mergeable)."""
+        return bipartite_max_reduction(num_tokens, num_protected)
+
+    def plan(
+        self,
+        x: torch.Tensor,
+        attn: AttentionTensors,
+        r: int,
+        num_protected: int,
+        block_index: int,
+    ) -> MergePlan:
+        """Decide the merge: ``x`` is ``[B, N, C]`` after the block's attention."""
+        raise NotImplementedError
+
+    def reduce(
+        self,
+        state: TokenState,
+        attn: AttentionTensors,
+        r: int,
+        num_protected: int,
+        block_index: int,
+    ) -> TokenState:
+        """Remove ``r`` tokens from ``state`` (called between attention and MLP)."""
+        plan = self.plan(state.x, attn, r, num_protected, block_index)
+        x, size = merge_tokens(state.x, state.size, plan)
+        source = None if state.source is None else track_sources(state.source, plan)
+        return TokenState(x, size if self.tracks_size else None, source)
+
+    def extra_repr(self) -> str:
+        return f"method={self.name!r}"
