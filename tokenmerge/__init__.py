@@ -8,6 +8,8 @@
 
 from .api import is_patched, patch, unpatch
 from .core.schedule import KeepRatio
+from .dense import dense_features, unmerge_to_grid
+from .methods.dtem import load_merge_modules, save_merge_modules
 from .methods import TokenReducer, TokenState, create_reducer, list_methods, register_method
 
 __version__ = "0.1.0"
@@ -17,10 +19,14 @@ __all__ = [
     "TokenReducer",
     "TokenState",
     "create_reducer",
+    "dense_features",
     "is_patched",
     "list_methods",
+    "load_merge_modules",
     "patch",
     "register_method",
+    "save_merge_modules",
+    "unmerge_to_grid",
     "unpatch",
     "__version__",
 ]

@@ -40,6 +40,7 @@ def patch(
     trace_source: bool = False,
     attention_impl: str = "auto",
     num_protected: Optional[int] = None,
+    layout: str = "global",
     **method_options,
 ) -> nn.Module:
     """Make ``model`` merge tokens inside its blocks (in place; returns the model).
@@ -54,6 +55,9 @@ def patch(
         attention_impl: how proportional attention reaches the fused kernel
             (``"auto"``, ``"fold"``, ``"bias"``; see :mod:`tokenmerge.core.attention`).
         num_protected: leading tokens never merged; default: the model's prefix tokens.
+        layout: ``"global"`` (ToMe: merged tokens stay merged to the end) or ``"local"``
+            (tomesd: each block merges before attention/MLP and unmerges after, so every
+            block outputs all tokens; Hugging Face backend only).
         **method_options: options of the method (e.g. ``order=2`` for TC-ViT).
 
     ``r=0`` reproduces the unmodified model exactly. Patching a patched model replaces its
@@ -66,6 +70,9 @@ def patch(
     schedule = validate_schedule(KeepRatio(keep_ratio) if keep_ratio is not None else r)
     patch_fn, _ = _backend_for(model)
     reducer = method if isinstance(method, nn.Module) else create_reducer(method, **method_options)
+    if hasattr(reducer, "bind_model"):
+        # Methods with per-block parameters (DTEM) size them from the model.
+        reducer.bind_model(model)
     from .backends.timm import MergeConfig
 
     if num_protected is None:
@@ -73,7 +80,16 @@ def patch(
     elif isinstance(num_protected, bool) or not isinstance(num_protected, int) or num_protected < 0:
         raise ValueError(f"num_protected must be a non-negative int, got {num_protected!r}")
     config = MergeConfig(schedule, num_protected, attention_impl, trace_source)
-    return patch_fn(model, reducer, config)
+    if layout == "global":
+        return patch_fn(model, reducer, config)
+    from .backends import transformers as hf_backend
+
+    if patch_fn is not hf_backend.patch_hf:
+        raise NotImplementedError(
+            f"layout={layout!r} is available for Hugging Face models; "
+            f"{type(model).__qualname__} supports layout='global'"
+        )
+    return patch_fn(model, reducer, config, layout=layout)
 
 
 def _prefix_tokens(model: nn.Module) -> int:

@@ -54,6 +54,8 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, num_protected: int = 1
             f"({num_protected} protected), asked for r={r}"
         )
     device = metric.device
+    if r == 0:  # as in ToMe, no merge leaves the order alone
+        return MergePlan(torch.arange(N, device=device).expand(B, N), N)
     a0, b0 = split_parity(num_protected)
     with torch.no_grad():
         metric = metric / metric.norm(dim=-1, keepdim=True)

@@ -1,0 +1,364 @@
+"""The Hugging Face transformers backend, on small random-weight models built from configs."""
+
+from __future__ import annotations
+
+import inspect
+import io
+import warnings
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import tokenmerge  # noqa: E402
+from tokenmerge.backends import transformers as hf  # noqa: E402
+from tokenmerge.backends.timm import MergeConfig  # noqa: E402
+from tokenmerge.core.schedule import validate_schedule  # noqa: E402
+
+VISION = dict(image_size=64, patch_size=16, hidden_size=48, num_hidden_layers=3, num_attention_heads=3)
+PATCHES = 16  # (64 / 16) ** 2
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny models gain nothing from intra-op threads, and on a shared 2-core machine thread
+    # contention makes each forward ~100x slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _vit(attn="sdpa"):
+    config = transformers.ViTConfig(**VISION, intermediate_size=96, num_labels=5)
+    return transformers.ViTForImageClassification._from_config(config, attn_implementation=attn)
+
+
+def _vit_model(attn="sdpa"):
+    config = transformers.ViTConfig(**VISION, intermediate_size=96)
+    return transformers.ViTModel._from_config(config, attn_implementation=attn)
+
+
+def _deit(attn="sdpa"):
+    config = transformers.DeiTConfig(**VISION, intermediate_size=96, num_labels=5)
+    return transformers.DeiTForImageClassificationWithTeacher._from_config(config, attn_implementation=attn)
+
+
+def _clip_vision(attn="sdpa"):
+    config = transformers.CLIPVisionConfig(**VISION, intermediate_size=96)
+    return transformers.CLIPVisionModel._from_config(config, attn_implementation=attn)
+
+
+def _clip_config(**extra):
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                vocab_size=100, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    return transformers.CLIPConfig(
+        vision_config=dict(**VISION, intermediate_size=96), text_config=text, projection_dim=16, **extra
+    )
+
+
+def _clip(attn="sdpa"):
+    return transformers.CLIPModel._from_config(_clip_config(), attn_implementation=attn)
+
+
+def _clip_classifier(attn="sdpa"):
+    return transformers.CLIPForImageClassification._from_config(
+        _clip_config(num_labels=5), attn_implementation=attn
+    )
+
+
+def _dinov2(attn="sdpa"):
+    config = transformers.Dinov2Config(**VISION, mlp_ratio=2, num_labels=5, layerscale_value=0.5)
+    return transformers.Dinov2ForImageClassification._from_config(config, attn_implementation=attn)
+
+
+def _dinov2_registers(attn="sdpa"):
+    config = transformers.Dinov2WithRegistersConfig(**VISION, mlp_ratio=2, num_register_tokens=2)
+    return transformers.Dinov2WithRegistersModel._from_config(config, attn_implementation=attn)
+
+
+# name -> (builder, prefix tokens)
+MODELS = {
+    "vit": (_vit, 1),
+    "vit_model": (_vit_model, 1),
+    "deit_teacher": (_deit, 2),
+    "clip_vision": (_clip_vision, 1),
+    "clip": (_clip, 1),
+    "clip_classifier": (_clip_classifier, 1),
+    "dinov2": (_dinov2, 1),
+    "dinov2_registers": (_dinov2_registers, 3),
+}
+
+
+def _build(name, attn="sdpa"):
+    torch.manual_seed(0)
+    return MODELS[name][0](attn).eval()
+
+
+def _images(batch=2, seed=1):
+    return torch.randn(batch, 3, 64, 64, generator=torch.Generator().manual_seed(seed))
+
+
+def _run(model, x):
+    """Every tensor a model's forward returns, by name (CLIPModel: its image features)."""
+    with torch.no_grad():
+        if isinstance(model, transformers.CLIPModel):
+            out = model.get_image_features(pixel_values=x)
+        else:
+            out = model(x)
+    return {k: v for k, v in out.items() if isinstance(v, torch.Tensor)}
+
+
+def _assert_outputs_equal(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_r0_is_identical_and_unpatch_restores(name):
+    model = _build(name)
+    x = _images()
+    reference = _run(model, x)
+    keys = set(model.state_dict())
+    base_class = type(model)
+
+    tokenmerge.patch(model, method="tome", r=0)
+    assert tokenmerge.is_patched(model)
+    _assert_outputs_equal(_run(model, x), reference)
+
+    tokenmerge.patch(model, method="tome", r=2)
+    merged = _run(model, x)
+    first = next(iter(reference))
+    assert not torch.equal(merged[first], reference[first])  # merging is really on
+
+    tokenmerge.unpatch(model)
+    assert type(model) is base_class and not tokenmerge.is_patched(model)
+    assert not hasattr(hf.vision_trunk(model), "tokenmerge_config")
+    assert set(model.state_dict()) == keys
+    _assert_outputs_equal(_run(model, x), reference)
+
+
+@pytest.mark.parametrize("name", ["vit", "dinov2", "clip_vision"])
+def test_r0_is_identical_under_eager_attention(name):
+    model = _build(name, attn="eager")
+    assert hf.vision_trunk(model).config._attn_implementation == "eager"
+    x = _images()
+    reference = _run(model, x)
+    tokenmerge.patch(model, method="tome", r=0)
+    _assert_outputs_equal(_run(model, x), reference)
+
+
+@pytest.mark.parametrize("name", ["vit", "dinov2", "clip_vision"])
+def test_eager_and_sdpa_agree_when_merging(name):
+    x = _images()
+    outs = []
+    for attn in ("eager", "sdpa"):
+        model = tokenmerge.patch(_build(name, attn), method="tome", r=3)
+        outs.append(_run(model, x))
+    for key in outs[0]:
+        torch.testing.assert_close(outs[0][key], outs[1][key], rtol=1e-4, atol=1e-5)
+
+
+def _reducer(name, model):
+    """A method's policy; methods with per-block modules are sized explicitly for HF models."""
+    cls = tokenmerge.methods.get_method_class(name)
+    params = inspect.signature(cls.__init__).parameters
+    if "dim" in params and "depth" in params:
+        trunk = hf.vision_trunk(model)
+        return cls(dim=trunk.config.hidden_size, depth=trunk.config.num_hidden_layers).eval()
+    return cls().eval()
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_every_method_runs_with_expected_token_counts(name):
+    prefix = MODELS[name][1]
+    tokens = prefix + PATCHES
+    x = _images()
+    for method in tokenmerge.list_methods():
+        model = _build(name)
+        reducer = _reducer(method, model)
+        config = MergeConfig(validate_schedule(2), prefix, "auto", True)
+        hf.patch_hf(model, reducer, config)
+        trunk = hf.vision_trunk(model)
+        expected = [tokens - 2 * i for i in range(4)]
+        assert trunk.tokens_per_block() == expected, method
+        with torch.no_grad():
+            out = trunk(x, output_hidden_states=True)
+            state = trunk.forward_tokens(x)
+        assert [h.shape[1] for h in out.hidden_states] == expected, method
+        assert out.last_hidden_state.shape == (2, expected[-1], 48), method
+        assert torch.isfinite(out.last_hidden_state).all(), method
+        assert state.source.shape == (2, tokens - prefix), method
+        assert int(state.source.max()) <= expected[-1], method
+        _run(model, x)  # the wrapper's own head runs on the merged tokens
+
+
+def test_hidden_states_match_unpatched_at_r0():
+    model = _build("vit_model")
+    x = _images()
+    with torch.no_grad():
+        reference = model(x, output_hidden_states=True).hidden_states
+        tokenmerge.patch(model, method="tome", r=0)
+        patched = model(x, output_hidden_states=True).hidden_states
+    assert len(patched) == len(reference) == 4
+    for a, b in zip(patched, reference):
+        assert torch.equal(a, b)
+
+
+def test_return_dict_false_gives_tuples():
+    model = tokenmerge.patch(_build("vit_model"), method="tome", r=2)
+    with torch.no_grad():
+        out = model(_images(), return_dict=False)
+    assert isinstance(out, tuple) and out[0].shape == (2, 11, 48) and out[1].shape == (2, 48)
+
+
+def test_deit_protects_class_and_distillation_tokens():
+    model = _build("deit_teacher")
+    tokenmerge.patch(model, method="tome", r=2, trace_source=True)
+    trunk = hf.vision_trunk(model)
+    assert trunk.tokenmerge_config.num_protected == 2
+    with torch.no_grad():
+        state = trunk.forward_tokens(_images())
+    assert int(state.source.min()) >= 2  # no patch ever lands on the class/distillation slots
+
+
+def test_dinov2_registers_are_protected():
+    model = _build("dinov2_registers")
+    tokenmerge.patch(model, method="tome", r=3, trace_source=True)
+    assert model.tokenmerge_config.num_protected == 3
+    with torch.no_grad():
+        state = model.forward_tokens(_images())
+    assert int(state.source.min()) >= 3
+
+
+def test_mean_pooling_heads_are_size_weighted():
+    # A size-weighted mean of merged tokens equals the plain mean over the unmerged patch grid.
+    x = _images()
+    for name, prefix in (("dinov2", 1), ("clip_classifier", 1)):
+        model = tokenmerge.patch(_build(name), method="tome", r=3, trace_source=True)
+        with torch.no_grad():
+            logits = model(x).logits
+            trunk = hf.vision_trunk(model)
+            state = trunk.forward_tokens(x)
+            dense = tokenmerge.dense_features(model, x)
+        pooled = dense.mean(dim=1)
+        if name == "dinov2":
+            pooled = torch.cat([state.x[:, 0], pooled], dim=1)
+        torch.testing.assert_close(logits, model.classifier(pooled), rtol=1e-5, atol=1e-6)
+        assert state.x.shape[1] == prefix + PATCHES - 9
+
+
+def test_clip_model_merges_the_image_tower_only():
+    model = _build("clip")
+    ids = torch.tensor([[0, 5, 6, 1], [0, 7, 1, 1]])
+    x = _images()
+    with torch.no_grad():
+        text_before = model.get_text_features(input_ids=ids).pooler_output
+        image_before = model.get_image_features(pixel_values=x).pooler_output
+        tokenmerge.patch(model, method="tome", r=3)
+        text_after = model.get_text_features(input_ids=ids).pooler_output
+        image_after = model.get_image_features(pixel_values=x).pooler_output
+        full = model(input_ids=ids, pixel_values=x)
+    assert type(model) is transformers.CLIPModel and tokenmerge.is_patched(model)
+    assert type(model.text_model.encoder.layers[0]) is transformers.models.clip.modeling_clip.CLIPEncoderLayer
+    assert torch.equal(text_before, text_after)
+    assert image_after.shape == image_before.shape == (2, 16)
+    assert not torch.equal(image_before, image_after)
+    assert full.logits_per_image.shape == (2, 2)
+
+
+def test_proportional_attention_makes_duplicate_merges_exact():
+    # All patch tokens identical (constant image, no position embeddings): merging them with
+    # size-weighted averages and proportional attention must not change the class token.
+    for attn in ("eager", "sdpa"):
+        model = _build("vit_model", attn)
+        with torch.no_grad():
+            model.embeddings.position_embeddings.zero_()
+        x = torch.full((1, 3, 64, 64), 0.3)
+        reference = _run(model, x)
+        tokenmerge.patch(model, method="tome", r=4)
+        merged = _run(model, x)
+        assert merged["last_hidden_state"].shape[1] == 17 - 12
+        torch.testing.assert_close(merged["pooler_output"], reference["pooler_output"], rtol=1e-4, atol=1e-5)
+        tokenmerge.patch(model, method="drop", r=4)  # no sizes: the class token does change
+        dropped = _run(model, x)
+        assert not torch.allclose(dropped["pooler_output"], reference["pooler_output"], atol=1e-3)
+
+
+def test_save_pretrained_round_trip(tmp_path):
+    model = _build("vit")
+    x = _images()
+    plain = _run(model, x)
+    keys = set(model.state_dict())
+    tokenmerge.patch(model, method="tome", r=2)
+    merged = _run(model, x)
+    assert set(model.state_dict()) == keys
+    model.save_pretrained(tmp_path)
+    assert model.config.architectures == ["ViTForImageClassification"]
+
+    loaded = transformers.ViTForImageClassification.from_pretrained(tmp_path).eval()
+    assert type(loaded) is transformers.ViTForImageClassification
+    _assert_outputs_equal(_run(loaded, x), plain)
+    tokenmerge.patch(loaded, method="tome", r=2)
+    _assert_outputs_equal(_run(loaded, x), merged)
+
+    auto = transformers.AutoModelForImageClassification.from_pretrained(tmp_path).eval()
+    _assert_outputs_equal(_run(auto, x), plain)
+
+
+def test_patched_model_pickles():
+    model = tokenmerge.patch(_build("dinov2"), method="tome", r=2)
+    x = _images()
+    expected = _run(model, x)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    restored = torch.load(buffer, weights_only=False)
+    assert type(restored) is type(model)
+    _assert_outputs_equal(_run(restored, x), expected)
+
+
+def test_unsupported_architectures_are_named():
+    swin = transformers.SwinModel(
+        transformers.SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[1, 2], window_size=2)
+    )
+    with pytest.raises(TypeError, match="SwinModel"):
+        tokenmerge.patch(swin, method="tome", r=2)
+    convnext = transformers.ConvNextModel(
+        transformers.ConvNextConfig(hidden_sizes=[8, 16], depths=[1, 1], num_stages=2)
+    )
+    with pytest.raises(TypeError, match="ConvNextModel"):
+        tokenmerge.patch(convnext, method="tome", r=2)
+    masked = transformers.ViTForMaskedImageModeling(transformers.ViTConfig(**VISION, intermediate_size=96))
+    with pytest.raises(TypeError, match="ViTForMaskedImageModeling"):
+        tokenmerge.patch(masked, method="tome", r=2)
+
+
+def test_replaced_layer_is_rejected_with_its_name():
+    model = _build("vit_model")
+    model.layers[1] = torch.nn.Identity()
+    with pytest.raises(TypeError, match=r"layer 1 \(Identity\)"):
+        tokenmerge.patch(model, method="tome", r=2)
+    assert not tokenmerge.is_patched(model) and type(model.layers[0]).__name__ == "ViTLayer"
+
+
+def test_masks_and_attention_outputs_are_rejected():
+    model = tokenmerge.patch(_build("vit_model"), method="tome", r=2)
+    x = _images()
+    with pytest.raises(ValueError, match="attention masks"):
+        model(x, attention_mask=torch.ones(2, 17))
+    with pytest.raises(ValueError, match="output_attentions"):
+        model(x, output_attentions=True)
+
+
+def test_schedule_clamping_warns_and_keep_ratio_works():
+    model = _build("vit_model")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tokenmerge.patch(model, method="tome", r=8)
+    assert any("effective schedule" in str(w.message) for w in caught)
+    assert model.tokens_per_block() == [17, 9, 5, 3]
+    tokenmerge.patch(model, method="tome", keep_ratio=0.5)
+    assert model.tokens_per_block() == [17, 9, 5, 3]

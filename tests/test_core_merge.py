@@ -1,0 +1,161 @@
+"""The merge core against a direct, loop-based reading of the ToMe paper, plus properties."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tokenmerge.core.matching import bipartite_max_reduction, bipartite_soft_matching
+from tokenmerge.core.merge import (
+    MergePlan,
+    initial_sources,
+    keep_first,
+    merge_tokens,
+    track_sources,
+    unmerge_tokens,
+)
+
+
+def reference_tome(x, size, metric, r, protected):
+    """ToMe's bipartite soft matching and weighted merge, one image and one token at a time.
+
+    Protected tokens stay first; of the rest, even absolute indices form set A and odd ones
+    set B. Every A token finds its most cosine-similar B token; the r A tokens with the
+    highest such similarity are averaged (by size) into their B partner. Output order:
+    protected, kept A tokens in their original order, then B. r=0 changes nothing.
+    """
+    if r == 0:
+        return x, size
+    out_x, out_s = [], []
+    for xb, sb, mb in zip(x, size, metric):
+        a_idx = [i for i in range(protected, len(xb)) if i % 2 == 0]
+        b_idx = [i for i in range(protected, len(xb)) if i % 2 == 1]
+        best = {}
+        for i in a_idx:
+            sims = [
+                float(torch.dot(mb[i], mb[j]) / (mb[i].norm() * mb[j].norm())) for j in b_idx
+            ]
+            j = max(range(len(b_idx)), key=lambda t: sims[t])
+            best[i] = (sims[j], b_idx[j])
+        merged = sorted(a_idx, key=lambda i: -best[i][0])[:r]
+        dst_sum = {j: (xb[j] * sb[j], sb[j].clone()) for j in b_idx}
+        for i in merged:
+            j = best[i][1]
+            total, weight = dst_sum[j]
+            dst_sum[j] = (total + xb[i] * sb[i], weight + sb[i])
+        rows, sizes = [], []
+        for i in range(protected):
+            rows.append(xb[i]), sizes.append(sb[i])
+        for i in a_idx:
+            if i not in merged:
+                rows.append(xb[i]), sizes.append(sb[i])
+        for j in b_idx:
+            total, weight = dst_sum[j]
+            rows.append(total / weight), sizes.append(weight)
+        out_x.append(torch.stack(rows)), out_s.append(torch.stack(sizes))
+    return torch.stack(out_x), torch.stack(out_s)
+
+
+@pytest.mark.parametrize("protected", [0, 1, 2, 5])
+@pytest.mark.parametrize("r", [0, 1, 4, 7])
+def test_matches_reference(protected, r):
+    x = torch.randn(3, 17, 6, dtype=torch.float64)
+    metric = torch.randn(3, 17, 5, dtype=torch.float64)
+    size = torch.randint(1, 4, (3, 17, 1)).double()
+    r = min(r, bipartite_max_reduction(17, protected))
+    plan = bipartite_soft_matching(metric, r, protected)
+    got_x, got_s = merge_tokens(x, size, plan)
+    want_x, want_s = reference_tome(x, size, metric, r, protected)
+    assert plan.num_out == 17 - r
+    torch.testing.assert_close(got_x, want_x)
+    torch.testing.assert_close(got_s, want_s)
+
+
+def test_class_token_split_is_tomes():
+    # With one protected token, set A is {2, 4, ...} and set B is {1, 3, ...}, as in ToMe.
+    metric = torch.randn(1, 9, 4)
+    metric[0, 3] = metric[0, 2] * 2  # token 2 (A) is a perfect match for token 3 (B)
+    plan = bipartite_soft_matching(metric, 1, 1)
+    assert plan.assign[0, 2] == plan.assign[0, 3]
+
+
+def test_too_large_r_is_error():
+    with pytest.raises(ValueError, match="0..8 of 17 tokens"):
+        bipartite_soft_matching(torch.randn(1, 17, 4), 9, 1)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    batch=st.integers(1, 3),
+    tokens=st.integers(2, 40),
+    channels=st.integers(1, 8),
+    protected=st.integers(0, 4),
+    data=st.data(),
+)
+def test_merge_properties(batch, tokens, channels, protected, data):
+    protected = min(protected, tokens - 1)
+    r = data.draw(st.integers(0, bipartite_max_reduction(tokens, protected)))
+    x = torch.randn(batch, tokens, channels, dtype=torch.float64)
+    plan = bipartite_soft_matching(torch.randn(batch, tokens, 3, dtype=torch.float64), r, protected)
+    out, size = merge_tokens(x, None, plan)
+    assert out.shape == (batch, tokens - r, channels)
+    # sizes: every patch is accounted for exactly once
+    assert torch.all(size[:, protected:].sum(dim=1) == tokens - protected)
+    assert torch.all(size >= 1)
+    # size-weighted sum of tokens is conserved
+    torch.testing.assert_close((out * size).sum(dim=1), x.sum(dim=1))
+    # protected tokens are untouched and stay first
+    assert torch.equal(out[:, :protected], x[:, :protected])
+    assert torch.all(size[:, :protected] == 1)
+    if r == 0:
+        assert torch.equal(out, x)
+
+
+def test_r0_keeps_every_token_exactly():
+    x = torch.randn(2, 11, 4)
+    plan = bipartite_soft_matching(torch.randn(2, 11, 4), 0, 1)
+    out, size = merge_tokens(x, None, plan)
+    assert torch.equal(out, x)
+    assert torch.all(size == 1)
+
+
+def test_sources_compose_and_unmerge():
+    torch.manual_seed(1)
+    B, N, P = 2, 21, 1
+    x = torch.randn(B, N, 3)
+    source = initial_sources(B, N, P)
+    size = None
+    for r in (4, 3, 2):
+        plan = bipartite_soft_matching(torch.randn(B, x.shape[1], 5), r, P)
+        x, size = merge_tokens(x, size, plan)
+        source = track_sources(source, plan)
+    # each token's size equals the number of patches whose source points at it
+    counts = torch.zeros(B, x.shape[1])
+    counts.scatter_add_(1, source, torch.ones_like(source, dtype=counts.dtype))
+    torch.testing.assert_close(counts[:, P:], size[:, P:, 0])
+    dense = unmerge_tokens(x, source)
+    assert dense.shape == (B, N - P, 3)
+    assert torch.equal(dense, x.gather(1, source[..., None].expand(-1, -1, 3)))
+
+
+def test_discard_slot_prunes_and_unmerge_fills():
+    x = torch.randn(1, 6, 2)
+    plan = keep_first(6, 4, 1)
+    out, size = merge_tokens(x, None, plan)
+    assert torch.equal(out, x[:, :4])
+    source = track_sources(initial_sources(1, 6, 1), plan)
+    assert source.tolist() == [[1, 2, 3, 4, 4]]  # patches of tokens 4 and 5: discarded (=4)
+    fill = torch.tensor([7.0, 7.0])
+    dense = unmerge_tokens(out, source, fill=fill)
+    assert torch.equal(dense[0, 3:], fill.expand(2, 2))
+    assert torch.equal(dense[0, :3], out[0, 1:4])
+
+
+def test_merge_plan_is_index_based_not_dense():
+    plan = bipartite_soft_matching(torch.randn(4, 197, 64), 13, 1)
+    assert isinstance(plan, MergePlan)
+    assert plan.assign.shape == (4, 197) and plan.assign.dtype == torch.long
+    assert int(plan.assign.max()) == 197 - 13 - 1
+    assert math.isclose(len(torch.unique(plan.assign[0])), 197 - 13)

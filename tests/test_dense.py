@@ -1,0 +1,182 @@
+"""Dense outputs (unmerging onto the patch grid) and the tomesd-style local layout."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tokenmerge
+from tokenmerge.backends import transformers as hf
+from tokenmerge.dense import unmerge_to_grid
+
+transformers = pytest.importorskip("transformers")
+timm = pytest.importorskip("timm")
+
+VISION = dict(image_size=64, patch_size=16, hidden_size=48, num_hidden_layers=3, num_attention_heads=3)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny models: intra-op threads only add contention on a shared 2-core machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _timm_vit():
+    torch.manual_seed(0)
+    from timm.models.vision_transformer import VisionTransformer
+
+    return VisionTransformer(img_size=64, patch_size=16, embed_dim=48, depth=3, num_heads=3, num_classes=5).eval()
+
+
+def _hf_vit():
+    torch.manual_seed(0)
+    return transformers.ViTForImageClassification(transformers.ViTConfig(**VISION, intermediate_size=96)).eval()
+
+
+def _hf_dinov2_registers():
+    torch.manual_seed(0)
+    config = transformers.Dinov2WithRegistersConfig(**VISION, mlp_ratio=2, num_register_tokens=2)
+    return transformers.Dinov2WithRegistersModel(config).eval()
+
+
+def _images(batch=2):
+    return torch.randn(batch, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+
+
+def _patch_tokens(model, x):
+    """The unmodified model's final patch tokens ``[B, 16, C]``."""
+    if isinstance(model, timm.models.vision_transformer.VisionTransformer):
+        return model.forward_features(x)[:, model.num_prefix_tokens:]
+    trunk = hf.vision_trunk(model)
+    return trunk(x).last_hidden_state[:, hf.prefix_tokens(model):]
+
+
+def _token_owner(model):
+    """The module with ``forward_tokens``: a timm model itself, an HF model's vision trunk."""
+    if isinstance(model, timm.models.vision_transformer.VisionTransformer):
+        return model
+    return hf.vision_trunk(model)
+
+
+BUILDERS = {"timm_vit": _timm_vit, "hf_vit": _hf_vit, "hf_dinov2_registers": _hf_dinov2_registers}
+
+
+def test_unmerge_to_grid_by_hand():
+    # 1 protected token, 4 patches on a 2x2 grid merged into tokens 1 and 2; patch 3 discarded.
+    x = torch.tensor([[[9.0], [1.0], [2.0]]])
+    source = torch.tensor([[1, 2, 1, 3]])
+    dense = unmerge_to_grid(x, source, num_protected=1, num_prefix=1, grid=(2, 2))
+    assert dense.tolist() == [[[1.0], [2.0], [1.0], [0.0]]]
+    grid = unmerge_to_grid(x, source, 1, 1, (2, 2), output="map", fill=torch.tensor([-1.0]))
+    assert grid.shape == (1, 1, 2, 2) and grid.tolist() == [[[[1.0, 2.0], [1.0, -1.0]]]]
+
+
+@pytest.mark.parametrize("name", list(BUILDERS))
+def test_dense_is_exact_when_nothing_is_merged(name):
+    model = BUILDERS[name]()
+    x = _images()
+    with torch.no_grad():
+        reference = _patch_tokens(model, x)
+        unpatched = tokenmerge.dense_features(model, x)
+        tokenmerge.patch(model, method="tome", r=0, trace_source=True)
+        patched = tokenmerge.dense_features(model, x)
+        as_map = tokenmerge.dense_features(model, x, output="map")
+    assert torch.equal(unpatched, reference)
+    assert torch.equal(patched, reference)
+    assert torch.equal(as_map, reference.transpose(1, 2).reshape(2, 48, 4, 4))
+
+
+@pytest.mark.parametrize("name", list(BUILDERS))
+@pytest.mark.parametrize("method", ["tome", "drop"])
+def test_dense_restores_the_grid_from_merged_tokens(name, method):
+    model = tokenmerge.patch(BUILDERS[name](), method=method, r=3, trace_source=True)
+    x = _images()
+    with torch.no_grad():
+        dense = tokenmerge.dense_features(model, x)
+        as_map = tokenmerge.dense_features(model, x, output="map")
+        state = _token_owner(model).forward_tokens(x)
+    merged_count = state.x.shape[1]
+    assert merged_count < 16  # tokens really were merged
+    assert dense.shape == (2, 16, 48) and as_map.shape == (2, 48, 4, 4)
+    assert torch.equal(as_map.flatten(2).transpose(1, 2), dense)
+    # Every patch carries exactly the final token that absorbed it (zeros where discarded).
+    for b in range(2):
+        for p in range(16):
+            token = int(state.source[b, p])
+            expected = state.x[b, token] if token < merged_count else torch.zeros(48)
+            assert torch.equal(dense[b, p], expected)
+    if method == "tome":
+        # Averaging the grid is the size-weighted mean of the merged patch tokens.
+        first = _token_owner(model).tokenmerge_config.num_protected
+        sizes = state.size[:, first:]
+        weighted = (state.x[:, first:] * sizes).sum(1) / sizes.sum(1)
+        torch.testing.assert_close(dense.mean(1), weighted, rtol=1e-5, atol=1e-6)
+
+
+def test_dense_needs_sources_once_merged():
+    model = tokenmerge.patch(_hf_vit(), method="tome", r=3)
+    with pytest.raises(ValueError, match="trace_source=True"):
+        tokenmerge.dense_features(model, _images())
+    with pytest.raises(ValueError, match="output must be"):
+        tokenmerge.dense_features(model, _images(), output="grid")
+
+
+def test_dense_rejects_unsupported_models():
+    with pytest.raises(TypeError, match="Linear"):
+        tokenmerge.dense_features(torch.nn.Linear(3, 3), _images())
+
+
+# -- the local (tomesd) layout ---------------------------------------------------------------
+
+
+def test_local_layout_r0_is_identical():
+    model = _hf_vit()
+    x = _images()
+    with torch.no_grad():
+        reference = model(x).logits
+        tokenmerge.patch(model, method="tome", r=0, layout="local")
+        assert torch.equal(model(x).logits, reference)
+
+
+@pytest.mark.parametrize("method", ["tome", "drop"])
+def test_local_layout_keeps_every_token(method):
+    model = _hf_dinov2_registers()
+    x = _images()
+    with torch.no_grad():
+        reference = model(x).last_hidden_state
+        tokenmerge.patch(model, method=method, r=6, layout="local")
+        out = model(x, output_hidden_states=True)
+        dense = tokenmerge.dense_features(model, x)
+    assert model.tokens_per_block() == [19] * 4
+    assert model.tokenmerge_schedule() == (6, 6, 6)  # every block merges from all 16 patches
+    assert [h.shape[1] for h in out.hidden_states] == [19] * 4
+    assert out.last_hidden_state.shape == reference.shape
+    assert not torch.allclose(out.last_hidden_state, reference, atol=1e-4)  # merging is on
+    assert torch.equal(dense, out.last_hidden_state[:, 3:])
+
+
+def test_local_layout_is_exact_on_duplicate_tokens():
+    # Identical patch tokens: merge-then-unmerge with proportional attention changes nothing.
+    model = _hf_vit()
+    with torch.no_grad():
+        model.vit.embeddings.position_embeddings.zero_()
+        x = torch.full((1, 3, 64, 64), -0.2)
+        reference = model.vit(x).last_hidden_state
+        tokenmerge.patch(model, method="tome", r=8, layout="local")
+        local = model.vit(x).last_hidden_state
+    assert local.shape == reference.shape
+    torch.testing.assert_close(local, reference, rtol=1e-4, atol=1e-5)
+
+
+def test_local_layout_clamps_per_block_and_is_hf_only():
+    model = _hf_vit()
+    with pytest.warns(UserWarning, match="effective local schedule"):
+        tokenmerge.patch(model, method="tome", r=12, layout="local")
+    assert hf.vision_trunk(model).tokenmerge_schedule() == (8, 8, 8)
+    with pytest.raises(NotImplementedError, match="layout='local'"):
+        tokenmerge.patch(_timm_vit(), method="tome", r=2, layout="local")
+    with pytest.raises(ValueError, match="layout must be"):
+        tokenmerge.patch(_hf_vit(), method="tome", r=2, layout="tiled")

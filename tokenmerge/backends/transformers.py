@@ -1,0 +1,808 @@
+"""Hugging Face transformers backend: token reduction inside HF vision encoders.
+
+Supported (transformers 5.x module layout):
+
+- ``ViTModel``, ``ViTForImageClassification``;
+- ``DeiTModel``, ``DeiTForImageClassification``, ``DeiTForImageClassificationWithTeacher``
+  (class and distillation tokens: 2 protected);
+- ``CLIPVisionModel``, ``CLIPVisionModelWithProjection``, ``CLIPForImageClassification`` and
+  ``CLIPModel`` (its ``vision_model`` is patched; the text tower is left alone, so
+  ``get_image_features`` and ``forward`` merge image tokens only);
+- ``Dinov2Model``, ``Dinov2ForImageClassification``, ``Dinov2WithRegistersModel`` and
+  ``Dinov2WithRegistersForImageClassification`` (class + register tokens protected).
+
+How it works. As in the timm backend, patching swaps classes for cached, importable
+subclasses: the *trunk* (the module holding embeddings and layers, e.g. ``ViTModel``), its
+layers and, where the head averages patch tokens, the wrapper. The trunk's ``forward`` runs a
+:class:`~tokenmerge.methods.base.TokenState` through the layers explicitly (nothing is stored
+per forward) and returns the model's usual output types (``BaseModelOutputWithPooling``,
+``ImageClassifierOutput``). Parameters are untouched, so ``state_dict`` keys do not change
+(as long as the method's policy has no parameters of its own; a learned policy is a
+submodule ``token_reducer`` of the trunk), and ``save_pretrained``/``from_pretrained`` work:
+the patched classes keep their base's ``__name__`` (HF records ``config.architectures`` from
+it) while their ``__qualname__`` (``TokenMergeViTModel``...) makes them importable here, so a
+patched model still pickles.
+
+Outputs of a merged model:
+
+- ``last_hidden_state`` holds the *merged* tokens, ``[B, N_out, C]`` with ``N_out`` =
+  ``trunk.tokens_per_block()[-1]``; protected tokens (class, distillation, registers) come
+  first, so class-token heads and poolers are exact consumers. Use
+  :func:`tokenmerge.dense_features` for a full ``[B, H*W, C]`` map.
+- ``hidden_states`` (``output_hidden_states=True``): the input of the first layer, then each
+  layer's output, with shrinking token counts.
+- Mean-pooling heads (DINOv2 and CLIP image classification) are size-weighted.
+- ``output_attentions`` and attention masks are rejected (the fused path never forms the
+  attention matrix, and merging changes the token set a mask refers to).
+
+Attention follows ``config._attn_implementation``: ``"eager"`` computes
+``softmax(q k^T * scale + log s) v`` explicitly (softmax in float32), anything else
+(``"sdpa"``, flash, flex) uses the fused SDPA path of
+:func:`~tokenmerge.core.attention.proportional_attention` with the log-size bias. A block
+with nothing merged yet and nothing to merge runs the layer's own ``forward``, so ``r=0`` is
+bit-identical to the unmodified model under either implementation.
+
+Layouts. ``layout="global"`` (default, ToMe): tokens leave the sequence for good.
+``layout="local"`` (tomesd): in every block the normalised tokens are merged before
+attention and again before the MLP, each branch runs on the merged tokens, and its output is
+copied back (unmerged) onto every token before the residual add; the residual stream keeps
+all tokens, so every layer's output has the full token count. The merge is decided once per
+block from the normalised tokens' queries/keys (the keys the unmerged attention would see)
+by the method's own policy, read back as an assignment through source tracking; merging
+itself is a size-weighted average.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import warnings
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..core.attention import ATTENTION_IMPLS, proportional_attention, size_bias
+from ..core.merge import MergePlan, initial_sources, merge_tokens, unmerge_tokens
+from ..core.schedule import (
+    KeepRatio,
+    ScheduleClampedWarning,
+    format_schedule,
+    resolve_schedule,
+    tokens_per_block,
+    validate_schedule,
+)
+from ..methods.base import AttentionTensors, TokenReducer, TokenState
+
+__all__ = [
+    "LAYOUTS",
+    "is_supported_hf_model",
+    "patch_hf",
+    "unpatch_hf",
+    "prefix_tokens",
+    "vision_trunk",
+    "patch_size",
+    "hf_attention",
+    "resolve_local_schedule",
+]
+
+LAYOUTS = ("global", "local")
+
+
+# --------------------------------------------------------------------------------------
+# Attention
+# --------------------------------------------------------------------------------------
+
+
+def _attention_fields(attn: nn.Module):
+    """``(out_proj, scale, dropout_p)`` of a ViT/DeiT/DINOv2 or CLIP attention module."""
+    out_proj = attn.o_proj if hasattr(attn, "o_proj") else attn.out_proj
+    scale = attn.scaling if hasattr(attn, "scaling") else attn.scale
+    dropout = attn.attention_dropout if hasattr(attn, "attention_dropout") else attn.dropout
+    return out_proj, scale, (dropout if attn.training else 0.0)
+
+
+def _project_heads(linear: nn.Linear, x: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """``[B, N, C]`` -> ``[B, H, N, D]``, the split HF attention modules use."""
+    B, N, _ = x.shape
+    return linear(x).view(B, N, -1, head_dim).transpose(1, 2)
+
+
+def _eager_attention(q, k, v, log_size, scale: float, dropout_p: float) -> torch.Tensor:
+    """The HF eager path with the log-size bias added to the scores. ``[B, H, N, D]`` in/out."""
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if log_size is not None:
+        scores = scores + log_size.to(scores.dtype)[:, None, None, :]
+    weights = scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype)
+    if dropout_p > 0.0:
+        weights = nn.functional.dropout(weights, p=dropout_p)
+    return torch.matmul(weights, v)
+
+
+def hf_attention(
+    attn: nn.Module,
+    x: torch.Tensor,
+    log_size: Optional[torch.Tensor],
+    impl: str,
+    backend: str,
+):
+    """An HF self-attention module's forward with proportional attention; also returns q, k.
+
+    Args:
+        attn: ``ViTAttention``/``DeiTAttention``/``Dinov2Attention``/``CLIPAttention``.
+        x: ``[B, N, C]`` normalised tokens.
+        log_size: ``[B, N]`` log token sizes, or ``None``.
+        impl: proportional-attention implementation for the fused path (``auto``/``fold``/``bias``).
+        backend: the model's ``config._attn_implementation``; ``"eager"`` keeps the explicit
+            softmax, anything else uses fused SDPA.
+
+    Returns:
+        ``(out [B, N, C], AttentionTensors)``.
+    """
+    B, N, _ = x.shape
+    out_proj, scale, dropout_p = _attention_fields(attn)
+    q = _project_heads(attn.q_proj, x, attn.head_dim)
+    k = _project_heads(attn.k_proj, x, attn.head_dim)
+    v = _project_heads(attn.v_proj, x, attn.head_dim)
+    if backend == "eager":
+        out = _eager_attention(q, k, v, log_size, scale, dropout_p)
+    else:
+        out = proportional_attention(q, k, v, log_size, impl=impl, dropout_p=dropout_p, scale=scale)
+    out = out_proj(out.transpose(1, 2).reshape(B, N, -1))
+    return out, AttentionTensors(q, k, log_size, scale)
+
+
+def _query_key(attn: nn.Module, x: torch.Tensor) -> AttentionTensors:
+    """Queries and keys of all tokens ``[B, N, C]``, for deciding a merge before attention."""
+    _, scale, _ = _attention_fields(attn)
+    q = _project_heads(attn.q_proj, x, attn.head_dim)
+    k = _project_heads(attn.k_proj, x, attn.head_dim)
+    return AttentionTensors(q, k, None, scale)
+
+
+# --------------------------------------------------------------------------------------
+# Layers
+# --------------------------------------------------------------------------------------
+
+
+def _plan_from_sources(source: torch.Tensor, num_protected: int, num_out: int) -> MergePlan:
+    """The assignment a reducer made, recovered from its source map.
+
+    ``source [B, N - num_protected]`` (token index per non-protected input token, ``num_out``
+    when discarded) plus the protected tokens, which stay in place, is a full plan.
+    """
+    B = source.shape[0]
+    protected = torch.arange(num_protected, device=source.device).expand(B, num_protected)
+    return MergePlan(torch.cat([protected, source], dim=1), num_out)
+
+
+class _MergingLayerMixin:
+    """Token reduction for one HF encoder layer; ``forward`` is unchanged.
+
+    Family mixins say where the pieces are: ``_tm_norm1``, ``_tm_attention``,
+    ``_tm_after_attn`` (dropout/layer scale/drop path before the residual add), ``_tm_norm2``,
+    ``_tm_mlp`` and ``_tm_after_mlp``.
+    """
+
+    def _tm_after_attn(self, h):
+        return h
+
+    def _tm_after_mlp(self, h):
+        return h
+
+    def _tm_mlp_branch(self, x):
+        return self._tm_after_mlp(self._tm_mlp(self._tm_norm2(x)))
+
+    def forward_tokens(
+        self, state: TokenState, r: int, reducer: TokenReducer, config, block_index: int
+    ) -> TokenState:
+        """One layer on a :class:`TokenState`, removing ``r`` tokens between attention and MLP."""
+        if r == 0 and state.size is None:
+            # Nothing merged so far and nothing to merge here: the unmodified layer, bit for bit.
+            return state._replace(x=self(state.x, None))
+        x = state.x
+        attn_out, attn = hf_attention(
+            self._tm_attention,
+            self._tm_norm1(x),
+            size_bias(state.size),
+            config.attention_impl,
+            self._tm_attention.config._attn_implementation,
+        )
+        state = state._replace(x=x + self._tm_after_attn(attn_out))
+        if r > 0:
+            state = reducer.reduce(state, attn, r, config.num_protected, block_index)
+        return state._replace(x=state.x + self._tm_mlp_branch(state.x))
+
+    def forward_local(
+        self, x: torch.Tensor, r: int, reducer: TokenReducer, config, block_index: int
+    ) -> torch.Tensor:
+        """tomesd layout: ``[B, N, C]`` -> ``[B, N, C]``, both branches on ``N - r`` merged tokens."""
+        if r == 0:
+            return self(x, None)
+        B, N, _ = x.shape
+        protected = config.num_protected
+        h = self._tm_norm1(x)
+        decided = reducer.reduce(
+            TokenState(h, None, initial_sources(B, N, protected, x.device)),
+            _query_key(self._tm_attention, h),
+            r,
+            protected,
+            block_index,
+        )
+        plan = _plan_from_sources(decided.source, protected, decided.x.shape[1])
+        merged, size = merge_tokens(h, None, plan)
+        log_size = size_bias(size) if reducer.tracks_size else None
+        attn_out, _ = hf_attention(
+            self._tm_attention,
+            merged,
+            log_size,
+            config.attention_impl,
+            self._tm_attention.config._attn_implementation,
+        )
+        # Unmerging copies each merged output to all its tokens; discarded tokens get zeros,
+        # i.e. they skip the branch and keep their residual.
+        x = x + unmerge_tokens(self._tm_after_attn(attn_out), plan.assign)
+        merged, _ = merge_tokens(self._tm_norm2(x), None, plan)
+        return x + unmerge_tokens(self._tm_after_mlp(self._tm_mlp(merged)), plan.assign)
+
+
+class _ViTLayerMixin(_MergingLayerMixin):
+    """``ViTLayer`` / ``DeiTLayer``: pre-norm, dropout on both branches."""
+
+    @property
+    def _tm_attention(self):
+        return self.attention
+
+    def _tm_norm1(self, x):
+        return self.layernorm_before(x)
+
+    def _tm_after_attn(self, h):
+        return self.dropout(h)
+
+    def _tm_norm2(self, x):
+        return self.layernorm_after(x)
+
+    def _tm_mlp(self, x):
+        return self.mlp(x)
+
+    def _tm_after_mlp(self, h):
+        return self.dropout(h)
+
+
+class _Dinov2LayerMixin(_MergingLayerMixin):
+    """``Dinov2Layer``: layer scale and drop path on both branches."""
+
+    @property
+    def _tm_attention(self):
+        return self.attention
+
+    def _tm_norm1(self, x):
+        return self.norm1(x)
+
+    def _tm_after_attn(self, h):
+        return self.drop_path(self.layer_scale1(h))
+
+    def _tm_norm2(self, x):
+        return self.norm2(x)
+
+    def _tm_mlp(self, x):
+        return self.mlp(x)
+
+    def _tm_after_mlp(self, h):
+        return self.drop_path(self.layer_scale2(h))
+
+
+class _CLIPLayerMixin(_MergingLayerMixin):
+    """``CLIPEncoderLayer``: plain pre-norm residual branches."""
+
+    @property
+    def _tm_attention(self):
+        return self.self_attn
+
+    def _tm_norm1(self, x):
+        return self.layer_norm1(x)
+
+    def _tm_norm2(self, x):
+        return self.layer_norm2(x)
+
+    def _tm_mlp(self, x):
+        return self.mlp(x)
+
+
+# --------------------------------------------------------------------------------------
+# Schedules
+# --------------------------------------------------------------------------------------
+
+
+def resolve_local_schedule(schedule, num_blocks: int, num_tokens: int, num_protected: int, max_reduction) -> tuple:
+    """Per-block reductions for the local layout, where every block sees all ``num_tokens``.
+
+    Unlike :func:`~tokenmerge.core.schedule.resolve_schedule`, the count does not shrink from
+    block to block: each block's ``r`` is clamped to what one block may remove from
+    ``num_tokens``, and a keep ratio keeps that fraction of the full token set in every block.
+    """
+    schedule = validate_schedule(schedule)
+    if isinstance(schedule, KeepRatio):
+        once = resolve_schedule(schedule, 1, num_tokens, num_protected, max_reduction, warn=False)
+        requested = list(once) * num_blocks
+    else:
+        # With no limit the requested values of int/tuple/list schedules do not depend on n.
+        requested = list(
+            resolve_schedule(schedule, num_blocks, num_tokens, num_protected, lambda n, p: 1 << 62, warn=False)
+        )
+    allowed = max(0, max_reduction(num_tokens, num_protected))
+    effective = tuple(min(r, allowed) for r in requested)
+    if effective != tuple(requested):
+        warnings.warn(
+            f"schedule {format_schedule(schedule)} asks some blocks to remove more tokens than "
+            f"they can ({num_tokens} tokens in every block, {num_protected} protected); "
+            f"effective local schedule: {list(effective)}",
+            ScheduleClampedWarning,
+            stacklevel=3,
+        )
+    return effective
+
+
+# --------------------------------------------------------------------------------------
+# Trunks
+# --------------------------------------------------------------------------------------
+
+
+def _reject_unsupported(attention_mask, kwargs) -> tuple:
+    """Pop HF output flags from ``kwargs``; raise on what a merged model cannot provide."""
+    if attention_mask is not None or kwargs.pop("attention_mask", None) is not None:
+        raise ValueError(
+            "attention masks are not supported on a token-merged model (merging changes the "
+            "token set a mask refers to); call tokenmerge.unpatch(model) to use them"
+        )
+    if kwargs.pop("output_attentions", None):
+        raise ValueError(
+            "output_attentions is not supported on a token-merged model (the fused attention "
+            "never forms the attention matrix); call tokenmerge.unpatch(model) to get them"
+        )
+    return kwargs.pop("return_dict", None), kwargs.pop("output_hidden_states", None)
+
+
+class _MergingTrunkMixin:
+    """Token reduction for an HF vision trunk (the module with embeddings and layers).
+
+    Family mixins provide ``_tm_layers``, ``_tm_embed(pixel_values, **embed_kwargs)`` (tokens
+    entering the first layer), ``_tm_final(x)`` (the sequence norm, if any),
+    ``_tm_pool(last_hidden_state)``, ``_tm_patch_count()`` and ``tokenmerge_patch_size``.
+    """
+
+    def _tm_final(self, x):
+        return x
+
+    def _tm_default_tokens(self) -> int:
+        return self._tm_patch_count() + prefix_tokens(self)
+
+    def tokenmerge_schedule(self, num_tokens: Optional[int] = None) -> tuple:
+        """Tokens removed by each layer for an input of ``num_tokens`` tokens (default size)."""
+        if num_tokens is None:
+            num_tokens = self._tm_default_tokens()
+        cache = self._tokenmerge_schedules
+        if num_tokens not in cache:
+            config = self.tokenmerge_config
+            resolve = resolve_local_schedule if self.tokenmerge_layout == "local" else resolve_schedule
+            cache[num_tokens] = resolve(
+                config.schedule,
+                len(self._tm_layers),
+                num_tokens,
+                config.num_protected,
+                self.token_reducer.max_reduction,
+            )
+        return cache[num_tokens]
+
+    def tokens_per_block(self, num_tokens: Optional[int] = None) -> list:
+        """Tokens entering each layer, then the count leaving the last one."""
+        if num_tokens is None:
+            num_tokens = self._tm_default_tokens()
+        if self.tokenmerge_layout == "local":
+            return [num_tokens] * (len(self._tm_layers) + 1)
+        return tokens_per_block(num_tokens, self.tokenmerge_schedule(num_tokens))
+
+    def _tm_run(self, pixel_values, collect_hidden: bool = False, **embed_kwargs):
+        """Images -> ``(final TokenState, hidden states tuple or None)``."""
+        x = self._tm_embed(pixel_values, **embed_kwargs)
+        config = self.tokenmerge_config
+        B, N, _ = x.shape
+        schedule = self.tokenmerge_schedule(N)
+        source = initial_sources(B, N, config.num_protected, x.device) if config.trace_source else None
+        state = TokenState(x, None, source)
+        hidden = [x] if collect_hidden else None
+        local = self.tokenmerge_layout == "local"
+        for i, layer in enumerate(self._tm_layers):
+            if local:
+                state = state._replace(x=layer.forward_local(state.x, schedule[i], self.token_reducer, config, i))
+            else:
+                state = layer.forward_tokens(state, schedule[i], self.token_reducer, config, i)
+            if collect_hidden:
+                hidden.append(state.x)
+        state = state._replace(x=self._tm_final(state.x))
+        return state, (tuple(hidden) if collect_hidden else None)
+
+    def forward_tokens(self, pixel_values: torch.Tensor, **embed_kwargs) -> TokenState:
+        """Images ``[B, 3, H, W]`` -> final :class:`TokenState`; ``x`` is ``last_hidden_state``."""
+        return self._tm_run(pixel_values, **embed_kwargs)[0]
+
+    def _tm_forward(self, pixel_values, attention_mask, kwargs, **embed_kwargs):
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        return_dict, output_hidden = _reject_unsupported(attention_mask, kwargs)
+        if return_dict is None:
+            return_dict = getattr(self.config, "return_dict", True)
+        if output_hidden is None:
+            output_hidden = getattr(self.config, "output_hidden_states", False)
+        if not isinstance(output_hidden, bool):
+            raise ValueError(
+                "a token-merged model returns all hidden states (output_hidden_states=True) "
+                f"or none; got output_hidden_states={output_hidden!r}"
+            )
+        state, hidden = self._tm_run(pixel_values, output_hidden, **embed_kwargs)
+        out = BaseModelOutputWithPooling(
+            last_hidden_state=state.x, pooler_output=self._tm_pool(state.x), hidden_states=hidden
+        )
+        return out if return_dict else out.to_tuple()
+
+
+class _ViTTrunkMixin(_MergingTrunkMixin):
+    """``ViTModel`` / ``DeiTModel``."""
+
+    @property
+    def _tm_layers(self):
+        return self.layers
+
+    @property
+    def tokenmerge_patch_size(self) -> tuple:
+        return tuple(self.embeddings.patch_embeddings.patch_size)
+
+    def _tm_patch_count(self) -> int:
+        return self.embeddings.patch_embeddings.num_patches
+
+    def _tm_embed(self, pixel_values, bool_masked_pos=None, interpolate_pos_encoding=None):
+        expected = self.embeddings.patch_embeddings.projection.weight.dtype
+        if pixel_values.dtype != expected:
+            pixel_values = pixel_values.to(expected)
+        return self.embeddings(
+            pixel_values, bool_masked_pos=bool_masked_pos, interpolate_pos_encoding=interpolate_pos_encoding
+        )
+
+    def _tm_final(self, x):
+        return self.layernorm(x)
+
+    def _tm_pool(self, x):
+        return self.pooler(x) if self.pooler is not None else None
+
+    def forward(
+        self, pixel_values=None, bool_masked_pos=None, interpolate_pos_encoding=None, attention_mask=None, **kwargs
+    ):
+        return self._tm_forward(
+            pixel_values,
+            attention_mask,
+            kwargs,
+            bool_masked_pos=bool_masked_pos,
+            interpolate_pos_encoding=interpolate_pos_encoding,
+        )
+
+
+class _Dinov2TrunkMixin(_MergingTrunkMixin):
+    """``Dinov2Model`` / ``Dinov2WithRegistersModel``."""
+
+    @property
+    def _tm_layers(self):
+        return self.encoder.layer
+
+    @property
+    def tokenmerge_patch_size(self) -> tuple:
+        return _pair(self.embeddings.patch_embeddings.patch_size)
+
+    def _tm_patch_count(self) -> int:
+        return self.embeddings.patch_embeddings.num_patches
+
+    def _tm_embed(self, pixel_values, bool_masked_pos=None):
+        return self.embeddings(pixel_values, bool_masked_pos=bool_masked_pos)
+
+    def _tm_final(self, x):
+        return self.layernorm(x)
+
+    def _tm_pool(self, x):
+        return x[:, 0, :]
+
+    def forward(self, pixel_values=None, bool_masked_pos=None, attention_mask=None, **kwargs):
+        return self._tm_forward(pixel_values, attention_mask, kwargs, bool_masked_pos=bool_masked_pos)
+
+
+class _CLIPVisionTrunkMixin(_MergingTrunkMixin):
+    """``CLIPVisionModel``: pre-layernorm before the layers; the class token is
+    post-layernormed into ``pooler_output`` while ``last_hidden_state`` stays un-normed."""
+
+    @property
+    def _tm_layers(self):
+        return self.encoder.layers
+
+    @property
+    def tokenmerge_patch_size(self) -> tuple:
+        return _pair(self.embeddings.patch_size)
+
+    def _tm_patch_count(self) -> int:
+        return self.embeddings.num_patches
+
+    def _tm_embed(self, pixel_values, interpolate_pos_encoding=False):
+        return self.pre_layrnorm(self.embeddings(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding))
+
+    def _tm_pool(self, x):
+        return self.post_layernorm(x[:, 0, :])
+
+    def forward(self, pixel_values=None, interpolate_pos_encoding=False, **kwargs):
+        return self._tm_forward(
+            pixel_values, None, kwargs, interpolate_pos_encoding=bool(interpolate_pos_encoding)
+        )
+
+
+def _pair(value) -> tuple:
+    return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
+
+
+# --------------------------------------------------------------------------------------
+# Wrappers whose heads average patch tokens: made size-weighted
+# --------------------------------------------------------------------------------------
+
+
+def _weighted_mean(tokens: torch.Tensor, size: Optional[torch.Tensor]) -> torch.Tensor:
+    """``[B, N, C]`` tokens, ``[B, N, 1]`` sizes (or ``None``) -> ``[B, C]`` mean over patches."""
+    if size is None:
+        return tokens.mean(dim=1)  # exactly the unmodified head's pooling
+    size = size.to(tokens.dtype)
+    return (tokens * size).sum(dim=1) / size.sum(dim=1)
+
+
+def _classifier_output(head, trunk, pixel_values, labels, attention_mask, kwargs, pool):
+    """Shared body of the mean-pooling heads: run the trunk, pool with ``pool(state)``."""
+    from transformers.modeling_outputs import ImageClassifierOutput
+
+    return_dict, output_hidden = _reject_unsupported(attention_mask, kwargs)
+    if return_dict is None:
+        return_dict = getattr(head.config, "return_dict", True)
+    state, hidden = trunk._tm_run(pixel_values, bool(output_hidden))
+    logits = head.classifier(pool(state))
+    loss = None if labels is None else head.loss_function(labels, logits, head.config, **kwargs)
+    out = ImageClassifierOutput(loss=loss, logits=logits, hidden_states=hidden)
+    return out if return_dict else out.to_tuple()
+
+
+class _Dinov2ClassifierMixin:
+    """``Dinov2(WithRegisters)ForImageClassification``: ``[class token, mean of patches]``."""
+
+    def forward(self, pixel_values=None, labels=None, attention_mask=None, **kwargs):
+        trunk = vision_trunk(self)
+        start = prefix_tokens(trunk)
+
+        def pool(state):
+            size = None if state.size is None else state.size[:, start:]
+            return torch.cat([state.x[:, 0], _weighted_mean(state.x[:, start:], size)], dim=1)
+
+        return _classifier_output(self, trunk, pixel_values, labels, attention_mask, kwargs, pool)
+
+
+class _CLIPClassifierMixin:
+    """``CLIPForImageClassification``: mean of the patch tokens."""
+
+    def forward(self, pixel_values=None, labels=None, **kwargs):
+        trunk = self.vision_model
+
+        def pool(state):
+            size = None if state.size is None else state.size[:, 1:]
+            return _weighted_mean(state.x[:, 1:], size)
+
+        return _classifier_output(self, trunk, pixel_values, labels, None, kwargs, pool)
+
+
+# --------------------------------------------------------------------------------------
+# Registry of supported classes
+# --------------------------------------------------------------------------------------
+
+
+def _families() -> dict:
+    """``trunk class -> (trunk mixin, layer class, layer mixin, attention class)``."""
+    import transformers.models.clip.modeling_clip as clip
+    import transformers.models.deit.modeling_deit as deit
+    import transformers.models.dinov2.modeling_dinov2 as dinov2
+    import transformers.models.vit.modeling_vit as vit
+
+    families = {
+        vit.ViTModel: (_ViTTrunkMixin, vit.ViTLayer, _ViTLayerMixin, vit.ViTAttention),
+        deit.DeiTModel: (_ViTTrunkMixin, deit.DeiTLayer, _ViTLayerMixin, deit.DeiTAttention),
+        dinov2.Dinov2Model: (_Dinov2TrunkMixin, dinov2.Dinov2Layer, _Dinov2LayerMixin, dinov2.Dinov2Attention),
+        clip.CLIPVisionModel: (
+            _CLIPVisionTrunkMixin, clip.CLIPEncoderLayer, _CLIPLayerMixin, clip.CLIPAttention
+        ),
+    }
+    try:
+        import transformers.models.dinov2_with_registers.modeling_dinov2_with_registers as dreg
+    except ImportError:  # older transformers
+        pass
+    else:
+        families[dreg.Dinov2WithRegistersModel] = (
+            _Dinov2TrunkMixin,
+            dreg.Dinov2WithRegistersLayer,
+            _Dinov2LayerMixin,
+            dreg.Dinov2WithRegistersAttention,
+        )
+    return families
+
+
+def _wrappers() -> dict:
+    """``wrapper class -> (trunk attribute, head mixin or None)``."""
+    import transformers.models.clip.modeling_clip as clip
+    import transformers.models.deit.modeling_deit as deit
+    import transformers.models.dinov2.modeling_dinov2 as dinov2
+    import transformers.models.vit.modeling_vit as vit
+
+    wrappers = {
+        vit.ViTForImageClassification: ("vit", None),
+        deit.DeiTForImageClassification: ("deit", None),
+        deit.DeiTForImageClassificationWithTeacher: ("deit", None),
+        clip.CLIPModel: ("vision_model", None),
+        clip.CLIPVisionModelWithProjection: ("vision_model", None),
+        clip.CLIPForImageClassification: ("vision_model", _CLIPClassifierMixin),
+        dinov2.Dinov2ForImageClassification: ("dinov2", _Dinov2ClassifierMixin),
+    }
+    try:
+        import transformers.models.dinov2_with_registers.modeling_dinov2_with_registers as dreg
+    except ImportError:
+        pass
+    else:
+        wrappers[dreg.Dinov2WithRegistersForImageClassification] = (
+            "dinov2_with_registers",
+            _Dinov2ClassifierMixin,
+        )
+    return wrappers
+
+
+def _original_type(module: nn.Module) -> type:
+    return getattr(type(module), "_tokenmerge_base", None) or type(module)
+
+
+def is_supported_hf_model(model: nn.Module) -> bool:
+    """Whether ``model`` is (or wraps) a supported HF vision encoder, patched or not."""
+    try:
+        kind = _original_type(model)
+        return kind in _families() or kind in _wrappers()
+    except ImportError:
+        return False
+
+
+def vision_trunk(model: nn.Module) -> nn.Module:
+    """The module holding the embeddings and layers: the model itself or its vision encoder."""
+    kind = _original_type(model)
+    if kind in _families():
+        return model
+    wrappers = _wrappers()
+    if kind in wrappers:
+        return getattr(model, wrappers[kind][0])
+    raise TypeError(
+        f"{type(model).__module__}.{type(model).__qualname__} is not a supported Hugging Face "
+        "vision encoder (ViT, DeiT, CLIP vision, DINOv2)"
+    )
+
+
+def prefix_tokens(model: nn.Module) -> int:
+    """Leading non-patch tokens: 1 class token, DeiT's distillation token, DINOv2 registers."""
+    import transformers.models.deit.modeling_deit as deit
+
+    trunk = vision_trunk(model)
+    if _original_type(trunk) is deit.DeiTModel:
+        return 2
+    return 1 + int(getattr(trunk.config, "num_register_tokens", 0) or 0)
+
+
+def patch_size(model: nn.Module) -> tuple:
+    """``(height, width)`` of one patch in pixels."""
+    trunk = vision_trunk(model)
+    if hasattr(trunk, "tokenmerge_patch_size"):
+        return trunk.tokenmerge_patch_size
+    mixin = _families()[_original_type(trunk)][0]
+    return mixin.tokenmerge_patch_size.fget(trunk)
+
+
+# --------------------------------------------------------------------------------------
+# Patching
+# --------------------------------------------------------------------------------------
+
+_PATCHED_CLASSES: dict = {}
+
+
+def _patched_class(base: type, mixin: type) -> type:
+    """Cached subclass of ``base``: importable as ``TokenMerge<Base>`` here, named ``<Base>``.
+
+    ``__name__`` stays the base's because transformers reads it (``save_pretrained`` writes it
+    into ``config.architectures``); ``__qualname__`` is the unique name pickle resolves.
+    """
+    key = (base, mixin)
+    if key not in _PATCHED_CLASSES:
+        module = sys.modules[__name__]
+        qualname = f"TokenMerge{base.__name__}"
+        if hasattr(module, qualname):
+            qualname = f"{qualname}_{len(_PATCHED_CLASSES)}"
+        cls = type(base.__name__, (mixin, base), {"_tokenmerge_base": base, "__module__": __name__})
+        cls.__qualname__ = qualname
+        setattr(module, qualname, cls)
+        _PATCHED_CLASSES[key] = cls
+    return _PATCHED_CLASSES[key]
+
+
+def _check_layers(trunk: nn.Module, layer_cls: type, attention_cls: type, where: str) -> None:
+    trunk_cls = _original_type(trunk)
+    layers = _families()[trunk_cls][0]._tm_layers.fget(trunk)
+    for i, layer in enumerate(layers):
+        here = f"{where}layer {i} ({type(layer).__qualname__})"
+        base = _original_type(layer)
+        if base is not layer_cls:
+            raise TypeError(
+                f"cannot patch {here} of {trunk_cls.__name__}: tokenmerge supports "
+                f"{layer_cls.__name__}; {base.__module__}.{base.__qualname__} is not one"
+            )
+        attention = getattr(layer, "self_attn", None) or layer.attention
+        if type(attention) is not attention_cls:
+            raise TypeError(
+                f"cannot patch {here}.attention ({type(attention).__name__}) of "
+                f"{trunk_cls.__name__}: tokenmerge supports its global self-attention "
+                f"{attention_cls.__name__} (windowed or relative-position attention is not supported)"
+            )
+
+
+def patch_hf(model: nn.Module, reducer: TokenReducer, config, layout: str = "global") -> nn.Module:
+    """Patch a supported HF model in place (see :func:`tokenmerge.patch`).
+
+    Args:
+        model: a trunk (``ViTModel``...) or a supported wrapper (``CLIPModel``...).
+        reducer: the method's policy.
+        config: a :class:`~tokenmerge.backends.timm.MergeConfig`.
+        layout: ``"global"`` (ToMe: merged tokens stay merged) or ``"local"`` (tomesd: merge
+            before and unmerge after each branch; every layer outputs all tokens).
+    """
+    if config.attention_impl not in ATTENTION_IMPLS:
+        raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {config.attention_impl!r}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if not is_supported_hf_model(model):
+        vision_trunk(model)  # raises the TypeError naming the class
+    unpatch_hf(model)
+    trunk = vision_trunk(model)
+    trunk_mixin, layer_cls, layer_mixin, attention_cls = _families()[type(trunk)]
+    where = "" if trunk is model else f"{type(model).__name__}: "
+    _check_layers(trunk, layer_cls, attention_cls, where)
+    for layer in trunk_mixin._tm_layers.fget(trunk):
+        layer.__class__ = _patched_class(type(layer), layer_mixin)
+    trunk.__class__ = _patched_class(type(trunk), trunk_mixin)
+    if trunk is not model:
+        head_mixin = _wrappers()[type(model)][1]
+        if head_mixin is not None:
+            model.__class__ = _patched_class(type(model), head_mixin)
+        model.tokenmerge_config = config  # marks the wrapper as patched (a plain attribute)
+    trunk.token_reducer = reducer
+    trunk.tokenmerge_config = config
+    trunk.tokenmerge_layout = layout
+    trunk._tokenmerge_schedules = {}
+    trunk.tokenmerge_schedule()  # validate and warn now, for the model's default input size
+    return model
+
+
+def unpatch_hf(model: nn.Module) -> nn.Module:
+    """Undo :func:`patch_hf` in place: original classes, no extra attributes."""
+    trunk = vision_trunk(model)
+    if getattr(type(trunk), "_tokenmerge_base", None) is None:
+        return model
+    for layer in trunk._tm_layers:
+        base = getattr(type(layer), "_tokenmerge_base", None)
+        if base is not None:
+            layer.__class__ = base
+    trunk.__class__ = trunk._tokenmerge_base
+    for name in ("token_reducer", "tokenmerge_config", "tokenmerge_layout", "_tokenmerge_schedules"):
+        delattr(trunk, name)
+    if trunk is not model:
+        model.__class__ = _original_type(model)
+        if "tokenmerge_config" in model.__dict__:
+            del model.tokenmerge_config
+    return model

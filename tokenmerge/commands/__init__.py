@@ -1,0 +1,1 @@
+"""CLI subcommands, one module each (see :data:`tokenmerge.cli.COMMANDS`)."""

@@ -1,0 +1,219 @@
+"""``tokenmerge eval``: top-1, GFLOPs and measured speedup for a grid of methods x schedules."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+from ..core.schedule import parse_schedule
+from .common import add_device_arguments, add_model_arguments, model_from_args, resolve_device_arguments
+
+__all__ = ["add_parser", "run", "DEFAULT_DATA", "variants_from", "method_options"]
+
+DEFAULT_DATA = Path(__file__).resolve().parents[1] / "assets" / "imagenette_val_subset"
+DEFAULT_SCHEDULES = ("4", "8", "13", "16")
+
+
+def _schedule(text: str):
+    try:
+        return parse_schedule(text)
+    except (ValueError, TypeError) as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "eval",
+        help="accuracy / GFLOPs / speedup for methods x schedules on an image folder",
+        description=(
+            "Evaluate the unmodified model and every method x schedule on an ImageFolder "
+            "dataset: top-1, GFLOPs per image, and throughput timed interleaved in this run. "
+            "Writes OUT/results.csv and OUT/results.json; finished rows are cached in "
+            "OUT/cache.jsonl, so an interrupted run resumes. Default model and data: the "
+            "embedded ViT-Tiny Imagenette checkpoint and its 500-image validation subset."
+        ),
+    )
+    add_model_arguments(parser)
+    parser.add_argument("--data", type=Path, default=None,
+                        help="ImageFolder root (class sub-folders); default: the embedded Imagenette subset")
+    parser.add_argument("--limit", type=int, help="evaluate only the first N images (sorted order)")
+    parser.add_argument("--methods", nargs="+", default=["tome"], metavar="METHOD",
+                        help="methods to evaluate (default: tome; see tokenmerge.list_methods())")
+    parser.add_argument("--r", nargs="+", type=_schedule, default=None, metavar="SCHEDULE",
+                        help="schedules: 13 (constant r), 13:-1 (decreasing), 16,16,8 (per block), "
+                             "keep=0.9 (keep ratio); default: 4 8 13 16")
+    parser.add_argument("--method-option", action="append", default=[], metavar="[METHOD.]KEY=VALUE",
+                        help="a method option, e.g. tcvit.order=2 (METHOD. omitted: every method); repeatable")
+    parser.add_argument("--out", type=Path, default=Path("tokenmerge-eval"), help="output folder (default: tokenmerge-eval/)")
+    parser.add_argument("--no-cache", action="store_true", help="recompute every row (and do not write the cache)")
+    parser.add_argument("--plot", nargs="?", const="", default=None, metavar="PNG",
+                        help="write the Pareto plot (default path: OUT/pareto.png)")
+    parser.add_argument("--from-results", type=Path, metavar="JSON",
+                        help="do not evaluate: print and plot a saved results.json")
+    parser.add_argument("--batch-size", type=int, default=128, help="evaluation batch size")
+    parser.add_argument("--no-timing", action="store_true", help="skip the throughput measurement")
+    parser.add_argument("--timing-batch-size", type=int, default=32)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    budget = parser.add_mutually_exclusive_group()
+    budget.add_argument("--target-speedup", type=float,
+                        help="also evaluate, per method, the smallest constant r reaching this speedup")
+    budget.add_argument("--target-gflops", type=float,
+                        help="also evaluate, per method, the smallest constant r within this many GFLOPs/img")
+    parser.add_argument("--budget-metric", choices=("flops", "throughput"), default="flops",
+                        help="what the budget search measures: the FLOP count (deterministic, default) "
+                             "or measured throughput (noisy)")
+    add_device_arguments(parser)
+    parser.set_defaults(func=run)
+
+
+def method_options(texts, methods) -> dict:
+    """``["tcvit.order=2", "seed=0"]`` -> ``{method: {key: value}}`` for each of ``methods``."""
+    from ..evaluation.sweep import parse_option
+
+    options = {method: {} for method in methods}
+    for text in texts:
+        method, key, value = parse_option(text)
+        if method is not None and method not in options:
+            raise ValueError(f"--method-option {text!r} names method {method!r}, which is not in --methods {' '.join(methods)}")
+        for target in ([method] if method else methods):
+            options[target][key] = value
+    return options
+
+
+def variants_from(methods, schedules, options) -> list:
+    """The grid: the unmodified model, then every method x schedule."""
+    import tokenmerge
+    from ..evaluation.sweep import UNMODIFIED, Variant
+
+    known = tokenmerge.list_methods()
+    for method in methods:
+        if method not in known:
+            raise ValueError(f"unknown method {method!r}; available: {', '.join(known)}")
+    variants = [Variant(UNMODIFIED)]
+    for method in methods:
+        for schedule in schedules:
+            variants.append(Variant.create(method, schedule, options.get(method)))
+    return variants
+
+
+def _meta(args, model_name, data, num_images, weights) -> dict:
+    return {
+        "model": model_name,
+        "checkpoint": str(args.checkpoint) if args.checkpoint else None,
+        "pretrained": bool(args.pretrained),
+        "weights_sha256_16": weights,
+        "data": str(data),
+        "limit": args.limit,
+        "num_images": num_images,
+        "device": str(args.device),
+        "device_name": (torch.cuda.get_device_name(args.device) if torch.device(args.device).type == "cuda"
+                        else platform.processor() or platform.machine()),
+        "dtype": str(args.dtype).replace("torch.", ""),
+        "threads": torch.get_num_threads(),
+        "timing_batch_size": None if args.no_timing else args.timing_batch_size,
+        "torch": torch.__version__,
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "command": "tokenmerge " + " ".join(sys.argv[1:]) if sys.argv and "tokenmerge" in sys.argv[0] else None,
+    }
+
+
+def _plot_path(args) -> Path:
+    return Path(args.plot) if args.plot else args.out / "pareto.png"
+
+
+def _from_results(args) -> int:
+    from ..evaluation.pareto import save_pareto_plot
+    from ..evaluation.sweep import format_rows, read_results
+
+    data = read_results(args.from_results)
+    print(format_rows(data["rows"]))
+    if args.plot is not None:
+        path = Path(args.plot) if args.plot else args.from_results.with_name("pareto.png")
+        meta = data.get("meta", {})
+        save_pareto_plot(data["rows"], path, title=_title(meta))
+        print(f"wrote the Pareto plot to {path}")
+    return 0
+
+
+def _title(meta: dict) -> str:
+    model = meta.get("model") or "model"
+    return f"{model} on {Path(str(meta.get('data', ''))).name} ({meta.get('num_images', '?')} images)"
+
+
+def budget_variants(model, methods, options, args, image_size) -> list:
+    """One variant per method at the constant r the budget search chose (printing each choice)."""
+    from ..evaluation.budget import search_budget
+    from ..evaluation.sweep import Variant
+
+    chosen = []
+    for method in methods:
+        result = search_budget(
+            model, method, target_speedup=args.target_speedup, target_gflops=args.target_gflops,
+            metric=args.budget_metric, options=options.get(method), image_size=image_size,
+            device=args.device, dtype=args.dtype, batch_size=args.timing_batch_size,
+        )
+        print("budget: " + result.describe(method))
+        chosen.append(Variant.create(method, result.r, options.get(method)))
+    return chosen
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.from_results is not None:
+        return _from_results(args)
+    from ..evaluation.data import load_images
+    from ..evaluation.pareto import save_pareto_plot
+    from ..evaluation.sweep import (ResultCache, dataset_fingerprint, format_rows, run_sweep,
+                                    weights_fingerprint, write_results)
+    from .. import __version__
+
+    resolve_device_arguments(args)
+    for name, value in (("--limit", args.limit), ("--batch-size", args.batch_size),
+                        ("--timing-batch-size", args.timing_batch_size), ("--repeats", args.repeats)):
+        if value is not None and value <= 0:
+            raise ValueError(f"{name} must be positive, got {value}")
+    data = args.data or DEFAULT_DATA
+    schedules = args.r if args.r is not None else [parse_schedule(s) for s in DEFAULT_SCHEDULES]
+    options = method_options(args.method_option, args.methods)
+    variants = variants_from(args.methods, schedules, options)
+    model = model_from_args(args)
+    model_name = args.model or "vit_tiny_patch16_224 (embedded Imagenette checkpoint)"
+    image_size = model.patch_embed.img_size[0]
+    if args.target_speedup is not None or args.target_gflops is not None:
+        variants += budget_variants(model, args.methods, options, args, image_size)
+
+    images, labels, classes = load_images(data, image_size=image_size, limit=args.limit, progress=True)
+    weights = weights_fingerprint(model)
+    context = {
+        "weights": weights,
+        "data": str(Path(data).resolve()),
+        "data_fingerprint": dataset_fingerprint(data, args.limit),
+        "image_size": image_size,
+        "dtype": str(args.dtype),
+        "device_type": torch.device(args.device).type,
+        "tokenmerge": __version__,
+    }
+    cache = ResultCache(None if args.no_cache else args.out / "cache.jsonl")
+    cached = "no cache" if args.no_cache else f"{len(cache)} rows cached in {cache.path}"
+    print(f"{model_name}: {len(images)} images, {len(classes)} classes from {data}; "
+          f"{len(variants)} variants ({cached})")
+    rows = run_sweep(
+        model, variants, images, labels, len(classes), cache=cache, context=context,
+        image_size=image_size, eval_batch_size=args.batch_size, device=args.device, dtype=args.dtype,
+        timing=not args.no_timing, timing_batch_size=args.timing_batch_size, warmup=args.warmup,
+        repeats=args.repeats,
+    )
+    meta = _meta(args, model_name, data, len(images), weights)
+    paths = write_results(rows, meta, args.out)
+    print()
+    print(format_rows(rows))
+    print(f"\nwrote {paths['csv']} and {paths['json']}")
+    if args.plot is not None:
+        path = save_pareto_plot(rows, _plot_path(args), title=_title(meta))
+        print(f"wrote the Pareto plot to {path}")
+    return 0

@@ -1,0 +1,130 @@
+"""``tokenmerge train``: DTEM merge embeddings (modular / end2end) or ToMe fine-tuning.
+
+Also runnable as ``python -m tokenmerge.commands.train ...`` (e.g. under ``torchrun``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from ..core.schedule import parse_schedule
+
+__all__ = ["add_parser", "run", "config_from_args", "main"]
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _tau(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"tau must be > 0 (0.1-0.3 work well), got {text}")
+    return value
+
+
+def _eval_r(text: str):
+    """An int r, or any schedule form accepted by ``--r`` elsewhere (13:-1, 16,16,8)."""
+    return parse_schedule(text)
+
+
+def _configure(parser: argparse.ArgumentParser) -> None:
+    from ..training import default_train_root
+
+    parser.add_argument("--method", choices=("dtem", "tome"), default="dtem")
+    parser.add_argument("--mode", choices=("modular", "end2end"), default="modular",
+                        help="modular: frozen ViT, only the merge embeddings learn; end2end: the ViT too "
+                             "(ToMe training is always end2end)")
+    parser.add_argument("--data", default=None,
+                        help=f"training ImageFolder (default: {default_train_root()})")
+    parser.add_argument("model", nargs="?", default=None,
+                        help="timm architecture name (default: the embedded ViT-Tiny Imagenette model)")
+    parser.add_argument("--checkpoint", help="local .safetensors or .pth state_dict with timm key names")
+    parser.add_argument("--num-classes", type=int)
+    parser.add_argument("--model-kwargs", type=json.loads, default={},
+                        help='extra timm.create_model arguments as JSON, e.g. \'{"img_size": 32}\'')
+    parser.add_argument("--r", type=_positive_int, default=16,
+                        help="tokens merged per block in training: use the largest r you will evaluate")
+    parser.add_argument("--tau", type=_tau, default=0.1, help="soft-grouping temperature (dtem)")
+    parser.add_argument("--embed-dim", type=_positive_int, default=64)
+    parser.add_argument("--hidden-dim", type=_positive_int, default=None, help="MLP merge embedding")
+    parser.add_argument("--epochs", type=float, default=1.0)
+    parser.add_argument("--max-steps", type=_positive_int, default=None, help="overrides --epochs")
+    parser.add_argument("--batch-size", type=_positive_int, default=32, help="per process")
+    parser.add_argument("--lr", type=float, default=None,
+                        help="learning rate (default: 1e-3 for dtem embeddings, 1e-5 for tome)")
+    parser.add_argument("--backbone-lr", type=float, default=1e-5, help="the ViT's lr in dtem end2end")
+    parser.add_argument("--weight-decay", type=float, default=0.05)
+    parser.add_argument("--warmup-steps", type=int, default=20)
+    parser.add_argument("--limit", type=_positive_int, default=None, help="use the first N training images")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="runs/train", help="output folder (checkpoints, modules, results)")
+    parser.add_argument("--checkpoint-every", type=_positive_int, default=50, help="steps")
+    parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    parser.add_argument("--num-workers", type=int, default=0)
+    parser.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
+    parser.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
+    parser.add_argument("--eval-data", default=None, help="default: the 'val' folder beside --data")
+    parser.add_argument("--eval-r", nargs="*", type=_eval_r, default=None,
+                        help="evaluate at these r after training (default: the training r)")
+    parser.add_argument("--eval-limit", type=_positive_int, default=None)
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "train",
+        help="train DTEM merge embeddings or fine-tune with ToMe",
+        description=(
+            "Train DTEM's merge embeddings (modular: frozen ViT; end2end: the ViT too) or "
+            "fine-tune a ViT with ToMe merging, on an ImageFolder; checkpoints every "
+            "--checkpoint-every steps, --resume continues a killed run, torchrun for DDP."
+        ),
+    )
+    _configure(parser)
+    parser.set_defaults(func=run)
+
+
+def config_from_args(args):
+    from ..training import TrainConfig
+
+    lr = args.lr if args.lr is not None else (1e-3 if args.method == "dtem" else 1e-5)
+    eval_r = args.eval_r if args.eval_r is not None else [args.r]
+    return TrainConfig(
+        method=args.method, mode="end2end" if args.method == "tome" else args.mode,
+        data=args.data, model=args.model, checkpoint=args.checkpoint,
+        model_kwargs=args.model_kwargs, num_classes=args.num_classes, r=args.r, tau=args.tau,
+        embed_dim=args.embed_dim, hidden_dim=args.hidden_dim, epochs=args.epochs,
+        max_steps=args.max_steps, batch_size=args.batch_size, lr=lr, backbone_lr=args.backbone_lr,
+        weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, limit=args.limit,
+        seed=args.seed, out=args.out, checkpoint_every=args.checkpoint_every,
+        num_workers=args.num_workers, device=args.device, eval_data=args.eval_data,
+        eval_r=eval_r, eval_limit=args.eval_limit, progress=not args.no_progress,
+    )
+
+
+def run(args) -> int:
+    import torch
+
+    from ..training import train
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    summary = train(config_from_args(args), resume=args.resume)
+    if summary.get("accuracy"):
+        print(json.dumps({"accuracy": summary["accuracy"], "train_seconds": round(summary["train_seconds"], 1)}))
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tokenmerge.commands.train")
+    _configure(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

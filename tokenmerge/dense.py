@@ -1,0 +1,164 @@
+"""Dense outputs from merged models: the final tokens unmerged onto the full patch grid.
+
+A merged model ends with ``M`` tokens; a segmentation or detection head wants one feature
+per patch. With source tracking (``tokenmerge.patch(..., trace_source=True)``) every patch
+knows which final token absorbed it, so the dense map is a gather: each patch receives a
+copy of its token (ToMe's unmerge). Where nothing was merged the gather is the identity and
+the map equals the unmodified model's patch tokens bit for bit.
+
+Works for the timm backend (``model.forward_tokens(images)``), the Hugging Face backend
+(the vision trunk's ``forward_tokens``) and for unpatched models of either kind (whose patch
+tokens are simply reshaped). For models that need every token at every block, patch with
+``layout="local"`` instead (tomesd layout, Hugging Face backend): its outputs keep all
+tokens and need no unmerging.
+
+    >>> tokenmerge.patch(model, "tome", r=8, trace_source=True)
+    >>> feats = tokenmerge.dense_features(model, images, output="map")   # [B, C, H/16, W/16]
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+from torch import nn
+
+from .core.merge import unmerge_tokens
+from .methods.base import TokenState
+
+__all__ = ["unmerge_to_grid", "dense_features", "DENSE_OUTPUTS"]
+
+DENSE_OUTPUTS = ("tokens", "map")
+
+
+def unmerge_to_grid(
+    x: torch.Tensor,
+    source: Optional[torch.Tensor],
+    num_protected: int,
+    num_prefix: int,
+    grid: tuple,
+    output: str = "tokens",
+    fill: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Final tokens -> one feature per patch.
+
+    Args:
+        x: ``[B, M, C]`` final tokens, protected ones first.
+        source: ``[B, N - num_protected]`` final token of each non-protected input token
+            (from source tracking), or ``None`` if the tokens were never merged (then
+            ``M`` must be ``N``).
+        num_protected: leading tokens that were never merged (they keep their index).
+        num_prefix: leading non-patch tokens of the input (class, distillation, registers).
+        grid: ``(H, W)`` patches, ``H * W = N - num_prefix``.
+        output: ``"tokens"`` -> ``[B, H*W, C]``; ``"map"`` -> ``[B, C, H, W]``.
+        fill: ``[C]`` or ``[B, C]`` value for patches whose token was discarded (pruning
+            methods); default zeros.
+
+    Returns:
+        ``[B, H*W, C]`` or ``[B, C, H, W]``.
+    """
+    if output not in DENSE_OUTPUTS:
+        raise ValueError(f"output must be one of {DENSE_OUTPUTS}, got {output!r}")
+    height, width = grid
+    num_tokens = num_prefix + height * width
+    if source is None:
+        if x.shape[1] != num_tokens:
+            raise ValueError(
+                f"the model returned {x.shape[1]} tokens for {num_tokens} input tokens but no "
+                "sources: patch it with trace_source=True to unmerge merged tokens"
+            )
+        full = x
+    else:
+        # Protected tokens sit at their own index; every other input token is looked up.
+        full = torch.cat([x[:, :num_protected], unmerge_tokens(x, source, fill)], dim=1)
+        if full.shape[1] != num_tokens:
+            raise ValueError(
+                f"the source map covers {full.shape[1]} tokens but a {height}x{width} grid with "
+                f"{num_prefix} prefix tokens has {num_tokens}"
+            )
+    dense = full[:, num_prefix:]
+    if output == "tokens":
+        return dense
+    B, _, C = dense.shape
+    return dense.transpose(1, 2).reshape(B, C, height, width)
+
+
+class _Tokens(NamedTuple):
+    """What one forward gives for densifying: final tokens and how to read them."""
+
+    state: TokenState
+    num_protected: int
+    num_prefix: int
+    patch_size: tuple
+
+
+def _timm_tokens(model: nn.Module, images: torch.Tensor, forward_kwargs) -> _Tokens:
+    prefix = int(model.num_prefix_tokens)
+    patch = tuple(model.patch_embed.patch_size)
+    if getattr(type(model), "_tokenmerge_base", None) is None:
+        return _Tokens(TokenState(model.forward_features(images, **forward_kwargs)), prefix, prefix, patch)
+    state = model.forward_tokens(images, **forward_kwargs)
+    return _Tokens(state, model.tokenmerge_config.num_protected, prefix, patch)
+
+
+def _hf_tokens(model: nn.Module, images: torch.Tensor, forward_kwargs) -> _Tokens:
+    from .backends import transformers as hf
+
+    trunk = hf.vision_trunk(model)
+    prefix = hf.prefix_tokens(model)
+    patch = hf.patch_size(model)
+    if getattr(type(trunk), "_tokenmerge_base", None) is None:
+        state = TokenState(trunk(images, **forward_kwargs).last_hidden_state)
+        return _Tokens(state, prefix, prefix, patch)
+    state = trunk.forward_tokens(images, **forward_kwargs)
+    return _Tokens(state, trunk.tokenmerge_config.num_protected, prefix, patch)
+
+
+def _grid(model: nn.Module, images: torch.Tensor, patch: tuple) -> tuple:
+    height, width = images.shape[-2:]
+    patch_embed = getattr(model, "patch_embed", None)
+    if patch_embed is not None and hasattr(patch_embed, "dynamic_feat_size"):
+        return tuple(patch_embed.dynamic_feat_size((height, width)))  # timm: honours padding
+    return height // patch[0], width // patch[1]
+
+
+def dense_features(
+    model: nn.Module,
+    images: torch.Tensor,
+    *,
+    output: str = "tokens",
+    fill: Optional[torch.Tensor] = None,
+    **forward_kwargs,
+) -> torch.Tensor:
+    """Per-patch features of a (merged) ViT: ``[B, H*W, C]`` or ``[B, C, H, W]``.
+
+    Runs the model's token forward and unmerges its final tokens (``last_hidden_state`` for
+    Hugging Face models, ``forward_features`` for timm: after the final norm where the model
+    has one) onto the patch grid; prefix tokens are dropped. Merged patches share their
+    token's feature; patches a pruning method discarded get ``fill`` (default zeros).
+
+    Args:
+        model: a timm ``VisionTransformer`` or a supported Hugging Face model, patched with
+            ``trace_source=True`` (or ``layout="local"``, or not patched at all).
+        images: ``[B, 3, H, W]``.
+        output: ``"tokens"`` or ``"map"``.
+        fill: value for discarded patches, ``[C]`` or ``[B, C]``.
+        **forward_kwargs: passed to the forward (e.g. ``interpolate_pos_encoding=True``).
+    """
+    from .backends import timm as timm_backend
+
+    if timm_backend.is_timm_vit(model):
+        tokens = _timm_tokens(model, images, forward_kwargs)
+    else:
+        from .backends import transformers as hf
+
+        if not hf.is_supported_hf_model(model):
+            raise TypeError(
+                f"dense_features supports timm VisionTransformers and Hugging Face ViT/DeiT/"
+                f"CLIP/DINOv2 models, not {type(model).__module__}.{type(model).__qualname__}"
+            )
+        tokens = _hf_tokens(model, images, forward_kwargs)
+    grid = _grid(model, images, tokens.patch_size)
+    return unmerge_to_grid(
+        tokens.state.x, tokens.state.source, tokens.num_protected, tokens.num_prefix, grid, output, fill
+    )

@@ -1,0 +1,44 @@
+"""Top-1 accuracy."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["evaluate_accuracy", "predict"]
+
+
+@torch.inference_mode()
+def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 128, device="cpu",
+            dtype=None, progress: bool = False) -> torch.Tensor:
+    """Class predictions ``[N]`` for preloaded images ``[N, 3, H, W]``."""
+    from tqdm.auto import tqdm
+
+    model = model.eval().to(device)
+    out = []
+    starts = range(0, len(images), batch_size)
+    for start in tqdm(starts, desc="evaluating", disable=not progress, leave=False):
+        batch = images[start:start + batch_size].to(device)
+        with torch.autocast(device_type=torch.device(device).type, dtype=dtype, enabled=dtype is not None):
+            logits = model(batch)
+        out.append(logits.float().argmax(dim=-1).cpu())
+    return torch.cat(out)
+
+
+def evaluate_accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                      num_classes: int = None, **kwargs) -> float:
+    """Top-1 accuracy in percent on preloaded ``images``/``labels``.
+
+    ``num_classes`` (the dataset's class count) is checked against the model's output so
+    a wrong head fails loudly instead of scoring silently.
+    """
+    if num_classes is not None:
+        with torch.inference_mode():
+            width = model.eval()(images[:1].to(next(model.parameters()).device)).shape[-1]
+        if width != num_classes:
+            raise ValueError(
+                f"the model predicts {width} classes but the dataset has {num_classes}; "
+                f"load the model with num_classes={num_classes} (CLI: --num-classes {num_classes})"
+            )
+    predictions = predict(model, images, **kwargs)
+    return 100.0 * (predictions == labels).double().mean().item()

@@ -1,0 +1,76 @@
+"""Pareto plots of sweep rows: accuracy vs GFLOPs and accuracy vs throughput.
+
+One line per method (its points sorted along the x axis, so the line traces the method's
+trade-off curve), the unmodified model as a star. Figures are built without pyplot and
+rendered by Agg, so plots need no display and leave matplotlib's global state alone.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+__all__ = ["group_by_method", "pareto_figure", "save_pareto_plot"]
+
+_UNMODIFIED = "none"
+
+
+def group_by_method(rows: Sequence[dict]) -> Dict[str, List[dict]]:
+    """``{method: rows}`` in first-seen order, without the unmodified row."""
+    groups: Dict[str, List[dict]] = {}
+    for row in rows:
+        if row["method"] != _UNMODIFIED:
+            groups.setdefault(row["method"], []).append(row)
+    return groups
+
+
+def _panels(rows: Sequence[dict]) -> list:
+    """``(x key, x label)`` for each panel the rows support (throughput only if measured)."""
+    panels = [("gflops", "GFLOPs per image (lower is cheaper)")]
+    if all(row.get("images_per_s") is not None for row in rows):
+        panels.append(("images_per_s", "throughput, images/s (higher is faster)"))
+    return panels
+
+
+def pareto_figure(rows: Sequence[dict], title: Optional[str] = None):
+    """A matplotlib ``Figure``: one panel per x metric, one line per method, a star for the
+    unmodified model. Each method line is labelled with the method name; the star with
+    ``"unmodified"``; points are annotated with their schedule."""
+    # A bare Figure renders through Agg without touching pyplot's global backend state.
+    from matplotlib.figure import Figure
+
+    if not rows:
+        raise ValueError("no results to plot")
+    panels = _panels(rows)
+    figure = Figure(figsize=(6.0 * len(panels), 4.6), layout="constrained")
+    axes = figure.subplots(1, len(panels), squeeze=False)[0]
+    baseline = [row for row in rows if row["method"] == _UNMODIFIED]
+    groups = group_by_method(rows)
+    for ax, (key, xlabel) in zip(axes, panels):
+        for method, points in groups.items():
+            points = sorted(points, key=lambda row: row[key])
+            xs = [row[key] for row in points]
+            ys = [row["accuracy"] for row in points]
+            (line,) = ax.plot(xs, ys, marker="o", label=method)
+            for row in points:
+                ax.annotate(row["schedule"], (row[key], row["accuracy"]), textcoords="offset points",
+                            xytext=(4, 3), fontsize=7, color=line.get_color())
+        for row in baseline:
+            ax.plot([row[key]], [row["accuracy"]], marker="*", markersize=14, linestyle="none",
+                    color="black", label="unmodified")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("top-1 accuracy (%)")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    if title:
+        figure.suptitle(title)
+    return figure
+
+
+def save_pareto_plot(rows: Sequence[dict], path, title: Optional[str] = None, dpi: int = 120) -> Path:
+    """Render :func:`pareto_figure` to a PNG at ``path`` (parent folders created)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure = pareto_figure(rows, title=title)
+    figure.savefig(path, dpi=dpi, format="png")
+    return path

@@ -1,0 +1,387 @@
+"""Accuracy / GFLOPs / throughput for a grid of methods x schedules, with a resumable cache.
+
+A sweep evaluates every :class:`Variant` (a method, a schedule, the method's options) of one
+base model on one preloaded image set. Accuracy and GFLOPs are deterministic, so each
+finished variant is appended to a JSONL cache keyed by everything that determines them
+(weights, data, image size, dtype, method, schedule, options, tokenmerge version); a rerun
+after an interruption skips them. Throughput is *not* cached: it is measured at the end
+for all variants together, interleaved with the unmodified model, so every speedup is a
+ratio of figures taken in the same run on the same machine load.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import hashlib
+import json
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Sequence
+
+import torch
+from torch import nn
+
+from ..core.schedule import KeepRatio, ScheduleClampedWarning, format_schedule, parse_schedule
+from .accuracy import evaluate_accuracy
+from .flops import count_gflops
+from .throughput import measure_throughput
+
+__all__ = [
+    "UNMODIFIED",
+    "Variant",
+    "ResultCache",
+    "parse_option",
+    "build_variant",
+    "weights_fingerprint",
+    "dataset_fingerprint",
+    "run_sweep",
+    "write_results",
+    "read_results",
+    "format_rows",
+    "CSV_COLUMNS",
+]
+
+UNMODIFIED = "none"  # the method name of the unmodified model's row
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One row of a sweep.
+
+    Attributes:
+        method: a registered method name, or ``"none"`` for the unmodified model.
+        schedule: a schedule label as :func:`~tokenmerge.core.schedule.format_schedule`
+            writes it (``"13"``, ``"13:-1"``, ``"keep=0.9"``); ``"-"`` when unmodified.
+        options: the method's options as sorted ``(key, value)`` pairs (hashable).
+    """
+
+    method: str
+    schedule: str = "-"
+    options: tuple = field(default=())
+
+    @classmethod
+    def create(cls, method: str, schedule=None, options: Optional[dict] = None) -> "Variant":
+        if method == UNMODIFIED:
+            return cls(UNMODIFIED)
+        label = format_schedule(parse_schedule(schedule) if isinstance(schedule, str) else schedule)
+        return cls(method, label, tuple(sorted((options or {}).items())))
+
+    @property
+    def label(self) -> str:
+        if self.method == UNMODIFIED:
+            return "unmodified"
+        extra = "".join(f" {k}={v}" for k, v in self.options)
+        return f"{self.method} r={self.schedule}{extra}"
+
+
+def parse_option(text: str):
+    """``"[METHOD.]KEY=VALUE"`` -> ``(method or None, key, value)``; the value typed as int,
+    float, bool or str (``order=2`` -> 2, ``tau=0.1`` -> 0.1, ``flag=true`` -> True)."""
+    if "=" not in text:
+        raise ValueError(f"method option {text!r} must look like KEY=VALUE or METHOD.KEY=VALUE (e.g. tcvit.order=2)")
+    key, value = text.split("=", 1)
+    method, _, key = key.rpartition(".")
+    if not key:
+        raise ValueError(f"method option {text!r} has an empty key")
+    lowered = value.lower()
+    if lowered in ("true", "false"):
+        typed = lowered == "true"
+    else:
+        typed = value
+        for kind in (int, float):
+            try:
+                typed = kind(value)
+                break
+            except ValueError:
+                continue
+    return (method or None), key, typed
+
+
+def _shared_copy(model: nn.Module) -> nn.Module:
+    """A copy of the module tree that shares parameters and buffers with ``model``.
+
+    Patching swaps classes in place, so every variant needs its own module objects; sharing
+    the tensors keeps a sweep of many variants of a large model within memory.
+    """
+    memo = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
+    return copy.deepcopy(model, memo)
+
+
+def build_variant(base: nn.Module, variant: Variant) -> nn.Module:
+    """The model for ``variant``: ``base`` itself when unmodified, else a patched shared copy."""
+    import tokenmerge
+
+    if variant.method == UNMODIFIED:
+        return base
+    schedule = parse_schedule(variant.schedule)
+    options = dict(variant.options)
+    modules = options.pop("modules", None)
+    if modules is not None:
+        options = dict(_module_file_options(variant.method, modules), **options)
+    model = _shared_copy(base)
+    # A clamped schedule is reported in the row (tokens per block); the warning would only
+    # repeat for every variant of the grid.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ScheduleClampedWarning)
+        if isinstance(schedule, KeepRatio):
+            model = tokenmerge.patch(model, method=variant.method, keep_ratio=schedule.ratio, **options)
+        else:
+            model = tokenmerge.patch(model, method=variant.method, r=schedule, **options)
+    if modules is not None:
+        from ..methods.dtem import load_merge_modules
+
+        load_merge_modules(model, modules)
+    return model.eval()
+
+
+def _module_file_options(method: str, path) -> dict:
+    """The option ``modules=FILE`` (trained DTEM merge modules): the embedding shape the file
+    needs, read from its metadata, so the user gives only the path."""
+    if method != "dtem":
+        raise ValueError(f"the option modules=FILE loads trained DTEM merge modules; method {method!r} has none")
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"DTEM module file {str(path)!r} does not exist")
+    from ..methods.dtem import read_merge_module_metadata
+
+    meta = read_merge_module_metadata(path)
+    hidden = meta.get("hidden_dim")
+    return {"embed_dim": int(meta["embed_dim"]), "hidden_dim": int(hidden) if hidden else None}
+
+
+def weights_fingerprint(model: nn.Module) -> str:
+    """SHA-256 of the model's state_dict (names, shapes, dtypes, bytes): identifies the weights
+    whatever their origin (timm pretrained, local checkpoint, embedded default)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def dataset_fingerprint(root, limit: Optional[int] = None) -> str:
+    """SHA-256 of the (relative path, byte size) of every image used, in evaluation order."""
+    from .data import image_folder
+
+    dataset = image_folder(root, limit=limit, transform=lambda image: image)
+    base = dataset.dataset if isinstance(dataset, torch.utils.data.Subset) else dataset
+    count = len(dataset)
+    root = Path(base.root)
+    digest = hashlib.sha256()
+    for path, label in base.samples[:count]:
+        path = Path(path)
+        digest.update(f"{path.relative_to(root)}:{path.stat().st_size}:{label}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def _file_sha256(path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+class ResultCache:
+    """Finished rows, one JSON object per line: ``{"key": ..., "row": {...}}``.
+
+    Appending a line per finished row (and flushing) means an interrupted sweep loses at
+    most the row in progress. A truncated last line (killed mid-write) is ignored.
+    """
+
+    def __init__(self, path):
+        self.path = Path(path) if path is not None else None
+        self._rows: Dict[str, dict] = {}
+        if self.path is not None and self.path.is_file():
+            for line in self.path.read_text().splitlines():
+                try:
+                    entry = json.loads(line)
+                    self._rows[entry["key"]] = entry["row"]
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    continue
+
+    @staticmethod
+    def key(context: dict, variant: Variant) -> str:
+        payload = dict(context, method=variant.method, schedule=variant.schedule,
+                       options=[list(item) for item in variant.options])
+        # An option naming a file (DTEM modules) is keyed by the file's content, not its name.
+        payload["option_files"] = {
+            key: _file_sha256(value) for key, value in variant.options
+            if isinstance(value, str) and Path(value).is_file()
+        }
+        return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+    def get(self, key: str) -> Optional[dict]:
+        return self._rows.get(key)
+
+    def put(self, key: str, row: dict) -> None:
+        self._rows[key] = row
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a") as handle:
+            handle.write(json.dumps({"key": key, "row": row}) + "\n")
+            handle.flush()
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+
+def _measured_row(model, variant, images, labels, num_classes, image_size, eval_batch_size,
+                  device, dtype, progress) -> dict:
+    """Accuracy, GFLOPs and token counts of one variant (the cacheable part of a row)."""
+    accuracy = evaluate_accuracy(model, images, labels, num_classes=num_classes,
+                                 batch_size=eval_batch_size, device=device, dtype=dtype,
+                                 progress=progress)
+    tokens = model.tokens_per_block() if variant.method != UNMODIFIED else None
+    return {
+        "method": variant.method,
+        "schedule": variant.schedule,
+        "options": dict(variant.options),
+        "label": variant.label,
+        "accuracy": accuracy,
+        "gflops": count_gflops(model, image_size=image_size, device=device),
+        "tokens_in": None if tokens is None else tokens[0],
+        "tokens_out": None if tokens is None else tokens[-1],
+        "num_images": int(len(labels)),
+    }
+
+
+def run_sweep(
+    base: nn.Module,
+    variants: Sequence[Variant],
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int,
+    *,
+    cache: Optional[ResultCache] = None,
+    context: Optional[dict] = None,
+    image_size: int = 224,
+    eval_batch_size: int = 128,
+    device="cpu",
+    dtype=None,
+    timing: bool = True,
+    timing_batch_size: int = 32,
+    warmup: int = 2,
+    repeats: int = 5,
+    progress: bool = True,
+    log=print,
+) -> List[dict]:
+    """Evaluate every variant; returns one row dict per variant, unmodified first.
+
+    Args:
+        base: the unmodified model (eval mode).
+        variants: the grid; the unmodified variant is added when missing.
+        images: ``[N, 3, S, S]`` preloaded, normalised images; ``labels``: ``[N]``.
+        num_classes: the dataset's class count (checked against the model's head).
+        cache: finished rows are looked up here first and stored here when computed.
+        context: what besides the variant determines a row (weights, data, dtype, ...),
+            hashed into the cache key.
+        timing: measure throughput of all variants at the end (interleaved, median of
+            ``repeats`` after ``warmup``) on random ``timing_batch_size`` batches.
+
+    Rows: method, schedule, options, label, accuracy (%), gflops (per image), tokens_in,
+    tokens_out, num_images, cached, and with timing images_per_s, ms_per_batch, speedup.
+    """
+    from tqdm.auto import tqdm
+
+    variants = list(dict.fromkeys(variants))
+    unmodified = Variant(UNMODIFIED)
+    if unmodified not in variants:
+        variants.insert(0, unmodified)
+    else:
+        variants.remove(unmodified)
+        variants.insert(0, unmodified)
+    cache = cache if cache is not None else ResultCache(None)
+    context = context or {}
+    base = base.to(device).eval()
+    models = {}
+    rows = []
+    for variant in tqdm(variants, desc="variants", disable=not progress):
+        model = build_variant(base, variant)
+        models[variant.label] = model
+        key = ResultCache.key(context, variant)
+        row = cache.get(key)
+        if row is None:
+            row = _measured_row(model, variant, images, labels, num_classes, image_size,
+                                eval_batch_size, device, dtype, progress)
+            cache.put(key, row)
+            row = dict(row, cached=False)
+            log(f"  {variant.label:<28} top-1 {row['accuracy']:6.2f}%  {row['gflops']:.3f} GFLOPs")
+        else:
+            row = dict(row, cached=True)
+            log(f"  {variant.label:<28} top-1 {row['accuracy']:6.2f}%  {row['gflops']:.3f} GFLOPs (cached)")
+        rows.append(row)
+    if timing:
+        speed = measure_throughput(models, batch_size=timing_batch_size, image_size=image_size,
+                                   device=device, dtype=dtype, warmup=warmup, repeats=repeats,
+                                   progress=progress)
+        reference = speed[unmodified.label]["images_per_s"]
+        for row in rows:
+            measured = speed[row["label"]]
+            row["images_per_s"] = measured["images_per_s"]
+            row["ms_per_batch"] = measured["ms_per_batch"]
+            row["speedup"] = measured["images_per_s"] / reference
+    return rows
+
+
+CSV_COLUMNS = ["method", "schedule", "options", "accuracy", "gflops", "tokens_in", "tokens_out",
+               "images_per_s", "speedup", "num_images"]
+
+
+def write_results(rows: Iterable[dict], meta: dict, out_dir) -> dict:
+    """Write ``results.json`` (meta + rows) and ``results.csv`` under ``out_dir``; returns the paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = list(rows)
+    json_path, csv_path = out_dir / "results.json", out_dir / "results.csv"
+    json_path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    with csv_path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            flat = dict(row)
+            flat["options"] = " ".join(f"{k}={v}" for k, v in sorted(row.get("options", {}).items()))
+            writer.writerow(flat)
+    return {"json": json_path, "csv": csv_path}
+
+
+def read_results(path) -> dict:
+    """Load a ``results.json`` written by :func:`write_results` (clear error otherwise)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"results file {str(path)!r} does not exist (tokenmerge eval writes OUT/results.json)")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{str(path)!r} is not valid JSON ({err})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("rows"), list):
+        raise ValueError(f"{str(path)!r} is not a tokenmerge results file (no 'rows' list)")
+    return data
+
+
+def _cell(value, spec: str, suffix: str = "") -> str:
+    return "-" if value is None else f"{value:{spec}}{suffix}"
+
+
+def format_rows(rows: Sequence[dict]) -> str:
+    """A plain-text table of sweep rows."""
+    header = ["method", "schedule", "options", "tokens", "top-1 %", "GFLOPs/img", "im/s", "speedup"]
+    lines = [header]
+    for row in rows:
+        tokens = "-" if row.get("tokens_in") is None else f"{row['tokens_in']}->{row['tokens_out']}"
+        lines.append([
+            row["method"],
+            row["schedule"],
+            " ".join(f"{k}={v}" for k, v in sorted(row.get("options", {}).items())) or "-",
+            tokens,
+            _cell(row.get("accuracy"), ".2f"),
+            _cell(row.get("gflops"), ".3f"),
+            _cell(row.get("images_per_s"), ".1f"),
+            _cell(row.get("speedup"), ".2f", "x"),
+        ])
+    widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
+    text = []
+    for i, line in enumerate(lines):
+        text.append("  ".join(str(cell).ljust(width) for cell, width in zip(line, widths)).rstrip())
+        if i == 0:
+            text.append("  ".join("-" * width for width in widths))
+    return "\n".join(text)

@@ -1,0 +1,73 @@
+"""Throughput measured the way shared, noisy machines allow: interleaved and by median.
+
+Each repetition times every model once, in turn, so drifts in machine load hit all of
+them alike; the reported figure is the median over repetitions. Speedups should be taken
+as ratios of figures from the same call.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from contextlib import nullcontext
+from typing import Dict
+
+import torch
+from torch import nn
+
+__all__ = ["measure_throughput", "autocast_for"]
+
+
+def autocast_for(device, dtype):
+    """An autocast context for ``dtype`` on ``device`` (``None`` or float32: no autocast)."""
+    if dtype is None or dtype == torch.float32:
+        return nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
+
+
+def _sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+@torch.inference_mode()
+def measure_throughput(
+    models: Dict[str, nn.Module],
+    batch_size: int = 32,
+    image_size: int = 224,
+    device="cpu",
+    dtype=None,
+    warmup: int = 3,
+    repeats: int = 10,
+    progress: bool = False,
+) -> Dict[str, dict]:
+    """Images per second of each model on one random batch, interleaved.
+
+    Returns:
+        ``{name: {"images_per_s": median, "ms_per_batch": median, "times_s": [...]}}``.
+    """
+    from tqdm.auto import tqdm
+
+    images = torch.randn(batch_size, 3, image_size, image_size, device=device)
+    times = {name: [] for name in models}
+    total = (warmup + repeats) * len(models)
+    with tqdm(total=total, desc="timing", disable=not progress, leave=False) as bar, autocast_for(device, dtype):
+        for step in range(warmup + repeats):
+            for name, model in models.items():
+                _sync(device)
+                start = time.perf_counter()
+                model(images)
+                _sync(device)
+                elapsed = time.perf_counter() - start
+                if step >= warmup:
+                    times[name].append(elapsed)
+                bar.update(1)
+    results = {}
+    for name, samples in times.items():
+        median = statistics.median(samples)
+        results[name] = {
+            "images_per_s": batch_size / median,
+            "ms_per_batch": 1e3 * median,
+            "times_s": samples,
+        }
+    return results

@@ -1,0 +1,351 @@
+"""DTEM: learned decoupled merge embeddings (Lee & Hong, NeurIPS 2024).
+
+Per block, a small module ``e = f(x)`` whose only job is to be the merge metric.
+
+- Input features: the block's tokens *after the attention residual* (the tokens that are
+  about to be merged; the backend hands them to the reducer), detached, so the merge
+  embedding never reshapes the ViT's own features (as in the paper, which detaches the
+  embedding's input), then a LayerNorm.
+- Map: affine ``C -> embed_dim`` (default 64), or an MLP with ``hidden_dim``.
+- Initialisation (``init="keys"``, the default when it fits): the LayerNorm copies the
+  block's ``norm1`` and the affine map copies the block's key projection averaged over
+  heads, i.e. training starts from ToMe's own metric (keys averaged over heads), computed
+  on the post-attention tokens. This needs ``embed_dim == head_dim`` and no MLP;
+  ``init="random"`` is PyTorch's default initialisation.
+
+Eval mode: ToMe's hard bipartite matching with ``e`` as the metric, then the usual
+size-weighted merge. Train mode: soft grouping + soft merging
+(:mod:`tokenmerge.core.soft_merge`): the token count stays ``N``, sizes become
+fractional and feed proportional attention.
+
+The modules live in ``model.token_reducer`` (state_dict keys ``token_reducer.embeds.*``)
+and are saved/loaded on their own with :func:`save_merge_modules` /
+:func:`load_merge_modules` (a safetensors file with the architecture in its metadata).
+One module set serves every ``r`` up to the one it was trained with.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import NamedTuple, Optional
+
+import torch
+from torch import nn
+
+from ..core.matching import bipartite_max_reduction, bipartite_soft_matching
+from ..core.merge import MergePlan
+from ..core.soft_merge import _check_tau, soft_bipartite_step
+from .base import AttentionTensors, TokenReducer, TokenState
+from .registry import register_method
+
+__all__ = ["DTEM", "MergeEmbedding", "SoftTokenState", "save_merge_modules", "load_merge_modules"]
+
+FILE_FORMAT = "tokenmerge-dtem-modules"
+FILE_VERSION = "1"
+
+
+class SoftTokenState(NamedTuple):
+    """A :class:`~tokenmerge.methods.base.TokenState` during soft (training) merging.
+
+    Same fields, plus ``live``: the tokens at the front that still take part in grouping
+    (the rest were merged away in earlier blocks and only fade in attention).
+    """
+
+    x: torch.Tensor
+    size: Optional[torch.Tensor] = None
+    source: Optional[torch.Tensor] = None
+    live: Optional[int] = None
+
+
+class MergeEmbedding(nn.Module):
+    """``[B, N, C]`` tokens -> ``[B, N, embed_dim]`` merge embedding (LayerNorm, then affine or MLP)."""
+
+    def __init__(self, dim: int, embed_dim: int = 64, hidden_dim: Optional[int] = None):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        if hidden_dim:
+            self.proj = nn.Sequential(nn.Linear(dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, embed_dim))
+        else:
+            self.proj = nn.Linear(dim, embed_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.norm(x))
+
+    @torch.no_grad()
+    def init_from_keys(self, block: nn.Module) -> None:
+        """Start from the block's ToMe metric: ``norm1`` then keys averaged over heads."""
+        attn = block.attn
+        dim = self.norm.normalized_shape[0]
+        heads, head_dim = attn.num_heads, attn.head_dim
+        weight = attn.qkv.weight[dim:2 * dim].reshape(heads, head_dim, dim).mean(dim=0)
+        bias = attn.qkv.bias
+        bias = bias[dim:2 * dim].reshape(heads, head_dim).mean(dim=0) if bias is not None else None
+        self.proj.weight.copy_(weight)
+        if bias is not None:
+            self.proj.bias.copy_(bias)
+        else:
+            self.proj.bias.zero_()
+        norm1 = block.norm1
+        if getattr(norm1, "weight", None) is not None:
+            self.norm.weight.copy_(norm1.weight)
+        if getattr(norm1, "bias", None) is not None:
+            self.norm.bias.copy_(norm1.bias)
+        self.norm.eps = getattr(norm1, "eps", self.norm.eps)
+
+
+def _describe(model: nn.Module) -> dict:
+    """Width, depth, head width and architecture name of a ViT (timm attribute names)."""
+    blocks = getattr(model, "blocks", None)
+    dim = getattr(model, "embed_dim", None) or getattr(model, "num_features", None)
+    if blocks is None or dim is None:
+        raise TypeError(
+            f"DTEM cannot read the width/depth of {type(model).__name__}; build the reducer "
+            "explicitly: create_reducer('dtem', dim=..., depth=...)"
+        )
+    attn = getattr(blocks[0], "attn", None)
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    return {
+        "architecture": str(cfg.get("architecture", "") or ""),
+        "width": int(dim),
+        "depth": len(blocks),
+        "head_dim": getattr(attn, "head_dim", None),
+    }
+
+
+@register_method
+class DTEM(TokenReducer):
+    """Decoupled Token Embedding for Merging.
+
+    Args:
+        embed_dim: merge-embedding width (paper: 64 is enough).
+        hidden_dim: if set, a 2-layer MLP with this hidden width instead of an affine map.
+        tau: soft-grouping temperature in training (``> 0``; the paper used 0.1-0.3).
+        train_r: if set, every merging block uses this ``r`` in training mode (clamped to
+            what its live tokens allow) instead of the patched schedule's ``r``; eval mode
+            always follows the schedule. Train with the largest ``r`` you will use.
+        init: ``"keys"`` (start from ToMe's metric, see the module docstring), ``"random"``,
+            or ``"auto"`` (``"keys"`` when ``embed_dim`` equals the head width and there is
+            no MLP).
+        dim, depth: model width and block count. Normally left out:
+            :func:`tokenmerge.patch` binds the reducer to the model (:meth:`bind_model`).
+    """
+
+    name = "dtem"
+
+    def __init__(
+        self,
+        embed_dim: int = 64,
+        hidden_dim: Optional[int] = None,
+        tau: float = 0.1,
+        train_r: Optional[int] = None,
+        init: str = "auto",
+        dim: Optional[int] = None,
+        depth: Optional[int] = None,
+    ):
+        super().__init__()
+        if isinstance(embed_dim, bool) or not isinstance(embed_dim, int) or embed_dim <= 0:
+            raise ValueError(f"embed_dim must be a positive int, got {embed_dim!r}")
+        if hidden_dim is not None and (not isinstance(hidden_dim, int) or hidden_dim <= 0):
+            raise ValueError(f"hidden_dim must be a positive int or None, got {hidden_dim!r}")
+        if train_r is not None and (not isinstance(train_r, int) or train_r < 0):
+            raise ValueError(f"train_r must be a non-negative int or None, got {train_r!r}")
+        if init not in ("auto", "keys", "random"):
+            raise ValueError(f"init must be 'auto', 'keys' or 'random', got {init!r}")
+        self.embed_dim = embed_dim
+        self.hidden_dim = hidden_dim
+        self.tau = _check_tau(tau)
+        self.train_r = train_r
+        self.init = init
+        self.architecture = ""
+        self.embeds = nn.ModuleList()
+        if (dim is None) != (depth is None):
+            raise ValueError("give both dim= and depth= (or neither, and let patch() bind the model)")
+        if dim is not None:
+            self._build(dim, depth)
+
+    # -- construction ---------------------------------------------------------------
+    @property
+    def dim(self) -> Optional[int]:
+        return self.embeds[0].norm.normalized_shape[0] if len(self.embeds) else None
+
+    @property
+    def depth(self) -> int:
+        return len(self.embeds)
+
+    def _build(self, dim: int, depth: int) -> None:
+        self.embeds = nn.ModuleList(MergeEmbedding(dim, self.embed_dim, self.hidden_dim) for _ in range(depth))
+
+    def bind_model(self, model: nn.Module) -> None:
+        """Build one embedding module per block of ``model`` (called by :func:`tokenmerge.patch`).
+
+        A reducer that already has modules (trained, loaded, or built with ``dim``/``depth``)
+        keeps them if they fit the model and raises otherwise.
+        """
+        info = _describe(model)
+        if len(self.embeds):
+            if (self.dim, self.depth) != (info["width"], info["depth"]):
+                raise ValueError(
+                    f"this DTEM reducer has modules for width {self.dim} and depth {self.depth}; "
+                    f"the model has width {info['width']} and depth {info['depth']}"
+                )
+            self.architecture = self.architecture or info["architecture"]
+            return
+        self._build(info["width"], info["depth"])
+        keys_fit = self.hidden_dim is None and info["head_dim"] == self.embed_dim
+        if self.init == "keys" and not keys_fit:
+            raise ValueError(
+                f"init='keys' needs embed_dim == the head width ({info['head_dim']}) and no MLP; "
+                f"got embed_dim={self.embed_dim}, hidden_dim={self.hidden_dim}"
+            )
+        if self.init == "keys" or (self.init == "auto" and keys_fit):
+            for embed, block in zip(self.embeds, model.blocks):
+                embed.init_from_keys(block)
+        self.architecture = info["architecture"]
+        param = next(model.parameters(), None)
+        if param is not None:
+            self.to(device=param.device)
+
+    def _embedding(self, x: torch.Tensor, block_index: int) -> torch.Tensor:
+        if not len(self.embeds):
+            raise RuntimeError(
+                "DTEM has no embedding modules: patch a model with tokenmerge.patch(model, "
+                "method='dtem', ...) or construct it with dim= and depth="
+            )
+        if block_index >= len(self.embeds):
+            raise ValueError(f"block {block_index} has no DTEM module (the reducer has {len(self.embeds)})")
+        embed = self.embeds[block_index]
+        return embed(x.detach().to(embed.norm.weight.dtype))
+
+    # -- the policy -----------------------------------------------------------------
+    def plan(self, x, attn: AttentionTensors, r, num_protected, block_index) -> MergePlan:
+        return bipartite_soft_matching(self._embedding(x, block_index), r, num_protected)
+
+    def reduce(self, state: TokenState, attn: AttentionTensors, r: int, num_protected: int,
+               block_index: int):
+        if not self.training:
+            return super().reduce(state, attn, r, num_protected, block_index)
+        if state.source is not None:
+            raise ValueError(
+                "DTEM's soft (training) merge keeps every token with a fractional size; source "
+                "tracking needs hard merges: call model.eval() or patch with trace_source=False"
+            )
+        live = getattr(state, "live", None)
+        live = state.x.shape[1] if live is None else live
+        if self.train_r is not None:
+            r = min(self.train_r, bipartite_max_reduction(live, num_protected))
+        metric = self._embedding(state.x, block_index)
+        x, size, live = soft_bipartite_step(state.x, state.size, metric, r, self.tau, num_protected, live)
+        return SoftTokenState(x, size, None, live)
+
+    def extra_repr(self) -> str:
+        mlp = f", hidden_dim={self.hidden_dim}" if self.hidden_dim else ""
+        return f"method='dtem', embed_dim={self.embed_dim}{mlp}, tau={self.tau}, depth={self.depth}"
+
+    # -- files ----------------------------------------------------------------------
+    def metadata(self) -> dict:
+        return {
+            "format": FILE_FORMAT,
+            "version": FILE_VERSION,
+            "method": self.name,
+            "architecture": self.architecture,
+            "width": str(self.dim),
+            "depth": str(self.depth),
+            "embed_dim": str(self.embed_dim),
+            "hidden_dim": "" if self.hidden_dim is None else str(self.hidden_dim),
+            "tau": repr(self.tau),
+        }
+
+
+def _dtem_of(model: nn.Module) -> DTEM:
+    reducer = getattr(model, "token_reducer", None)
+    if isinstance(model, DTEM):
+        return model
+    if not isinstance(reducer, DTEM):
+        raise ValueError(
+            "the model is not patched with DTEM: call tokenmerge.patch(model, method='dtem', r=...) first"
+        )
+    return reducer
+
+
+def save_merge_modules(model: nn.Module, path) -> Path:
+    """Save a DTEM-patched model's merge embeddings as a small safetensors file.
+
+    The metadata records the architecture name, width, depth and embedding shape, so that
+    :func:`load_merge_modules` can refuse a file trained for another model.
+    """
+    from safetensors.torch import save_file
+
+    reducer = _dtem_of(model)
+    if not len(reducer.embeds):
+        raise ValueError("the DTEM reducer has no modules to save")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().float().cpu().contiguous() for k, v in reducer.state_dict().items()}
+    save_file(state, str(path), metadata=reducer.metadata())
+    return path
+
+
+def read_merge_module_metadata(path) -> dict:
+    """The metadata of a merge-module file (raises if it is not one)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"merge-module file {str(path)!r} does not exist")
+    with safe_open(str(path), framework="pt") as handle:
+        meta = handle.metadata() or {}
+    if meta.get("format") != FILE_FORMAT:
+        raise ValueError(f"{str(path)!r} is not a tokenmerge DTEM module file (no {FILE_FORMAT!r} metadata)")
+    return meta
+
+
+def load_merge_modules(model: nn.Module, path) -> nn.Module:
+    """Load merge embeddings saved by :func:`save_merge_modules` into a DTEM-patched model.
+
+    Raises ``ValueError`` when the file was trained for another width, depth or embedding
+    shape; warns when only the architecture name differs. Returns the model.
+    """
+    from safetensors.torch import load_file
+
+    reducer = _dtem_of(model)
+    meta = read_merge_module_metadata(path)
+    info = _describe(model) if hasattr(model, "blocks") else {
+        "architecture": reducer.architecture, "width": reducer.dim, "depth": reducer.depth}
+    width, depth = int(meta["width"]), int(meta["depth"])
+    arch = meta.get("architecture", "")
+    trained_for = f"{arch or 'a ViT'} (width {width}, depth {depth})"
+    if width != info["width"]:
+        raise ValueError(
+            f"{path} was trained for {trained_for}; this model has width {info['width']}"
+        )
+    if depth != info["depth"]:
+        raise ValueError(
+            f"{path} was trained for {trained_for}; this model has {info['depth']} blocks"
+        )
+    hidden = int(meta["hidden_dim"]) if meta.get("hidden_dim") else None
+    if (int(meta["embed_dim"]), hidden) != (reducer.embed_dim, reducer.hidden_dim):
+        raise ValueError(
+            f"{path} holds modules with embed_dim={meta['embed_dim']}, hidden_dim={hidden}; the model "
+            f"was patched with embed_dim={reducer.embed_dim}, hidden_dim={reducer.hidden_dim}: patch with "
+            f"method='dtem', embed_dim={meta['embed_dim']}" + (f", hidden_dim={hidden}" if hidden else "")
+        )
+    if arch and info["architecture"] and arch != info["architecture"]:
+        warnings.warn(
+            f"{path} was trained on {arch}; loading it into {info['architecture']} of the same shape",
+            stacklevel=2,
+        )
+    if not len(reducer.embeds):
+        reducer._build(width, depth)
+    state = load_file(str(path))
+    device = next(reducer.parameters()).device
+    reducer.load_state_dict({k: v.to(device) for k, v in state.items()})
+    reducer.architecture = arch or reducer.architecture
+    return model
+
+
+def describe_file(path) -> str:
+    """A one-line human description of a merge-module file."""
+    meta = read_merge_module_metadata(path)
+    return json.dumps({k: meta[k] for k in ("architecture", "width", "depth", "embed_dim", "hidden_dim")})

@@ -1,0 +1,463 @@
+"""Training: DTEM merge embeddings (modular or end-to-end) and ToMe fine-tuning.
+
+- ``method="dtem", mode="modular"``: the ViT is frozen (eval mode, no gradients); only the
+  merge embeddings learn, through soft grouping + soft merging.
+- ``method="dtem", mode="end2end"``: the ViT is fine-tuned too (its own learning rate,
+  ``backbone_lr``).
+- ``method="tome"``: fine-tune the ViT with ToMe's hard merge in the forward; the matching
+  has no gradient, the merge back-propagates as the size-weighted average it is.
+
+Optimisation: AdamW, linear warmup then cosine decay (per step), cross-entropy, bf16
+autocast on CUDA (fp32 on CPU). Augmentation, kept simple: RandomResizedCrop(scale
+0.35-1) + horizontal flip + ImageNet normalisation.
+
+Reproducibility and resuming. The data order of epoch ``e`` is a permutation seeded by
+``(seed, e)``, and each sample's augmentation is drawn from a generator seeded by
+``(seed, e, index)``, so a batch depends on nothing but the step number. A checkpoint
+(``out/checkpoint.pt``, written atomically every ``checkpoint_every`` steps and at the
+end) holds the trainable weights, optimizer, scheduler, step and RNG states; a resumed
+run replays from the last checkpoint and ends with the same parameters as an
+uninterrupted one (tested).
+
+Distributed. Under ``torchrun`` (``WORLD_SIZE > 1``) the model is wrapped in
+DistributedDataParallel (NCCL on CUDA, gloo on CPU); each process reads every
+``world``-th sample of the epoch's permutation, ``batch_size`` is per process, and rank 0
+alone writes checkpoints, logs and evaluates.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import time
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import torch
+from torch import nn
+
+__all__ = [
+    "TrainConfig",
+    "train",
+    "train_transform",
+    "epoch_indices",
+    "warmup_cosine",
+    "default_train_root",
+]
+
+METHODS = ("dtem", "tome")
+MODES = ("modular", "end2end")
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+def default_train_root() -> Path:
+    """``../shared/data/imagenette/train`` next to the repository checkout."""
+    return Path(__file__).resolve().parents[1].parent / "shared" / "data" / "imagenette" / "train"
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Everything a run depends on (saved in checkpoints; a resume must use the same)."""
+
+    method: str = "dtem"
+    mode: str = "modular"
+    data: Optional[str] = None  # ImageFolder root; None: default_train_root()
+    model: Optional[str] = None  # timm name; None: the embedded ViT-Tiny Imagenette model
+    checkpoint: Optional[str] = None
+    model_kwargs: dict = dataclasses.field(default_factory=dict)
+    num_classes: Optional[int] = None
+    r: int = 16
+    tau: float = 0.1
+    embed_dim: int = 64
+    hidden_dim: Optional[int] = None
+    epochs: float = 1.0
+    max_steps: Optional[int] = None  # overrides epochs
+    batch_size: int = 32
+    lr: float = 1e-3  # merge embeddings (dtem), or the ViT (tome)
+    backbone_lr: float = 1e-5  # the ViT in dtem end2end
+    weight_decay: float = 0.05
+    warmup_steps: int = 20
+    limit: Optional[int] = None
+    seed: int = 0
+    out: str = "runs/train"
+    checkpoint_every: int = 50
+    num_workers: int = 0
+    device: Optional[str] = None
+    eval_data: Optional[str] = None
+    eval_r: Sequence[int] = ()
+    eval_limit: Optional[int] = None
+    progress: bool = True
+
+    def check(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"--method must be one of {METHODS} for training, got {self.method!r}")
+        if self.mode not in MODES:
+            raise ValueError(f"--mode must be one of {MODES}, got {self.mode!r}")
+        if self.method == "tome" and self.mode == "modular":
+            raise ValueError("ToMe has no parameters of its own: train it with --mode end2end")
+        if not self.tau > 0:
+            raise ValueError(f"--tau must be > 0, got {self.tau}")
+        if self.r < 1:
+            raise ValueError(f"--r must be >= 1 for training, got {self.r}")
+        if self.batch_size < 1 or self.epochs <= 0 or (self.max_steps is not None and self.max_steps < 1):
+            raise ValueError("--batch-size, --epochs and --max-steps must be positive")
+        if self.checkpoint_every < 1:
+            raise ValueError(f"--checkpoint-every must be >= 1, got {self.checkpoint_every}")
+
+
+# -- data -------------------------------------------------------------------------------
+def train_transform(image_size: int):
+    """RandomResizedCrop + horizontal flip + ImageNet normalisation."""
+    from torchvision import transforms
+
+    from .evaluation.data import IMAGENET_MEAN, IMAGENET_STD
+
+    return transforms.Compose([
+        transforms.RandomResizedCrop(image_size, scale=(0.35, 1.0)),
+        transforms.RandomHorizontalFlip(),
+        transforms.ToTensor(),
+        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+
+
+class SeededAugment(torch.utils.data.Dataset):
+    """Each sample's augmentation drawn from a generator seeded by ``(seed, epoch, index)``.
+
+    Makes a batch a function of the step alone (resumable, identical across worker counts).
+    Item ``(epoch, index)`` -> ``(image, label)``.
+    """
+
+    def __init__(self, base, seed: int):
+        self.base, self.seed = base, seed
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, key):
+        epoch, index = key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed((self.seed * 1_000_003 + epoch) * 10_000_019 + index)
+            return self.base[index]
+
+
+def epoch_indices(num_samples: int, seed: int, epoch: int, rank: int = 0, world: int = 1) -> list:
+    """This process's samples for ``epoch``: a permutation seeded by ``(seed, epoch)``, every ``world``-th."""
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    order = torch.randperm(num_samples, generator=generator).tolist()
+    usable = num_samples - num_samples % world
+    return order[rank:usable:world]
+
+
+class _StepSampler(torch.utils.data.Sampler):
+    """Yields ``(epoch, index)`` keys of the given per-process indices, from ``start``."""
+
+    def __init__(self, epoch: int, indices: list, start: int):
+        self.epoch, self.indices, self.start = epoch, indices, start
+
+    def __iter__(self):
+        return iter((self.epoch, i) for i in self.indices[self.start:])
+
+    def __len__(self):
+        return len(self.indices) - self.start
+
+
+# -- schedule ---------------------------------------------------------------------------
+def warmup_cosine(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
+    """LR factor: linear warmup from ~0 to 1, then cosine to 0 at ``total_steps``."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+# -- model ------------------------------------------------------------------------------
+def build_model(config: TrainConfig, model: Optional[nn.Module] = None) -> nn.Module:
+    """Load (unless given) and patch the model for training."""
+    import tokenmerge
+
+    from .models import load_model
+
+    if model is None:
+        model = load_model(config.model, checkpoint=config.checkpoint, num_classes=config.num_classes,
+                           **config.model_kwargs)
+    num_tokens = model.patch_embed.num_patches + model.num_prefix_tokens
+    limit = (num_tokens - model.num_prefix_tokens) // 2
+    if config.r > limit:
+        raise ValueError(
+            f"--r {config.r} is more than one block can merge: the model has {num_tokens} tokens "
+            f"({model.num_prefix_tokens} protected), so r <= {limit}"
+        )
+    if config.method == "dtem":
+        tokenmerge.patch(model, method="dtem", r=config.r, tau=config.tau, embed_dim=config.embed_dim,
+                         hidden_dim=config.hidden_dim)
+    else:
+        tokenmerge.patch(model, method="tome", r=config.r)
+    return model
+
+
+def _set_train_mode(model: nn.Module, config: TrainConfig) -> list:
+    """Freeze what the mode freezes; return the optimizer's parameter groups."""
+    if config.method == "tome":
+        model.train()
+        return [{"params": [p for p in model.parameters() if p.requires_grad], "lr": config.lr}]
+    reducer = model.token_reducer
+    reducer_ids = {id(p) for p in reducer.parameters()}
+    backbone = [p for p in model.parameters() if id(p) not in reducer_ids]
+    if config.mode == "modular":
+        for p in backbone:
+            p.requires_grad_(False)
+        model.eval()  # the frozen ViT: no dropout / drop-path
+        reducer.train()  # soft merging
+        return [{"params": list(reducer.parameters()), "lr": config.lr}]
+    model.train()
+    return [
+        {"params": list(reducer.parameters()), "lr": config.lr},
+        {"params": [p for p in backbone if p.requires_grad], "lr": config.backbone_lr},
+    ]
+
+
+def _trainable_state(model: nn.Module, config: TrainConfig) -> dict:
+    if config.method == "dtem" and config.mode == "modular":
+        return {f"token_reducer.{k}": v for k, v in model.token_reducer.state_dict().items()}
+    return model.state_dict()
+
+
+# -- checkpoints ------------------------------------------------------------------------
+def _rng_state() -> dict:
+    import numpy as np
+
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _same_run_fields(config: TrainConfig) -> dict:
+    fields = dataclasses.asdict(config)
+    for volatile in ("progress", "checkpoint_every", "num_workers", "device", "eval_data", "eval_r",
+                     "eval_limit", "out"):
+        fields.pop(volatile)
+    fields["model_kwargs"] = json.dumps(fields["model_kwargs"], sort_keys=True)
+    return fields
+
+
+def save_checkpoint(path: Path, model, optimizer, scheduler, step: int, config: TrainConfig) -> None:
+    """Write atomically (temp file + rename): a kill mid-write leaves the previous one intact."""
+    state = {
+        "model": _trainable_state(model, config),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "step": step,
+        "rng": _rng_state(),
+        "config": _same_run_fields(config),
+    }
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler, config: TrainConfig) -> int:
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    saved, now = state["config"], _same_run_fields(config)
+    diff = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v}
+    if diff:
+        raise ValueError(
+            f"cannot resume from {path}: it was written by a run with different settings "
+            + ", ".join(f"{k}: {a!r} (checkpoint) vs {b!r} (now)" for k, (a, b) in diff.items())
+        )
+    missing, unexpected = model.load_state_dict(state["model"], strict=False)
+    if unexpected or (config.mode != "modular" and missing):
+        raise ValueError(f"checkpoint {path} does not fit the model (missing {missing}, unexpected {unexpected})")
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    _set_rng_state(state["rng"])
+    return int(state["step"])
+
+
+# -- distributed ------------------------------------------------------------------------
+def _distributed() -> tuple:
+    """``(rank, world, local_rank)``; initialises the process group under torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, 0
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
+
+
+# -- the loop ---------------------------------------------------------------------------
+def train(
+    config: TrainConfig,
+    model: Optional[nn.Module] = None,
+    resume: bool = False,
+    on_step: Optional[Callable[[int], None]] = None,
+) -> dict:
+    """Run (or resume) a training run; returns a summary dict (also ``out/results.json``).
+
+    Args:
+        config: the run's settings.
+        model: an already loaded (unpatched) model instead of ``config.model``.
+        resume: continue from ``out/checkpoint.pt`` if it exists.
+        on_step: called with the step number after each optimizer step (rank 0 and others).
+    """
+    from tqdm.auto import tqdm
+
+    from .evaluation.data import image_folder
+
+    config.check()
+    rank, world, local_rank = _distributed()
+    is_main = rank == 0
+    if config.device is None:
+        device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(config.device)
+    amp_dtype = torch.bfloat16 if device.type == "cuda" else None
+
+    root = Path(config.data) if config.data else default_train_root()
+    if not root.is_dir():
+        raise FileNotFoundError(
+            f"training data {str(root)!r} does not exist: pass --data DIR (an ImageFolder: one "
+            "sub-folder of images per class)"
+        )
+    torch.manual_seed(config.seed)
+    random.seed(config.seed)
+    model = build_model(config, model).to(device)
+    groups = _set_train_mode(model, config)
+    image_size = model.patch_embed.img_size[0]
+    dataset = image_folder(root, limit=config.limit, transform=train_transform(image_size))
+    data = SeededAugment(dataset, config.seed)
+
+    per_epoch = (len(dataset) // world) // config.batch_size
+    if per_epoch == 0:
+        raise ValueError(
+            f"{len(dataset)} training images are fewer than one batch of {config.batch_size} per "
+            f"process ({world} processes): lower --batch-size"
+        )
+    total = config.max_steps or max(1, round(config.epochs * per_epoch))
+
+    optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(config.warmup_steps, total))
+    out = Path(config.out)
+    ckpt = out / CHECKPOINT_NAME
+    step = 0
+    if resume and ckpt.is_file():
+        step = load_checkpoint(ckpt, model, optimizer, scheduler, config)
+        if is_main:
+            print(f"resumed from {ckpt} at step {step}/{total}", flush=True)
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+
+    train_model = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        schedule = model.tokenmerge_schedule()
+        train_model = DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=not all(schedule),  # a block with r=0 leaves its module unused
+        )
+
+    log = open(out / "train_log.jsonl", "a") if is_main else None
+    bar = tqdm(total=total, initial=step, desc=f"train {config.method}/{config.mode}", disable=not (is_main and config.progress))
+    started = time.time()
+    loss_fn = nn.CrossEntropyLoss()
+    while step < total:
+        epoch, start_batch = divmod(step, per_epoch)
+        indices = epoch_indices(len(dataset), config.seed, epoch, rank, world)[: per_epoch * config.batch_size]
+        loader = torch.utils.data.DataLoader(
+            data, batch_size=config.batch_size, sampler=_StepSampler(epoch, indices, start_batch * config.batch_size),
+            num_workers=config.num_workers, drop_last=True,
+        )
+        for images, labels in loader:
+            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                loss = loss_fn(train_model(images).float(), labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+            if log is not None:
+                log.write(json.dumps({"step": step, "epoch": epoch, "loss": loss.item(),
+                                      "lr": scheduler.get_last_lr()[0], "time": time.time() - started}) + "\n")
+                log.flush()
+            if is_main and (step % config.checkpoint_every == 0 or step == total):
+                save_checkpoint(ckpt, model, optimizer, scheduler, step, config)
+            if on_step is not None:
+                on_step(step)
+            if step >= total:
+                break
+    bar.close()
+    wall = time.time() - started
+    summary = {"steps": total, "train_seconds": wall, "world_size": world, "config": dataclasses.asdict(config)}
+    if is_main:
+        summary.update(_finish(model, config, out))
+        with open(out / "results.json", "w") as handle:
+            json.dump(summary, handle, indent=2, default=str)
+        log.close()
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+    return summary
+
+
+def _finish(model: nn.Module, config: TrainConfig, out: Path) -> dict:
+    """Save the trained weights and evaluate at the requested ``r`` values."""
+    import tokenmerge
+
+    from .core.schedule import format_schedule
+    from .evaluation.accuracy import evaluate_accuracy
+    from .evaluation.data import load_images
+
+    model.eval()
+    files = {}
+    if config.method == "dtem":
+        files["merge_modules"] = str(tokenmerge.save_merge_modules(model, out / "dtem_modules.safetensors"))
+    if config.mode == "end2end":
+        from safetensors.torch import save_file
+
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        save_file(state, str(out / "model.safetensors"))
+        files["model"] = str(out / "model.safetensors")
+    results = {"files": files, "accuracy": {}}
+    eval_root = Path(config.eval_data) if config.eval_data else None
+    if eval_root is None and config.eval_r:
+        eval_root = (Path(config.data) if config.data else default_train_root()).parent / "val"
+    if eval_root is None or not config.eval_r:
+        return results
+    if not eval_root.is_dir():
+        raise FileNotFoundError(f"evaluation data {str(eval_root)!r} does not exist: pass --eval-data DIR")
+    image_size = model.patch_embed.img_size[0]
+    images, labels, classes = load_images(eval_root, image_size=image_size, limit=config.eval_limit)
+    reducer = model.token_reducer
+    device = next(model.parameters()).device
+    for r in config.eval_r:
+        # The same reducer (trained modules) at every r.
+        tokenmerge.patch(model, method=reducer, r=r)
+        acc = evaluate_accuracy(model, images, labels, num_classes=len(classes), device=device)
+        label = format_schedule(r)
+        results["accuracy"][label] = acc
+        print(f"eval {config.method} r={label}: top-1 {acc:.2f}% on {len(labels)} images", flush=True)
+    return results
