@@ -42,28 +42,44 @@ VAL_DIR = "/work/shared/data/imagenette/val"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-# (group, label, method, options). Order = priority: partial results are still useful.
+# (group, label, method, options).
 TCVIT_DEFAULT = dict(order=1, dominance_weight=0.5)
-CONFIGS = [
+METHODS = [
     ("methods", "ToMe", "tome", {}),
     ("methods", "TC-ViT (K=1, w=0.5, fuse)", "tcvit", TCVIT_DEFAULT),
-    ("methods", "EViT (top by cls attn, rest fused into one)", "evit", {}),
     ("methods", "prune (top by cls attn, no fusion)", "prune", {}),
+    ("methods", "EViT (top by cls attn, rest fused into one)", "evit", {}),
     ("methods", "random (random reps, random targets)", "random", {"seed": 0}),
+]
+WEIGHT_ENDS = [
+    ("dominance weight", "TC-ViT w=1 (dominance only, K=1)", "tcvit", dict(TCVIT_DEFAULT, dominance_weight=1.0)),
+    ("dominance weight", "TC-ViT w=0 (connectivity only, K=1)", "tcvit", dict(TCVIT_DEFAULT, dominance_weight=0.0)),
+]
+FUSE_AND_ORDER = [
     ("fuse vs drop", "TC-ViT drop (K=1, w=0.5, fuse=False)", "tcvit", dict(TCVIT_DEFAULT, fuse=False)),
     ("order K", "TC-ViT K=2 (w=0.5)", "tcvit", dict(TCVIT_DEFAULT, order=2)),
     ("order K", "TC-ViT K=3 (w=0.5)", "tcvit", dict(TCVIT_DEFAULT, order=3)),
-    ("dominance weight", "TC-ViT w=0 (connectivity only, K=1)", "tcvit", dict(TCVIT_DEFAULT, dominance_weight=0.0)),
+]
+WEIGHT_MIDDLE = [
     ("dominance weight", "TC-ViT w=0.25 (K=1)", "tcvit", dict(TCVIT_DEFAULT, dominance_weight=0.25)),
     ("dominance weight", "TC-ViT w=0.75 (K=1)", "tcvit", dict(TCVIT_DEFAULT, dominance_weight=0.75)),
-    ("dominance weight", "TC-ViT w=1 (dominance only, K=1)", "tcvit", dict(TCVIT_DEFAULT, dominance_weight=1.0)),
 ]
 # Order K again at the token counts of K=1 (same schedule), i.e. ignoring the extra
 # scoring FLOPs: isolates the quality of the higher-order score.
-EQUAL_TOKEN_CONFIGS = [
-    ("order K, same r as K=1", "TC-ViT K=2 (w=0.5), r of K=1", "tcvit", dict(TCVIT_DEFAULT, order=2)),
-    ("order K, same r as K=1", "TC-ViT K=3 (w=0.5), r of K=1", "tcvit", dict(TCVIT_DEFAULT, order=3)),
+SAME_R = "order K, same r as K=1"
+EQUAL_TOKENS = [
+    (SAME_R, "TC-ViT K=2 (w=0.5), r of K=1", "tcvit", dict(TCVIT_DEFAULT, order=2)),
+    (SAME_R, "TC-ViT K=3 (w=0.5), r of K=1", "tcvit", dict(TCVIT_DEFAULT, order=3)),
 ]
+# Run order as (index into --targets, configurations), most informative first: on a
+# shared machine a cut-short run still answers the main questions. "baseline" evaluates
+# the unmodified model.
+RUN_ORDER = [
+    (0, METHODS), (0, WEIGHT_ENDS), (0, FUSE_AND_ORDER),
+    (1, METHODS), "baseline", (1, WEIGHT_ENDS), (1, FUSE_AND_ORDER),
+    (0, WEIGHT_MIDDLE), (0, EQUAL_TOKENS), (1, WEIGHT_MIDDLE), (1, EQUAL_TOKENS),
+]
+GROUP_ORDER = ["methods", "fuse vs drop", "order K", SAME_R, "dominance weight"]
 
 
 def load_model():
@@ -185,6 +201,7 @@ def scoring_cost(model, images, batch_size=64, r=12):
     from tokenmerge.core.matching import bipartite_soft_matching
 
     x = model.norm_pre(model._pos_embed(model.patch_embed(images[:batch_size])))
+    batch_size = x.shape[0]
     block = model.blocks[0]
     _, attn = timm_attention(block.attn, block.norm1(x), None, "auto")
     q, k, scale = attn.q, attn.k, attn.scale
@@ -241,14 +258,16 @@ def write_markdown(path: Path, meta: dict, baseline: dict, results: list, cost: 
         f"batch {meta['batch_size']} on a shared machine (indicative only).",
         "",
     ]
-    if baseline:
+    base_acc = baseline.get("accuracy")
+    if base_acc is not None:
         lines += [
-            f"Unmodified: **{baseline['accuracy']:.2f}%** top-1, {baseline['gflops']:.3f} GFLOPs, "
+            f"Unmodified: **{base_acc:.2f}%** top-1, {baseline['gflops']:.3f} GFLOPs, "
             f"{baseline['seconds']:.0f} s.",
             "",
         ]
     for target in meta["targets"]:
         rows = [res for res in results if res["target"] == target]
+        rows.sort(key=lambda res: GROUP_ORDER.index(res["group"]))  # stable: run order within a group
         if not rows:
             continue
         lines += [
@@ -261,7 +280,9 @@ def write_markdown(path: Path, meta: dict, baseline: dict, results: list, cost: 
             lines.append(
                 f"| {res['group']} | {res['label']} | {_schedule_label(res['schedule'])} | "
                 f"{res['final_tokens']} | {res['gflops']:.3f} | {100 * (res['gflops'] / baseline['gflops'] - 1):+.1f}% | "
-                f"{res['accuracy']:.2f} | {res['accuracy'] - baseline['accuracy']:+.2f} | {res['seconds']:.0f} |"
+                f"{res['accuracy']:.2f} | "
+                + (f"{res['accuracy'] - base_acc:+.2f}" if base_acc is not None else "n/a")
+                + f" | {res['seconds']:.0f} |"
             )
         lines.append("")
     if cost:
@@ -291,12 +312,12 @@ def main(argv=None):
     parser.add_argument("--tolerance", type=float, default=0.02)
     parser.add_argument("--limit", type=int, default=None, help="first N val images (smoke runs only)")
     parser.add_argument("--out", default="benchmarks/results/tcvit_ablation")
+    parser.add_argument("--resume", action="store_true", help="skip what <out>.jsonl already holds")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     jsonl = out.with_suffix(".jsonl")
-    jsonl.write_text("")
 
     model = load_model()
     images, labels = load_val(VAL_DIR)
@@ -319,25 +340,55 @@ def main(argv=None):
         with jsonl.open("a") as handle:
             handle.write(json.dumps(entry) + "\n")
 
-    accuracy, seconds = evaluate(model, images, labels, args.batch_size)
-    baseline = dict(accuracy=accuracy, seconds=seconds, gflops=gflops(model))
-    record(dict(kind="baseline", **baseline))
-    results = []
-    write_markdown(out.with_suffix(".md"), meta, baseline, results, None)
-    print(f"unmodified {accuracy:.2f}% {baseline['gflops']:.3f} GFLOPs {seconds:.0f}s", flush=True)
+    done = {}
+    baseline, cost = dict(gflops=gflops(model)), None
+    if args.resume and jsonl.exists():
+        for line in jsonl.read_text().splitlines():
+            entry = json.loads(line)
+            if entry["kind"] == "config":
+                done[(entry["target"], entry["label"])] = entry
+            elif entry["kind"] == "baseline":
+                baseline = {k: v for k, v in entry.items() if k != "kind"}
+            elif entry["kind"] == "scoring_cost":
+                cost = {k: v for k, v in entry.items() if k != "kind"}
+    else:
+        jsonl.write_text("")
+    results = list(done.values())
+    if cost is None:
+        cost = scoring_cost(model, images)
+        record(dict(kind="scoring_cost", **cost))
+        print("scoring cost measured", flush=True)
+    write_markdown(out.with_suffix(".md"), meta, baseline, results, cost)
 
     num_blocks = len(model.blocks)
-    for target in args.targets:
+    k1_schedules = {
+        res["target"]: res["schedule"]
+        for res in results if res["method"] == "tcvit" and res["options"] == TCVIT_DEFAULT
+    }
+    for step in RUN_ORDER:
+        if step == "baseline":
+            if "accuracy" not in baseline:
+                accuracy, seconds = evaluate(model, images, labels, args.batch_size)
+                baseline.update(accuracy=accuracy, seconds=seconds)
+                record(dict(kind="baseline", **baseline))
+                write_markdown(out.with_suffix(".md"), meta, baseline, results, cost)
+                print(f"unmodified {accuracy:.2f}% {baseline['gflops']:.3f} GFLOPs {seconds:.0f}s", flush=True)
+            continue
+        target_index, configs = step
+        if target_index >= len(args.targets):
+            continue
+        target = args.targets[target_index]
         target_gflops = target * baseline["gflops"]
-        k1_schedule = None
-        for group, label, method, options in CONFIGS + EQUAL_TOKEN_CONFIGS:
-            if group.startswith("order K, same r"):
-                schedule = k1_schedule
+        for group, label, method, options in configs:
+            if (target, label) in done:
+                continue
+            if group == SAME_R:
+                schedule = k1_schedules[target]
                 flops = patched_gflops(model, method, options, schedule)
             else:
                 schedule, flops = match_schedule(model, method, options, target_gflops, args.tolerance, num_blocks)
             if method == "tcvit" and options == TCVIT_DEFAULT:
-                k1_schedule = schedule
+                k1_schedules[target] = schedule
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 tokenmerge.patch(model, method=method, r=schedule, **options)
@@ -345,17 +396,16 @@ def main(argv=None):
             accuracy, seconds = evaluate(model, images, labels, args.batch_size)
             tokenmerge.unpatch(model)
             entry = dict(
-                kind="config", target=target, group=group, label=label, method=method, options=options,
-                schedule=schedule, final_tokens=final_tokens, gflops=flops, accuracy=accuracy, seconds=seconds,
+                kind="config", target=target, group=group, label=label, method=method,
+                options=options, schedule=schedule, final_tokens=final_tokens, gflops=flops,
+                accuracy=accuracy, seconds=seconds,
             )
             results.append(entry)
             record(entry)
-            write_markdown(out.with_suffix(".md"), meta, baseline, results, None)
+            write_markdown(out.with_suffix(".md"), meta, baseline, results, cost)
             print(f"{target:.2f} {label}: {_schedule_label(schedule)} {flops:.3f} GFLOPs "
                   f"{accuracy:.2f}% {seconds:.0f}s", flush=True)
 
-    cost = scoring_cost(model, images)
-    record(dict(kind="scoring_cost", **cost))
     meta["finished"] = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
     write_markdown(out.with_suffix(".md"), meta, baseline, results, cost)
     print("done", flush=True)

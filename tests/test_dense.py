@@ -132,13 +132,35 @@ def test_dense_rejects_unsupported_models():
 # -- the local (tomesd) layout ---------------------------------------------------------------
 
 
-def test_local_layout_r0_is_identical():
-    model = _hf_vit()
+@pytest.mark.parametrize("make", [_hf_vit, _timm_vit], ids=["hf", "timm"])
+def test_local_layout_r0_is_identical(make):
+    model = make()
     x = _images()
     with torch.no_grad():
-        reference = model(x).logits
+        reference = _logits(model, x)
         tokenmerge.patch(model, method="tome", r=0, layout="local")
-        assert torch.equal(model(x).logits, reference)
+        assert torch.equal(_logits(model, x), reference)
+
+
+def _logits(model, x):
+    out = model(x)
+    return out.logits if hasattr(out, "logits") else out
+
+
+@pytest.mark.parametrize("method", ["tome", "drop"])
+def test_timm_local_layout_keeps_every_token(method):
+    model = _timm_vit()
+    x = _images()
+    with torch.no_grad():
+        reference = model.forward_features(x)
+        tokenmerge.patch(model, method=method, r=6, layout="local")
+        out = model.forward_features(x)
+        dense = tokenmerge.dense_features(model, x)
+    assert model.tokens_per_block() == [17] * 4
+    assert model.tokenmerge_schedule() == (6, 6, 6)
+    assert out.shape == reference.shape
+    assert not torch.allclose(out, reference, atol=1e-4)
+    assert torch.equal(dense, out[:, 1:])
 
 
 @pytest.mark.parametrize("method", ["tome", "drop"])
@@ -171,12 +193,21 @@ def test_local_layout_is_exact_on_duplicate_tokens():
     torch.testing.assert_close(local, reference, rtol=1e-4, atol=1e-5)
 
 
-def test_local_layout_clamps_per_block_and_is_hf_only():
-    model = _hf_vit()
+def test_timm_local_layout_is_exact_on_duplicate_tokens():
+    model = _timm_vit()
+    with torch.no_grad():
+        model.pos_embed.zero_()
+        x = torch.full((1, 3, 64, 64), -0.2)
+        reference = model.forward_features(x)
+        tokenmerge.patch(model, method="tome", r=8, layout="local")
+        torch.testing.assert_close(model.forward_features(x), reference, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("make,trunk", [(_hf_vit, hf.vision_trunk), (_timm_vit, lambda m: m)], ids=["hf", "timm"])
+def test_local_layout_clamps_per_block(make, trunk):
+    model = make()
     with pytest.warns(UserWarning, match="effective local schedule"):
         tokenmerge.patch(model, method="tome", r=12, layout="local")
-    assert hf.vision_trunk(model).tokenmerge_schedule() == (8, 8, 8)
-    with pytest.raises(NotImplementedError, match="layout='local'"):
-        tokenmerge.patch(_timm_vit(), method="tome", r=2, layout="local")
+    assert trunk(model).tokenmerge_schedule() == (8, 8, 8)
     with pytest.raises(ValueError, match="layout must be"):
-        tokenmerge.patch(_hf_vit(), method="tome", r=2, layout="tiled")
+        tokenmerge.patch(make(), method="tome", r=2, layout="tiled")

@@ -6,6 +6,7 @@ from typing import Optional
 
 from torch import nn
 
+from .backends.common import MergeConfig
 from .core.schedule import KeepRatio, validate_schedule
 from .methods import create_reducer
 
@@ -57,7 +58,7 @@ def patch(
         num_protected: leading tokens never merged; default: the model's prefix tokens.
         layout: ``"global"`` (ToMe: merged tokens stay merged to the end) or ``"local"``
             (tomesd: each block merges before attention/MLP and unmerges after, so every
-            block outputs all tokens; Hugging Face backend only).
+            block outputs all tokens; see :mod:`tokenmerge.backends.common`).
         **method_options: options of the method (e.g. ``order=2`` for TC-ViT).
 
     ``r=0`` reproduces the unmodified model exactly. Patching a patched model replaces its
@@ -73,23 +74,10 @@ def patch(
     if hasattr(reducer, "bind_model"):
         # Methods with per-block parameters (DTEM) size them from the model.
         reducer.bind_model(model)
-    from .backends.timm import MergeConfig
-
     if num_protected is None:
         num_protected = _prefix_tokens(model)
-    elif isinstance(num_protected, bool) or not isinstance(num_protected, int) or num_protected < 0:
-        raise ValueError(f"num_protected must be a non-negative int, got {num_protected!r}")
-    config = MergeConfig(schedule, num_protected, attention_impl, trace_source)
-    if layout == "global":
-        return patch_fn(model, reducer, config)
-    from .backends import transformers as hf_backend
-
-    if patch_fn is not hf_backend.patch_hf:
-        raise NotImplementedError(
-            f"layout={layout!r} is available for Hugging Face models; "
-            f"{type(model).__qualname__} supports layout='global'"
-        )
-    return patch_fn(model, reducer, config, layout=layout)
+    config = MergeConfig(schedule, num_protected, attention_impl, trace_source, layout)
+    return patch_fn(model, reducer, config)
 
 
 def _prefix_tokens(model: nn.Module) -> int:

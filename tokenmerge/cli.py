@@ -15,6 +15,7 @@ COMMANDS = [
     "tokenmerge.commands.eval",
     "tokenmerge.commands.visualize",
     "tokenmerge.commands.demo",
+    "tokenmerge.commands.train",
 ]
 
 

@@ -13,17 +13,21 @@ register/prefix tokens, qk-norm, average pooling (made size-weighted), ``dynamic
 
 from __future__ import annotations
 
-import sys
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch import nn
 
-from ..core.attention import ATTENTION_IMPLS, proportional_attention, size_bias
-from ..core.merge import initial_sources
-from ..core.schedule import resolve_schedule, tokens_per_block
+from ..core.attention import proportional_attention
 from ..methods.base import AttentionTensors, TokenReducer, TokenState
+from .common import (
+    MergeConfig,
+    MergingBlockMixin,
+    block_token_counts,
+    patched_class,
+    resolve_block_schedule,
+    run_blocks,
+)
 
 __all__ = [
     "MergeConfig",
@@ -35,23 +39,6 @@ __all__ = [
 
 _SIZE_WEIGHTED_POOLS = ("avg", "avgmax")
 _SUPPORTED_POOLS = ("", "token", "avg", "avgmax", "max")
-
-
-@dataclass(frozen=True)
-class MergeConfig:
-    """Everything a patched model needs besides the method's policy.
-
-    Attributes:
-        schedule: validated schedule (see :mod:`tokenmerge.core.schedule`).
-        num_protected: leading tokens never merged (class, distillation, register tokens).
-        attention_impl: proportional-attention implementation (``auto``/``fold``/``bias``).
-        trace_source: track which patches each token covers (for visualisation/unmerging).
-    """
-
-    schedule: object
-    num_protected: int
-    attention_impl: str = "auto"
-    trace_source: bool = False
 
 
 def _timm_vit_classes():
@@ -103,32 +90,35 @@ def timm_attention(attn: nn.Module, x: torch.Tensor, log_size: Optional[torch.Te
     return out, AttentionTensors(q, k, log_size, attn.scale)
 
 
-class MergingBlockMixin:
-    """Mixin for timm ``Block``: adds :meth:`forward_tokens`; ``forward`` is unchanged."""
+class TimmBlockMixin(MergingBlockMixin):
+    """Hooks for timm's ``Block``: ``norm1 -> attn -> ls1 -> drop_path1``, then the MLP likewise."""
 
-    def forward_tokens(
-        self,
-        state: TokenState,
-        r: int,
-        reducer: TokenReducer,
-        config: MergeConfig,
-        block_index: int,
-    ) -> TokenState:
-        """One block on a :class:`TokenState`, removing ``r`` tokens between attention and MLP."""
-        if r == 0 and state.size is None:
-            # Nothing merged so far and nothing to merge here: the unmodified block, bit for bit.
-            return state._replace(x=self.forward(state.x))
-        x = state.x
-        attn_out, attn = timm_attention(
-            self.attn, self.norm1(x), size_bias(state.size), config.attention_impl
-        )
-        x = x + self.drop_path1(self.ls1(attn_out))
-        state = state._replace(x=x)
-        if r > 0:
-            state = reducer.reduce(state, attn, r, config.num_protected, block_index)
-        x = state.x
-        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
-        return state._replace(x=x)
+    def _tm_norm1(self, x):
+        return self.norm1(x)
+
+    def _tm_attend(self, h, log_size, impl):
+        return timm_attention(self.attn, h, log_size, impl)
+
+    def _tm_query_key(self, h):
+        attn = self.attn
+        B, N, _ = h.shape
+        qk = attn.qkv(h).reshape(B, N, 3, attn.num_heads, attn.head_dim)[:, :, :2].permute(2, 0, 3, 1, 4)
+        return AttentionTensors(attn.q_norm(qk[0]), attn.k_norm(qk[1]), None, attn.scale)
+
+    def _tm_after_attn(self, h):
+        return self.drop_path1(self.ls1(h))
+
+    def _tm_norm2(self, x):
+        return self.norm2(x)
+
+    def _tm_mlp(self, h):
+        return self.mlp(h)
+
+    def _tm_after_mlp(self, h):
+        return self.drop_path2(self.ls2(h))
+
+    def _tm_forward_unchanged(self, x):
+        return self.forward(x)
 
 
 class MergingVisionTransformerMixin:
@@ -145,12 +135,8 @@ class MergingVisionTransformerMixin:
             num_tokens = _default_num_tokens(self)
         cache = self._tokenmerge_schedules
         if num_tokens not in cache:
-            cache[num_tokens] = resolve_schedule(
-                self.tokenmerge_config.schedule,
-                len(self.blocks),
-                num_tokens,
-                self.tokenmerge_config.num_protected,
-                self.token_reducer.max_reduction,
+            cache[num_tokens] = resolve_block_schedule(
+                self.tokenmerge_config, self.token_reducer, len(self.blocks), num_tokens
             )
         return cache[num_tokens]
 
@@ -158,7 +144,7 @@ class MergingVisionTransformerMixin:
         """Tokens entering each block, then the count leaving the last one."""
         if num_tokens is None:
             num_tokens = _default_num_tokens(self)
-        return tokens_per_block(num_tokens, self.tokenmerge_schedule(num_tokens))
+        return block_token_counts(self.tokenmerge_config, self.tokenmerge_schedule(num_tokens), num_tokens)
 
     def forward_tokens(self, x: torch.Tensor) -> TokenState:
         """Images ``[B, 3, H, W]`` -> final :class:`TokenState` (after the final norm)."""
@@ -166,13 +152,9 @@ class MergingVisionTransformerMixin:
         x = self._pos_embed(x)
         x = self.patch_drop(x)
         x = self.norm_pre(x)
-        config = self.tokenmerge_config
-        B, N, _ = x.shape
-        schedule = self.tokenmerge_schedule(N)
-        source = initial_sources(B, N, config.num_protected, x.device) if config.trace_source else None
-        state = TokenState(x, None, source)
-        for i, block in enumerate(self.blocks):
-            state = block.forward_tokens(state, schedule[i], self.token_reducer, config, i)
+        state, _ = run_blocks(
+            self.blocks, x, self.token_reducer, self.tokenmerge_config, self.tokenmerge_schedule(x.shape[1])
+        )
         return state._replace(x=self.norm(state.x))
 
     def forward_features(self, x, attn_mask=None, is_causal=False):
@@ -216,22 +198,6 @@ def _default_num_tokens(model) -> int:
     return model.patch_embed.num_patches + model.num_prefix_tokens
 
 
-_PATCHED_CLASSES: dict = {}
-
-
-def _patched_class(base: type, mixin: type) -> type:
-    """``TokenMerge<Base>`` subclass of ``base``, cached and importable (so models pickle)."""
-    key = (base, mixin)
-    if key not in _PATCHED_CLASSES:
-        name = f"TokenMerge{base.__name__}"
-        cls = type(name, (mixin, base), {"_tokenmerge_base": base, "__module__": __name__})
-        unique = name if not hasattr(sys.modules[__name__], name) else f"{name}_{len(_PATCHED_CLASSES)}"
-        cls.__qualname__ = cls.__name__ = unique
-        setattr(sys.modules[__name__], unique, cls)
-        _PATCHED_CLASSES[key] = cls
-    return _PATCHED_CLASSES[key]
-
-
 def _check_supported(model: nn.Module) -> None:
     VisionTransformer, Block, Attention = _timm_vit_classes()
     kind = type(model)
@@ -264,14 +230,12 @@ def _check_supported(model: nn.Module) -> None:
 
 def patch_timm(model: nn.Module, reducer: TokenReducer, config: MergeConfig) -> nn.Module:
     """Patch a timm ``VisionTransformer`` in place (see :func:`tokenmerge.patch`)."""
-    if config.attention_impl not in ATTENTION_IMPLS:
-        raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {config.attention_impl!r}")
     if getattr(model, "_tokenmerge_base", None) is not None:
         unpatch_timm(model)
     _check_supported(model)
     for block in model.blocks:
-        block.__class__ = _patched_class(type(block), MergingBlockMixin)
-    model.__class__ = _patched_class(type(model), MergingVisionTransformerMixin)
+        block.__class__ = patched_class(type(block), TimmBlockMixin, __name__)
+    model.__class__ = patched_class(type(model), MergingVisionTransformerMixin, __name__)
     model.token_reducer = reducer
     model.tokenmerge_config = config
     model._tokenmerge_schedules = {}

@@ -34,6 +34,8 @@ Outputs of a merged model:
 - Mean-pooling heads (DINOv2 and CLIP image classification) are size-weighted.
 - ``output_attentions`` and attention masks are rejected (the fused path never forms the
   attention matrix, and merging changes the token set a mask refers to).
+- Layers that merge do not use HF gradient checkpointing (layers with nothing to merge call
+  the layer itself and keep it).
 
 Attention follows ``config._attn_implementation``: ``"eager"`` computes
 ``softmax(q k^T * scale + log s) v`` explicitly (softmax in float32), anything else
@@ -54,28 +56,23 @@ itself is a size-weighted average.
 
 from __future__ import annotations
 
-import math
-import sys
-import warnings
 from typing import Optional
 
 import torch
 from torch import nn
 
-from ..core.attention import ATTENTION_IMPLS, proportional_attention, size_bias
-from ..core.merge import MergePlan, initial_sources, merge_tokens, unmerge_tokens
-from ..core.schedule import (
-    KeepRatio,
-    ScheduleClampedWarning,
-    format_schedule,
-    resolve_schedule,
-    tokens_per_block,
-    validate_schedule,
-)
+from ..core.attention import proportional_attention
 from ..methods.base import AttentionTensors, TokenReducer, TokenState
+from .common import (
+    MergeConfig,
+    MergingBlockMixin,
+    block_token_counts,
+    patched_class,
+    resolve_block_schedule,
+    run_blocks,
+)
 
 __all__ = [
-    "LAYOUTS",
     "is_supported_hf_model",
     "patch_hf",
     "unpatch_hf",
@@ -83,11 +80,7 @@ __all__ = [
     "vision_trunk",
     "patch_size",
     "hf_attention",
-    "resolve_local_schedule",
 ]
-
-LAYOUTS = ("global", "local")
-
 
 # --------------------------------------------------------------------------------------
 # Attention
@@ -165,85 +158,20 @@ def _query_key(attn: nn.Module, x: torch.Tensor) -> AttentionTensors:
 # --------------------------------------------------------------------------------------
 
 
-def _plan_from_sources(source: torch.Tensor, num_protected: int, num_out: int) -> MergePlan:
-    """The assignment a reducer made, recovered from its source map.
+class _MergingLayerMixin(MergingBlockMixin):
+    """Hooks shared by HF layers: attention through :func:`hf_attention`, the layer's own
+    ``forward`` when nothing is merged. Family mixins name the norms, MLP and residual
+    branches, and ``_tm_attention`` (the self-attention module)."""
 
-    ``source [B, N - num_protected]`` (token index per non-protected input token, ``num_out``
-    when discarded) plus the protected tokens, which stay in place, is a full plan.
-    """
-    B = source.shape[0]
-    protected = torch.arange(num_protected, device=source.device).expand(B, num_protected)
-    return MergePlan(torch.cat([protected, source], dim=1), num_out)
+    def _tm_attend(self, h, log_size, impl):
+        attention = self._tm_attention
+        return hf_attention(attention, h, log_size, impl, attention.config._attn_implementation)
 
+    def _tm_query_key(self, h):
+        return _query_key(self._tm_attention, h)
 
-class _MergingLayerMixin:
-    """Token reduction for one HF encoder layer; ``forward`` is unchanged.
-
-    Family mixins say where the pieces are: ``_tm_norm1``, ``_tm_attention``,
-    ``_tm_after_attn`` (dropout/layer scale/drop path before the residual add), ``_tm_norm2``,
-    ``_tm_mlp`` and ``_tm_after_mlp``.
-    """
-
-    def _tm_after_attn(self, h):
-        return h
-
-    def _tm_after_mlp(self, h):
-        return h
-
-    def _tm_mlp_branch(self, x):
-        return self._tm_after_mlp(self._tm_mlp(self._tm_norm2(x)))
-
-    def forward_tokens(
-        self, state: TokenState, r: int, reducer: TokenReducer, config, block_index: int
-    ) -> TokenState:
-        """One layer on a :class:`TokenState`, removing ``r`` tokens between attention and MLP."""
-        if r == 0 and state.size is None:
-            # Nothing merged so far and nothing to merge here: the unmodified layer, bit for bit.
-            return state._replace(x=self(state.x, None))
-        x = state.x
-        attn_out, attn = hf_attention(
-            self._tm_attention,
-            self._tm_norm1(x),
-            size_bias(state.size),
-            config.attention_impl,
-            self._tm_attention.config._attn_implementation,
-        )
-        state = state._replace(x=x + self._tm_after_attn(attn_out))
-        if r > 0:
-            state = reducer.reduce(state, attn, r, config.num_protected, block_index)
-        return state._replace(x=state.x + self._tm_mlp_branch(state.x))
-
-    def forward_local(
-        self, x: torch.Tensor, r: int, reducer: TokenReducer, config, block_index: int
-    ) -> torch.Tensor:
-        """tomesd layout: ``[B, N, C]`` -> ``[B, N, C]``, both branches on ``N - r`` merged tokens."""
-        if r == 0:
-            return self(x, None)
-        B, N, _ = x.shape
-        protected = config.num_protected
-        h = self._tm_norm1(x)
-        decided = reducer.reduce(
-            TokenState(h, None, initial_sources(B, N, protected, x.device)),
-            _query_key(self._tm_attention, h),
-            r,
-            protected,
-            block_index,
-        )
-        plan = _plan_from_sources(decided.source, protected, decided.x.shape[1])
-        merged, size = merge_tokens(h, None, plan)
-        log_size = size_bias(size) if reducer.tracks_size else None
-        attn_out, _ = hf_attention(
-            self._tm_attention,
-            merged,
-            log_size,
-            config.attention_impl,
-            self._tm_attention.config._attn_implementation,
-        )
-        # Unmerging copies each merged output to all its tokens; discarded tokens get zeros,
-        # i.e. they skip the branch and keep their residual.
-        x = x + unmerge_tokens(self._tm_after_attn(attn_out), plan.assign)
-        merged, _ = merge_tokens(self._tm_norm2(x), None, plan)
-        return x + unmerge_tokens(self._tm_after_mlp(self._tm_mlp(merged)), plan.assign)
+    def _tm_forward_unchanged(self, x):
+        return self(x, None)
 
 
 class _ViTLayerMixin(_MergingLayerMixin):
@@ -309,45 +237,6 @@ class _CLIPLayerMixin(_MergingLayerMixin):
         return self.mlp(x)
 
 
-# --------------------------------------------------------------------------------------
-# Schedules
-# --------------------------------------------------------------------------------------
-
-
-def resolve_local_schedule(schedule, num_blocks: int, num_tokens: int, num_protected: int, max_reduction) -> tuple:
-    """Per-block reductions for the local layout, where every block sees all ``num_tokens``.
-
-    Unlike :func:`~tokenmerge.core.schedule.resolve_schedule`, the count does not shrink from
-    block to block: each block's ``r`` is clamped to what one block may remove from
-    ``num_tokens``, and a keep ratio keeps that fraction of the full token set in every block.
-    """
-    schedule = validate_schedule(schedule)
-    if isinstance(schedule, KeepRatio):
-        once = resolve_schedule(schedule, 1, num_tokens, num_protected, max_reduction, warn=False)
-        requested = list(once) * num_blocks
-    else:
-        # With no limit the requested values of int/tuple/list schedules do not depend on n.
-        requested = list(
-            resolve_schedule(schedule, num_blocks, num_tokens, num_protected, lambda n, p: 1 << 62, warn=False)
-        )
-    allowed = max(0, max_reduction(num_tokens, num_protected))
-    effective = tuple(min(r, allowed) for r in requested)
-    if effective != tuple(requested):
-        warnings.warn(
-            f"schedule {format_schedule(schedule)} asks some blocks to remove more tokens than "
-            f"they can ({num_tokens} tokens in every block, {num_protected} protected); "
-            f"effective local schedule: {list(effective)}",
-            ScheduleClampedWarning,
-            stacklevel=3,
-        )
-    return effective
-
-
-# --------------------------------------------------------------------------------------
-# Trunks
-# --------------------------------------------------------------------------------------
-
-
 def _reject_unsupported(attention_mask, kwargs) -> tuple:
     """Pop HF output flags from ``kwargs``; raise on what a merged model cannot provide."""
     if attention_mask is not None or kwargs.pop("attention_mask", None) is not None:
@@ -383,14 +272,8 @@ class _MergingTrunkMixin:
             num_tokens = self._tm_default_tokens()
         cache = self._tokenmerge_schedules
         if num_tokens not in cache:
-            config = self.tokenmerge_config
-            resolve = resolve_local_schedule if self.tokenmerge_layout == "local" else resolve_schedule
-            cache[num_tokens] = resolve(
-                config.schedule,
-                len(self._tm_layers),
-                num_tokens,
-                config.num_protected,
-                self.token_reducer.max_reduction,
+            cache[num_tokens] = resolve_block_schedule(
+                self.tokenmerge_config, self.token_reducer, len(self._tm_layers), num_tokens
             )
         return cache[num_tokens]
 
@@ -398,29 +281,16 @@ class _MergingTrunkMixin:
         """Tokens entering each layer, then the count leaving the last one."""
         if num_tokens is None:
             num_tokens = self._tm_default_tokens()
-        if self.tokenmerge_layout == "local":
-            return [num_tokens] * (len(self._tm_layers) + 1)
-        return tokens_per_block(num_tokens, self.tokenmerge_schedule(num_tokens))
+        return block_token_counts(self.tokenmerge_config, self.tokenmerge_schedule(num_tokens), num_tokens)
 
     def _tm_run(self, pixel_values, collect_hidden: bool = False, **embed_kwargs):
         """Images -> ``(final TokenState, hidden states tuple or None)``."""
         x = self._tm_embed(pixel_values, **embed_kwargs)
-        config = self.tokenmerge_config
-        B, N, _ = x.shape
-        schedule = self.tokenmerge_schedule(N)
-        source = initial_sources(B, N, config.num_protected, x.device) if config.trace_source else None
-        state = TokenState(x, None, source)
-        hidden = [x] if collect_hidden else None
-        local = self.tokenmerge_layout == "local"
-        for i, layer in enumerate(self._tm_layers):
-            if local:
-                state = state._replace(x=layer.forward_local(state.x, schedule[i], self.token_reducer, config, i))
-            else:
-                state = layer.forward_tokens(state, schedule[i], self.token_reducer, config, i)
-            if collect_hidden:
-                hidden.append(state.x)
-        state = state._replace(x=self._tm_final(state.x))
-        return state, (tuple(hidden) if collect_hidden else None)
+        state, hidden = run_blocks(
+            self._tm_layers, x, self.token_reducer, self.tokenmerge_config,
+            self.tokenmerge_schedule(x.shape[1]), collect_hidden,
+        )
+        return state._replace(x=self._tm_final(state.x)), hidden
 
     def forward_tokens(self, pixel_values: torch.Tensor, **embed_kwargs) -> TokenState:
         """Images ``[B, 3, H, W]`` -> final :class:`TokenState`; ``x`` is ``last_hidden_state``."""
@@ -710,26 +580,9 @@ def patch_size(model: nn.Module) -> tuple:
 # Patching
 # --------------------------------------------------------------------------------------
 
-_PATCHED_CLASSES: dict = {}
-
-
 def _patched_class(base: type, mixin: type) -> type:
-    """Cached subclass of ``base``: importable as ``TokenMerge<Base>`` here, named ``<Base>``.
-
-    ``__name__`` stays the base's because transformers reads it (``save_pretrained`` writes it
-    into ``config.architectures``); ``__qualname__`` is the unique name pickle resolves.
-    """
-    key = (base, mixin)
-    if key not in _PATCHED_CLASSES:
-        module = sys.modules[__name__]
-        qualname = f"TokenMerge{base.__name__}"
-        if hasattr(module, qualname):
-            qualname = f"{qualname}_{len(_PATCHED_CLASSES)}"
-        cls = type(base.__name__, (mixin, base), {"_tokenmerge_base": base, "__module__": __name__})
-        cls.__qualname__ = qualname
-        setattr(module, qualname, cls)
-        _PATCHED_CLASSES[key] = cls
-    return _PATCHED_CLASSES[key]
+    # __name__ stays the base's: transformers writes it into config.architectures.
+    return patched_class(base, mixin, __name__, keep_name=True)
 
 
 def _check_layers(trunk: nn.Module, layer_cls: type, attention_cls: type, where: str) -> None:
@@ -752,20 +605,15 @@ def _check_layers(trunk: nn.Module, layer_cls: type, attention_cls: type, where:
             )
 
 
-def patch_hf(model: nn.Module, reducer: TokenReducer, config, layout: str = "global") -> nn.Module:
+def patch_hf(model: nn.Module, reducer: TokenReducer, config: MergeConfig) -> nn.Module:
     """Patch a supported HF model in place (see :func:`tokenmerge.patch`).
 
     Args:
         model: a trunk (``ViTModel``...) or a supported wrapper (``CLIPModel``...).
         reducer: the method's policy.
-        config: a :class:`~tokenmerge.backends.timm.MergeConfig`.
-        layout: ``"global"`` (ToMe: merged tokens stay merged) or ``"local"`` (tomesd: merge
-            before and unmerge after each branch; every layer outputs all tokens).
+        config: a :class:`~tokenmerge.backends.common.MergeConfig` (its ``layout`` is
+            ``"global"``, ToMe, or ``"local"``, tomesd; see :mod:`tokenmerge.backends.common`).
     """
-    if config.attention_impl not in ATTENTION_IMPLS:
-        raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {config.attention_impl!r}")
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     if not is_supported_hf_model(model):
         vision_trunk(model)  # raises the TypeError naming the class
     unpatch_hf(model)
@@ -783,7 +631,6 @@ def patch_hf(model: nn.Module, reducer: TokenReducer, config, layout: str = "glo
         model.tokenmerge_config = config  # marks the wrapper as patched (a plain attribute)
     trunk.token_reducer = reducer
     trunk.tokenmerge_config = config
-    trunk.tokenmerge_layout = layout
     trunk._tokenmerge_schedules = {}
     trunk.tokenmerge_schedule()  # validate and warn now, for the model's default input size
     return model
@@ -799,7 +646,7 @@ def unpatch_hf(model: nn.Module) -> nn.Module:
         if base is not None:
             layer.__class__ = base
     trunk.__class__ = trunk._tokenmerge_base
-    for name in ("token_reducer", "tokenmerge_config", "tokenmerge_layout", "_tokenmerge_schedules"):
+    for name in ("token_reducer", "tokenmerge_config", "_tokenmerge_schedules"):
         delattr(trunk, name)
     if trunk is not model:
         model.__class__ = _original_type(model)

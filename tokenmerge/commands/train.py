@@ -47,8 +47,9 @@ def _configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-classes", type=int)
     parser.add_argument("--model-kwargs", type=json.loads, default={},
                         help='extra timm.create_model arguments as JSON, e.g. \'{"img_size": 32}\'')
-    parser.add_argument("--r", type=_positive_int, default=16,
-                        help="tokens merged per block in training: use the largest r you will evaluate")
+    parser.add_argument("--r", "--merge-r", dest="r", type=_positive_int, default=16,
+                        help="tokens merged per block in training: use the largest r you will evaluate "
+                             "(--merge-r: the same, for torchrun, whose own options swallow --r)")
     parser.add_argument("--tau", type=_tau, default=0.1, help="soft-grouping temperature (dtem)")
     parser.add_argument("--embed-dim", type=_positive_int, default=64)
     parser.add_argument("--hidden-dim", type=_positive_int, default=None, help="MLP merge embedding")

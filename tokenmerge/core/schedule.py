@@ -33,6 +33,7 @@ __all__ = [
     "resolve_schedule",
     "format_schedule",
     "tokens_per_block",
+    "resolve_local_schedule",
 ]
 
 
@@ -130,6 +131,12 @@ def format_schedule(schedule: Schedule) -> str:
     return str(schedule)
 
 
+def _keep_ratio_reduction(ratio: float, mergeable: int) -> int:
+    """Tokens to remove so that ``ceil(ratio * mergeable)`` remain (the epsilon absorbs
+    float error in products such as ``0.9 * 10``)."""
+    return mergeable - math.ceil(ratio * mergeable - 1e-9)
+
+
 def _requested(schedule: Schedule, num_blocks: int) -> list:
     if isinstance(schedule, list):
         if len(schedule) > num_blocks:
@@ -176,8 +183,7 @@ def resolve_schedule(
     clamped = False
     for want in requested:
         if want is None:
-            mergeable = n - num_protected
-            want = mergeable - math.ceil(schedule.ratio * mergeable - 1e-9)
+            want = _keep_ratio_reduction(schedule.ratio, n - num_protected)
         allowed = max(0, max_reduction(n, num_protected))
         r = min(want, allowed)
         clamped |= r < want
@@ -200,3 +206,35 @@ def tokens_per_block(num_tokens: int, reductions: Sequence[int]) -> list:
     for r in reductions:
         counts.append(counts[-1] - r)
     return counts
+
+
+def resolve_local_schedule(
+    schedule: Schedule,
+    num_blocks: int,
+    num_tokens: int,
+    num_protected: int,
+    max_reduction: Callable[[int, int], int],
+    warn: bool = True,
+) -> tuple:
+    """Per-block reductions for the local (tomesd) layout, where every block sees all tokens.
+
+    Unlike :func:`resolve_schedule` the count does not shrink from block to block: each
+    block's ``r`` is clamped to what one block may remove from ``num_tokens``, and a keep
+    ratio keeps that fraction of the full token set in every block.
+    """
+    schedule = validate_schedule(schedule)
+    if isinstance(schedule, KeepRatio):
+        requested = [_keep_ratio_reduction(schedule.ratio, num_tokens - num_protected)] * num_blocks
+    else:
+        requested = _requested(schedule, num_blocks)
+    allowed = max(0, max_reduction(num_tokens, num_protected))
+    effective = [min(r, allowed) for r in requested]
+    if effective != requested and warn:
+        warnings.warn(
+            f"schedule {format_schedule(schedule)} asks some blocks to remove more tokens than "
+            f"they can ({num_tokens} tokens in every block, {num_protected} protected); "
+            f"effective local schedule: {effective}",
+            ScheduleClampedWarning,
+            stacklevel=3,
+        )
+    return tuple(effective)

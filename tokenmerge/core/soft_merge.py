@@ -64,6 +64,23 @@ def _check_tau(tau: float) -> float:
     return float(tau)
 
 
+_REFILLS = 3  # passes per step that re-draw what exhausted sources could not give
+
+
+def _masked_log(remaining: torch.Tensor) -> torch.Tensor:
+    """``log remaining``, ``-inf`` for an exhausted source.
+
+    A finite floor would not survive a small tau; the clamp keeps log's gradient finite on
+    the other branch. An image whose sources are all exhausted (``r == Na``, in a refill
+    pass after the last step) gets zeros instead of an all ``-inf`` row, which softmax
+    would turn into NaN; nothing is left to move there anyway.
+    """
+    alive = remaining > 0
+    log_remaining = torch.where(alive, remaining.clamp_min(_LOG_FLOOR).log(),
+                                torch.full_like(remaining, -torch.inf))
+    return torch.where(alive.any(dim=-1, keepdim=True), log_remaining, torch.zeros_like(remaining))
+
+
 def soft_grouping(scores: torch.Tensor, r: int, tau: float) -> torch.Tensor:
     """Relaxed top-``r`` over bipartite edges.
 
@@ -73,8 +90,10 @@ def soft_grouping(scores: torch.Tensor, r: int, tau: float) -> torch.Tensor:
         tau: softmax temperature, ``> 0``.
 
     Returns:
-        ``P [B, Na, Nb]``, non-negative, row sums ``<= 1``, total mass ``<= r`` (``= r``
-        unless a source runs dry in the middle of a step).
+        ``P [B, Na, Nb]``, non-negative, row sums ``<= 1``, total mass ``r`` (a source that
+        runs dry mid-step gives what it has; the rest of the step is re-drawn from the
+        others, up to ``_REFILLS`` passes, so the total can fall short only if more than
+        that many sources run dry within one step).
 
     Each step is a softmax over all edges with logits ``scores / tau + log remaining[a]``.
     Because the remaining-mass term is constant along a row, that softmax factorises into
@@ -93,18 +112,15 @@ def soft_grouping(scores: torch.Tensor, r: int, tau: float) -> torch.Tensor:
     remaining = scores.new_ones(B, num_a)  # mass each source still has
     given = scores.new_zeros(B, num_a)
     for _ in range(r):
-        # An exhausted source is masked with -inf (a finite floor would not survive a
-        # small tau); the clamp keeps log's gradient finite on the other branch. The
-        # softmax never sees an all -inf row: after t < r <= Na steps at least
-        # Na - t > 0 mass remains.
-        log_remaining = torch.where(
-            remaining > 0, remaining.clamp_min(_LOG_FLOOR).log(), torch.full_like(remaining, -torch.inf)
-        )
-        drawn = (energy + log_remaining).softmax(dim=-1)  # [B, Na], one token's worth
-        # A source cannot give more than it has left.
-        moved = torch.minimum(drawn, remaining)
-        given = given + moved
-        remaining = remaining - moved
+        budget = scores.new_ones(B, 1)  # this step draws one token's worth
+        for _ in range(_REFILLS):
+            drawn = budget * (energy + _masked_log(remaining)).softmax(dim=-1)  # [B, Na]
+            # A source cannot give more than it has left; what it could not give is drawn
+            # again from the others (it is exhausted now, so masked out).
+            moved = torch.minimum(drawn, remaining)
+            given = given + moved
+            remaining = remaining - moved
+            budget = budget - moved.sum(dim=-1, keepdim=True)
     return logits.softmax(dim=-1) * given.unsqueeze(-1)
 
 

@@ -292,6 +292,8 @@ def run_sweep(
         variants.insert(0, unmodified)
     cache = cache if cache is not None else ResultCache(None)
     context = context or {}
+    if dtype == torch.float32:
+        dtype = None  # float32 is no autocast (CPU autocast rejects a float32 target)
     base = base.to(device).eval()
     models = {}
     rows = []

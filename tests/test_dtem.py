@@ -1,0 +1,165 @@
+"""DTEM: merge embeddings on a small random ViT, soft vs hard, module files."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from timm.models.vision_transformer import VisionTransformer
+
+import tokenmerge
+from tokenmerge.core.attention import key_metric
+from tokenmerge.methods.dtem import DTEM, read_merge_module_metadata
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_vit(embed_dim=32, depth=3, global_pool="token"):
+    torch.manual_seed(0)
+    return VisionTransformer(img_size=32, patch_size=4, embed_dim=embed_dim, depth=depth, num_heads=2,
+                             num_classes=4, global_pool=global_pool).eval()
+
+
+def test_gradients_reach_every_embedding_with_a_frozen_vit():
+    model = tiny_vit(global_pool="avg")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    tokenmerge.patch(model, method="dtem", r=8, embed_dim=16, tau=0.2)
+    model.token_reducer.train()
+    loss = torch.nn.functional.cross_entropy(model(torch.randn(2, 3, 32, 32)), torch.tensor([0, 3]))
+    loss.backward()
+    for i, embed in enumerate(model.token_reducer.embeds):
+        assert embed.proj.weight.grad is not None and embed.proj.weight.grad.abs().sum() > 0, i
+
+
+def test_eval_mode_does_not_touch_the_graph_of_the_embeddings():
+    model = tiny_vit()
+    tokenmerge.patch(model, method="dtem", r=8, embed_dim=16)
+    model.eval()
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    assert all(p.grad is None for p in model.token_reducer.parameters())
+
+
+def test_training_with_small_tau_matches_hard_inference():
+    model = tiny_vit()
+    tokenmerge.patch(model, method="dtem", r=8, embed_dim=16, tau=1e-5)
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        hard = model.eval()(x)
+        soft_state = model.train().forward_tokens(x)
+        soft = model.train()(x)
+    assert soft_state.x.shape[1] == 65  # token count stays N in training
+    assert soft_state.live == 65 - 3 * 8
+    # Merged-away tokens keep a 1e-6 size, hence a faint (not zero) share of attention.
+    assert torch.allclose(soft, hard, atol=2e-3)
+    model.token_reducer.tau = 0.5
+    with torch.no_grad():
+        assert not torch.allclose(model.train()(x), hard, atol=2e-3)
+
+
+def test_keys_init_starts_from_tomes_metric():
+    model = tiny_vit()
+    tokenmerge.patch(model, method="dtem", r=4)  # embed_dim 64 != head width 16: random init
+    assert not torch.allclose(model.token_reducer.embeds[0].proj.bias, torch.zeros(1))
+    tokenmerge.patch(model, method="dtem", r=4, embed_dim=16)  # fits: keys init
+    block, embed = model.blocks[1], model.token_reducer.embeds[1]
+    x = torch.randn(2, 65, 32)
+    B, N, C = x.shape
+    qkv = block.attn.qkv(block.norm1(x)).reshape(B, N, 3, 2, 16).permute(2, 0, 3, 1, 4)
+    assert torch.allclose(embed(x), key_metric(qkv[1]), atol=1e-5)
+    with pytest.raises(ValueError, match="init='keys'"):
+        tokenmerge.patch(model, method="dtem", r=4, embed_dim=8, init="keys")
+
+
+def test_module_file_roundtrip_and_size(tmp_path):
+    model = tiny_vit()
+    tokenmerge.patch(model, method="dtem", r=8, embed_dim=16, init="random")
+    path = tokenmerge.save_merge_modules(model, tmp_path / "m.safetensors")
+    meta = read_merge_module_metadata(path)
+    assert (meta["width"], meta["depth"], meta["embed_dim"]) == ("32", "3", "16")
+    n_params = sum(p.numel() for p in model.token_reducer.parameters())
+    assert path.stat().st_size < 4 * n_params + 4096  # just the embeddings, fp32
+
+    other = tiny_vit()
+    torch.manual_seed(1)
+    tokenmerge.patch(other, method="dtem", r=8, embed_dim=16, init="random")
+    x = torch.randn(2, 3, 32, 32)
+    assert not torch.allclose(other(x), model(x))
+    tokenmerge.load_merge_modules(other, path)
+    assert torch.equal(other(x), model(x))
+
+
+def test_module_file_for_another_model_is_refused(tmp_path):
+    model = tiny_vit()
+    tokenmerge.patch(model, method="dtem", r=4, embed_dim=16)
+    path = tokenmerge.save_merge_modules(model, tmp_path / "m.safetensors")
+    wider = tokenmerge.patch(tiny_vit(embed_dim=48), method="dtem", r=4, embed_dim=16)
+    with pytest.raises(ValueError, match="width 48"):
+        tokenmerge.load_merge_modules(wider, path)
+    deeper = tokenmerge.patch(tiny_vit(depth=4), method="dtem", r=4, embed_dim=16)
+    with pytest.raises(ValueError, match="4 blocks"):
+        tokenmerge.load_merge_modules(deeper, path)
+    narrower_embed = tokenmerge.patch(tiny_vit(), method="dtem", r=4, embed_dim=8)
+    with pytest.raises(ValueError, match="embed_dim=16"):
+        tokenmerge.load_merge_modules(narrower_embed, path)
+    with pytest.raises(ValueError, match="not patched with DTEM"):
+        tokenmerge.load_merge_modules(tokenmerge.patch(tiny_vit(), method="tome", r=4), path)
+    (tmp_path / "plain.safetensors").write_bytes(b"")
+    with pytest.raises(Exception):
+        tokenmerge.load_merge_modules(model, tmp_path / "plain.safetensors")
+
+
+def test_modules_load_with_a_full_state_dict():
+    model = tiny_vit()
+    tokenmerge.patch(model, method="dtem", r=8, embed_dim=16, init="random")
+    state = model.state_dict()
+    assert any(k.startswith("token_reducer.embeds.0.") for k in state)
+    other = tiny_vit()
+    torch.manual_seed(1)
+    tokenmerge.patch(other, method="dtem", r=8, embed_dim=16, init="random")
+    x = torch.randn(2, 3, 32, 32)
+    assert not torch.allclose(other(x), model(x))
+    other.load_state_dict(state)
+    assert torch.equal(other(x), model(x))
+
+
+def test_one_module_set_serves_smaller_r():
+    model = tiny_vit()
+    tokenmerge.patch(model, method="dtem", r=8, embed_dim=16, init="random")
+    reducer = model.token_reducer
+    before = copy.deepcopy(reducer.state_dict())
+    tokenmerge.patch(model, method=reducer, r=4)
+    assert model.token_reducer is reducer
+    assert model.tokens_per_block()[-1] == 65 - 3 * 4
+    assert all(torch.equal(v, before[k]) for k, v in reducer.state_dict().items())
+    with pytest.raises(ValueError, match="width 32 and depth 3"):
+        tokenmerge.patch(tiny_vit(depth=2), method=reducer, r=4)
+
+
+def test_bad_options_are_rejected():
+    for tau in (0, -1.0):
+        with pytest.raises(ValueError, match="tau"):
+            tokenmerge.patch(tiny_vit(), method="dtem", r=4, tau=tau)
+    with pytest.raises(ValueError, match="embed_dim"):
+        DTEM(embed_dim=0)
+    with pytest.raises(ValueError, match="dim= and depth="):
+        DTEM(dim=32)
+    model = tiny_vit()
+    tokenmerge.patch(model, method="dtem", r=4, embed_dim=16, trace_source=True)
+    with pytest.raises(ValueError, match="source tracking"):
+        model.train()(torch.randn(1, 3, 32, 32))
+
+
+def test_train_r_overrides_the_schedule_in_training_only():
+    model = tiny_vit()
+    tokenmerge.patch(model, method="dtem", r=4, embed_dim=16, train_r=10)
+    with torch.no_grad():
+        assert model.train().forward_tokens(torch.randn(1, 3, 32, 32)).live == 65 - 30
+        assert model.eval().forward_tokens(torch.randn(1, 3, 32, 32)).x.shape[1] == 65 - 12

@@ -1,0 +1,243 @@
+"""tokenmerge eval: accuracy against an independent computation, the resumable cache,
+the Pareto plot, clear errors. Real checkpoint, real Imagenette images."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import tokenmerge
+from tokenmerge.cli import main
+from tokenmerge.evaluation import sweep
+from tokenmerge.evaluation.pareto import pareto_figure, save_pareto_plot
+from tokenmerge.models import DEFAULT_CHECKPOINT
+
+SHARED_VAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenette" / "val"
+SUBSET = Path(tokenmerge.__file__).parent / "assets" / "imagenette_val_subset"
+PER_CLASS = 4  # 40 images, all 10 classes
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def val_subset(tmp_path_factory) -> Path:
+    """The first PER_CLASS original val images of every class, as an ImageFolder of symlinks.
+
+    Needs ../shared: fails (never skips) without it.
+    """
+    assert SHARED_VAL.is_dir(), f"the Imagenette val set is missing at {SHARED_VAL}: these tests need ../shared/data"
+    root = tmp_path_factory.mktemp("val_subset")
+    for folder in sorted(p for p in SHARED_VAL.iterdir() if p.is_dir()):
+        (root / folder.name).mkdir()
+        for image in sorted(folder.iterdir())[:PER_CLASS]:
+            (root / folder.name / image.name).symlink_to(image)
+    return root
+
+
+def independent_predictions(root: Path, model: torch.nn.Module) -> tuple:
+    """Predictions and labels by a plain loop: torchvision ImageFolder, timm, no tokenmerge data code."""
+    from torchvision import datasets, transforms
+
+    transform = transforms.Compose([
+        transforms.Resize(224), transforms.CenterCrop(224), transforms.ToTensor(),
+        transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    ])
+    dataset = datasets.ImageFolder(str(root), transform=transform)
+    predictions, labels = [], []
+    with torch.inference_mode():
+        for x, y in torch.utils.data.DataLoader(dataset, batch_size=20):
+            predictions.append(model(x).argmax(-1))
+            labels.append(y)
+    return torch.cat(predictions), torch.cat(labels)
+
+
+def plain_timm_model():
+    import timm
+    from safetensors.torch import load_file
+
+    model = timm.create_model("vit_tiny_patch16_224", num_classes=10)
+    model.load_state_dict({k: v.float() for k, v in load_file(str(DEFAULT_CHECKPOINT)).items()})
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def eval_run(val_subset, tmp_path_factory):
+    """One real `tokenmerge eval` through the CLI: unmodified, ToMe r=13 and 13:-1, timed."""
+    out = tmp_path_factory.mktemp("eval_out")
+    code = main(["eval", "--data", str(val_subset), "--methods", "tome", "--r", "13", "13:-1",
+                 "--out", str(out), "--plot", "--timing-batch-size", "4", "--warmup", "1",
+                 "--repeats", "2"])
+    assert code == 0
+    return out, json.loads((out / "results.json").read_text())
+
+
+def test_unmodified_accuracy_matches_independent_loop(eval_run, val_subset):
+    _, results = eval_run
+    rows = {(r["method"], r["schedule"]): r for r in results["rows"]}
+    predictions, labels = independent_predictions(val_subset, plain_timm_model())
+    expected = 100.0 * (predictions == labels).double().mean().item()
+    assert rows[("none", "-")]["accuracy"] == pytest.approx(expected, abs=1e-9)
+    assert rows[("none", "-")]["num_images"] == 10 * PER_CLASS
+    # The merged row too: tokenmerge.patch on the plain timm model, same independent loop.
+    merged = tokenmerge.patch(plain_timm_model(), method="tome", r=13)
+    predictions, labels = independent_predictions(val_subset, merged)
+    assert rows[("tome", "13")]["accuracy"] == pytest.approx(
+        100.0 * (predictions == labels).double().mean().item(), abs=1e-9)
+
+
+def test_rows_have_flops_tokens_and_same_run_speedup(eval_run):
+    out, results = eval_run
+    rows = {(r["method"], r["schedule"]): r for r in results["rows"]}
+    base, r13, decreasing = rows[("none", "-")], rows[("tome", "13")], rows[("tome", "13:-1")]
+    assert base["speedup"] == pytest.approx(1.0)
+    assert r13["tokens_in"] == 197 and r13["tokens_out"] == 197 - 12 * 13
+    assert r13["gflops"] < 0.75 * base["gflops"]
+    assert r13["speedup"] == pytest.approx(r13["images_per_s"] / base["images_per_s"])
+    csv_lines = (out / "results.csv").read_text().splitlines()
+    assert csv_lines[0].startswith("method,schedule,options,accuracy,gflops")
+    assert len(csv_lines) == 1 + 3
+    assert (out / "pareto.png").read_bytes()[:8] == PNG_SIGNATURE
+
+
+def test_cache_resumes_after_interruption(val_subset, tmp_path, monkeypatch):
+    calls = []
+    real = sweep.evaluate_accuracy
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        if interrupt_after is not None and len(calls) > interrupt_after:
+            raise KeyboardInterrupt  # killed during the third row
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sweep, "evaluate_accuracy", counting)
+    argv = ["eval", "--data", str(val_subset), "--limit", "12", "--methods", "tome", "--r", "8", "16",
+            "--out", str(tmp_path), "--no-timing"]
+    interrupt_after = 2
+    with pytest.raises(KeyboardInterrupt):
+        main(argv)
+    assert len((tmp_path / "cache.jsonl").read_text().splitlines()) == 2
+    calls.clear()
+    interrupt_after = None
+    assert main(argv) == 0
+    assert len(calls) == 1  # only the row that was interrupted
+    first = json.loads((tmp_path / "results.json").read_text())["rows"]
+    calls.clear()
+    assert main(argv) == 0
+    assert calls == []  # everything cached
+    second = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert [r["accuracy"] for r in second] == [r["accuracy"] for r in first]
+    assert [r["cached"] for r in second] == [True, True, True]
+    # A different --limit is different data: nothing may come from the cache.
+    calls.clear()
+    assert main(argv[:3] + ["--limit", "8"] + argv[5:]) == 0
+    assert len(calls) == 3
+
+
+def test_cache_key_depends_on_options_and_context():
+    context = {"weights": "a", "data": "d"}
+    a = sweep.Variant.create("tcvit", "13", {"order": 1})
+    b = sweep.Variant.create("tcvit", "13", {"order": 2})
+    assert sweep.ResultCache.key(context, a) != sweep.ResultCache.key(context, b)
+    assert sweep.ResultCache.key(context, a) != sweep.ResultCache.key(dict(context, weights="b"), a)
+    assert sweep.ResultCache.key(context, a) == sweep.ResultCache.key(dict(context), sweep.Variant.create("tcvit", 13, {"order": 1}))
+
+
+def test_pareto_figure_series(eval_run):
+    out, results = eval_run
+    rows = results["rows"] + [dict(r, method="other", accuracy=r["accuracy"] - 1)
+                              for r in results["rows"] if r["method"] == "tome"]
+    figure = pareto_figure(rows, title="t")
+    assert len(figure.axes) == 2
+    for ax, key in zip(figure.axes, ("gflops", "images_per_s")):
+        labels = [line.get_label() for line in ax.get_lines()]
+        assert labels == ["tome", "other", "unmodified"]
+        tome = ax.get_lines()[0]
+        expected = sorted((r[key], r["accuracy"]) for r in results["rows"] if r["method"] == "tome")
+        assert list(zip(tome.get_xdata(), tome.get_ydata())) == pytest.approx(expected)
+        star = ax.get_lines()[2]
+        base = next(r for r in rows if r["method"] == "none")
+        assert list(star.get_xdata()) == [base[key]] and star.get_marker() == "*"
+    path = save_pareto_plot(rows, out / "sub" / "p.png")
+    data = path.read_bytes()
+    assert data[:8] == PNG_SIGNATURE and len(data) > 10_000
+
+
+def test_plot_from_saved_results(eval_run, tmp_path, capsys):
+    out, _ = eval_run
+    target = tmp_path / "again.png"
+    assert main(["eval", "--from-results", str(out / "results.json"), "--plot", str(target)]) == 0
+    assert target.read_bytes()[:8] == PNG_SIGNATURE
+    assert "tome" in capsys.readouterr().out
+    assert main(["eval", "--from-results", str(tmp_path / "missing.json")]) == 2
+
+
+def test_pareto_without_timing_has_one_panel():
+    rows = [{"method": "none", "schedule": "-", "accuracy": 85.0, "gflops": 2.5},
+            {"method": "tome", "schedule": "8", "accuracy": 84.0, "gflops": 1.8}]
+    figure = pareto_figure(rows)
+    assert len(figure.axes) == 1
+    with pytest.raises(ValueError, match="no results"):
+        pareto_figure([])
+
+
+# --- clear errors: exit code 2 and a message naming the problem ---------------------------
+
+def run_cli(argv, capsys):
+    code = main(argv)
+    return code, capsys.readouterr().err
+
+
+def test_missing_data_folder(tmp_path, capsys):
+    code, err = run_cli(["eval", "--data", str(tmp_path / "nope"), "--out", str(tmp_path)], capsys)
+    assert code == 2 and "nope" in err and "does not exist" in err
+
+
+def test_folder_without_classes(tmp_path, capsys):
+    (tmp_path / "data").mkdir()
+    code, err = run_cli(["eval", "--data", str(tmp_path / "data"), "--out", str(tmp_path)], capsys)
+    assert code == 2 and "ImageFolder" in err
+
+
+def test_non_image_file_in_folder(val_subset, tmp_path, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(val_subset, data, symlinks=True)
+    bad = data / sorted(p.name for p in data.iterdir())[0] / "aaa_notes.jpg"
+    bad.write_text("not an image")
+    code, err = run_cli(["eval", "--data", str(data), "--out", str(tmp_path / "o"), "--no-timing"], capsys)
+    assert code == 2 and "aaa_notes.jpg" in err and "not a readable image" in err
+
+
+def test_wrong_num_classes_for_checkpoint(tmp_path, capsys):
+    code, err = run_cli(["eval", "--checkpoint", str(DEFAULT_CHECKPOINT), "--num-classes", "1000",
+                         "--data", str(SUBSET), "--out", str(tmp_path)], capsys)
+    assert code == 2 and "--num-classes 10" in err
+
+
+def test_wrong_num_classes_for_dataset(tmp_path, capsys):
+    code, err = run_cli(["eval", "vit_tiny_patch16_224", "--num-classes", "7", "--data", str(SUBSET),
+                         "--limit", "4", "--out", str(tmp_path), "--no-timing"], capsys)
+    assert code == 2 and "predicts 7 classes" in err and "--num-classes 10" in err
+
+
+def test_bad_method_and_option(tmp_path, capsys):
+    code, err = run_cli(["eval", "--methods", "nosuch", "--out", str(tmp_path)], capsys)
+    assert code == 2 and "unknown method 'nosuch'" in err
+    code, err = run_cli(["eval", "--methods", "tome", "--method-option", "tcvit.order=2",
+                         "--out", str(tmp_path)], capsys)
+    assert code == 2 and "tcvit" in err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", "--r", "thirteen"])
+    assert exit_info.value.code == 2
+    assert "cannot parse schedule" in capsys.readouterr().err
+
+
+def test_parse_option_types():
+    assert sweep.parse_option("tcvit.order=2") == ("tcvit", "order", 2)
+    assert sweep.parse_option("tau=0.1") == (None, "tau", 0.1)
+    assert sweep.parse_option("flag=True") == (None, "flag", True)
+    assert sweep.parse_option("init=keys") == (None, "init", "keys")
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        sweep.parse_option("order")

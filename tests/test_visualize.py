@@ -1,0 +1,81 @@
+"""tokenmerge visualize: source maps at the last or a chosen block, the group drawing, the CLI."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import tokenmerge
+from tokenmerge.cli import main
+from tokenmerge.evaluation.visualize import group_image, load_display_image, merge_groups
+from tokenmerge.models import load_model
+
+SUBSET = Path(tokenmerge.__file__).parent / "assets" / "imagenette_val_subset"
+IMAGE = sorted((SUBSET / "n01440764").iterdir())[0]
+
+
+@pytest.fixture(scope="module")
+def tome13():
+    return tokenmerge.patch(load_model(), method="tome", r=13)
+
+
+@pytest.fixture(scope="module")
+def image():
+    return load_display_image(IMAGE)[1]
+
+
+def test_groups_after_last_block_match_forward_tokens(tome13, image):
+    groups = merge_groups(tome13, image)
+    assert groups.block == 12 and groups.tokens_in == 197
+    assert groups.num_tokens == tome13.tokens_per_block()[-1] == 197 - 12 * 13
+    # Independently: the same model patched with source tracking, one plain forward.
+    traced = tokenmerge.patch(load_model(), method="tome", r=13, trace_source=True)
+    with torch.inference_mode():
+        state = traced.forward_tokens(image.unsqueeze(0))
+    assert torch.equal(groups.source.reshape(-1), state.source[0])
+    # ToMe never discards: every non-class token covers at least one patch.
+    assert sorted(groups.source.unique().tolist()) == list(range(1, groups.num_tokens))
+    assert not tome13.tokenmerge_config.trace_source  # the caller's model is left alone
+
+
+@pytest.mark.parametrize("block", [1, 4, 9])
+def test_groups_at_a_chosen_block(tome13, image, block):
+    groups = merge_groups(tome13, image, block=block)
+    assert groups.num_tokens == tome13.tokens_per_block()[block]
+    assert groups.source.unique().numel() == groups.num_tokens - 1
+
+
+def test_bad_block(tome13, image):
+    with pytest.raises(ValueError, match=r"1\.\.12"):
+        merge_groups(tome13, image, block=13)
+    with pytest.raises(ValueError, match="not patched"):
+        merge_groups(load_model(), image)
+
+
+def test_group_image_fills_mean_colours_and_draws_borders():
+    image = np.zeros((4, 4, 3), dtype=np.float32)
+    image[:2, :2] = [1.0, 0.0, 0.0]  # patch (0,0) red
+    image[:2, 2:] = [0.0, 0.0, 1.0]  # patch (0,1) blue
+    image[2:, :] = [0.0, 1.0, 0.0]   # bottom row green
+    source = np.array([[1, 1], [2, 3]])  # top patches merged; bottom-right discarded (3 >= 3 tokens)
+    out = group_image(image, source, num_tokens=3, border=(9, 9, 9), discarded=(7, 7, 7))
+    assert np.allclose(out[0, 0], [0.5, 0.0, 0.5])            # mean of red and blue
+    assert np.allclose(out[0, 3], [0.5, 0.0, 0.5])
+    assert np.allclose(out[1, 1], [9, 9, 9])                  # lower edge of the top group
+    assert np.allclose(out[3, 0], [0.0, 1.0, 0.0])            # bottom-left group, one patch
+    assert np.allclose(out[2, 1], [9, 9, 9])                  # border to the discarded patch
+    assert np.allclose(out[3, 3], [7, 7, 7])                  # discarded
+    with pytest.raises(ValueError, match="patches"):
+        group_image(np.zeros((5, 4, 3)), source, 3)
+
+
+def test_visualize_cli(tmp_path, capsys):
+    out = tmp_path / "v.png"
+    assert main(["visualize", str(IMAGE), "--r", "16", "--block", "6", "--out", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"after block 6/12, 197 tokens -> {197 - 6 * 16}" in capsys.readouterr().out
+    assert main(["visualize", str(tmp_path / "missing.jpg"), "--out", str(out)]) == 2
+    assert "missing.jpg" in capsys.readouterr().err

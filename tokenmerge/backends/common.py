@@ -1,0 +1,201 @@
+"""What every backend shares: the patch configuration, one block on a token state (global
+and local layouts), the loop over blocks, and importable patched classes.
+
+A backend only says where a block's pieces are, through the hooks of
+:class:`MergingBlockMixin` (``_tm_norm1``, ``_tm_attend``, ``_tm_query_key``,
+``_tm_after_attn``, ``_tm_norm2``, ``_tm_mlp``, ``_tm_after_mlp``, ``_tm_forward_unchanged``);
+the merge logic lives here once.
+
+Layouts:
+
+- ``"global"`` (ToMe): tokens leave the sequence for good, so every later block is cheaper.
+- ``"local"`` (tomesd): in every block the normalised tokens are merged before attention and
+  again before the MLP, each branch runs on the merged tokens, and its output is copied back
+  (unmerged) onto every token before the residual add. The residual stream keeps all tokens,
+  so every block outputs the full token count (for models that need every token at every
+  block, e.g. dense heads on intermediate features). The merge is decided once per block from
+  the normalised tokens' queries/keys, by the method's own policy, and read back as an
+  assignment through source tracking.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from ..core.attention import ATTENTION_IMPLS, size_bias
+from ..core.merge import MergePlan, initial_sources, merge_tokens, unmerge_tokens
+from ..core.schedule import resolve_local_schedule, resolve_schedule, tokens_per_block
+from ..methods.base import AttentionTensors, TokenReducer, TokenState
+
+__all__ = [
+    "LAYOUTS",
+    "MergeConfig",
+    "MergingBlockMixin",
+    "plan_from_sources",
+    "run_blocks",
+    "resolve_block_schedule",
+    "block_token_counts",
+    "patched_class",
+]
+
+LAYOUTS = ("global", "local")
+
+
+@dataclass(frozen=True)
+class MergeConfig:
+    """Everything a patched model needs besides the method's policy.
+
+    Attributes:
+        schedule: validated schedule (see :mod:`tokenmerge.core.schedule`).
+        num_protected: leading tokens never merged (class, distillation, register tokens).
+        attention_impl: proportional-attention implementation (``auto``/``fold``/``bias``).
+        trace_source: track which patches each token covers (visualisation, unmerging).
+        layout: ``"global"`` or ``"local"`` (see the module docstring).
+    """
+
+    schedule: object
+    num_protected: int
+    attention_impl: str = "auto"
+    trace_source: bool = False
+    layout: str = "global"
+
+    def __post_init__(self):
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(
+                f"attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}"
+            )
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
+        if isinstance(self.num_protected, bool) or not isinstance(self.num_protected, int) or self.num_protected < 0:
+            raise ValueError(f"num_protected must be a non-negative int, got {self.num_protected!r}")
+
+
+def plan_from_sources(source: torch.Tensor, num_protected: int, num_out: int) -> MergePlan:
+    """The assignment a reducer made, recovered from its source map.
+
+    ``source [B, N - num_protected]`` (token index per non-protected input token, ``num_out``
+    when discarded) plus the protected tokens, which stay in place, is a full plan.
+    """
+    B = source.shape[0]
+    protected = torch.arange(num_protected, device=source.device).expand(B, num_protected)
+    return MergePlan(torch.cat([protected, source], dim=1), num_out)
+
+
+class MergingBlockMixin:
+    """Token reduction for one pre-norm transformer block; ``forward`` is unchanged.
+
+    Backend hooks: ``_tm_norm1(x)``, ``_tm_attend(h, log_size, impl) -> (out, AttentionTensors)``,
+    ``_tm_query_key(h) -> AttentionTensors``, ``_tm_after_attn(h)`` (layer scale, drop path),
+    ``_tm_norm2(x)``, ``_tm_mlp(h)``, ``_tm_after_mlp(h)``, ``_tm_forward_unchanged(x)``.
+    """
+
+    def _tm_after_attn(self, h):
+        return h
+
+    def _tm_after_mlp(self, h):
+        return h
+
+    def _tm_mlp_branch(self, x):
+        return self._tm_after_mlp(self._tm_mlp(self._tm_norm2(x)))
+
+    def forward_tokens(
+        self, state: TokenState, r: int, reducer: TokenReducer, config: MergeConfig, block_index: int
+    ) -> TokenState:
+        """Global layout: one block on a :class:`TokenState`, removing ``r`` tokens between
+        attention and MLP."""
+        if r == 0 and state.size is None:
+            # Nothing merged so far and nothing to merge here: the unmodified block, bit for bit.
+            return state._replace(x=self._tm_forward_unchanged(state.x))
+        x = state.x
+        attn_out, attn = self._tm_attend(self._tm_norm1(x), size_bias(state.size), config.attention_impl)
+        state = state._replace(x=x + self._tm_after_attn(attn_out))
+        if r > 0:
+            state = reducer.reduce(state, attn, r, config.num_protected, block_index)
+        return state._replace(x=state.x + self._tm_mlp_branch(state.x))
+
+    def forward_local(
+        self, x: torch.Tensor, r: int, reducer: TokenReducer, config: MergeConfig, block_index: int
+    ) -> torch.Tensor:
+        """Local layout: ``[B, N, C]`` -> ``[B, N, C]``, both branches on ``N - r`` merged tokens."""
+        if r == 0:
+            return self._tm_forward_unchanged(x)
+        B, N, _ = x.shape
+        protected = config.num_protected
+        h = self._tm_norm1(x)
+        decided = reducer.reduce(
+            TokenState(h, None, initial_sources(B, N, protected, x.device)),
+            self._tm_query_key(h),
+            r,
+            protected,
+            block_index,
+        )
+        plan = plan_from_sources(decided.source, protected, decided.x.shape[1])
+        merged, size = merge_tokens(h, None, plan)
+        log_size = size_bias(size) if reducer.tracks_size else None
+        attn_out, _ = self._tm_attend(merged, log_size, config.attention_impl)
+        # Unmerging copies each merged output to all its tokens; discarded tokens get zeros,
+        # i.e. they skip the branch and keep their residual.
+        x = x + unmerge_tokens(self._tm_after_attn(attn_out), plan.assign)
+        merged, _ = merge_tokens(self._tm_norm2(x), None, plan)
+        return x + unmerge_tokens(self._tm_after_mlp(self._tm_mlp(merged)), plan.assign)
+
+
+def resolve_block_schedule(config: MergeConfig, reducer: TokenReducer, num_blocks: int, num_tokens: int) -> tuple:
+    """Per-block reductions for the configured layout."""
+    resolve = resolve_local_schedule if config.layout == "local" else resolve_schedule
+    return resolve(config.schedule, num_blocks, num_tokens, config.num_protected, reducer.max_reduction)
+
+
+def block_token_counts(config: MergeConfig, schedule: tuple, num_tokens: int) -> list:
+    """Tokens entering each block, then the count leaving the last one."""
+    if config.layout == "local":
+        return [num_tokens] * (len(schedule) + 1)
+    return tokens_per_block(num_tokens, schedule)
+
+
+def run_blocks(blocks, x: torch.Tensor, reducer: TokenReducer, config: MergeConfig, schedule: tuple,
+               collect_hidden: bool = False):
+    """Tokens ``[B, N, C]`` through every block -> ``(TokenState, hidden states or None)``.
+
+    ``hidden`` holds the input of the first block, then each block's output.
+    """
+    B, N, _ = x.shape
+    source = initial_sources(B, N, config.num_protected, x.device) if config.trace_source else None
+    state = TokenState(x, None, source)
+    hidden = [x] if collect_hidden else None
+    for i, block in enumerate(blocks):
+        if config.layout == "local":
+            state = state._replace(x=block.forward_local(state.x, schedule[i], reducer, config, i))
+        else:
+            state = block.forward_tokens(state, schedule[i], reducer, config, i)
+        if collect_hidden:
+            hidden.append(state.x)
+    return state, (tuple(hidden) if collect_hidden else None)
+
+
+_PATCHED_CLASSES: dict = {}
+
+
+def patched_class(base: type, mixin: type, module_name: str, keep_name: bool = False) -> type:
+    """A cached ``TokenMerge<Base>`` subclass of ``base`` with ``mixin`` first.
+
+    The class is registered under its qualified name in ``module_name`` so patched models
+    pickle. ``keep_name`` keeps ``__name__`` equal to the base's (Hugging Face records
+    ``config.architectures`` from it).
+    """
+    key = (base, mixin)
+    if key not in _PATCHED_CLASSES:
+        module = sys.modules[module_name]
+        qualname = f"TokenMerge{base.__name__}"
+        if hasattr(module, qualname):
+            qualname = f"{qualname}_{len(_PATCHED_CLASSES)}"
+        cls = type(qualname, (mixin, base), {"_tokenmerge_base": base, "__module__": module_name})
+        cls.__qualname__ = qualname
+        cls.__name__ = base.__name__ if keep_name else qualname
+        setattr(module, qualname, cls)
+        _PATCHED_CLASSES[key] = cls
+    return _PATCHED_CLASSES[key]
