@@ -71,15 +71,36 @@ EQUAL_TOKENS = [
     (SAME_R, "TC-ViT K=2 (w=0.5), r of K=1", "tcvit", dict(TCVIT_DEFAULT, order=2)),
     (SAME_R, "TC-ViT K=3 (w=0.5), r of K=1", "tcvit", dict(TCVIT_DEFAULT, order=3)),
 ]
+# Diagnostic: the same plans, but sizes are forgotten after each block, so there is no
+# proportional attention (later merges are plain means of the current tokens). Tells
+# whether fusing into a few large tokens hurts through the log-size bias.
+UNTRACKED = "untracked_sizes"
+NO_SIZES = [
+    ("fusion without sizes", "TC-ViT (K=1, w=0.5, fuse), sizes untracked", "tcvit", dict(TCVIT_DEFAULT, **{UNTRACKED: True})),
+    ("fusion without sizes", "EViT, sizes untracked", "evit", {UNTRACKED: True}),
+]
+
+
 # Run order as (index into --targets, configurations), most informative first: on a
 # shared machine a cut-short run still answers the main questions. "baseline" evaluates
 # the unmodified model.
 RUN_ORDER = [
     (0, METHODS), (0, WEIGHT_ENDS), (0, FUSE_AND_ORDER),
-    (1, METHODS), "baseline", (1, WEIGHT_ENDS), (1, FUSE_AND_ORDER),
+    (0, NO_SIZES), (1, METHODS), "baseline", (1, WEIGHT_ENDS), (1, FUSE_AND_ORDER),
     (0, WEIGHT_MIDDLE), (0, EQUAL_TOKENS), (1, WEIGHT_MIDDLE), (1, EQUAL_TOKENS),
 ]
-GROUP_ORDER = ["methods", "fuse vs drop", "order K", SAME_R, "dominance weight"]
+GROUP_ORDER = ["methods", "fuse vs drop", "fusion without sizes", "order K", SAME_R, "dominance weight"]
+
+
+def patch(model, method, options, schedule):
+    """``tokenmerge.patch`` for a configuration (the benchmark-only ``untracked_sizes`` flag
+    makes the reducer drop sizes after each block)."""
+    options = dict(options)
+    if options.pop(UNTRACKED, False):
+        method = tokenmerge.create_reducer(method, **options)
+        method.tracks_size = False
+        options = {}
+    tokenmerge.patch(model, method=method, r=schedule, **options)
 
 
 def load_model():
@@ -127,7 +148,7 @@ def _count_gflops_inline(model) -> float:
 def patched_gflops(model, method, options, schedule) -> float:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # clamped schedules are reported as effective ones
-        tokenmerge.patch(model, method=method, r=schedule, **options)
+        patch(model, method, options, schedule)
     try:
         return gflops(model)
     finally:
@@ -391,7 +412,7 @@ def main(argv=None):
                 k1_schedules[target] = schedule
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                tokenmerge.patch(model, method=method, r=schedule, **options)
+                patch(model, method, options, schedule)
             final_tokens = model.tokens_per_block()[-1]
             accuracy, seconds = evaluate(model, images, labels, args.batch_size)
             tokenmerge.unpatch(model)

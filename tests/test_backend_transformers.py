@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import io
 import warnings
 
@@ -13,8 +12,6 @@ transformers = pytest.importorskip("transformers")
 
 import tokenmerge  # noqa: E402
 from tokenmerge.backends import transformers as hf  # noqa: E402
-from tokenmerge.backends.timm import MergeConfig  # noqa: E402
-from tokenmerge.core.schedule import validate_schedule  # noqa: E402
 
 VISION = dict(image_size=64, patch_size=16, hidden_size=48, num_hidden_layers=3, num_attention_heads=3)
 PATCHES = 16  # (64 / 16) ** 2
@@ -161,16 +158,6 @@ def test_eager_and_sdpa_agree_when_merging(name):
         torch.testing.assert_close(outs[0][key], outs[1][key], rtol=1e-4, atol=1e-5)
 
 
-def _reducer(name, model):
-    """A method's policy; methods with per-block modules are sized explicitly for HF models."""
-    cls = tokenmerge.methods.get_method_class(name)
-    params = inspect.signature(cls.__init__).parameters
-    if "dim" in params and "depth" in params:
-        trunk = hf.vision_trunk(model)
-        return cls(dim=trunk.config.hidden_size, depth=trunk.config.num_hidden_layers).eval()
-    return cls().eval()
-
-
 @pytest.mark.parametrize("name", list(MODELS))
 def test_every_method_runs_with_expected_token_counts(name):
     prefix = MODELS[name][1]
@@ -178,10 +165,9 @@ def test_every_method_runs_with_expected_token_counts(name):
     x = _images()
     for method in tokenmerge.list_methods():
         model = _build(name)
-        reducer = _reducer(method, model)
-        config = MergeConfig(validate_schedule(2), prefix, "auto", True)
-        hf.patch_hf(model, reducer, config)
+        tokenmerge.patch(model, method=method, r=2, trace_source=True)
         trunk = hf.vision_trunk(model)
+        assert trunk.tokenmerge_config.num_protected == prefix
         expected = [tokens - 2 * i for i in range(4)]
         assert trunk.tokens_per_block() == expected, method
         with torch.no_grad():

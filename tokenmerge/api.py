@@ -14,16 +14,18 @@ __all__ = ["patch", "unpatch", "is_patched"]
 
 
 def _backend_for(model: nn.Module):
+    """The backend module that handles ``model``: it provides ``patch``, ``unpatch``,
+    ``merging_blocks`` and ``architecture_name``."""
     from .backends import timm as timm_backend
 
     if timm_backend.is_timm_vit(model):
-        return timm_backend.patch_timm, timm_backend.unpatch_timm
+        return timm_backend
     try:
         from .backends import transformers as hf_backend
     except ImportError:
         hf_backend = None
     if hf_backend is not None and hf_backend.is_supported_hf_model(model):
-        return hf_backend.patch_hf, hf_backend.unpatch_hf
+        return hf_backend
     raise TypeError(
         f"tokenmerge cannot patch {type(model).__module__}.{type(model).__qualname__}: supported "
         "models are timm VisionTransformer/DeiT/DeiT-3 and Hugging Face ViT/DeiT/CLIP/DINOv2 "
@@ -69,15 +71,20 @@ def patch(
             "give exactly one of r= (tokens per block, e.g. r=13) or keep_ratio= (e.g. 0.9)"
         )
     schedule = validate_schedule(KeepRatio(keep_ratio) if keep_ratio is not None else r)
-    patch_fn, _ = _backend_for(model)
+    backend = _backend_for(model)
     reducer = method if isinstance(method, nn.Module) else create_reducer(method, **method_options)
-    if hasattr(reducer, "bind_model"):
-        # Methods with per-block parameters (DTEM) size them from the model.
-        reducer.bind_model(model)
     if num_protected is None:
         num_protected = _prefix_tokens(model)
     config = MergeConfig(schedule, num_protected, attention_impl, trace_source, layout)
-    return patch_fn(model, reducer, config)
+    backend.patch(model, reducer, config)
+    if hasattr(reducer, "bind_blocks"):
+        # Methods with per-block parameters (DTEM) size them from the patched blocks.
+        try:
+            reducer.bind_blocks(backend.merging_blocks(model), backend.architecture_name(model))
+        except Exception:
+            backend.unpatch(model)
+            raise
+    return model
 
 
 def _prefix_tokens(model: nn.Module) -> int:
@@ -93,8 +100,7 @@ def unpatch(model: nn.Module) -> nn.Module:
     """Restore a patched model to its original classes and behaviour (in place)."""
     if not is_patched(model):
         return model
-    _, unpatch_fn = _backend_for(model)
-    return unpatch_fn(model)
+    return _backend_for(model).unpatch(model)
 
 
 def is_patched(model: nn.Module) -> bool:

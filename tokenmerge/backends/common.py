@@ -2,9 +2,9 @@
 and local layouts), the loop over blocks, and importable patched classes.
 
 A backend only says where a block's pieces are, through the hooks of
-:class:`MergingBlockMixin` (``_tm_norm1``, ``_tm_attend``, ``_tm_query_key``,
-``_tm_after_attn``, ``_tm_norm2``, ``_tm_mlp``, ``_tm_after_mlp``, ``_tm_forward_unchanged``);
-the merge logic lives here once.
+:class:`MergingBlockMixin` (``_tm_norm1_module``, ``_tm_attend``, ``_tm_query_key``,
+``_tm_key_projection``, ``_tm_after_attn``, ``_tm_norm2``, ``_tm_mlp``, ``_tm_after_mlp``,
+``_tm_forward_unchanged``); the merge logic lives here once.
 
 Layouts:
 
@@ -88,10 +88,16 @@ def plan_from_sources(source: torch.Tensor, num_protected: int, num_out: int) ->
 class MergingBlockMixin:
     """Token reduction for one pre-norm transformer block; ``forward`` is unchanged.
 
-    Backend hooks: ``_tm_norm1(x)``, ``_tm_attend(h, log_size, impl) -> (out, AttentionTensors)``,
-    ``_tm_query_key(h) -> AttentionTensors``, ``_tm_after_attn(h)`` (layer scale, drop path),
-    ``_tm_norm2(x)``, ``_tm_mlp(h)``, ``_tm_after_mlp(h)``, ``_tm_forward_unchanged(x)``.
+    Backend hooks: ``_tm_norm1_module`` (the pre-attention norm), ``_tm_attend(h, log_size,
+    impl) -> (out, AttentionTensors)``, ``_tm_query_key(h) -> AttentionTensors``,
+    ``_tm_key_projection() -> (weight [H*D, C], bias [H*D] or None, H, D)``,
+    ``_tm_after_attn(h)`` (layer scale, drop path), ``_tm_norm2(x)``, ``_tm_mlp(h)``,
+    ``_tm_after_mlp(h)``, ``_tm_forward_unchanged(x)``. Methods with per-block parameters
+    (DTEM) read the norm and key projection through the same hooks, so they know no backend.
     """
+
+    def _tm_norm1(self, x):
+        return self._tm_norm1_module(x)
 
     def _tm_after_attn(self, h):
         return h

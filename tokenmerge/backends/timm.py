@@ -31,6 +31,8 @@ from .common import (
 
 __all__ = [
     "MergeConfig",
+    "architecture_name",
+    "merging_blocks",
     "is_timm_vit",
     "patch_timm",
     "unpatch_timm",
@@ -93,11 +95,19 @@ def timm_attention(attn: nn.Module, x: torch.Tensor, log_size: Optional[torch.Te
 class TimmBlockMixin(MergingBlockMixin):
     """Hooks for timm's ``Block``: ``norm1 -> attn -> ls1 -> drop_path1``, then the MLP likewise."""
 
-    def _tm_norm1(self, x):
-        return self.norm1(x)
+    @property
+    def _tm_norm1_module(self):
+        return self.norm1
 
     def _tm_attend(self, h, log_size, impl):
         return timm_attention(self.attn, h, log_size, impl)
+
+    def _tm_key_projection(self):
+        attn = self.attn
+        inner = attn.num_heads * attn.head_dim
+        bias = attn.qkv.bias
+        return (attn.qkv.weight[inner:2 * inner], None if bias is None else bias[inner:2 * inner],
+                attn.num_heads, attn.head_dim)
 
     def _tm_query_key(self, h):
         attn = self.attn
@@ -243,6 +253,16 @@ def patch_timm(model: nn.Module, reducer: TokenReducer, config: MergeConfig) -> 
     return model
 
 
+def merging_blocks(model: nn.Module) -> list:
+    """The patched blocks, in order (they expose the hooks of ``MergingBlockMixin``)."""
+    return list(model.blocks)
+
+
+def architecture_name(model: nn.Module) -> str:
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    return str(cfg.get("architecture", "") or type(model).__name__)
+
+
 def unpatch_timm(model: nn.Module) -> nn.Module:
     """Undo :func:`patch_timm` in place: original classes, no extra attributes."""
     base = getattr(type(model), "_tokenmerge_base", None)
@@ -257,3 +277,8 @@ def unpatch_timm(model: nn.Module) -> nn.Module:
     del model.tokenmerge_config
     del model._tokenmerge_schedules
     return model
+
+
+# The backend interface used by tokenmerge.patch/unpatch.
+patch = patch_timm
+unpatch = unpatch_timm

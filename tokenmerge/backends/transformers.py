@@ -80,6 +80,8 @@ __all__ = [
     "vision_trunk",
     "patch_size",
     "hf_attention",
+    "merging_blocks",
+    "architecture_name",
 ]
 
 # --------------------------------------------------------------------------------------
@@ -170,6 +172,11 @@ class _MergingLayerMixin(MergingBlockMixin):
     def _tm_query_key(self, h):
         return _query_key(self._tm_attention, h)
 
+    def _tm_key_projection(self):
+        k_proj = self._tm_attention.k_proj
+        head_dim = self._tm_attention.head_dim
+        return k_proj.weight, k_proj.bias, k_proj.out_features // head_dim, head_dim
+
     def _tm_forward_unchanged(self, x):
         return self(x, None)
 
@@ -181,8 +188,9 @@ class _ViTLayerMixin(_MergingLayerMixin):
     def _tm_attention(self):
         return self.attention
 
-    def _tm_norm1(self, x):
-        return self.layernorm_before(x)
+    @property
+    def _tm_norm1_module(self):
+        return self.layernorm_before
 
     def _tm_after_attn(self, h):
         return self.dropout(h)
@@ -204,8 +212,9 @@ class _Dinov2LayerMixin(_MergingLayerMixin):
     def _tm_attention(self):
         return self.attention
 
-    def _tm_norm1(self, x):
-        return self.norm1(x)
+    @property
+    def _tm_norm1_module(self):
+        return self.norm1
 
     def _tm_after_attn(self, h):
         return self.drop_path(self.layer_scale1(h))
@@ -227,8 +236,9 @@ class _CLIPLayerMixin(_MergingLayerMixin):
     def _tm_attention(self):
         return self.self_attn
 
-    def _tm_norm1(self, x):
-        return self.layer_norm1(x)
+    @property
+    def _tm_norm1_module(self):
+        return self.layer_norm1
 
     def _tm_norm2(self, x):
         return self.layer_norm2(x)
@@ -636,6 +646,15 @@ def patch_hf(model: nn.Module, reducer: TokenReducer, config: MergeConfig) -> nn
     return model
 
 
+def merging_blocks(model: nn.Module) -> list:
+    """The patched layers of the vision trunk, in order (hooks of ``MergingBlockMixin``)."""
+    return list(vision_trunk(model)._tm_layers)
+
+
+def architecture_name(model: nn.Module) -> str:
+    return str(getattr(vision_trunk(model).config, "model_type", "") or type(vision_trunk(model)).__name__)
+
+
 def unpatch_hf(model: nn.Module) -> nn.Module:
     """Undo :func:`patch_hf` in place: original classes, no extra attributes."""
     trunk = vision_trunk(model)
@@ -653,3 +672,8 @@ def unpatch_hf(model: nn.Module) -> nn.Module:
         if "tokenmerge_config" in model.__dict__:
             del model.tokenmerge_config
     return model
+
+
+# The backend interface used by tokenmerge.patch/unpatch.
+patch = patch_hf
+unpatch = unpatch_hf

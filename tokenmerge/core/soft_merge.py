@@ -101,7 +101,9 @@ def soft_grouping(scores: torch.Tensor, r: int, tau: float) -> torch.Tensor:
     (a soft maximum over B, -> ToMe's best-edge score as tau -> 0) and (b) the fixed
     within-row softmax ``softmax_b(scores[a] / tau)``. So the ``r``-step loop runs on
     ``[B, Na]`` vectors only, and ``P = within_row * mass_given_per_source``: identical
-    to the full-edge formulation, at ``O(Na * Nb + r * Na)`` per image.
+    to the full-edge formulation, at ``O(Na * Nb + r * Na)`` per image. Measured: ViT-Tiny
+    shapes (Na = Nb = 98), r=16, batch 32, forward+backward of all 12 blocks: 0.17 s on
+    one shared CPU thread, against ~10 s for the training step it belongs to.
     """
     tau = _check_tau(tau)
     B, num_a, num_b = scores.shape

@@ -24,6 +24,10 @@ def group_by_method(rows: Sequence[dict]) -> Dict[str, List[dict]]:
     return groups
 
 
+def _point_label(schedule: str) -> str:
+    return schedule if schedule.startswith("keep=") else f"r={schedule}"
+
+
 def _panels(rows: Sequence[dict]) -> list:
     """``(x key, x label)`` for each panel the rows support (throughput only if measured)."""
     panels = [("gflops", "GFLOPs per image (lower is cheaper)")]
@@ -53,7 +57,7 @@ def pareto_figure(rows: Sequence[dict], title: Optional[str] = None):
             ys = [row["accuracy"] for row in points]
             (line,) = ax.plot(xs, ys, marker="o", label=method)
             for row in points:
-                ax.annotate(row["schedule"], (row[key], row["accuracy"]), textcoords="offset points",
+                ax.annotate(_point_label(row["schedule"]), (row[key], row["accuracy"]), textcoords="offset points",
                             xytext=(4, 3), fontsize=7, color=line.get_color())
         for row in baseline:
             ax.plot([row[key]], [row["accuracy"]], marker="*", markersize=14, linestyle="none",

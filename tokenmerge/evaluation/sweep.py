@@ -54,7 +54,8 @@ class Variant:
         method: a registered method name, or ``"none"`` for the unmodified model.
         schedule: a schedule label as :func:`~tokenmerge.core.schedule.format_schedule`
             writes it (``"13"``, ``"13:-1"``, ``"keep=0.9"``); ``"-"`` when unmodified.
-        options: the method's options as sorted ``(key, value)`` pairs (hashable).
+        options: the method's options as sorted ``(key, value)`` pairs (hashable). The
+            option ``modules=FILE`` loads trained DTEM merge modules (see :func:`build_variant`).
     """
 
     method: str
@@ -72,7 +73,8 @@ class Variant:
     def label(self) -> str:
         if self.method == UNMODIFIED:
             return "unmodified"
-        extra = "".join(f" {k}={v}" for k, v in self.options)
+        # File options (DTEM modules) by file name: the full path would swamp tables and legends.
+        extra = "".join(f" {k}={Path(v).name if k == 'modules' else v}" for k, v in self.options)
         return f"{self.method} r={self.schedule}{extra}"
 
 

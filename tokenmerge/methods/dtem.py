@@ -75,43 +75,23 @@ class MergeEmbedding(nn.Module):
 
     @torch.no_grad()
     def init_from_keys(self, block: nn.Module) -> None:
-        """Start from the block's ToMe metric: ``norm1`` then keys averaged over heads."""
-        attn = block.attn
-        dim = self.norm.normalized_shape[0]
-        heads, head_dim = attn.num_heads, attn.head_dim
-        weight = attn.qkv.weight[dim:2 * dim].reshape(heads, head_dim, dim).mean(dim=0)
-        bias = attn.qkv.bias
-        bias = bias[dim:2 * dim].reshape(heads, head_dim).mean(dim=0) if bias is not None else None
-        self.proj.weight.copy_(weight)
+        """Start from the block's ToMe metric: its pre-attention norm, then keys averaged over heads.
+
+        ``block`` exposes the backend hooks ``_tm_norm1_module`` and ``_tm_key_projection()``.
+        """
+        weight, bias, heads, head_dim = block._tm_key_projection()
+        dim = weight.shape[1]
+        self.proj.weight.copy_(weight.reshape(heads, head_dim, dim).mean(dim=0))
         if bias is not None:
-            self.proj.bias.copy_(bias)
+            self.proj.bias.copy_(bias.reshape(heads, head_dim).mean(dim=0))
         else:
             self.proj.bias.zero_()
-        norm1 = block.norm1
+        norm1 = block._tm_norm1_module
         if getattr(norm1, "weight", None) is not None:
             self.norm.weight.copy_(norm1.weight)
         if getattr(norm1, "bias", None) is not None:
             self.norm.bias.copy_(norm1.bias)
         self.norm.eps = getattr(norm1, "eps", self.norm.eps)
-
-
-def _describe(model: nn.Module) -> dict:
-    """Width, depth, head width and architecture name of a ViT (timm attribute names)."""
-    blocks = getattr(model, "blocks", None)
-    dim = getattr(model, "embed_dim", None) or getattr(model, "num_features", None)
-    if blocks is None or dim is None:
-        raise TypeError(
-            f"DTEM cannot read the width/depth of {type(model).__name__}; build the reducer "
-            "explicitly: create_reducer('dtem', dim=..., depth=...)"
-        )
-    attn = getattr(blocks[0], "attn", None)
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    return {
-        "architecture": str(cfg.get("architecture", "") or ""),
-        "width": int(dim),
-        "depth": len(blocks),
-        "head_dim": getattr(attn, "head_dim", None),
-    }
 
 
 @register_method
@@ -129,7 +109,7 @@ class DTEM(TokenReducer):
             or ``"auto"`` (``"keys"`` when ``embed_dim`` equals the head width and there is
             no MLP).
         dim, depth: model width and block count. Normally left out:
-            :func:`tokenmerge.patch` binds the reducer to the model (:meth:`bind_model`).
+            :func:`tokenmerge.patch` binds the reducer to the model (:meth:`bind_blocks`).
     """
 
     name = "dtem"
@@ -177,35 +157,36 @@ class DTEM(TokenReducer):
     def _build(self, dim: int, depth: int) -> None:
         self.embeds = nn.ModuleList(MergeEmbedding(dim, self.embed_dim, self.hidden_dim) for _ in range(depth))
 
-    def bind_model(self, model: nn.Module) -> None:
-        """Build one embedding module per block of ``model`` (called by :func:`tokenmerge.patch`).
+    def bind_blocks(self, blocks, architecture: str = "") -> None:
+        """Build one embedding module per block (called by :func:`tokenmerge.patch`).
 
-        A reducer that already has modules (trained, loaded, or built with ``dim``/``depth``)
-        keeps them if they fit the model and raises otherwise.
+        ``blocks`` are a patched model's blocks; they expose ``_tm_key_projection()`` and
+        ``_tm_norm1_module`` whatever the backend. A reducer that already has modules
+        (trained, loaded, or built with ``dim``/``depth``) keeps them if they fit the model
+        and raises otherwise.
         """
-        info = _describe(model)
+        weight, _, _, head_dim = blocks[0]._tm_key_projection()
+        width, depth = int(weight.shape[1]), len(blocks)
         if len(self.embeds):
-            if (self.dim, self.depth) != (info["width"], info["depth"]):
+            if (self.dim, self.depth) != (width, depth):
                 raise ValueError(
                     f"this DTEM reducer has modules for width {self.dim} and depth {self.depth}; "
-                    f"the model has width {info['width']} and depth {info['depth']}"
+                    f"the model has width {width} and depth {depth}"
                 )
-            self.architecture = self.architecture or info["architecture"]
+            self.architecture = self.architecture or architecture
             return
-        self._build(info["width"], info["depth"])
-        keys_fit = self.hidden_dim is None and info["head_dim"] == self.embed_dim
+        self._build(width, depth)
+        keys_fit = self.hidden_dim is None and head_dim == self.embed_dim
         if self.init == "keys" and not keys_fit:
             raise ValueError(
-                f"init='keys' needs embed_dim == the head width ({info['head_dim']}) and no MLP; "
+                f"init='keys' needs embed_dim == the head width ({head_dim}) and no MLP; "
                 f"got embed_dim={self.embed_dim}, hidden_dim={self.hidden_dim}"
             )
         if self.init == "keys" or (self.init == "auto" and keys_fit):
-            for embed, block in zip(self.embeds, model.blocks):
+            for embed, block in zip(self.embeds, blocks):
                 embed.init_from_keys(block)
-        self.architecture = info["architecture"]
-        param = next(model.parameters(), None)
-        if param is not None:
-            self.to(device=param.device)
+        self.architecture = architecture
+        self.to(device=weight.device)
 
     def _embedding(self, x: torch.Tensor, block_index: int) -> torch.Tensor:
         if not len(self.embeds):
@@ -311,8 +292,7 @@ def load_merge_modules(model: nn.Module, path) -> nn.Module:
 
     reducer = _dtem_of(model)
     meta = read_merge_module_metadata(path)
-    info = _describe(model) if hasattr(model, "blocks") else {
-        "architecture": reducer.architecture, "width": reducer.dim, "depth": reducer.depth}
+    info = {"architecture": reducer.architecture, "width": reducer.dim, "depth": reducer.depth}
     width, depth = int(meta["width"]), int(meta["depth"])
     arch = meta.get("architecture", "")
     trained_for = f"{arch or 'a ViT'} (width {width}, depth {depth})"
