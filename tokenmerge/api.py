@@ -73,6 +73,7 @@ def patch(
     schedule = validate_schedule(KeepRatio(keep_ratio) if keep_ratio is not None else r)
     backend = _backend_for(model)
     reducer = method if isinstance(method, nn.Module) else create_reducer(method, **method_options)
+    reducer.train(model.training)  # a new policy follows the model's train/eval mode
     if num_protected is None:
         num_protected = _prefix_tokens(model)
     config = MergeConfig(schedule, num_protected, attention_impl, trace_source, layout)
