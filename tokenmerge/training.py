@@ -343,7 +343,8 @@ def train(
     model = build_model(config, model).to(device)
     groups = _set_train_mode(model, config)
     image_size = model.patch_embed.img_size[0]
-    dataset = image_folder(root, limit=config.limit, transform=train_transform(image_size))
+    # a --limit subset is spread over the folder so that it covers every class
+    dataset = image_folder(root, limit=config.limit, transform=train_transform(image_size), spread=True)
     data = SeededAugment(dataset, config.seed)
 
     per_epoch = (len(dataset) // world) // config.batch_size

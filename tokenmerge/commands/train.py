@@ -61,7 +61,7 @@ def _configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backbone-lr", type=float, default=1e-5, help="the ViT's lr in dtem end2end")
     parser.add_argument("--weight-decay", type=float, default=0.05)
     parser.add_argument("--warmup-steps", type=int, default=20)
-    parser.add_argument("--limit", type=_positive_int, default=None, help="use the first N training images")
+    parser.add_argument("--limit", type=_positive_int, default=None, help="use N training images, evenly spaced over the (class-sorted) folder")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="runs/train", help="output folder (checkpoints, modules, results)")
     parser.add_argument("--checkpoint-every", type=_positive_int, default=50, help="steps")

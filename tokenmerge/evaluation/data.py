@@ -40,8 +40,13 @@ def _checked_loader(path: str):
         raise ValueError(f"{path} is not a readable image ({err}); remove it from the dataset folder") from None
 
 
-def image_folder(root, image_size: int = 224, limit: Optional[int] = None, transform=None):
-    """A torchvision ``ImageFolder`` (classes = sorted sub-folders), optionally its first ``limit`` images.
+def image_folder(root, image_size: int = 224, limit: Optional[int] = None, transform=None,
+                 spread: bool = False):
+    """A torchvision ``ImageFolder`` (classes = sorted sub-folders), optionally ``limit`` images.
+
+    ``limit`` takes the first images in sorted order (reproducible evaluation subsets), or
+    with ``spread=True`` evenly spaced ones, so that a training subset covers every class
+    (the first images of a sorted folder are all of the first classes).
 
     Raises a clear error for a missing folder, a folder without class sub-folders, or files
     that are not images.
@@ -66,7 +71,11 @@ def image_folder(root, image_size: int = 224, limit: Optional[int] = None, trans
     if limit is not None:
         if limit <= 0:
             raise ValueError(f"limit must be positive, got {limit}")
-        dataset = torch.utils.data.Subset(dataset, range(min(limit, len(dataset))))
+        count = min(limit, len(dataset))
+        indices = range(count)
+        if spread:
+            indices = [i * len(dataset) // count for i in range(count)]
+        dataset = torch.utils.data.Subset(dataset, indices)
     return dataset
 
 
