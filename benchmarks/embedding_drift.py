@@ -19,6 +19,7 @@ from tokenmerge.evaluation.data import image_folder, image_loader
 from tokenmerge.models import load_model
 
 VAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "imagenette" / "val"
+DTEM_MODULES = Path(tokenmerge.__file__).parent / "assets" / "dtem_vit_tiny_patch16_224.imagenette.r16.safetensors"
 
 
 @torch.inference_mode()
@@ -36,6 +37,7 @@ def main():
     parser.add_argument("--limit", type=int, default=500)
     parser.add_argument("--r", type=int, nargs="+", default=[8, 16])
     parser.add_argument("--methods", nargs="+", default=["tome"])
+    parser.add_argument("--dtem-modules", default=str(DTEM_MODULES), help="trained modules for method dtem")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -48,6 +50,8 @@ def main():
     for method in args.methods:
         for r in args.r:
             merged = tokenmerge.patch(copy.deepcopy(base), method=method, r=r)
+            if method == "dtem":
+                tokenmerge.load_merge_modules(merged, args.dtem_modules)
             cosine = torch.nn.functional.cosine_similarity(embeddings(merged, images), reference, dim=-1)
             p5 = cosine.quantile(0.05).item()
             print(f"{method:6s}  {r:2d}  {cosine.mean().item():.4f}       {cosine.min().item():.4f}  {p5:.4f}")
