@@ -11,6 +11,8 @@ import pytest
 import torch
 
 import tokenmerge
+from tokenmerge.core.matching import bipartite_max_reduction
+from tokenmerge.core.schedule import resolve_schedule
 from tokenmerge.cli import main
 from tokenmerge.evaluation import sweep
 from tokenmerge.evaluation.pareto import pareto_figure, save_pareto_plot
@@ -96,6 +98,11 @@ def test_rows_have_flops_tokens_and_same_run_speedup(eval_run):
     assert r13["tokens_in"] == 197 and r13["tokens_out"] == 197 - 12 * 13
     assert r13["gflops"] < 0.75 * base["gflops"]
     assert r13["speedup"] == pytest.approx(r13["images_per_s"] / base["images_per_s"])
+    # 13:-1 removes 26 tokens in the first block, decreasing to 0 in the last
+    removed = resolve_schedule((13, -1.0), 12, 197, 1, bipartite_max_reduction)
+    assert removed[0] == 26 and removed[-1] == 0
+    assert decreasing["tokens_out"] == 197 - sum(removed)
+    assert decreasing["gflops"] < r13["gflops"]
     csv_lines = (out / "results.csv").read_text().splitlines()
     assert csv_lines[0].startswith("method,schedule,options,accuracy,gflops")
     assert len(csv_lines) == 1 + 3

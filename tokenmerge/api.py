@@ -52,7 +52,8 @@ def patch(
         model: a timm ``VisionTransformer`` (ViT, DeiT, DeiT-3, ...) or a supported
             Hugging Face vision encoder.
         method: ``"tome"``, ``"dtem"``, ``"tcvit"`` or a baseline (``tokenmerge.list_methods()``).
-        r: tokens removed per block: an int, ``(r, inflection)``, or a per-block list.
+        r: tokens removed per block: an int, ``(r, inflection)``, a per-block list, or a
+            :class:`~tokenmerge.KeepRatio` (any form :func:`tokenmerge.core.parse_schedule` returns).
         keep_ratio: instead of ``r``, keep this fraction of mergeable tokens in every block.
         trace_source: track which patches each token covers (visualisation, unmerging).
         attention_impl: how proportional attention reaches the fused kernel

@@ -22,14 +22,12 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from typing import Optional
-
 import torch
 
 from ..core.attention import ATTENTION_IMPLS, size_bias
 from ..core.merge import MergePlan, initial_sources, merge_tokens, unmerge_tokens
 from ..core.schedule import resolve_local_schedule, resolve_schedule, tokens_per_block
-from ..methods.base import AttentionTensors, TokenReducer, TokenState
+from ..methods.base import TokenReducer, TokenState
 
 __all__ = [
     "LAYOUTS",

@@ -50,9 +50,7 @@ def _variants(base, method, schedules, with_bound, compile_models):
         label = format_schedule(schedule)
         methods = [method] + (["drop"] if with_bound and method != "drop" else [])
         for name in methods:
-            model = tokenmerge.patch(copy.deepcopy(base), method=name, r=schedule) if not isinstance(
-                schedule, tokenmerge.KeepRatio) else tokenmerge.patch(
-                copy.deepcopy(base), method=name, keep_ratio=schedule.ratio)
+            model = tokenmerge.patch(copy.deepcopy(base), method=name, r=schedule)
             variants[f"{name} {label}"] = (model, name, label)
     timed = {}
     for key, (model, name, label) in variants.items():

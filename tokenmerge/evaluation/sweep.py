@@ -23,7 +23,7 @@ from typing import Dict, Iterable, List, Optional, Sequence
 import torch
 from torch import nn
 
-from ..core.schedule import KeepRatio, ScheduleClampedWarning, format_schedule, parse_schedule
+from ..core.schedule import ScheduleClampedWarning, format_schedule, parse_schedule
 from .accuracy import evaluate_accuracy
 from .flops import count_gflops
 from .throughput import measure_throughput
@@ -127,10 +127,7 @@ def build_variant(base: nn.Module, variant: Variant) -> nn.Module:
     # repeat for every variant of the grid.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ScheduleClampedWarning)
-        if isinstance(schedule, KeepRatio):
-            model = tokenmerge.patch(model, method=variant.method, keep_ratio=schedule.ratio, **options)
-        else:
-            model = tokenmerge.patch(model, method=variant.method, r=schedule, **options)
+        model = tokenmerge.patch(model, method=variant.method, r=schedule, **options)
     if modules is not None:
         from ..methods.dtem import load_merge_modules
 
