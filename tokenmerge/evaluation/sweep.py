@@ -73,9 +73,14 @@ class Variant:
     def label(self) -> str:
         if self.method == UNMODIFIED:
             return "unmodified"
-        # File options (DTEM modules) by file name: the full path would swamp tables and legends.
-        extra = "".join(f" {k}={Path(v).name if k == 'modules' else v}" for k, v in self.options)
-        return f"{self.method} r={self.schedule}{extra}"
+        extra = options_label(dict(self.options))
+        return f"{self.method} r={self.schedule}" + (f" {extra}" if extra else "")
+
+
+def options_label(options: dict) -> str:
+    """``k=v`` pairs; file options (DTEM modules) by file name, as full paths would swamp
+    tables and legends."""
+    return " ".join(f"{k}={Path(v).name if k == 'modules' else v}" for k, v in sorted(options.items()))
 
 
 def parse_option(text: str):
@@ -372,7 +377,7 @@ def format_rows(rows: Sequence[dict]) -> str:
         lines.append([
             row["method"],
             row["schedule"],
-            " ".join(f"{k}={v}" for k, v in sorted(row.get("options", {}).items())) or "-",
+            options_label(row.get("options", {})) or "-",
             tokens,
             _cell(row.get("accuracy"), ".2f"),
             _cell(row.get("gflops"), ".3f"),
