@@ -9,7 +9,7 @@ the map equals the unmodified model's patch tokens bit for bit.
 Works for the timm backend (``model.forward_tokens(images)``), the Hugging Face backend
 (the vision trunk's ``forward_tokens``) and for unpatched models of either kind (whose patch
 tokens are simply reshaped). For models that need every token at every block, patch with
-``layout="local"`` instead (tomesd layout, Hugging Face backend): its outputs keep all
+``layout="local"`` instead (tomesd layout, timm and Hugging Face): its outputs keep all
 tokens and need no unmerging.
 
     >>> tokenmerge.patch(model, "tome", r=8, trace_source=True)
