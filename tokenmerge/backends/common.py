@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
+from typing import Optional
 import torch
 
 from ..core.attention import ATTENTION_IMPLS, size_bias
@@ -33,6 +34,7 @@ __all__ = [
     "LAYOUTS",
     "MergeConfig",
     "MergingBlockMixin",
+    "MergingModelMixin",
     "plan_from_sources",
     "run_blocks",
     "resolve_block_schedule",
@@ -146,6 +148,29 @@ class MergingBlockMixin:
         x = x + unmerge_tokens(self._tm_after_attn(attn_out), plan.assign)
         merged, _ = merge_tokens(self._tm_norm2(x), None, plan)
         return x + unmerge_tokens(self._tm_after_mlp(self._tm_mlp(merged)), plan.assign)
+
+
+class MergingModelMixin:
+    """Schedules of a patched model. Backend hooks: ``_tm_blocks`` (the merging blocks, in
+    order) and ``_tm_default_tokens()`` (tokens entering the first block at the model's
+    default input size)."""
+
+    def tokenmerge_schedule(self, num_tokens: Optional[int] = None) -> tuple:
+        """Tokens removed by each block for an input of ``num_tokens`` tokens (default size)."""
+        if num_tokens is None:
+            num_tokens = self._tm_default_tokens()
+        cache = self._tokenmerge_schedules
+        if num_tokens not in cache:
+            cache[num_tokens] = resolve_block_schedule(
+                self.tokenmerge_config, self.token_reducer, len(self._tm_blocks), num_tokens
+            )
+        return cache[num_tokens]
+
+    def tokens_per_block(self, num_tokens: Optional[int] = None) -> list:
+        """Tokens entering each block, then the count leaving the last one."""
+        if num_tokens is None:
+            num_tokens = self._tm_default_tokens()
+        return block_token_counts(self.tokenmerge_config, self.tokenmerge_schedule(num_tokens), num_tokens)
 
 
 def resolve_block_schedule(config: MergeConfig, reducer: TokenReducer, num_blocks: int, num_tokens: int) -> tuple:

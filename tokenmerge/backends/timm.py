@@ -23,9 +23,8 @@ from ..methods.base import AttentionTensors, TokenReducer, TokenState
 from .common import (
     MergeConfig,
     MergingBlockMixin,
-    block_token_counts,
+    MergingModelMixin,
     patched_class,
-    resolve_block_schedule,
     run_blocks,
 )
 
@@ -131,7 +130,7 @@ class TimmBlockMixin(MergingBlockMixin):
         return self.forward(x)
 
 
-class MergingVisionTransformerMixin:
+class MergingVisionTransformerMixin(MergingModelMixin):
     """Mixin for timm ``VisionTransformer``: token reduction in every block.
 
     ``forward_tokens(images)`` returns the final :class:`TokenState` (tokens after the
@@ -139,22 +138,12 @@ class MergingVisionTransformerMixin:
     ``forward_head`` accepts ``token_sizes`` for size-weighted average pooling.
     """
 
-    def tokenmerge_schedule(self, num_tokens: Optional[int] = None) -> tuple:
-        """Tokens removed by each block for an input of ``num_tokens`` tokens (default size)."""
-        if num_tokens is None:
-            num_tokens = _default_num_tokens(self)
-        cache = self._tokenmerge_schedules
-        if num_tokens not in cache:
-            cache[num_tokens] = resolve_block_schedule(
-                self.tokenmerge_config, self.token_reducer, len(self.blocks), num_tokens
-            )
-        return cache[num_tokens]
+    @property
+    def _tm_blocks(self):
+        return self.blocks
 
-    def tokens_per_block(self, num_tokens: Optional[int] = None) -> list:
-        """Tokens entering each block, then the count leaving the last one."""
-        if num_tokens is None:
-            num_tokens = _default_num_tokens(self)
-        return block_token_counts(self.tokenmerge_config, self.tokenmerge_schedule(num_tokens), num_tokens)
+    def _tm_default_tokens(self) -> int:
+        return _default_num_tokens(self)
 
     def forward_tokens(self, x: torch.Tensor) -> TokenState:
         """Images ``[B, 3, H, W]`` -> final :class:`TokenState` (after the final norm)."""

@@ -66,9 +66,8 @@ from ..methods.base import AttentionTensors, TokenReducer, TokenState
 from .common import (
     MergeConfig,
     MergingBlockMixin,
-    block_token_counts,
+    MergingModelMixin,
     patched_class,
-    resolve_block_schedule,
     run_blocks,
 )
 
@@ -262,7 +261,7 @@ def _reject_unsupported(attention_mask, kwargs) -> tuple:
     return kwargs.pop("return_dict", None), kwargs.pop("output_hidden_states", None)
 
 
-class _MergingTrunkMixin:
+class _MergingTrunkMixin(MergingModelMixin):
     """Token reduction for an HF vision trunk (the module with embeddings and layers).
 
     Family mixins provide ``_tm_layers``, ``_tm_embed(pixel_values, **embed_kwargs)`` (tokens
@@ -276,22 +275,9 @@ class _MergingTrunkMixin:
     def _tm_default_tokens(self) -> int:
         return self._tm_patch_count() + prefix_tokens(self)
 
-    def tokenmerge_schedule(self, num_tokens: Optional[int] = None) -> tuple:
-        """Tokens removed by each layer for an input of ``num_tokens`` tokens (default size)."""
-        if num_tokens is None:
-            num_tokens = self._tm_default_tokens()
-        cache = self._tokenmerge_schedules
-        if num_tokens not in cache:
-            cache[num_tokens] = resolve_block_schedule(
-                self.tokenmerge_config, self.token_reducer, len(self._tm_layers), num_tokens
-            )
-        return cache[num_tokens]
-
-    def tokens_per_block(self, num_tokens: Optional[int] = None) -> list:
-        """Tokens entering each layer, then the count leaving the last one."""
-        if num_tokens is None:
-            num_tokens = self._tm_default_tokens()
-        return block_token_counts(self.tokenmerge_config, self.tokenmerge_schedule(num_tokens), num_tokens)
+    @property
+    def _tm_blocks(self):
+        return self._tm_layers
 
     def _tm_run(self, pixel_values, collect_hidden: bool = False, **embed_kwargs):
         """Images -> ``(final TokenState, hidden states tuple or None)``."""
