@@ -218,9 +218,9 @@ def test_r0_reproduces_unmodified_model_exactly(method, images):
 @pytest.mark.parametrize("method", ["evit", "prune"])
 def test_class_attention_methods_need_a_class_token(method, images):
     model = small_vit(class_token=False, global_pool="avg")
-    tokenmerge.patch(model, method=method, r=4)
     with pytest.raises(ValueError, match="no protected class token"):
-        model(images)
+        tokenmerge.patch(model, method=method, r=4)
+    assert not tokenmerge.is_patched(model)
 
 
 def test_random_runs_without_class_token(images):

@@ -288,9 +288,15 @@ def test_connectivity_only_runs_without_class_token(images):
 
 def test_dominance_without_class_token_is_a_clear_error(images):
     model = small_vit(class_token=False, global_pool="avg")
-    tokenmerge.patch(model, method="tcvit", r=10, dominance_weight=0.5)
     with pytest.raises(ValueError, match="dominance_weight=0"):
-        model(images)
+        tokenmerge.patch(model, method="tcvit", r=10, dominance_weight=0.5)
+    assert not tokenmerge.is_patched(model)
+    # the policy used on its own (no patch) checks at plan time too
+    reducer = tokenmerge.create_reducer("tcvit", dominance_weight=0.5)
+    q = k = torch.randn(1, 2, 8, 4)
+    attn = tokenmerge.methods.AttentionTensors(q, k, None, 0.5)
+    with pytest.raises(ValueError, match="dominance_weight=0"):
+        reducer.plan(torch.randn(1, 8, 4), attn, 2, 0, 0)
 
 
 @pytest.mark.parametrize(

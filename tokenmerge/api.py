@@ -78,6 +78,7 @@ def patch(
     if num_protected is None:
         num_protected = _prefix_tokens(model)
     config = MergeConfig(schedule, num_protected, attention_impl, trace_source, layout)
+    reducer.check_protected(config.num_protected)
     backend.patch(model, reducer, config)
     if hasattr(reducer, "bind_blocks"):
         # Methods with per-block parameters (DTEM) size them from the patched blocks.

@@ -75,8 +75,11 @@ class EViT(TokenReducer):
         # At least one kept candidate beside the fused token.
         return max(0, num_tokens - num_protected - 2)
 
-    def plan(self, x, attn: AttentionTensors, r, num_protected, block_index) -> MergePlan:
+    def check_protected(self, num_protected: int) -> None:
         require_class_token(num_protected, "evit", "Use method='tcvit' with dominance_weight=0 or 'tome'.")
+
+    def plan(self, x, attn: AttentionTensors, r, num_protected, block_index) -> MergePlan:
+        self.check_protected(num_protected)
         num_candidates = x.shape[1] - num_protected
         if not 1 <= r <= num_candidates - 2:
             raise ValueError(
@@ -103,8 +106,11 @@ class ClassAttentionPrune(TokenReducer):
     def max_reduction(self, num_tokens: int, num_protected: int) -> int:
         return select_and_fuse_max_reduction(num_tokens, num_protected)
 
-    def plan(self, x, attn: AttentionTensors, r, num_protected, block_index) -> MergePlan:
+    def check_protected(self, num_protected: int) -> None:
         require_class_token(num_protected, "prune", "Use method='tcvit' with dominance_weight=0 and fuse=False.")
+
+    def plan(self, x, attn: AttentionTensors, r, num_protected, block_index) -> MergePlan:
+        self.check_protected(num_protected)
         num_candidates = x.shape[1] - num_protected
         if not 0 <= r < num_candidates:
             raise ValueError(f"prune keeps at least one of {num_candidates} candidate tokens, asked r={r}")

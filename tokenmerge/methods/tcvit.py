@@ -105,13 +105,16 @@ class TCViT(TokenReducer):
     def max_reduction(self, num_tokens: int, num_protected: int) -> int:
         return select_and_fuse_max_reduction(num_tokens, num_protected)
 
-    def plan(self, x, attn: AttentionTensors, r, num_protected, block_index) -> MergePlan:
+    def check_protected(self, num_protected: int) -> None:
         if self.dominance_weight > 0:
             require_class_token(
                 num_protected,
                 "tcvit with dominance_weight > 0",
                 "Use dominance_weight=0 (connectivity only) for such models.",
             )
+
+    def plan(self, x, attn: AttentionTensors, r, num_protected, block_index) -> MergePlan:
+        self.check_protected(num_protected)
         with torch.no_grad():
             relevance = token_relevance(
                 attn.q, attn.k, attn.log_size, attn.scale, num_protected,
