@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import platform
 
@@ -43,14 +42,15 @@ def add_parser(subparsers) -> None:
 
 
 def _variants(base, method, schedules, with_bound, compile_models):
-    import tokenmerge
+    from ..evaluation.sweep import Variant, build_variant
 
     variants = {"unmodified": (base, None, None)}
     for schedule in schedules:
         label = format_schedule(schedule)
         methods = [method] + (["drop"] if with_bound and method != "drop" else [])
         for name in methods:
-            model = tokenmerge.patch(copy.deepcopy(base), method=name, r=schedule)
+            # Variants share the base model's weights: a sweep of a large model fits in memory.
+            model = build_variant(base, Variant.create(name, schedule))
             variants[f"{name} {label}"] = (model, name, label)
     timed = {}
     for key, (model, name, label) in variants.items():

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .throughput import autocast_for
+
 __all__ = ["evaluate_accuracy", "predict"]
 
 
@@ -19,7 +21,7 @@ def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 128, devic
     starts = range(0, len(images), batch_size)
     for start in tqdm(starts, desc="evaluating", disable=not progress, leave=False):
         batch = images[start:start + batch_size].to(device)
-        with torch.autocast(device_type=torch.device(device).type, dtype=dtype, enabled=dtype is not None):
+        with autocast_for(device, dtype):
             logits = model(batch)
         out.append(logits.float().argmax(dim=-1).cpu())
     return torch.cat(out)

@@ -13,13 +13,11 @@ hence the least accuracy lost). Two cost measures:
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 from torch import nn
 
-from ..core.schedule import ScheduleClampedWarning
 from .flops import count_gflops
 from .throughput import measure_throughput
 
@@ -77,12 +75,9 @@ def max_useful_r(model: nn.Module) -> int:
 
 
 def _patched(base: nn.Module, method: str, r: int, options: dict) -> nn.Module:
-    import tokenmerge
-    from .sweep import _shared_copy
+    from .sweep import Variant, build_variant
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ScheduleClampedWarning)
-        return tokenmerge.patch(_shared_copy(base), method=method, r=r, **options)
+    return build_variant(base, Variant.create(method, r, options))
 
 
 def search_budget(

@@ -287,17 +287,10 @@ def run_sweep(
     """
     from tqdm.auto import tqdm
 
-    variants = list(dict.fromkeys(variants))
     unmodified = Variant(UNMODIFIED)
-    if unmodified not in variants:
-        variants.insert(0, unmodified)
-    else:
-        variants.remove(unmodified)
-        variants.insert(0, unmodified)
+    variants = [unmodified] + [v for v in dict.fromkeys(variants) if v != unmodified]
     cache = cache if cache is not None else ResultCache(None)
     context = context or {}
-    if dtype == torch.float32:
-        dtype = None  # float32 is no autocast (CPU autocast rejects a float32 target)
     base = base.to(device).eval()
     models = {}
     rows = []
