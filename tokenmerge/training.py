@@ -187,8 +187,10 @@ def build_model(config: TrainConfig, model: Optional[nn.Module] = None) -> nn.Mo
     if model is None:
         model = load_model(config.model, checkpoint=config.checkpoint, num_classes=config.num_classes,
                            **config.model_kwargs)
+    from .core.matching import bipartite_max_reduction
+
     num_tokens = model.patch_embed.num_patches + model.num_prefix_tokens
-    limit = (num_tokens - model.num_prefix_tokens) // 2
+    limit = bipartite_max_reduction(num_tokens, model.num_prefix_tokens)
     if config.r > limit:
         raise ValueError(
             f"--r {config.r} is more than one block can merge: the model has {num_tokens} tokens "

@@ -22,7 +22,7 @@ from ..core.relevance import (
 )
 from .base import AttentionTensors, TokenReducer
 from .registry import register_method
-from .tcvit import require_class_token, select_and_fuse_max_reduction
+from .tcvit import TCViT, require_class_token, select_and_fuse_max_reduction
 
 __all__ = ["EViT", "RandomMerge", "ClassAttentionPrune", "fuse_rest_into_one_plan"]
 
@@ -93,31 +93,24 @@ class EViT(TokenReducer):
 
 
 @register_method
-class ClassAttentionPrune(TokenReducer):
+class ClassAttentionPrune(TCViT):
     """Pruning by class attention: keep the candidates the class token attends to most and
     discard the rest, with no fusion (sizes stay untracked; attention stays unbiased).
 
-    Needs a class token (``num_protected >= 1``).
+    This is exactly TC-ViT's select-and-fuse with ``dominance_weight=1, fuse=False``, so it
+    reuses that policy; it takes no options. Needs a class token (``num_protected >= 1``).
     """
 
     name = "prune"
-    tracks_size = False
 
-    def max_reduction(self, num_tokens: int, num_protected: int) -> int:
-        return select_and_fuse_max_reduction(num_tokens, num_protected)
+    def __init__(self):
+        super().__init__(order=1, dominance_weight=1.0, fuse=False)
 
     def check_protected(self, num_protected: int) -> None:
         require_class_token(num_protected, "prune", "Use method='tcvit' with dominance_weight=0 and fuse=False.")
 
-    def plan(self, x, attn: AttentionTensors, r, num_protected, block_index) -> MergePlan:
-        self.check_protected(num_protected)
-        num_candidates = x.shape[1] - num_protected
-        if not 0 <= r < num_candidates:
-            raise ValueError(f"prune keeps at least one of {num_candidates} candidate tokens, asked r={r}")
-        with torch.no_grad():
-            scores = _class_attention_scores(attn, num_protected)
-            keep, rest = select_representatives(scores, num_candidates - r)
-            return select_and_fuse_plan(keep, rest, None, num_protected)
+    def extra_repr(self) -> str:
+        return f"method={self.name!r}"
 
 
 _FUSE_INTO = ("random", "connected")
