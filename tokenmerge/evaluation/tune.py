@@ -127,28 +127,33 @@ class TuneResult:
         return rows
 
     def save(self, out_dir) -> Path:
-        """Write ``best.json``, ``candidates.json`` and ``candidates.csv`` into ``out_dir``."""
+        """Write ``best.json``, ``candidates.json`` and ``candidates.csv`` into ``out_dir``
+        (each atomically: a kill leaves the previous file, never a torn one)."""
         import csv
+        import io
+
+        from ..io import atomic_write_json, atomic_write_text
 
         out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "best.json").write_text(json.dumps(self.config(), indent=2) + "\n")
-        summary = {
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"{out} is a file; give a folder for the tune results")
+        atomic_write_json(out / "best.json", self.config(), indent=2)
+        atomic_write_json(out / "candidates.json", {
             "objective": self.objective,
             "base_gflops": self.base_gflops,
             "target_gflops": self.target_gflops,
             "num_images": self.num_images,
             "seconds": self.seconds,
             "candidates": self.rows(),
-        }
-        (out / "candidates.json").write_text(json.dumps(summary, indent=2) + "\n")
+        }, indent=2)
         columns = ["method", "options", "stage", "r", "gflops", "loss", "kl", "agreement", "accuracy",
                    "images_per_s", "speedup", "best"]
-        with open(out / "candidates.csv", "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
-            writer.writeheader()
-            for row in self.rows():
-                writer.writerow({**row, "options": json.dumps(row["options"], sort_keys=True)})
+        table = io.StringIO()
+        writer = csv.DictWriter(table, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+        writer.writeheader()
+        for row in self.rows():
+            writer.writerow({**row, "options": json.dumps(row["options"], sort_keys=True)})
+        atomic_write_text(out / "candidates.csv", table.getvalue())
         return out
 
 
