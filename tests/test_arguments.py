@@ -63,6 +63,7 @@ def test_an_output_folder_that_is_a_file_and_vice_versa(tmp_path, capsys):
     assert "is a folder" in parser_error(["eval", "--plot", str(tmp_path)], capsys)
     args = build_parser().parse_args(["eval", "--out", str(tmp_path / "new"), "--plot", str(tmp_path / "p.png")])
     assert args.out == tmp_path / "new" and args.plot == tmp_path / "p.png"
+    assert build_parser().parse_args(["eval", "--plot"]).plot == ""  # "the default path", not the cwd
 
 
 def test_good_values_pass_through():

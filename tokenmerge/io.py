@@ -145,7 +145,14 @@ def rewrite_jsonl(path, rows: Iterable[dict]) -> Path:
 # -- tensors ------------------------------------------------------------------------------
 def _damaged(path: Path, what: str, err: Exception, fix: str) -> ValueError:
     return ValueError(f"{what} {str(path)!r} cannot be read: it is corrupt, truncated or not a "
-                      f"{path.suffix or 'tensor'} file ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); {fix}")
+                      f"{path.suffix or 'tensor'} file ({_reason(err)}); {fix}")
+
+
+def _reason(err: Exception) -> str:
+    """The line of a loader's error that says what is wrong (torch's first line is advice)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    specific = [line for line in lines if "Unsupported operand" in line or "failed reading" in line]
+    return f"{type(err).__name__}: {(specific or lines or [''])[0][:200]}"
 
 
 def load_tensor_file(path, what: str = "file", fix: str = "replace it with an intact copy"):
