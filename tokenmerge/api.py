@@ -107,6 +107,8 @@ def patch(
     attention_impl: str = "auto",
     num_protected: Optional[int] = None,
     layout: str = "global",
+    prop_attn: Optional[bool] = None,
+    options: Optional[dict] = None,
     **method_options,
 ) -> nn.Module:
     """Make ``model`` merge tokens inside its blocks (in place; returns the model).
@@ -125,6 +127,12 @@ def patch(
         layout: ``"global"`` (ToMe: merged tokens stay merged to the end) or ``"local"``
             (tomesd: each block merges before attention/MLP and unmerges after, so every
             block outputs all tokens; see :mod:`tokenmerge.backends.common`).
+        prop_attn: proportional attention on (``True``) or off; ``None`` takes the method's
+            default (on for the merging methods, off for select-and-fuse ones, whose few
+            large representatives it over-weights; BENCHMARKS.md section 5 has the measurements).
+        options: the method's options as a dict (the form ``tokenmerge tune`` writes in
+            ``best.json``, so ``patch(model, **json.load(f))`` works); merged with
+            ``**method_options``.
         **method_options: options of the method (e.g. ``order=2`` for TC-ViT).
 
     ``r=0`` reproduces the unmodified model exactly. Patching a patched model replaces its
@@ -137,10 +145,23 @@ def patch(
         )
     schedule = validate_schedule(KeepRatio(keep_ratio) if keep_ratio is not None else r)
     backend = _backend_for(model)
+    if options is not None:
+        if not isinstance(options, dict):
+            raise TypeError(f"options must be a dict of method options, got {type(options).__name__}")
+        clash = sorted(set(options) & set(method_options))
+        if clash:
+            raise ValueError(f"method option(s) {clash} given both in options= and as keywords; give each once")
+        method_options = {**options, **method_options}
+    if "prop_attn" in method_options:  # an option of every method, also accepted inside options=
+        if prop_attn is not None:
+            raise ValueError("prop_attn given twice (as a keyword and inside options); give it once")
+        prop_attn = method_options.pop("prop_attn")
     reducer = _reducer_for(method, method_options)
+    if prop_attn is None:
+        prop_attn = reducer.default_prop_attn
     if num_protected is None:
         num_protected = _prefix_tokens(model)
-    config = MergeConfig(schedule, num_protected, attention_impl, trace_source, layout)
+    config = MergeConfig(schedule, num_protected, attention_impl, trace_source, layout, prop_attn)
     reducer.check_protected(config.num_protected)
     snapshot = _snapshot(model)
     try:

@@ -16,6 +16,7 @@ COMMANDS = [
     "tokenmerge.commands.visualize",
     "tokenmerge.commands.demo",
     "tokenmerge.commands.train",
+    "tokenmerge.commands.tune",
 ]
 
 
