@@ -38,6 +38,15 @@ __all__ = [
 ]
 
 
+def _read_umask() -> int:
+    mask = os.umask(0)  # the only way to read it; set back at once (at import, before any thread)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
+
+
 class NonFiniteError(ValueError):
     """A tensor about to be saved (or just loaded) holds NaN or inf."""
 
@@ -56,7 +65,7 @@ def atomic_write(path, write: Callable[[Path], None]) -> Path:
     temporary = Path(name)
     try:
         # mkstemp makes the file private (0600); give it the permissions a plain open() would.
-        os.chmod(temporary, 0o666 & ~_umask())
+        os.chmod(temporary, 0o666 & ~_UMASK)
         write(temporary)
         with open(temporary, "rb") as done:
             os.fsync(done.fileno())
@@ -65,12 +74,6 @@ def atomic_write(path, write: Callable[[Path], None]) -> Path:
         temporary.unlink(missing_ok=True)
         raise
     return path
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def atomic_write_text(path, text: str) -> Path:
