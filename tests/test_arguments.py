@@ -47,6 +47,8 @@ def parser_error(argv, capsys) -> str:
     (["train", "--model-kwargs", "{img_size: 32}"], "argument --model-kwargs: not valid JSON"),
     (["train", "--eval-r", "abc"], "argument --eval-r: cannot parse schedule"),
     (["train", "--resume", "--overwrite"], "not allowed with argument"),
+    (["tune", "--rounds", "-1"], "argument --rounds: must be an integer >= 0"),
+    (["tune", "--threads", "0"], "argument --threads: must be at least 1"),
 ])
 def test_bad_values_are_refused_by_the_parser(argv, message, capsys):
     assert message in parser_error(argv, capsys)
@@ -55,7 +57,7 @@ def test_bad_values_are_refused_by_the_parser(argv, message, capsys):
 def test_an_output_folder_that_is_a_file_and_vice_versa(tmp_path, capsys):
     a_file = tmp_path / "results.json"
     a_file.write_text("{}")
-    for command in ("eval", "demo", "train"):
+    for command in ("eval", "demo", "train", "tune"):
         assert "is a file, not a folder" in parser_error([command, "--out", str(a_file)], capsys)
     assert "is a file, not a folder" in parser_error(["eval", "--out", str(a_file / "sub")], capsys)
     err = parser_error(["visualize", "image.png", "--out", str(tmp_path)], capsys)
@@ -63,6 +65,7 @@ def test_an_output_folder_that_is_a_file_and_vice_versa(tmp_path, capsys):
     assert "is a folder" in parser_error(["eval", "--plot", str(tmp_path)], capsys)
     args = build_parser().parse_args(["eval", "--out", str(tmp_path / "new"), "--plot", str(tmp_path / "p.png")])
     assert args.out == tmp_path / "new" and args.plot == tmp_path / "p.png"
+    assert build_parser().parse_args(["eval", "--plot"]).plot == ""  # "the default path", not the cwd
 
 
 def test_good_values_pass_through():

@@ -297,6 +297,11 @@ def test_an_existing_run_is_refused_without_resume_or_overwrite(tiny_setup, tmp_
     assert {name: (tmp_path / name).read_bytes() for name in before} == before
     with pytest.raises(ValueError, match="pass one of them"):
         train(_config(tiny_setup, tmp_path, max_steps=3), resume=True, overwrite=True, on_step=_never_called)
+    # --overwrite removes the earlier run only once the new one has passed its checks.
+    with pytest.raises(ValueError, match="class folders"):
+        train(_config(tiny_setup, tmp_path, max_steps=3, num_classes=5, checkpoint=None), overwrite=True,
+              on_step=_never_called)
+    assert {name: (tmp_path / name).read_bytes() for name in before} == before
     train(_config(tiny_setup, tmp_path, max_steps=3), overwrite=True)
     assert _logged_steps(tmp_path) == [1, 2, 3]  # a fresh log, not appended to the old one
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"] == 3 != first["steps"]
@@ -319,9 +324,9 @@ def test_class_counts_and_eval_data_are_checked_before_step_1(tiny_setup, tmp_pa
     three_classes.mkdir()
     for c in range(3):
         (three_classes / f"class{c}").symlink_to(tiny_setup / "train" / f"class{c}", target_is_directory=True)
-    with pytest.raises(ValueError, match=r"head predicts 4 classes but --data .*three has 3"):
+    with pytest.raises(ValueError, match=r"head predicts 4 classes but the training data \(--data\) .*three has 3"):
         train(_config(tiny_setup, tmp_path / "a", data=str(three_classes)), on_step=_never_called)
-    with pytest.raises(ValueError, match=r"head predicts 4 classes but --eval-data .*three has 3"):
+    with pytest.raises(ValueError, match=r"head predicts 4 classes but the evaluation data \(--eval-data\) .*three has 3"):
         train(_config(tiny_setup, tmp_path / "b", eval_data=str(three_classes), eval_r=[2]), on_step=_never_called)
     with pytest.raises(FileNotFoundError, match=r"evaluation data .*nowhere.*--eval-data"):
         train(_config(tiny_setup, tmp_path / "c", eval_data=str(tmp_path / "nowhere"), eval_r=[2]),

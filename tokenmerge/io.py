@@ -38,6 +38,15 @@ __all__ = [
 ]
 
 
+def _read_umask() -> int:
+    mask = os.umask(0)  # the only way to read it; set back at once (at import, before any thread)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
+
+
 class NonFiniteError(ValueError):
     """A tensor about to be saved (or just loaded) holds NaN or inf."""
 
@@ -56,7 +65,7 @@ def atomic_write(path, write: Callable[[Path], None]) -> Path:
     temporary = Path(name)
     try:
         # mkstemp makes the file private (0600); give it the permissions a plain open() would.
-        os.chmod(temporary, 0o666 & ~_umask())
+        os.chmod(temporary, 0o666 & ~_UMASK)
         write(temporary)
         with open(temporary, "rb") as done:
             os.fsync(done.fileno())
@@ -65,12 +74,6 @@ def atomic_write(path, write: Callable[[Path], None]) -> Path:
         temporary.unlink(missing_ok=True)
         raise
     return path
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def atomic_write_text(path, text: str) -> Path:
@@ -145,7 +148,14 @@ def rewrite_jsonl(path, rows: Iterable[dict]) -> Path:
 # -- tensors ------------------------------------------------------------------------------
 def _damaged(path: Path, what: str, err: Exception, fix: str) -> ValueError:
     return ValueError(f"{what} {str(path)!r} cannot be read: it is corrupt, truncated or not a "
-                      f"{path.suffix or 'tensor'} file ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); {fix}")
+                      f"{path.suffix or 'tensor'} file ({_reason(err)}); {fix}")
+
+
+def _reason(err: Exception) -> str:
+    """The line of a loader's error that says what is wrong (torch's first line is advice)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    specific = [line for line in lines if "Unsupported operand" in line or "failed reading" in line]
+    return f"{type(err).__name__}: {(specific or lines or [''])[0][:200]}"
 
 
 def load_tensor_file(path, what: str = "file", fix: str = "replace it with an intact copy"):

@@ -412,8 +412,8 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, config: TrainConfig
 
 
 # -- the run folder ---------------------------------------------------------------------
-def _prepare_run_folder(out: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse to mix two runs in one folder; with ``overwrite``, remove the earlier run's files."""
+def _check_run_folder(out: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to mix two runs in one folder (``resume`` continues the run, ``overwrite`` replaces it)."""
     if resume and overwrite:
         raise ValueError("--resume continues the run in --out and --overwrite replaces it: pass one of them")
     if out.exists() and not out.is_dir():
@@ -424,9 +424,12 @@ def _prepare_run_folder(out: Path, resume: bool, overwrite: bool) -> None:
             f"{out} already holds a training run ({', '.join(existing)}); pass --resume to continue it "
             "or --overwrite to replace it (or choose another --out)"
         )
-    if overwrite:
-        for name in existing:
-            (out / name).unlink()
+
+
+def _remove_run_files(out: Path) -> None:
+    """``overwrite``: the earlier run's files go only once the new run has passed every check."""
+    for name in RUN_FILES:
+        (out / name).unlink(missing_ok=True)
 
 
 def _trim_log(log: Path, step: int) -> None:
@@ -437,12 +440,12 @@ def _trim_log(log: Path, step: int) -> None:
         rewrite_jsonl(log, [row for row in read_jsonl(log) if row.get("step", 0) <= step])
 
 
-def _check_classes(model: nn.Module, root: Path, classes: int, flag: str) -> None:
+def _check_classes(model: nn.Module, root: Path, classes: int, what: str) -> None:
     """The data's class folders must match the model's head (checked before step 1)."""
     head = getattr(model, "num_classes", None)
     if head is not None and head != classes:
         raise ValueError(
-            f"the model's head predicts {head} classes but {flag} {root} has {classes} class folders: use "
+            f"the model's head predicts {head} classes but the {what} {root} has {classes} class folders: use "
             f"data with {head} classes, or a model with {classes} (--num-classes {classes}, or a "
             f"--checkpoint trained for {classes})"
         )
@@ -507,7 +510,7 @@ def train(
     amp_dtype = torch.bfloat16 if device.type == "cuda" else None
     out = Path(config.out)
     if is_main:
-        _prepare_run_folder(out, resume, overwrite)
+        _check_run_folder(out, resume, overwrite)
 
     root = Path(config.data) if config.data else default_train_root()
     if not root.is_dir():
@@ -526,10 +529,10 @@ def train(
     image_size = model.patch_embed.img_size[0]
     # a --limit subset is spread over the folder so that it covers every class
     dataset = image_folder(root, limit=config.limit, transform=train_transform(image_size), spread=True)
-    _check_classes(model, root, len(_class_names(dataset)), "--data")
+    _check_classes(model, root, len(_class_names(dataset)), "training data (--data)")
     if eval_root is not None:
         _check_classes(model, eval_root, len(_class_names(image_folder(eval_root, transform=lambda x: x))),
-                       "--eval-data")
+                       "evaluation data (--eval-data)")
     data = SeededAugment(dataset, config.seed)
 
     per_epoch = (len(dataset) // world) // config.batch_size
@@ -550,6 +553,8 @@ def train(
         if is_main:
             print(f"resumed from {ckpt} at step {step}/{total}", flush=True)
     if is_main:
+        if overwrite:
+            _remove_run_files(out)
         out.mkdir(parents=True, exist_ok=True)
         if resume:
             _trim_log(log, step)

@@ -73,6 +73,8 @@ class MergeConfig:
             )
         if self.layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
+        if not isinstance(self.trace_source, bool):
+            raise TypeError(f"trace_source must be True or False, got {self.trace_source!r}")
         if isinstance(self.num_protected, bool) or not isinstance(self.num_protected, int) or self.num_protected < 0:
             raise ValueError(f"num_protected must be a non-negative int, got {self.num_protected!r}")
         if not isinstance(self.prop_attn, bool):

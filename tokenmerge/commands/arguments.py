@@ -146,8 +146,14 @@ def output_folder(text: str) -> Path:
     return path
 
 
-def output_file(text: str) -> Path:
-    """A file to write: refused if a folder of that name is in the way."""
+def output_file(text: str):
+    """A file to write: refused if a folder of that name is in the way.
+
+    ``""`` passes unchanged: it is the ``const`` of options such as ``--plot [PNG]`` (which
+    argparse also runs through the type), meaning "the default path".
+    """
+    if text == "":
+        return text
     path = Path(text)
     if path.is_dir():
         raise argparse.ArgumentTypeError(f"{text!r} is a folder: pass a file path such as {str(path / 'out.png')!r}")

@@ -7,6 +7,7 @@ import json
 import math
 from pathlib import Path
 
+from . import arguments
 from .common import add_device_arguments, add_model_arguments, model_from_args, resolve_device_arguments
 
 __all__ = ["add_parser", "run", "parse_candidate"]
@@ -76,14 +77,14 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--objective", choices=("kl", "agreement", "accuracy"), default="kl",
                         help="kl (default) / agreement: closeness to the unmodified model, no labels needed; "
                              "accuracy: top-1 on the labels")
-    parser.add_argument("--search-methods", type=int, default=1,
+    parser.add_argument("--search-methods", type=arguments.non_negative_int, default=1,
                         help="how many of the best constant-r methods get the per-block search (default 1)")
-    parser.add_argument("--rounds", type=int, default=3, help="search rounds (default 3)")
+    parser.add_argument("--rounds", type=arguments.non_negative_int, default=3, help="search rounds (default 3)")
     parser.add_argument("--probe-images", type=_positive_int, default=250,
                         help="calibration images each per-block probe runs on (default 250; proposals use all)")
     parser.add_argument("--batch-size", type=_positive_int, default=125)
     parser.add_argument("--no-timing", action="store_true", help="skip the throughput measurement")
-    parser.add_argument("--out", type=Path, default=Path("tokenmerge-tune"), help="output folder (default: tokenmerge-tune/)")
+    parser.add_argument("--out", type=arguments.output_folder, default=Path("tokenmerge-tune"), help="output folder (default: tokenmerge-tune/)")
     add_device_arguments(parser)
     parser.set_defaults(func=run)
 

@@ -54,6 +54,8 @@ def render(model, image, method: str, schedule, out, block=None, options=None) -
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.image.is_dir():
+        raise ValueError(f"{str(args.image)!r} is a folder: pass one image file")
     if not args.image.is_file():
         raise FileNotFoundError(f"image {str(args.image)!r} does not exist")
     options = method_options(args.method_option, [args.method])[args.method]

@@ -352,6 +352,8 @@ def _csv_text(rows: Sequence[dict]) -> str:
 def read_results(path) -> dict:
     """Load a ``results.json`` written by :func:`write_results` (clear error otherwise)."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{str(path)!r} is a folder: pass the results.json file in it")
     if not path.is_file():
         raise FileNotFoundError(f"results file {str(path)!r} does not exist (tokenmerge eval writes OUT/results.json)")
     try:
