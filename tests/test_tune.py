@@ -121,7 +121,7 @@ def test_tune_command_on_the_embedded_model(tmp_path, capsys):
 
     out = tmp_path / "tune"
     code = main(["tune", "--data", str(DEFAULT_DATA), "--limit", "10", "--gflops-fraction", "0.6",
-                 "--methods", "tome", "tome:prop_attn=false", "--rounds", "1", "--no-timing",
+                 "--methods", "tome", "tome:prop_attn=false", "--rounds", "0", "--no-timing",
                  "--threads", "2", "--out", str(out)])
     assert code == 0
     config = json.loads((out / "best.json").read_text())
@@ -139,3 +139,18 @@ def test_tune_command_rejects_bad_budgets(capsys):
         with pytest.raises(SystemExit):
             main(["tune", "--data", "x", *argv])
         assert "must be a finite number" in capsys.readouterr().err
+
+
+def test_model_kwargs_load_a_checkpoint_of_another_depth():
+    from pathlib import Path
+
+    from tokenmerge.cli import build_parser
+    from tokenmerge.commands.common import model_from_args
+
+    checkpoint = Path(__file__).resolve().parents[1] / "benchmarks/models/vit_tiny_d6_patch16_224.imagenette.safetensors"
+    args = build_parser().parse_args(["tune", "--data", "x", "--gflops-fraction", "0.5", "--checkpoint",
+                                      str(checkpoint), "--model-kwargs", '{"depth": 6}'])
+    assert len(model_from_args(args).blocks) == 6
+    args = build_parser().parse_args(["eval", "--checkpoint", str(checkpoint)])
+    with pytest.raises(ValueError, match="does not fit"):
+        model_from_args(args)

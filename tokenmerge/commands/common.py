@@ -30,6 +30,8 @@ def add_model_arguments(parser: argparse.ArgumentParser, default_model=None) -> 
     weights.add_argument("--pretrained", action="store_true", help="timm pretrained weights (needs network)")
     weights.add_argument("--checkpoint", help="local .safetensors or .pth state_dict with timm key names")
     parser.add_argument("--num-classes", type=arguments.positive_int, help="classifier size (default: the checkpoint's or timm's)")
+    parser.add_argument("--model-kwargs", type=arguments.json_object, default={}, metavar="JSON",
+                        help='extra timm.create_model arguments, e.g. \'{"depth": 6}\' for a checkpoint of another depth')
 
 
 def add_device_arguments(parser: argparse.ArgumentParser) -> None:
@@ -56,6 +58,6 @@ def model_from_args(args):
     from ..models import load_model
 
     model = load_model(args.model, checkpoint=args.checkpoint, num_classes=args.num_classes,
-                       pretrained=args.pretrained)
+                       pretrained=args.pretrained, **getattr(args, "model_kwargs", {}))
     check_patchable(model)
     return model

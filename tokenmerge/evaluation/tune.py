@@ -235,8 +235,7 @@ class _Scorer:
         self.method, self.options = method, dict(options)
         self.model = tokenmerge.patch(_shared_copy(base), method=method, r=0, prop_attn=prop_attn,
                                       **method_options).eval()
-        self.flop_model = tokenmerge.patch(_shared_copy(base), method=method, r=0, prop_attn=prop_attn,
-                                           **method_options).eval()
+        self.unmerged = base
         self.blocks = list(self.model._tm_blocks)
         self.reducer = self.model.token_reducer
         self.config = self.model.tokenmerge_config
@@ -247,6 +246,19 @@ class _Scorer:
         self.staged = hasattr(self.model, "_tm_embed") and hasattr(self.model, "_tm_logits")
         self.num_tokens = self.model._tm_default_tokens()
         self._flops: Dict[tuple, float] = {}
+        self._block_counts: Dict[tuple, int] = {}
+        self._outside_blocks: Optional[int] = None
+        # One image through the unmodified model gives the tokens entering the first block
+        # (patched blocks run without __call__, so the hook sits on the original's block).
+        first = next(name for name, module in self.model.named_modules() if module is self.blocks[0])
+        captured = []
+        hook = base.get_submodule(first).register_forward_pre_hook(lambda module, args: captured.append(args[0]))
+        try:
+            with torch.inference_mode():
+                _logits_of(base(self.batches[0][:1]))
+        finally:
+            hook.remove()
+        self._block_input = captured[0]
         # (schedule, [per block input: [per probe batch: TokenState]]): the incumbent's states
         self._cache: Optional[tuple] = None
 
@@ -260,16 +272,48 @@ class _Scorer:
                                 self.reducer.max_reduction, warn=False)
 
     def gflops(self, schedule: tuple) -> float:
-        """Counted GFLOPs per image at ``schedule`` (memoised)."""
-        if schedule not in self._flops:
-            import tokenmerge
+        """Counted GFLOPs per image at ``schedule`` (memoised).
 
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", ScheduleClampedWarning)
-                tokenmerge.patch(self.flop_model, method=self.reducer, r=list(schedule),
-                                 prop_attn=self.config.prop_attn, num_protected=self.config.num_protected)
-            self._flops[schedule] = count_gflops(self.flop_model, images=self.batches[0][:1])
+        The count is exact and cheap: ``torch.utils.flop_counter`` counts each block once per
+        (block, tokens in, r) on one dummy token sequence, and the embedding and head once;
+        the sum equals counting the whole patched model (tested), scoring work included.
+        """
+        schedule = tuple(schedule)
+        if schedule not in self._flops:
+            if self._outside_blocks is None:
+                self._count_outside_blocks()
+            total, n = self._outside_blocks, self.num_tokens
+            for i, r in enumerate(schedule):
+                total += self._block_flops(i, n, r)
+                n -= r
+            self._flops[schedule] = total / 1e9
         return self._flops[schedule]
+
+    @torch.inference_mode()
+    def _block_flops(self, index: int, num_tokens: int, r: int) -> int:
+        from torch.utils.flop_counter import FlopCounterMode
+
+        from ..methods.base import TokenState
+        from .flops import _cpu_attention_formula
+
+        # Blocks of one architecture cost the same: key by the block's parameter shapes, so a
+        # 12-block ViT counts each (tokens, r) once rather than twelve times.
+        block = self.blocks[index]
+        key = (type(block), tuple(p.shape for p in block.parameters()), num_tokens, r)
+        if key not in self._block_counts:
+            x = self._block_input.new_zeros(1, num_tokens, self._block_input.shape[-1]).normal_()
+            state = TokenState(x, x.new_ones(1, num_tokens, 1))
+            counter = FlopCounterMode(display=False, custom_mapping=_cpu_attention_formula())
+            with counter:
+                self.blocks[index].forward_tokens(state, r, self.reducer, self.config, index)
+            self._block_counts[key] = counter.get_total_flops()
+        return self._block_counts[key]
+
+    def _count_outside_blocks(self) -> None:
+        """FLOPs of everything but the blocks (patch embedding, head), from one unmerged count."""
+        whole = round(count_gflops(self.unmerged, images=self.batches[0][:1]) * 1e9)
+        blocks = sum(self._block_flops(i, self.num_tokens, 0) for i in range(self.num_blocks))
+        self._outside_blocks = whole - blocks
 
     @torch.inference_mode()
     def logits(self, schedule: tuple) -> torch.Tensor:
