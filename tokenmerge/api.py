@@ -129,7 +129,7 @@ def patch(
             block outputs all tokens; see :mod:`tokenmerge.backends.common`).
         prop_attn: proportional attention on (``True``) or off; ``None`` takes the method's
             default (on for the merging methods, off for select-and-fuse ones, whose few
-            large representatives it over-weights; BENCHMARKS.md section 5 has the measurements).
+            large representatives it over-weights; BENCHMARKS.md sections 4 and 6 have the measurements).
         options: the method's options as a dict (the form ``tokenmerge tune`` writes in
             ``best.json``, so ``patch(model, **json.load(f))`` works); merged with
             ``**method_options``.
