@@ -1,4 +1,5 @@
-"""Training: DTEM merge embeddings (modular or end-to-end) and ToMe fine-tuning.
+"""Training: DTEM merge embeddings (modular or end-to-end), and fine-tuning a ViT with
+ToMe, TC-ViT, EViT-style or pruning reduction in its forward; optional distillation.
 
 - ``method="dtem", mode="modular"``: the ViT is frozen (eval mode, no gradients); only the
   merge embeddings learn, through soft grouping + soft merging.
@@ -6,6 +7,22 @@
   ``backbone_lr``).
 - ``method="tome"``: fine-tune the ViT with ToMe's hard merge in the forward; the matching
   has no gradient, the merge back-propagates as the size-weighted average it is.
+- ``method="tcvit"`` / ``"evit"`` / ``"prune"`` (end-to-end only): fine-tune the ViT with
+  the method's hard select-and-fuse plan in the forward. The plan (which tokens are
+  representatives, where each other token goes) is discrete and gets no gradient, and
+  there is no straight-through estimator on the relevance scores: the gradient flows
+  through the fused values (size-weighted averages, or nothing for a pruned token) and
+  through attention, exactly as in ToMe's training. Why not straight-through: these
+  methods have no scorer of their own to learn; their relevance is a function of the
+  block's queries and keys, so a surrogate gradient on the selection would pull on the
+  attention weights to change which tokens survive, for an objective the forward never
+  computed. TC-ViT's paper and EViT fine-tune the ViT with the discrete condensation in
+  the forward, as here (DynamicViT needs Gumbel/straight-through only because it trains
+  a separate keep/drop predictor).
+- Distillation (``distill=True``, any method and mode): the loss mixes cross-entropy with
+  ``T^2 KL`` to a frozen teacher's softened logits (:mod:`tokenmerge.distillation`); the
+  teacher is the unmodified model (a copy made before patching) or ``teacher=CHECKPOINT``.
+  With ``distill_weight=1`` no labels are used, and ``data`` may be a flat image folder.
 
 Optimisation: AdamW, linear warmup then cosine decay (per step), cross-entropy, bf16
 autocast on CUDA (fp32 on CPU). Augmentation, kept simple: RandomResizedCrop(scale
@@ -48,7 +65,11 @@ __all__ = [
     "default_train_root",
 ]
 
-METHODS = ("dtem", "tome")
+METHODS = ("dtem", "tome", "tcvit", "evit", "prune")
+# Reduction policies without parameters of their own: only the ViT can learn (end2end).
+PARAMETER_FREE_METHODS = ("tome", "tcvit", "evit", "prune")
+# DTEM options that have TrainConfig fields of their own.
+DTEM_FIELD_OPTIONS = ("tau", "embed_dim", "hidden_dim")
 MODES = ("modular", "end2end")
 CHECKPOINT_NAME = "checkpoint.pt"
 
@@ -90,14 +111,32 @@ class TrainConfig:
     eval_r: Sequence[int] = ()
     eval_limit: Optional[int] = None
     progress: bool = True
+    method_options: dict = dataclasses.field(default_factory=dict)  # e.g. {"order": 2} for tcvit
+    distill: bool = False
+    distill_weight: float = 0.5  # share of the distillation term; 1.0: no labels used
+    distill_temperature: float = 1.0
+    teacher: Optional[str] = None  # checkpoint; None: the unmodified student (frozen copy)
+    teacher_model: Optional[str] = None  # the teacher checkpoint's timm name; None: the student's
+    # The teacher weights' fingerprint, filled in by train() and saved in checkpoints so that a
+    # resume with another teacher is refused; set it to pin the expected teacher.
+    teacher_fingerprint: Optional[str] = None
 
     def check(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"--method must be one of {METHODS} for training, got {self.method!r}")
         if self.mode not in MODES:
             raise ValueError(f"--mode must be one of {MODES}, got {self.mode!r}")
-        if self.method == "tome" and self.mode == "modular":
-            raise ValueError("ToMe has no parameters of its own: train it with --mode end2end")
+        if self.method in PARAMETER_FREE_METHODS and self.mode == "modular":
+            raise ValueError(
+                f"{self.method} has no parameters of its own (modular training would train nothing): "
+                "train it with --mode end2end"
+            )
+        if self.method == "dtem":
+            clash = sorted(set(self.method_options) & set(DTEM_FIELD_OPTIONS))
+            if clash:
+                raise ValueError(f"give dtem's {', '.join(clash)} as --{clash[0].replace('_', '-')} "
+                                 "(its own option), not as a method option")
+        self._check_distillation()
         if not self.tau > 0:
             raise ValueError(f"--tau must be > 0, got {self.tau}")
         if self.r < 1:
@@ -106,6 +145,25 @@ class TrainConfig:
             raise ValueError("--batch-size, --epochs and --max-steps must be positive")
         if self.checkpoint_every < 1:
             raise ValueError(f"--checkpoint-every must be >= 1, got {self.checkpoint_every}")
+
+    def _check_distillation(self) -> None:
+        if not self.distill:
+            if self.teacher is not None or self.teacher_model is not None:
+                raise ValueError("--teacher/--teacher-model choose the distillation teacher: add --distill")
+            return
+        if not 0.0 < self.distill_weight <= 1.0:
+            raise ValueError(
+                f"--distill-weight must lie in (0, 1] (the distillation share of the loss; 1.0 uses "
+                f"no labels), got {self.distill_weight}; without distillation drop --distill"
+            )
+        if not self.distill_temperature > 0:
+            raise ValueError(f"--distill-temperature must be > 0 (1-4 is usual), got {self.distill_temperature}")
+        if self.teacher_model is not None and self.teacher is None:
+            raise ValueError("--teacher-model names the architecture of --teacher CHECKPOINT: give the checkpoint too")
+
+    @property
+    def labels_needed(self) -> bool:
+        return not (self.distill and self.distill_weight == 1.0)
 
 
 # -- data -------------------------------------------------------------------------------
@@ -178,35 +236,65 @@ def warmup_cosine(warmup_steps: int, total_steps: int) -> Callable[[int], float]
 
 
 # -- model ------------------------------------------------------------------------------
+def load_student(config: TrainConfig) -> nn.Module:
+    """The model to train, as loaded (not patched yet)."""
+    from .models import load_model
+
+    return load_model(config.model, checkpoint=config.checkpoint, num_classes=config.num_classes,
+                      **config.model_kwargs)
+
+
 def build_model(config: TrainConfig, model: Optional[nn.Module] = None) -> nn.Module:
     """Load (unless given) and patch the model for training."""
     import tokenmerge
 
-    from .models import load_model
+    from .methods import create_reducer
 
     if model is None:
-        model = load_model(config.model, checkpoint=config.checkpoint, num_classes=config.num_classes,
-                           **config.model_kwargs)
-    from .core.matching import bipartite_max_reduction
-
+        model = load_student(config)
+    options = dict(config.method_options)
+    if config.method == "dtem":
+        options.update(tau=config.tau, embed_dim=config.embed_dim, hidden_dim=config.hidden_dim)
+    reducer = create_reducer(config.method, **options)
     num_tokens = model.patch_embed.num_patches + model.num_prefix_tokens
-    limit = bipartite_max_reduction(num_tokens, model.num_prefix_tokens)
+    # Each method's own limit (bipartite matching: half the candidates; select-and-fuse: all but one).
+    limit = reducer.max_reduction(num_tokens, model.num_prefix_tokens)
     if config.r > limit:
         raise ValueError(
-            f"--r {config.r} is more than one block can merge: the model has {num_tokens} tokens "
-            f"({model.num_prefix_tokens} protected), so r <= {limit}"
+            f"--r {config.r} is more than one block can merge with {config.method}: the model has "
+            f"{num_tokens} tokens ({model.num_prefix_tokens} protected), so r <= {limit}"
         )
-    if config.method == "dtem":
-        tokenmerge.patch(model, method="dtem", r=config.r, tau=config.tau, embed_dim=config.embed_dim,
-                         hidden_dim=config.hidden_dim)
-    else:
-        tokenmerge.patch(model, method="tome", r=config.r)
+    tokenmerge.patch(model, method=reducer, r=config.r)
     return model
+
+
+def build_teacher(config: TrainConfig, student: nn.Module) -> nn.Module:
+    """The frozen distillation teacher: ``config.teacher``, or a copy of the (unpatched) student.
+
+    Checked against the student (class count, input size) before any training.
+    """
+    from .distillation import check_teacher, frozen_copy, load_teacher
+
+    if config.teacher is None:
+        teacher = frozen_copy(student)
+    else:
+        architecture = config.teacher_model or config.model or _default_architecture()
+        # The student's timm options describe the teacher only when it is the same architecture.
+        kwargs = config.model_kwargs if config.teacher_model is None else {}
+        teacher = load_teacher(config.teacher, architecture, kwargs)
+    check_teacher(teacher, student.num_classes, tuple(student.patch_embed.img_size))
+    return teacher
+
+
+def _default_architecture() -> str:
+    from .models import DEFAULT_MODEL
+
+    return DEFAULT_MODEL
 
 
 def _set_train_mode(model: nn.Module, config: TrainConfig) -> list:
     """Freeze what the mode freezes; return the optimizer's parameter groups."""
-    if config.method == "tome":
+    if config.method in PARAMETER_FREE_METHODS:
         model.train()
         return [{"params": [p for p in model.parameters() if p.requires_grad], "lr": config.lr}]
     reducer = model.token_reducer
@@ -257,6 +345,7 @@ def _same_run_fields(config: TrainConfig) -> dict:
                      "eval_limit", "out"):
         fields.pop(volatile)
     fields["model_kwargs"] = json.dumps(fields["model_kwargs"], sort_keys=True)
+    fields["method_options"] = json.dumps(fields["method_options"], sort_keys=True)
     return fields
 
 
@@ -323,7 +412,7 @@ def train(
     """
     from tqdm.auto import tqdm
 
-    from .evaluation.data import image_folder
+    from .distillation import teacher_logits, training_images, training_loss
 
     config.check()
     rank, world, local_rank = _distributed()
@@ -342,11 +431,18 @@ def train(
         )
     torch.manual_seed(config.seed)
     random.seed(config.seed)
+    if model is None:
+        model = load_student(config)
+    teacher = None
+    if config.distill:
+        # Before patching: the default teacher is the unmodified model.
+        teacher = build_teacher(config, model).to(device)
+        config = _with_teacher_fingerprint(config, teacher)
     model = build_model(config, model).to(device)
     groups = _set_train_mode(model, config)
     image_size = model.patch_embed.img_size[0]
     # a --limit subset is spread over the folder so that it covers every class
-    dataset = image_folder(root, limit=config.limit, transform=train_transform(image_size), spread=True)
+    dataset = training_images(root, train_transform(image_size), config.limit, config.labels_needed)
     data = SeededAugment(dataset, config.seed)
 
     per_epoch = (len(dataset) // world) // config.batch_size
@@ -382,7 +478,6 @@ def train(
     log = open(out / "train_log.jsonl", "a") if is_main else None
     bar = tqdm(total=total, initial=step, desc=f"train {config.method}/{config.mode}", disable=not (is_main and config.progress))
     started = time.time()
-    loss_fn = nn.CrossEntropyLoss()
     while step < total:
         epoch, start_batch = divmod(step, per_epoch)
         indices = epoch_indices(len(dataset), config.seed, epoch, rank, world)[: per_epoch * config.batch_size]
@@ -393,7 +488,9 @@ def train(
         for images, labels in loader:
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                loss = loss_fn(train_model(images).float(), labels)
+                logits = train_model(images).float()
+                targets = None if teacher is None else teacher_logits(teacher, images)
+            loss = training_loss(logits, labels, targets, config.distill_weight, config.distill_temperature)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -424,6 +521,19 @@ def train(
 
         dist.barrier()
     return summary
+
+
+def _with_teacher_fingerprint(config: TrainConfig, teacher: nn.Module) -> TrainConfig:
+    """``config`` with the teacher's weights fingerprint (refusing a pinned one that differs)."""
+    from .evaluation.sweep import weights_fingerprint
+
+    found = weights_fingerprint(teacher)
+    if config.teacher_fingerprint not in (None, found):
+        raise ValueError(
+            f"the teacher's weights have fingerprint {found}, not the expected {config.teacher_fingerprint}: "
+            "this is another teacher than the run was configured with"
+        )
+    return dataclasses.replace(config, teacher_fingerprint=found)
 
 
 def _finish(model: nn.Module, config: TrainConfig, out: Path) -> dict:
