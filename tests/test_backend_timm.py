@@ -157,6 +157,7 @@ def test_schedule_clamp_warns_at_patch_time():
     (dict(r=3, method="nope"), ValueError, "unknown method 'nope'"),
     (dict(r=3, attention_impl="flash"), ValueError, "attention_impl"),
     (dict(r=3, num_protected=-2), ValueError, "num_protected"),
+    (dict(r=3, trace_source="yes"), TypeError, "trace_source must be True or False"),
 ])
 def test_bad_arguments(kwargs, error, match):
     with pytest.raises(error, match=match):

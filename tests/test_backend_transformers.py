@@ -339,6 +339,20 @@ def test_masks_and_attention_outputs_are_rejected():
         model(x, output_attentions=True)
 
 
+@pytest.mark.parametrize("name", ["vit_model", "vit", "dinov2", "clip_vision"])
+def test_config_output_attentions_is_refused_like_the_keyword(name):
+    """HF models read output_attentions from their config: a patched one must not answer None.
+    (HF allows the flag only with eager attention.)"""
+    model = tokenmerge.patch(_build(name, "eager"), method="tome", r=2)
+    model.config.output_attentions = True
+    x = _images()
+    with pytest.raises(ValueError, match=r"config.output_attentions is True.*set model.config.output_attentions = False"):
+        model(x)
+    model(x, output_attentions=False)  # the explicit keyword overrides the config, as in HF
+    model.config.output_attentions = False
+    model(x)
+
+
 def test_schedule_clamping_warns_and_keep_ratio_works():
     model = _build("vit_model")
     with warnings.catch_warnings(record=True) as caught:

@@ -64,3 +64,7 @@ def test_bench_cli_table_and_errors(capsys):
     assert "unknown timm model 'not_a_model'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["bench", "vit_tiny_patch16_224", "--r", "-3"])
+    assert main(["bench", "resnet18", "--repeats", "1"]) == 2
+    assert "cannot patch timm.models.resnet.ResNet" in capsys.readouterr().err
+    assert main(["bench", "vit_tiny_patch16_224", "--image-size", "100", "--repeats", "1"]) == 2
+    assert "built for 224x224 images" in capsys.readouterr().err

@@ -75,6 +75,13 @@ def test_non_integer_r_is_error(bad):
         validate_schedule(bad)
 
 
+@pytest.mark.parametrize("bad", [True, False, [2, True], (True, 0.5)])
+def test_bool_r_is_error(bad):
+    """True is an int to Python; as a token count it is a mistake, never r=1."""
+    with pytest.raises(TypeError, match="bool"):
+        validate_schedule(bad)
+
+
 def test_integral_float_is_accepted():
     assert validate_schedule(13.0) == 13
 

@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from timm.models.vision_transformer import VisionTransformer
 
 import tokenmerge
@@ -112,8 +113,44 @@ def test_module_file_for_another_model_is_refused(tmp_path):
     with pytest.raises(ValueError, match="not patched with DTEM"):
         tokenmerge.load_merge_modules(tokenmerge.patch(tiny_vit(), method="tome", r=4), path)
     (tmp_path / "plain.safetensors").write_bytes(b"")
-    with pytest.raises(Exception):
+    with pytest.raises(ValueError, match=r"plain\.safetensors.*cannot be read"):
         tokenmerge.load_merge_modules(model, tmp_path / "plain.safetensors")
+
+
+def test_damaged_module_files_are_named_and_change_nothing(tmp_path):
+    model = tokenmerge.patch(tiny_vit(), method="dtem", r=4, embed_dim=16)
+    path = tokenmerge.save_merge_modules(model, tmp_path / "m.safetensors")
+    meta = read_merge_module_metadata(path)
+    state = load_file(str(path))
+    before = {k: v.clone() for k, v in model.token_reducer.state_dict().items()}
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(path.read_bytes()[:-64])
+    with pytest.raises(ValueError, match=r"truncated\.safetensors.*corrupt, truncated"):
+        tokenmerge.load_merge_modules(model, truncated)
+    poisoned = dict(state)
+    first = sorted(poisoned)[0]
+    poisoned[first] = torch.full_like(poisoned[first], float("nan"))
+    save_file(poisoned, str(tmp_path / "nan.safetensors"), metadata=meta)
+    with pytest.raises(ValueError, match=rf"nan\.safetensors.*non-finite.*{first}"):
+        tokenmerge.load_merge_modules(model, tmp_path / "nan.safetensors")
+    short = {k: v for k, v in state.items() if k != first}
+    save_file(short, str(tmp_path / "short.safetensors"), metadata=meta)
+    with pytest.raises(ValueError, match=r"short\.safetensors' does not hold the modules.*missing"):
+        tokenmerge.load_merge_modules(model, tmp_path / "short.safetensors")
+    save_file(state, str(tmp_path / "meta.safetensors"), metadata=dict(meta, width="wide"))
+    with pytest.raises(ValueError, match=r"meta\.safetensors.*bad 'width'"):
+        tokenmerge.load_merge_modules(model, tmp_path / "meta.safetensors")
+    assert all(torch.equal(v, before[k]) for k, v in model.token_reducer.state_dict().items())
+
+
+def test_non_finite_modules_are_not_saved(tmp_path):
+    model = tokenmerge.patch(tiny_vit(), method="dtem", r=4, embed_dim=16)
+    path = tokenmerge.save_merge_modules(model, tmp_path / "m.safetensors")
+    with torch.no_grad():
+        next(model.token_reducer.parameters()).fill_(float("nan"))
+    with pytest.raises(ValueError, match=r"refusing to write .*m\.safetensors.*non-finite"):
+        tokenmerge.save_merge_modules(model, path)
+    assert all(torch.isfinite(v).all() for v in load_file(str(path)).values())
 
 
 def test_modules_load_with_a_full_state_dict():

@@ -249,3 +249,25 @@ def test_parse_option_types():
     assert sweep.parse_option("init=keys") == (None, "init", "keys")
     with pytest.raises(ValueError, match="KEY=VALUE"):
         sweep.parse_option("order")
+
+
+def test_every_variant_is_built_before_images_are_loaded(tmp_path, capsys, monkeypatch):
+    from tokenmerge.evaluation import data
+
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("images were loaded before every variant was checked")
+
+    monkeypatch.setattr(data, "load_images", must_not_load)
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"not a safetensors file")
+    code, err = run_cli(["eval", "--methods", "tome", "dtem", "--method-option", f"dtem.modules={broken}",
+                         "--out", str(tmp_path / "o"), "--no-timing"], capsys)
+    assert code == 2 and "broken.safetensors" in err and "cannot be read" in err
+    code, err = run_cli(["eval", "--methods", "tome", "tcvit", "--method-option", "tcvit.order=0",
+                         "--out", str(tmp_path / "o"), "--no-timing"], capsys)
+    assert code == 2 and "order" in err
+
+
+def test_a_model_tokenmerge_cannot_patch_is_refused_before_the_data(tmp_path, capsys):
+    code, err = run_cli(["eval", "resnet18", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path)], capsys)
+    assert code == 2 and "cannot patch timm.models.resnet.ResNet" in err

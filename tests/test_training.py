@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -63,6 +64,10 @@ class Killed(Exception):
     pass
 
 
+def _logged_steps(out: Path) -> list:
+    return [json.loads(line)["step"] for line in (out / "train_log.jsonl").read_text().splitlines()]
+
+
 def _kill_at(step_to_die: int):
     def on_step(step):
         if step == step_to_die:
@@ -80,11 +85,15 @@ def test_killed_run_resumes_to_identical_parameters(tiny_setup, tmp_path, method
     # Killed after step 3: the last checkpoint is step 2, step 3 is lost and replayed.
     with pytest.raises(Killed):
         train(_config(tiny_setup, tmp_path / "b", **settings), on_step=_kill_at(3))
-    assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)["step"] == 2
+    # Checkpoints are data: they load with weights_only=True.
+    assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["step"] == 2
+    assert _logged_steps(tmp_path / "b") == [1, 2, 3]
     resumed = train(_config(tiny_setup, tmp_path / "b", **settings), resume=True)
     assert straight["steps"] == resumed["steps"] == 5
-    a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=False)
-    b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)
+    # The log was cut back to the checkpoint's step: step 3, replayed, appears once.
+    assert _logged_steps(tmp_path / "b") == _logged_steps(tmp_path / "a") == [1, 2, 3, 4, 5]
+    a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)
     assert a["model"].keys() == b["model"].keys()
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
@@ -107,7 +116,7 @@ def test_modular_training_moves_only_the_embeddings(tiny_setup, tmp_path):
     tokenmerge.patch(fresh, method="dtem", r=3, embed_dim=16)
     initial = fresh.token_reducer.state_dict()
     assert any(not torch.equal(trained[k], initial[k]) for k in initial)
-    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert all(k.startswith("token_reducer.") for k in ckpt["model"])  # the frozen ViT is not copied
     assert set(summary["accuracy"]) == {"1", "3"}
     assert all(0.0 <= v <= 100.0 for v in summary["accuracy"].values())
@@ -275,3 +284,213 @@ def test_cli_arguments_reach_the_config():
         config_from_args(parser.parse_args(["--method", "tcvit", "--method-option", "dtem.tau=0.2"]))
     with pytest.raises(SystemExit):
         parser.parse_args(["--distill", "--distill-weight", "1.5"])
+
+
+# --- hardening: checkpoints are data, divergence stops the run, runs never mix ------------
+
+class OpensAFile:
+    """Unpickling this creates ``path``: the side effect a malicious checkpoint would have."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def _never_called(step):
+    raise AssertionError(f"training reached step {step}; the input should have been refused before step 1")
+
+
+def test_rng_state_round_trips_through_a_weights_only_file(tmp_path):
+    import random
+
+    from tokenmerge.training import _rng_state, _set_rng_state
+
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    random.gauss(0, 1)  # leaves a cached gaussian in the Python state
+    torch.save(_rng_state(), tmp_path / "rng.pt")
+    expected = (random.random(), np.random.rand(), torch.rand(1))
+    _set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    assert (random.random(), np.random.rand()) == expected[:2] and torch.equal(torch.rand(1), expected[2])
+
+
+def test_malicious_checkpoint_is_not_unpickled_on_resume(tiny_setup, tmp_path):
+    marker = tmp_path / "pwned"
+    out = tmp_path / "run"
+    out.mkdir()
+    torch.save({"format": "tokenmerge-train-checkpoint", "step": OpensAFile(marker)}, out / "checkpoint.pt")
+    with pytest.raises(ValueError, match=r"checkpoint\.pt.*pickled Python object.*--overwrite"):
+        train(_config(tiny_setup, out), resume=True, on_step=_never_called)
+    assert not marker.exists()
+
+
+def test_damaged_checkpoints_are_named(tiny_setup, tmp_path):
+    train(_config(tiny_setup, tmp_path / "run", max_steps=2))
+    checkpoint = tmp_path / "run" / "checkpoint.pt"
+    whole = checkpoint.read_bytes()
+    checkpoint.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(ValueError, match=r"checkpoint\.pt.*corrupt, truncated"):
+        train(_config(tiny_setup, tmp_path / "run", max_steps=4), resume=True, on_step=_never_called)
+    torch.save({"model": {}}, checkpoint)  # loadable, but not a training checkpoint
+    with pytest.raises(ValueError, match=r"checkpoint\.pt is not a tokenmerge training checkpoint"):
+        train(_config(tiny_setup, tmp_path / "run", max_steps=4), resume=True, on_step=_never_called)
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_setup, tmp_path):
+    from tokenmerge.training import TrainingDivergedError
+
+    def diverge_after_step_2(step):
+        if step == 2:  # the checkpoint of step 2 is written; now the weights blow up
+            with torch.no_grad():
+                for parameter in model.parameters():
+                    parameter.fill_(float("nan"))
+
+    model = timm.create_model("vit_tiny_patch16_224", num_classes=4, **TINY)
+    model.load_state_dict(load_file(str(tiny_setup / "tiny.safetensors")))
+    config = _config(tiny_setup, tmp_path, mode="end2end", checkpoint_every=2, eval_r=[3])
+    with pytest.raises(TrainingDivergedError, match=r"loss became nan at step 3.*step 2.*--lr.*--overwrite"):
+        train(config, model=model, on_step=diverge_after_step_2)
+    saved = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert saved["step"] == 2
+    assert all(torch.isfinite(v).all() for v in saved["model"].values() if v.is_floating_point())
+    assert _logged_steps(tmp_path) == [1, 2]
+    assert not any((tmp_path / name).exists() for name in ("model.safetensors", "results.json"))
+
+
+def test_a_huge_learning_rate_fails_instead_of_reporting_an_accuracy(tiny_setup, tmp_path):
+    """The issue's case: --lr 1e6 used to save NaN modules, report an accuracy and exit 0."""
+    from tokenmerge.training import TrainingDivergedError
+
+    with pytest.raises(TrainingDivergedError, match="diverged"):
+        train(_config(tiny_setup, tmp_path, method="tome", mode="end2end", lr=1e6, warmup_steps=0,
+                      max_steps=8, eval_r=[3]))
+    assert not (tmp_path / "results.json").exists()
+    if (tmp_path / "checkpoint.pt").exists():
+        saved = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+        assert all(torch.isfinite(v).all() for v in saved["model"].values() if v.is_floating_point())
+
+
+def test_non_finite_weights_are_never_checkpointed(tiny_setup, tmp_path):
+    from tokenmerge.training import TrainingDivergedError, build_model, save_checkpoint
+
+    config = _config(tiny_setup, tmp_path)
+    model = build_model(config)
+    optimizer = torch.optim.AdamW(model.token_reducer.parameters())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(1, 5))
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint(path, model, optimizer, scheduler, 1, config)
+    with torch.no_grad():
+        next(model.token_reducer.parameters()).view(-1)[0] = float("inf")
+    with pytest.raises(TrainingDivergedError, match=r"diverged by step 2.*token_reducer.*last good state"):
+        save_checkpoint(path, model, optimizer, scheduler, 2, config)
+    assert torch.load(path, weights_only=True)["step"] == 1
+
+
+def test_an_existing_run_is_refused_without_resume_or_overwrite(tiny_setup, tmp_path):
+    first = train(_config(tiny_setup, tmp_path, max_steps=2))
+    before = {name: (tmp_path / name).read_bytes() for name in ("checkpoint.pt", "train_log.jsonl", "results.json")}
+    with pytest.raises(FileExistsError, match=r"already holds a training run.*--resume.*--overwrite"):
+        train(_config(tiny_setup, tmp_path, max_steps=3), on_step=_never_called)
+    assert {name: (tmp_path / name).read_bytes() for name in before} == before
+    with pytest.raises(ValueError, match="pass one of them"):
+        train(_config(tiny_setup, tmp_path, max_steps=3), resume=True, overwrite=True, on_step=_never_called)
+    # --overwrite removes the earlier run only once the new one has passed its checks.
+    with pytest.raises(ValueError, match="class folders"):
+        train(_config(tiny_setup, tmp_path, max_steps=3, num_classes=5, checkpoint=None), overwrite=True,
+              on_step=_never_called)
+    assert {name: (tmp_path / name).read_bytes() for name in before} == before
+    train(_config(tiny_setup, tmp_path, max_steps=3), overwrite=True)
+    assert _logged_steps(tmp_path) == [1, 2, 3]  # a fresh log, not appended to the old one
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"] == 3 != first["steps"]
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match="is a file, not a folder"):
+        train(_config(tiny_setup, tmp_path / "file"), on_step=_never_called)
+
+
+def test_resume_repairs_a_log_torn_by_the_kill(tiny_setup, tmp_path):
+    with pytest.raises(Killed):
+        train(_config(tiny_setup, tmp_path), on_step=_kill_at(3))
+    with open(tmp_path / "train_log.jsonl", "a") as handle:
+        handle.write('{"step": 4, "epo')  # killed while writing the next row
+    train(_config(tiny_setup, tmp_path), resume=True)
+    assert _logged_steps(tmp_path) == [1, 2, 3, 4, 5]
+
+
+def test_class_counts_and_eval_data_are_checked_before_step_1(tiny_setup, tmp_path):
+    three_classes = tmp_path / "three"
+    three_classes.mkdir()
+    for c in range(3):
+        (three_classes / f"class{c}").symlink_to(tiny_setup / "train" / f"class{c}", target_is_directory=True)
+    with pytest.raises(ValueError, match=r"head predicts 4 classes but the training data \(--data\) .*three has 3"):
+        train(_config(tiny_setup, tmp_path / "a", data=str(three_classes)), on_step=_never_called)
+    with pytest.raises(ValueError, match=r"head predicts 4 classes but the evaluation data \(--eval-data\) .*three has 3"):
+        train(_config(tiny_setup, tmp_path / "b", eval_data=str(three_classes), eval_r=[2]), on_step=_never_called)
+    with pytest.raises(FileNotFoundError, match=r"evaluation data .*nowhere.*--eval-data"):
+        train(_config(tiny_setup, tmp_path / "c", eval_data=str(tmp_path / "nowhere"), eval_r=[2]),
+              on_step=_never_called)
+
+
+@pytest.mark.parametrize("setting,value,message", [
+    ("lr", -1e-3, "--lr must be a finite number > 0"),
+    ("lr", float("nan"), "--lr must be a finite number > 0"),
+    ("backbone_lr", 0.0, "--backbone-lr must be a finite number > 0"),
+    ("epochs", float("inf"), "--epochs must be a finite number > 0"),
+    ("warmup_steps", -1, "--warmup-steps must be an integer >= 0"),
+    ("weight_decay", float("nan"), "--weight-decay must be a finite number >= 0"),
+    ("r", True, "--r must be an integer >= 1"),
+    ("seed", 10**9, "--seed must be at most"),
+    ("model_kwargs", [1], "--model-kwargs must be a JSON object"),
+    ("device", "banana", "unknown device 'banana'"),
+])
+def test_bad_optimiser_and_run_settings_are_refused(tiny_setup, tmp_path, setting, value, message):
+    with pytest.raises((ValueError, TypeError), match=re.escape(message)):
+        train(_config(tiny_setup, tmp_path, **{setting: value}), on_step=_never_called)
+    assert not (tmp_path / "checkpoint.pt").exists()
+
+
+def test_cli_train_refuses_an_existing_run_and_bad_arguments(tiny_setup, tmp_path, capsys):
+    from tokenmerge.cli import main
+
+    args = ["train", "vit_tiny_patch16_224", "--data", str(tiny_setup / "train"), "--checkpoint",
+            str(tiny_setup / "tiny.safetensors"), "--model-kwargs", json.dumps(TINY), "--r", "3",
+            "--embed-dim", "16", "--max-steps", "1", "--batch-size", "4", "--eval-r", "--no-progress",
+            "--out", str(tmp_path)]
+    assert main(args) == 0
+    assert main(args) == 2
+    assert "pass --resume to continue it or --overwrite to replace it" in capsys.readouterr().err
+    assert main(args + ["--overwrite"]) == 0
+    for bad, message in ((["--lr", "-1"], "argument --lr: must be a finite number > 0"),
+                         (["--epochs", "inf"], "argument --epochs: must be a finite number"),
+                         (["--threads", "0"], "argument --threads: must be at least 1"),
+                         (["--resume", "--overwrite"], "not allowed with argument"),
+                         (["--out", str(tiny_setup / "tiny.safetensors")], "is a file, not a folder")):
+        with pytest.raises(SystemExit):
+            main(args + bad)
+        assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("setting,value,message", [
+    ("distill_temperature", float("nan"), "--distill-temperature must be a finite number > 0"),
+    ("distill_temperature", float("inf"), "--distill-temperature must be a finite number > 0"),
+    ("distill_weight", float("nan"), "--distill-weight must lie in (0, 1]"),
+    ("distill_weight", True, "--distill-weight must lie in (0, 1]"),
+    ("teacher", "", "--teacher must be a non-empty name or path"),
+])
+def test_bad_distillation_settings_are_refused(tiny_setup, tmp_path, setting, value, message):
+    with pytest.raises((ValueError, TypeError), match=re.escape(message)):
+        train(_config(tiny_setup, tmp_path, distill=True, **{setting: value}), on_step=_never_called)
+    assert not (tmp_path / "checkpoint.pt").exists()
+
+
+def test_cli_distillation_arguments_use_the_finite_number_types():
+    import argparse
+
+    from tokenmerge.commands.train import _configure
+
+    parser = argparse.ArgumentParser()
+    _configure(parser)
+    for bad in (["--distill-temperature", "inf"], ["--distill-temperature", "0"], ["--distill-weight", "nan"],
+                ["--distill-weight", "x"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--distill"] + bad)

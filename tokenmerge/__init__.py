@@ -9,6 +9,7 @@
 from .api import is_patched, patch, unpatch
 from .core.schedule import KeepRatio
 from .dense import dense_features, unmerge_to_grid
+from .evaluation.tune import tune
 from .methods.dtem import load_merge_modules, save_merge_modules
 from .methods import TokenReducer, TokenState, create_reducer, list_methods, register_method
 
@@ -26,6 +27,7 @@ __all__ = [
     "patch",
     "register_method",
     "save_merge_modules",
+    "tune",
     "unmerge_to_grid",
     "unpatch",
     "__version__",

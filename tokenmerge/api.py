@@ -8,15 +8,30 @@ from torch import nn
 
 from .backends.common import MergeConfig
 from .core.schedule import KeepRatio, validate_schedule
-from .methods import create_reducer
+from .methods import TokenReducer, create_reducer, list_methods
 
-__all__ = ["patch", "unpatch", "is_patched"]
+__all__ = ["patch", "unpatch", "is_patched", "check_patchable"]
+
+# What patching adds to a module besides swapping its class (see the backends).
+_PATCH_ATTRIBUTES = ("token_reducer", "tokenmerge_config", "_tokenmerge_schedules")
+
+
+def _refuse_compiled(model: nn.Module, action: str) -> None:
+    """``torch.compile`` returns a wrapper; patching it would miss the model it traced."""
+    original = getattr(model, "_orig_mod", None)
+    if isinstance(original, nn.Module) and type(model).__name__ == "OptimizedModule":
+        raise TypeError(
+            f"cannot {action} a torch.compile wrapper: call tokenmerge.{action}(compiled._orig_mod, ...) "
+            "on the model it wraps, then compile again (patch before compiling)"
+        )
 
 
 def _backend_for(model: nn.Module):
     """The backend module that handles ``model``: it provides ``patch``, ``unpatch``,
     ``merging_blocks`` and ``architecture_name``."""
     from .backends import timm as timm_backend
+
+    _refuse_compiled(model, "patch")
 
     if timm_backend.is_timm_vit(model):
         return timm_backend
@@ -34,6 +49,54 @@ def _backend_for(model: nn.Module):
     )
 
 
+def check_patchable(model: nn.Module) -> None:
+    """Raise the ``TypeError`` :func:`patch` would raise if no backend supports ``model``."""
+    _backend_for(model)
+
+
+def _reducer_for(method, options: dict):
+    """A new policy from a method name and its options, or the given policy instance."""
+    if isinstance(method, TokenReducer):
+        if options:
+            raise TypeError(
+                f"method options {sorted(options)} cannot be applied to an existing "
+                f"{type(method).__name__} instance (they would be ignored): pass them when creating "
+                f"it, e.g. tokenmerge.create_reducer({method.name!r}, {', '.join(f'{k}=...' for k in sorted(options))}), "
+                f"or pass method={method.name!r} with the options"
+            )
+        return method
+    if not isinstance(method, str):
+        raise TypeError(
+            f"method must be a method name ({', '.join(list_methods())}) or a TokenReducer "
+            f"instance, got {type(method).__name__}"
+        )
+    return create_reducer(method, **options)
+
+
+def _own_attributes(module: nn.Module) -> dict:
+    """The patch attributes set on ``module`` itself (plain attributes or submodules)."""
+    present = {}
+    for name in _PATCH_ATTRIBUTES:
+        if name in module.__dict__ or name in module._modules:
+            present[name] = getattr(module, name)
+    return present
+
+
+def _snapshot(model: nn.Module) -> list:
+    """Every module's class and patch attributes, to restore after a failed patch."""
+    return [(module, type(module), _own_attributes(module)) for module in model.modules()]
+
+
+def _restore(snapshot: list) -> None:
+    for module, cls, attributes in snapshot:
+        module.__class__ = cls
+        for name in _PATCH_ATTRIBUTES:
+            if name in module.__dict__ or name in module._modules:
+                delattr(module, name)
+        for name, value in attributes.items():
+            setattr(module, name, value)
+
+
 def patch(
     model: nn.Module,
     method: str = "tome",
@@ -44,6 +107,8 @@ def patch(
     attention_impl: str = "auto",
     num_protected: Optional[int] = None,
     layout: str = "global",
+    prop_attn: Optional[bool] = None,
+    options: Optional[dict] = None,
     **method_options,
 ) -> nn.Module:
     """Make ``model`` merge tokens inside its blocks (in place; returns the model).
@@ -62,10 +127,17 @@ def patch(
         layout: ``"global"`` (ToMe: merged tokens stay merged to the end) or ``"local"``
             (tomesd: each block merges before attention/MLP and unmerges after, so every
             block outputs all tokens; see :mod:`tokenmerge.backends.common`).
+        prop_attn: proportional attention on (``True``) or off; ``None`` takes the method's
+            default (on for the merging methods, off for select-and-fuse ones, whose few
+            large representatives it over-weights; BENCHMARKS.md section 5 has the measurements).
+        options: the method's options as a dict (the form ``tokenmerge tune`` writes in
+            ``best.json``, so ``patch(model, **json.load(f))`` works); merged with
+            ``**method_options``.
         **method_options: options of the method (e.g. ``order=2`` for TC-ViT).
 
     ``r=0`` reproduces the unmodified model exactly. Patching a patched model replaces its
-    patch. :func:`unpatch` restores the original.
+    patch; if that fails, the previous patch stays in place. :func:`unpatch` restores the
+    original.
     """
     if (r is None) == (keep_ratio is None):
         raise ValueError(
@@ -73,20 +145,34 @@ def patch(
         )
     schedule = validate_schedule(KeepRatio(keep_ratio) if keep_ratio is not None else r)
     backend = _backend_for(model)
-    reducer = method if isinstance(method, nn.Module) else create_reducer(method, **method_options)
-    reducer.train(model.training)  # a new policy follows the model's train/eval mode
+    if options is not None:
+        if not isinstance(options, dict):
+            raise TypeError(f"options must be a dict of method options, got {type(options).__name__}")
+        clash = sorted(set(options) & set(method_options))
+        if clash:
+            raise ValueError(f"method option(s) {clash} given both in options= and as keywords; give each once")
+        method_options = {**options, **method_options}
+    if "prop_attn" in method_options:  # an option of every method, also accepted inside options=
+        if prop_attn is not None:
+            raise ValueError("prop_attn given twice (as a keyword and inside options); give it once")
+        prop_attn = method_options.pop("prop_attn")
+    reducer = _reducer_for(method, method_options)
+    if prop_attn is None:
+        prop_attn = reducer.default_prop_attn
     if num_protected is None:
         num_protected = _prefix_tokens(model)
-    config = MergeConfig(schedule, num_protected, attention_impl, trace_source, layout)
+    config = MergeConfig(schedule, num_protected, attention_impl, trace_source, layout, prop_attn)
     reducer.check_protected(config.num_protected)
-    backend.patch(model, reducer, config)
-    if hasattr(reducer, "bind_blocks"):
-        # Methods with per-block parameters (DTEM) size them from the patched blocks.
-        try:
+    snapshot = _snapshot(model)
+    try:
+        reducer.train(model.training)  # a new policy follows the model's train/eval mode
+        backend.patch(model, reducer, config)
+        if hasattr(reducer, "bind_blocks"):
+            # Methods with per-block parameters (DTEM) size them from the patched blocks.
             reducer.bind_blocks(backend.merging_blocks(model), backend.architecture_name(model))
-        except Exception:
-            backend.unpatch(model)
-            raise
+    except BaseException:
+        _restore(snapshot)
+        raise
     return model
 
 
@@ -101,6 +187,7 @@ def _prefix_tokens(model: nn.Module) -> int:
 
 def unpatch(model: nn.Module) -> nn.Module:
     """Restore a patched model to its original classes and behaviour (in place)."""
+    _refuse_compiled(model, "unpatch")
     if not is_patched(model):
         return model
     return _backend_for(model).unpatch(model)

@@ -16,6 +16,7 @@ COMMANDS = [
     "tokenmerge.commands.visualize",
     "tokenmerge.commands.demo",
     "tokenmerge.commands.train",
+    "tokenmerge.commands.tune",
 ]
 
 
@@ -41,7 +42,7 @@ def main(argv=None) -> int:
         return 2
     try:
         return args.func(args) or 0
-    except (ValueError, TypeError, FileNotFoundError) as err:
+    except (ValueError, TypeError, OSError) as err:  # OSError: missing, existing or unwritable files
         print(f"tokenmerge {args.command}: error: {err}", file=sys.stderr)
         return 2
 

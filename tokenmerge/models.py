@@ -12,11 +12,15 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .io import load_safetensors, load_tensor_file
+
 __all__ = ["DEFAULT_MODEL", "DEFAULT_CHECKPOINT", "load_model", "load_checkpoint"]
 
 DEFAULT_MODEL = "vit_tiny_patch16_224"
 DEFAULT_NUM_CLASSES = 10
 DEFAULT_CHECKPOINT = Path(__file__).parent / "assets" / "vit_tiny_patch16_224.imagenette.safetensors"
+_FIX = ("pass a .safetensors file or a .pth holding only a state_dict of tensors "
+        "(torch.save(model.state_dict(), path))")
 
 
 def load_checkpoint(path) -> dict:
@@ -25,19 +29,18 @@ def load_checkpoint(path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist (pass a .safetensors or .pth file)")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(path))
+        state = load_safetensors(path, "checkpoint", fix=_FIX)
     elif path.suffix in (".pth", ".pt", ".bin"):
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
+        # weights_only: a .pth is a pickle, and a pickle of anything but tensors can run code.
+        state = load_tensor_file(path, "checkpoint", fix=_FIX)
         for key in ("model", "state_dict", "model_state"):
             if isinstance(state, dict) and key in state and isinstance(state[key], dict):
                 state = state[key]
                 break
     else:
         raise ValueError(f"unknown checkpoint format {path.suffix!r} for {str(path)!r}: use .safetensors or .pth")
-    if not isinstance(state, dict):
-        raise ValueError(f"{str(path)!r} does not hold a state_dict")
+    if not isinstance(state, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
+        raise ValueError(f"{str(path)!r} does not hold a state_dict (a mapping of names to tensors)")
     return state
 
 

@@ -34,7 +34,16 @@ Reproducibility and resuming. The data order of epoch ``e`` is a permutation see
 (``out/checkpoint.pt``, written atomically every ``checkpoint_every`` steps and at the
 end) holds the trainable weights, optimizer, scheduler, step and RNG states; a resumed
 run replays from the last checkpoint and ends with the same parameters as an
-uninterrupted one (tested).
+uninterrupted one (tested). On resume, ``train_log.jsonl`` is cut back to the
+checkpoint's step, so no step is logged twice.
+
+Safety (see docs/RELIABILITY.md). A checkpoint is data: tensors, numbers and strings (the
+config as JSON, the Python and NumPy RNG states as tensors), loaded with
+``weights_only=True``, so a crafted file cannot run code. A non-finite loss stops the run
+before the optimizer step, and non-finite weights are never saved: the last checkpoint
+stays the last good state. A folder that already holds a run is refused unless the run is
+resumed or ``overwrite`` is given. Settings, the class counts of the data and of the
+model's head, and the evaluation data are checked before the first step.
 
 Distributed. Under ``torchrun`` (``WORLD_SIZE > 1``) the model is wrapped in
 DistributedDataParallel (NCCL on CUDA, gloo on CPU); each process reads every
@@ -58,6 +67,7 @@ from torch import nn
 
 __all__ = [
     "TrainConfig",
+    "TrainingDivergedError",
     "train",
     "train_transform",
     "epoch_indices",
@@ -72,6 +82,20 @@ PARAMETER_FREE_METHODS = ("tome", "tcvit", "evit", "prune")
 DTEM_FIELD_OPTIONS = ("tau", "embed_dim", "hidden_dim")
 MODES = ("modular", "end2end")
 CHECKPOINT_NAME = "checkpoint.pt"
+LOG_NAME = "train_log.jsonl"
+RESULTS_NAME = "results.json"
+MODULES_NAME = "dtem_modules.safetensors"
+MODEL_NAME = "model.safetensors"
+# What a run writes into its folder: their presence marks the folder as holding a run.
+RUN_FILES = (CHECKPOINT_NAME, LOG_NAME, RESULTS_NAME, MODULES_NAME, MODEL_NAME)
+CHECKPOINT_FORMAT = "tokenmerge-train-checkpoint"
+CHECKPOINT_VERSION = 2  # 1 pickled Python and NumPy objects; 2 holds tensors and JSON only
+MAX_SEED = 1_000_000
+START_AGAIN = "delete it, or pass --overwrite to start the run again"
+
+
+class TrainingDivergedError(ValueError):
+    """The loss or the weights became NaN/inf: the run stopped, the last checkpoint is kept."""
 
 
 def default_train_root() -> Path:
@@ -122,6 +146,9 @@ class TrainConfig:
     teacher_fingerprint: Optional[str] = None
 
     def check(self) -> None:
+        """Raise on any setting the run cannot use (before anything is loaded or written)."""
+        from .core.schedule import validate_schedule
+
         if self.method not in METHODS:
             raise ValueError(f"--method must be one of {METHODS} for training, got {self.method!r}")
         if self.mode not in MODES:
@@ -131,39 +158,80 @@ class TrainConfig:
                 f"{self.method} has no parameters of its own (modular training would train nothing): "
                 "train it with --mode end2end"
             )
+        if not isinstance(self.method_options, dict):
+            raise TypeError(f"method options must be a dict such as {{\"order\": 2}}, got {self.method_options!r}")
         if self.method == "dtem":
             clash = sorted(set(self.method_options) & set(DTEM_FIELD_OPTIONS))
             if clash:
                 raise ValueError(f"give dtem's {', '.join(clash)} as --{clash[0].replace('_', '-')} "
                                  "(its own option), not as a method option")
+        for flag, value in (("--r", self.r), ("--batch-size", self.batch_size), ("--embed-dim", self.embed_dim),
+                            ("--checkpoint-every", self.checkpoint_every)):
+            _require_int(flag, value, minimum=1)
+        for flag, value in (("--max-steps", self.max_steps), ("--hidden-dim", self.hidden_dim),
+                            ("--limit", self.limit), ("--eval-limit", self.eval_limit),
+                            ("--num-classes", self.num_classes)):
+            if value is not None:
+                _require_int(flag, value, minimum=1)
+        _require_int("--warmup-steps", self.warmup_steps, minimum=0)
+        _require_int("--num-workers", self.num_workers, minimum=0)
+        # The per-sample seed (seed, epoch, index) must fit torch's 64-bit seed.
+        _require_int("--seed", self.seed, minimum=0, maximum=MAX_SEED)
+        # A negative learning rate is gradient ascent, NaN/inf a run that diverges at step 1.
+        _require_positive("--lr", self.lr)
+        _require_positive("--backbone-lr", self.backbone_lr)
+        _require_positive("--tau", self.tau)
+        _require_positive("--epochs", self.epochs)
+        if not (_is_real(self.weight_decay) and math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"--weight-decay must be a finite number >= 0, got {self.weight_decay!r}")
+        if not isinstance(self.model_kwargs, dict):
+            raise TypeError(f"--model-kwargs must be a JSON object such as '{{\"img_size\": 32}}', got {self.model_kwargs!r}")
         self._check_distillation()
-        if not self.tau > 0:
-            raise ValueError(f"--tau must be > 0, got {self.tau}")
-        if self.r < 1:
-            raise ValueError(f"--r must be >= 1 for training, got {self.r}")
-        if self.batch_size < 1 or self.epochs <= 0 or (self.max_steps is not None and self.max_steps < 1):
-            raise ValueError("--batch-size, --epochs and --max-steps must be positive")
-        if self.checkpoint_every < 1:
-            raise ValueError(f"--checkpoint-every must be >= 1, got {self.checkpoint_every}")
+        for r in self.eval_r:
+            validate_schedule(r)
 
     def _check_distillation(self) -> None:
+        if not isinstance(self.distill, bool):
+            raise TypeError(f"distill must be True or False, got {self.distill!r}")
+        for flag, value in (("--teacher", self.teacher), ("--teacher-model", self.teacher_model),
+                            ("teacher_fingerprint", self.teacher_fingerprint)):
+            if value is not None and not (isinstance(value, (str, os.PathLike)) and str(value)):
+                raise ValueError(f"{flag} must be a non-empty name or path, got {value!r}")
         if not self.distill:
             if self.teacher is not None or self.teacher_model is not None:
                 raise ValueError("--teacher/--teacher-model choose the distillation teacher: add --distill")
             return
-        if not 0.0 < self.distill_weight <= 1.0:
+        if not (_is_real(self.distill_weight) and 0.0 < self.distill_weight <= 1.0):
             raise ValueError(
                 f"--distill-weight must lie in (0, 1] (the distillation share of the loss; 1.0 uses "
-                f"no labels), got {self.distill_weight}; without distillation drop --distill"
+                f"no labels), got {self.distill_weight!r}; without distillation drop --distill"
             )
-        if not self.distill_temperature > 0:
-            raise ValueError(f"--distill-temperature must be > 0 (1-4 is usual), got {self.distill_temperature}")
+        if not (_is_real(self.distill_temperature) and math.isfinite(self.distill_temperature)
+                and self.distill_temperature > 0):
+            raise ValueError(f"--distill-temperature must be a finite number > 0 (1-4 is usual), "
+                             f"got {self.distill_temperature!r}")
         if self.teacher_model is not None and self.teacher is None:
             raise ValueError("--teacher-model names the architecture of --teacher CHECKPOINT: give the checkpoint too")
 
     @property
     def labels_needed(self) -> bool:
         return not (self.distill and self.distill_weight == 1.0)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _require_int(flag: str, value, minimum: int, maximum: Optional[int] = None) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{flag} must be an integer >= {minimum}, got {value!r}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{flag} must be at most {maximum}, got {value}")
+
+
+def _require_positive(flag: str, value) -> None:
+    if not (_is_real(value) and math.isfinite(value) and value > 0):
+        raise ValueError(f"{flag} must be a finite number > 0, got {value!r}")
 
 
 # -- data -------------------------------------------------------------------------------
@@ -252,6 +320,7 @@ def build_model(config: TrainConfig, model: Optional[nn.Module] = None) -> nn.Mo
 
     if model is None:
         model = load_student(config)
+    _check_trainable(model)
     options = dict(config.method_options)
     if config.method == "dtem":
         options.update(tau=config.tau, embed_dim=config.embed_dim, hidden_dim=config.hidden_dim)
@@ -266,6 +335,22 @@ def build_model(config: TrainConfig, model: Optional[nn.Module] = None) -> nn.Mo
         )
     tokenmerge.patch(model, method=reducer, r=config.r)
     return model
+
+
+def _check_trainable(model: nn.Module) -> None:
+    """Training needs a patchable timm VisionTransformer (checked before the teacher is copied)."""
+    from .api import check_patchable
+    from .backends.timm import is_timm_vit
+
+    check_patchable(model)
+    if not is_timm_vit(model):
+        raise TypeError(f"training supports timm VisionTransformer models; got {type(model).__name__}")
+
+
+def _labeled(dataset) -> bool:
+    """Whether ``dataset`` is an ImageFolder (has classes), not a flat folder of unlabeled images."""
+    base = dataset.dataset if isinstance(dataset, torch.utils.data.Subset) else dataset
+    return hasattr(base, "classes")
 
 
 def build_teacher(config: TrainConfig, student: nn.Module) -> nn.Module:
@@ -320,10 +405,19 @@ def _trainable_state(model: nn.Module, config: TrainConfig) -> dict:
 
 
 # -- checkpoints ------------------------------------------------------------------------
+# A checkpoint holds only tensors, numbers, strings and containers of them, so it loads with
+# torch.load(weights_only=True): nothing in it is unpickled as an arbitrary object.
 def _rng_state() -> dict:
     import numpy as np
 
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    version, internal, gauss = random.getstate()
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": {"version": version, "internal": torch.tensor(internal, dtype=torch.int64), "gauss": gauss},
+        "numpy": {"kind": str(kind), "keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -333,53 +427,147 @@ def _set_rng_state(state: dict) -> None:
     import numpy as np
 
     torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    python = state["python"]
+    random.setstate((python["version"], tuple(python["internal"].tolist()), python["gauss"]))
+    numpy = state["numpy"]
+    np.random.set_state((numpy["kind"], numpy["keys"].numpy().astype(np.uint32), numpy["position"],
+                         numpy["has_gauss"], numpy["cached_gaussian"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def _same_run_fields(config: TrainConfig) -> dict:
+    """The settings a resumed run must share, as they read back from JSON."""
     fields = dataclasses.asdict(config)
     for volatile in ("progress", "checkpoint_every", "num_workers", "device", "eval_data", "eval_r",
                      "eval_limit", "out"):
         fields.pop(volatile)
     fields["model_kwargs"] = json.dumps(fields["model_kwargs"], sort_keys=True)
     fields["method_options"] = json.dumps(fields["method_options"], sort_keys=True)
-    return fields
+    return json.loads(json.dumps(fields, sort_keys=True))
 
 
 def save_checkpoint(path: Path, model, optimizer, scheduler, step: int, config: TrainConfig) -> None:
-    """Write atomically (temp file + rename): a kill mid-write leaves the previous one intact."""
+    """Write atomically (temp file + rename): a kill mid-write leaves the previous one intact.
+
+    Non-finite weights are refused (``TrainingDivergedError``), so the previous checkpoint
+    stays the last good state.
+    """
+    from .io import NonFiniteError, atomic_write, check_finite
+
+    trainable = _trainable_state(model, config)
+    try:
+        check_finite(trainable, f"training diverged by step {step}")
+    except NonFiniteError as err:
+        raise TrainingDivergedError(
+            f"{err}; {path} was not overwritten and keeps the last good state. Lower --lr "
+            "(and --backbone-lr) and start again with --overwrite"
+        ) from None
     state = {
-        "model": _trainable_state(model, config),
+        "format": CHECKPOINT_FORMAT,
+        "version": CHECKPOINT_VERSION,
+        "step": step,
+        "config": json.dumps(_same_run_fields(config), sort_keys=True),
+        "model": trainable,
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
-        "step": step,
         "rng": _rng_state(),
-        "config": _same_run_fields(config),
     }
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda temporary: torch.save(state, temporary))
+
+
+def read_checkpoint(path: Path) -> dict:
+    """A training checkpoint's contents, loaded as data (``weights_only=True``) and checked.
+
+    A file that is corrupt, truncated, holds pickled objects or is not a tokenmerge
+    checkpoint gets an error naming it.
+    """
+    from .io import check_finite, load_tensor_file
+
+    state = load_tensor_file(path, "training checkpoint", fix=START_AGAIN)
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a tokenmerge training checkpoint; {START_AGAIN}")
+    if state.get("version") != CHECKPOINT_VERSION:
+        raise ValueError(f"{path} is a version {state.get('version')!r} training checkpoint; this tokenmerge "
+                         f"reads version {CHECKPOINT_VERSION}: {START_AGAIN}")
+    expected = {"step": int, "config": str, "model": dict, "optimizer": dict, "scheduler": dict, "rng": dict}
+    wrong = [key for key, kind in expected.items() if not isinstance(state.get(key), kind)]
+    if wrong:
+        raise ValueError(f"{path} is damaged (bad or missing {', '.join(wrong)}); {START_AGAIN}")
+    check_finite(state["model"], f"{path} is damaged ({START_AGAIN})")
+    return state
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler, config: TrainConfig) -> int:
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    saved, now = state["config"], _same_run_fields(config)
+    """Restore a run from ``path``; returns its step. Refuses one written with other settings."""
+    state = read_checkpoint(path)
+    saved, now = json.loads(state["config"]), _same_run_fields(config)
     diff = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v}
     if diff:
         raise ValueError(
             f"cannot resume from {path}: it was written by a run with different settings "
             + ", ".join(f"{k}: {a!r} (checkpoint) vs {b!r} (now)" for k, (a, b) in diff.items())
+            + "; resume with the same settings, or pass --overwrite to start again with the new ones"
         )
     missing, unexpected = model.load_state_dict(state["model"], strict=False)
     if unexpected or (config.mode != "modular" and missing):
         raise ValueError(f"checkpoint {path} does not fit the model (missing {missing}, unexpected {unexpected})")
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    _set_rng_state(state["rng"])
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng"])
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as err:
+        raise ValueError(f"{path} is damaged ({type(err).__name__}: {err}); {START_AGAIN}") from None
     return int(state["step"])
+
+
+# -- the run folder ---------------------------------------------------------------------
+def _check_run_folder(out: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to mix two runs in one folder (``resume`` continues the run, ``overwrite`` replaces it)."""
+    if resume and overwrite:
+        raise ValueError("--resume continues the run in --out and --overwrite replaces it: pass one of them")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {str(out)!r} is a file, not a folder: pass a folder for the run's files")
+    existing = [name for name in RUN_FILES if (out / name).exists()]
+    if existing and not (resume or overwrite):
+        raise FileExistsError(
+            f"{out} already holds a training run ({', '.join(existing)}); pass --resume to continue it "
+            "or --overwrite to replace it (or choose another --out)"
+        )
+
+
+def _remove_run_files(out: Path) -> None:
+    """``overwrite``: the earlier run's files go only once the new run has passed every check."""
+    for name in RUN_FILES:
+        (out / name).unlink(missing_ok=True)
+
+
+def _trim_log(log: Path, step: int) -> None:
+    """Keep the log rows up to ``step`` (the resumed checkpoint's): later ones are replayed."""
+    from .io import read_jsonl, rewrite_jsonl
+
+    if log.exists():
+        rewrite_jsonl(log, [row for row in read_jsonl(log) if row.get("step", 0) <= step])
+
+
+def _check_classes(model: nn.Module, root: Path, classes: int, what: str) -> None:
+    """The data's class folders must match the model's head (checked before step 1)."""
+    head = getattr(model, "num_classes", None)
+    if head is not None and head != classes:
+        raise ValueError(
+            f"the model's head predicts {head} classes but the {what} {root} has {classes} class folders: use "
+            f"data with {head} classes, or a model with {classes} (--num-classes {classes}, or a "
+            f"--checkpoint trained for {classes})"
+        )
+
+
+def _eval_root(config: TrainConfig) -> Optional[Path]:
+    """Where evaluation after training reads images (None: no evaluation)."""
+    if not config.eval_r:
+        return None
+    if config.eval_data:
+        return Path(config.eval_data)
+    return (Path(config.data) if config.data else default_train_root()).parent / "val"
 
 
 # -- distributed ------------------------------------------------------------------------
@@ -401,6 +589,7 @@ def train(
     model: Optional[nn.Module] = None,
     resume: bool = False,
     on_step: Optional[Callable[[int], None]] = None,
+    overwrite: bool = False,
 ) -> dict:
     """Run (or resume) a training run; returns a summary dict (also ``out/results.json``).
 
@@ -409,19 +598,30 @@ def train(
         model: an already loaded (unpatched) model instead of ``config.model``.
         resume: continue from ``out/checkpoint.pt`` if it exists.
         on_step: called with the step number after each optimizer step (rank 0 and others).
+        overwrite: replace the run already in ``out`` (without it, or ``resume``, an existing
+            run is refused rather than mixed with this one).
+
+    Raises:
+        TrainingDivergedError: the loss or the weights became NaN/inf; ``out/checkpoint.pt``
+            keeps the last good state.
     """
     from tqdm.auto import tqdm
 
+    from .commands.arguments import parse_device
     from .distillation import teacher_logits, training_images, training_loss
+    from .evaluation.data import _class_names, image_folder
+    from .io import append_jsonl, atomic_write_json
 
     config.check()
+    device = parse_device(config.device) if config.device is not None else None
     rank, world, local_rank = _distributed()
     is_main = rank == 0
-    if config.device is None:
+    if device is None:
         device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(config.device)
     amp_dtype = torch.bfloat16 if device.type == "cuda" else None
+    out = Path(config.out)
+    if is_main:
+        _check_run_folder(out, resume, overwrite)
 
     root = Path(config.data) if config.data else default_train_root()
     if not root.is_dir():
@@ -429,12 +629,17 @@ def train(
             f"training data {str(root)!r} does not exist: pass --data DIR (an ImageFolder: one "
             "sub-folder of images per class)"
         )
+    eval_root = _eval_root(config)
+    if eval_root is not None and not eval_root.is_dir():
+        raise FileNotFoundError(f"evaluation data {str(eval_root)!r} does not exist: pass --eval-data DIR "
+                                "(or --eval-r with no value to skip the evaluation)")
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     if model is None:
         model = load_student(config)
     teacher = None
     if config.distill:
+        _check_trainable(model)
         # Before patching: the default teacher is the unmodified model.
         teacher = build_teacher(config, model).to(device)
         config = _with_teacher_fingerprint(config, teacher)
@@ -443,6 +648,11 @@ def train(
     image_size = model.patch_embed.img_size[0]
     # a --limit subset is spread over the folder so that it covers every class
     dataset = training_images(root, train_transform(image_size), config.limit, config.labels_needed)
+    if config.labels_needed or _labeled(dataset):
+        _check_classes(model, root, len(_class_names(dataset)), "training data (--data)")
+    if eval_root is not None:
+        _check_classes(model, eval_root, len(_class_names(image_folder(eval_root, transform=lambda x: x))),
+                       "evaluation data (--eval-data)")
     data = SeededAugment(dataset, config.seed)
 
     per_epoch = (len(dataset) // world) // config.batch_size
@@ -455,15 +665,20 @@ def train(
 
     optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(config.warmup_steps, total))
-    out = Path(config.out)
     ckpt = out / CHECKPOINT_NAME
+    log = out / LOG_NAME
     step = 0
     if resume and ckpt.is_file():
         step = load_checkpoint(ckpt, model, optimizer, scheduler, config)
         if is_main:
             print(f"resumed from {ckpt} at step {step}/{total}", flush=True)
     if is_main:
+        if overwrite:
+            _remove_run_files(out)
         out.mkdir(parents=True, exist_ok=True)
+        if resume:
+            _trim_log(log, step)
+    saved_step = step if ckpt.is_file() else None
 
     train_model = model
     if world > 1:
@@ -475,7 +690,6 @@ def train(
             find_unused_parameters=not all(schedule),  # a block with r=0 leaves its module unused
         )
 
-    log = open(out / "train_log.jsonl", "a") if is_main else None
     bar = tqdm(total=total, initial=step, desc=f"train {config.method}/{config.mode}", disable=not (is_main and config.progress))
     started = time.time()
     while step < total:
@@ -491,19 +705,23 @@ def train(
                 logits = train_model(images).float()
                 targets = None if teacher is None else teacher_logits(teacher, images)
             loss = training_loss(logits, labels, targets, config.distill_weight, config.distill_temperature)
+            loss_value = loss.item()
+            if not math.isfinite(loss_value):
+                # Stop before the optimizer step: nothing non-finite reaches the weights or a file.
+                raise TrainingDivergedError(_diverged_message(loss_value, step + 1, scheduler, ckpt, saved_step))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             scheduler.step()
             step += 1
             bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-            if log is not None:
-                log.write(json.dumps({"step": step, "epoch": epoch, "loss": loss.item(),
-                                      "lr": scheduler.get_last_lr()[0], "time": time.time() - started}) + "\n")
-                log.flush()
+            bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+            if is_main:
+                append_jsonl(log, {"step": step, "epoch": epoch, "loss": loss_value,
+                                   "lr": scheduler.get_last_lr()[0], "time": time.time() - started})
             if is_main and (step % config.checkpoint_every == 0 or step == total):
                 save_checkpoint(ckpt, model, optimizer, scheduler, step, config)
+                saved_step = step
             if on_step is not None:
                 on_step(step)
             if step >= total:
@@ -513,9 +731,7 @@ def train(
     summary = {"steps": total, "train_seconds": wall, "world_size": world, "config": dataclasses.asdict(config)}
     if is_main:
         summary.update(_finish(model, config, out))
-        with open(out / "results.json", "w") as handle:
-            json.dump(summary, handle, indent=2, default=str)
-        log.close()
+        atomic_write_json(out / RESULTS_NAME, summary, indent=2, default=str)
     if world > 1:
         import torch.distributed as dist
 
@@ -536,6 +752,14 @@ def _with_teacher_fingerprint(config: TrainConfig, teacher: nn.Module) -> TrainC
     return dataclasses.replace(config, teacher_fingerprint=found)
 
 
+def _diverged_message(loss: float, step: int, scheduler, ckpt: Path, saved_step: Optional[int]) -> str:
+    kept = (f"{ckpt} keeps the last good state (step {saved_step})" if saved_step is not None
+            else "no checkpoint had been written yet")
+    return (f"the training loss became {loss} at step {step} (lr {scheduler.get_last_lr()[0]:.3g}): the run "
+            f"diverged and was stopped before the update; {kept}. Lower --lr (and --backbone-lr) and "
+            "start again with --overwrite")
+
+
 def _finish(model: nn.Module, config: TrainConfig, out: Path) -> dict:
     """Save the trained weights and evaluate at the requested ``r`` values."""
     import tokenmerge
@@ -544,24 +768,19 @@ def _finish(model: nn.Module, config: TrainConfig, out: Path) -> dict:
     from .evaluation.accuracy import evaluate_accuracy
     from .evaluation.data import load_images
 
+    from .io import save_safetensors
+
     model.eval()
     files = {}
     if config.method == "dtem":
-        files["merge_modules"] = str(tokenmerge.save_merge_modules(model, out / "dtem_modules.safetensors"))
+        files["merge_modules"] = str(tokenmerge.save_merge_modules(model, out / MODULES_NAME))
     if config.mode == "end2end":
-        from safetensors.torch import save_file
-
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        save_file(state, str(out / "model.safetensors"))
-        files["model"] = str(out / "model.safetensors")
+        files["model"] = str(save_safetensors(state, out / MODEL_NAME, what="the trained model"))
     results = {"files": files, "accuracy": {}}
-    eval_root = Path(config.eval_data) if config.eval_data else None
-    if eval_root is None and config.eval_r:
-        eval_root = (Path(config.data) if config.data else default_train_root()).parent / "val"
-    if eval_root is None or not config.eval_r:
+    eval_root = _eval_root(config)
+    if eval_root is None:
         return results
-    if not eval_root.is_dir():
-        raise FileNotFoundError(f"evaluation data {str(eval_root)!r} does not exist: pass --eval-data DIR")
     image_size = model.patch_embed.img_size[0]
     images, labels, classes = load_images(eval_root, image_size=image_size, limit=config.eval_limit)
     reducer = model.token_reducer

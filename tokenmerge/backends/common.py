@@ -55,6 +55,8 @@ class MergeConfig:
         attention_impl: proportional-attention implementation (``auto``/``fold``/``bias``).
         trace_source: track which patches each token covers (visualisation, unmerging).
         layout: ``"global"`` or ``"local"`` (see the module docstring).
+        prop_attn: proportional attention (merged tokens' log-sizes bias the attention); when
+            off, sizes still weight merges and average pooling.
     """
 
     schedule: object
@@ -62,6 +64,7 @@ class MergeConfig:
     attention_impl: str = "auto"
     trace_source: bool = False
     layout: str = "global"
+    prop_attn: bool = True
 
     def __post_init__(self):
         if self.attention_impl not in ATTENTION_IMPLS:
@@ -70,8 +73,12 @@ class MergeConfig:
             )
         if self.layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
+        if not isinstance(self.trace_source, bool):
+            raise TypeError(f"trace_source must be True or False, got {self.trace_source!r}")
         if isinstance(self.num_protected, bool) or not isinstance(self.num_protected, int) or self.num_protected < 0:
             raise ValueError(f"num_protected must be a non-negative int, got {self.num_protected!r}")
+        if not isinstance(self.prop_attn, bool):
+            raise ValueError(f"prop_attn must be True or False, got {self.prop_attn!r}")
 
 
 def plan_from_sources(source: torch.Tensor, num_protected: int, num_out: int) -> MergePlan:
@@ -117,7 +124,8 @@ class MergingBlockMixin:
             # Nothing merged so far and nothing to merge here: the unmodified block, bit for bit.
             return state._replace(x=self._tm_forward_unchanged(state.x))
         x = state.x
-        attn_out, attn = self._tm_attend(self._tm_norm1(x), size_bias(state.size), config.attention_impl)
+        log_size = size_bias(state.size) if config.prop_attn else None
+        attn_out, attn = self._tm_attend(self._tm_norm1(x), log_size, config.attention_impl)
         state = state._replace(x=x + self._tm_after_attn(attn_out))
         if r > 0:
             state = reducer.reduce(state, attn, r, config.num_protected, block_index)
@@ -141,7 +149,7 @@ class MergingBlockMixin:
         )
         plan = plan_from_sources(decided.source, protected, decided.x.shape[1])
         merged, size = merge_tokens(h, None, plan)
-        log_size = size_bias(size) if reducer.tracks_size else None
+        log_size = size_bias(size) if reducer.tracks_size and config.prop_attn else None
         attn_out, _ = self._tm_attend(merged, log_size, config.attention_impl)
         # Unmerging copies each merged output to all its tokens; discarded tokens get zeros,
         # i.e. they skip the branch and keep their residual.

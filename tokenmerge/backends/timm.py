@@ -145,12 +145,20 @@ class MergingVisionTransformerMixin(MergingModelMixin):
     def _tm_default_tokens(self) -> int:
         return _default_num_tokens(self)
 
-    def forward_tokens(self, x: torch.Tensor) -> TokenState:
-        """Images ``[B, 3, H, W]`` -> final :class:`TokenState` (after the final norm)."""
-        x = self.patch_embed(x)
+    def _tm_embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Images ``[B, 3, H, W]`` -> the tokens entering the first block."""
+        x = self.patch_embed(images)
         x = self._pos_embed(x)
         x = self.patch_drop(x)
-        x = self.norm_pre(x)
+        return self.norm_pre(x)
+
+    def _tm_logits(self, state: TokenState) -> torch.Tensor:
+        """The last block's :class:`TokenState` -> logits (final norm, size-aware pooling, head)."""
+        return self.forward_head(self.norm(state.x), token_sizes=state.size)
+
+    def forward_tokens(self, x: torch.Tensor) -> TokenState:
+        """Images ``[B, 3, H, W]`` -> final :class:`TokenState` (after the final norm)."""
+        x = self._tm_embed(x)
         state, _ = run_blocks(
             self.blocks, x, self.token_reducer, self.tokenmerge_config, self.tokenmerge_schedule(x.shape[1])
         )

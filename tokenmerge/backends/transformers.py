@@ -32,8 +32,9 @@ Outputs of a merged model:
 - ``hidden_states`` (``output_hidden_states=True``): the input of the first layer, then each
   layer's output, with shrinking token counts.
 - Mean-pooling heads (DINOv2 and CLIP image classification) are size-weighted.
-- ``output_attentions`` and attention masks are rejected (the fused path never forms the
-  attention matrix, and merging changes the token set a mask refers to).
+- ``output_attentions`` (the keyword, or ``config.output_attentions=True``) and attention
+  masks are rejected (the fused path never forms the attention matrix, and merging changes
+  the token set a mask refers to).
 - Layers that merge do not use HF gradient checkpointing (layers with nothing to merge call
   the layer itself and keep it).
 
@@ -246,14 +247,26 @@ class _CLIPLayerMixin(_MergingLayerMixin):
         return self.mlp(x)
 
 
-def _reject_unsupported(attention_mask, kwargs) -> tuple:
-    """Pop HF output flags from ``kwargs``; raise on what a merged model cannot provide."""
+def _reject_unsupported(attention_mask, kwargs, config) -> tuple:
+    """Pop HF output flags from ``kwargs``; raise on what a merged model cannot provide.
+
+    ``output_attentions`` falls back to ``config.output_attentions``, as in HF models: a
+    config asking for attentions is refused like the keyword, not answered with ``None``.
+    """
     if attention_mask is not None or kwargs.pop("attention_mask", None) is not None:
         raise ValueError(
             "attention masks are not supported on a token-merged model (merging changes the "
             "token set a mask refers to); call tokenmerge.unpatch(model) to use them"
         )
-    if kwargs.pop("output_attentions", None):
+    output_attentions = kwargs.pop("output_attentions", None)
+    if output_attentions is None and getattr(config, "output_attentions", False):
+        raise ValueError(
+            "the model's config.output_attentions is True, but a token-merged model cannot return "
+            "attentions (the fused attention never forms the attention matrix); set "
+            "model.config.output_attentions = False, pass output_attentions=False, or call "
+            "tokenmerge.unpatch(model) to get them"
+        )
+    if output_attentions:
         raise ValueError(
             "output_attentions is not supported on a token-merged model (the fused attention "
             "never forms the attention matrix); call tokenmerge.unpatch(model) to get them"
@@ -295,7 +308,7 @@ class _MergingTrunkMixin(MergingModelMixin):
     def _tm_forward(self, pixel_values, attention_mask, kwargs, **embed_kwargs):
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-        return_dict, output_hidden = _reject_unsupported(attention_mask, kwargs)
+        return_dict, output_hidden = _reject_unsupported(attention_mask, kwargs, self.config)
         if return_dict is None:
             return_dict = getattr(self.config, "return_dict", True)
         if output_hidden is None:
@@ -427,7 +440,7 @@ def _classifier_output(head, trunk, pixel_values, labels, attention_mask, kwargs
     """Shared body of the mean-pooling heads: run the trunk, pool with ``pool(state)``."""
     from transformers.modeling_outputs import ImageClassifierOutput
 
-    return_dict, output_hidden = _reject_unsupported(attention_mask, kwargs)
+    return_dict, output_hidden = _reject_unsupported(attention_mask, kwargs, head.config)
     if return_dict is None:
         return_dict = getattr(head.config, "return_dict", True)
     state, hidden = trunk._tm_run(pixel_values, bool(output_hidden))

@@ -9,6 +9,7 @@ import platform
 import torch
 
 from ..core.schedule import format_schedule, parse_schedule
+from . import arguments
 from .common import add_device_arguments, add_model_arguments, model_from_args, resolve_device_arguments
 
 __all__ = ["add_parser", "run", "benchmark"]
@@ -27,13 +28,14 @@ def add_parser(subparsers) -> None:
     )
     add_model_arguments(parser, default_model="vit_small_patch16_224")
     parser.add_argument("--method", default="tome", help="token reduction method (default: tome)")
-    parser.add_argument("--r", nargs="+", type=parse_schedule, default=[parse_schedule("13")],
+    parser.add_argument("--r", nargs="+", type=arguments.schedule, default=[parse_schedule("13")],
                         metavar="SCHEDULE",
                         help="one or more schedules: 13, 13:-1, 16,16,8 or keep=0.9 (default: 13)")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--image-size", type=int, default=None, help="default: the model's")
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--batch-size", type=arguments.positive_int, default=32)
+    parser.add_argument("--image-size", type=arguments.positive_int, default=None,
+                        help="default: the model's (another size needs a model built for it)")
+    parser.add_argument("--warmup", type=arguments.non_negative_int, default=3)
+    parser.add_argument("--repeats", type=arguments.positive_int, default=10)
     parser.add_argument("--compile", action="store_true", help="torch.compile every variant")
     parser.add_argument("--no-bound", action="store_true", help="skip the token-drop bound")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -134,10 +136,21 @@ def format_table(result: dict) -> str:
     return "\n".join(text)
 
 
+def _check_image_size(model, image_size: int) -> None:
+    """A timm ViT with a fixed input size asserts deep in its forward; say it here instead."""
+    built_for = tuple(model.patch_embed.img_size)
+    if getattr(model.patch_embed, "strict_img_size", False) and (image_size, image_size) != built_for:
+        raise ValueError(
+            f"--image-size {image_size}: the model is built for {built_for[0]}x{built_for[1]} images; "
+            "leave --image-size out to time it at its own size"
+        )
+
+
 def run(args: argparse.Namespace) -> int:
     resolve_device_arguments(args)
     model = model_from_args(args)
     image_size = args.image_size or model.patch_embed.img_size[0]
+    _check_image_size(model, image_size)
     result = benchmark(
         model, method=args.method, schedules=args.r, batch_size=args.batch_size,
         image_size=image_size, device=args.device, dtype=args.dtype, warmup=args.warmup,

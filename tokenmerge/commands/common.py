@@ -6,6 +6,8 @@ import argparse
 
 import torch
 
+from . import arguments
+
 __all__ = ["add_model_arguments", "model_from_args", "parse_dtype", "add_device_arguments"]
 
 _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
@@ -27,14 +29,17 @@ def add_model_arguments(parser: argparse.ArgumentParser, default_model=None) -> 
     weights = parser.add_mutually_exclusive_group()
     weights.add_argument("--pretrained", action="store_true", help="timm pretrained weights (needs network)")
     weights.add_argument("--checkpoint", help="local .safetensors or .pth state_dict with timm key names")
-    parser.add_argument("--num-classes", type=int, help="classifier size (default: the checkpoint's or timm's)")
+    parser.add_argument("--num-classes", type=arguments.positive_int, help="classifier size (default: the checkpoint's or timm's)")
+    parser.add_argument("--model-kwargs", type=arguments.json_object, default={}, metavar="JSON",
+                        help='extra timm.create_model arguments, e.g. \'{"depth": 6}\' for a checkpoint of another depth')
 
 
 def add_device_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", type=arguments.device, default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cpu, cuda, cuda:N or mps (default: cuda if available)")
     parser.add_argument("--dtype", type=parse_dtype, default=None,
                         help="autocast dtype: bf16/fp16 (default: fp32 on CPU, bf16 on CUDA)")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--threads", type=arguments.threads, help="torch CPU threads (default: torch's)")
 
 
 def resolve_device_arguments(args) -> None:
@@ -47,7 +52,12 @@ def resolve_device_arguments(args) -> None:
 
 
 def model_from_args(args):
+    """The model the arguments name; a model tokenmerge cannot patch is refused here, with the
+    error :func:`tokenmerge.patch` gives, before any data is read."""
+    from ..api import check_patchable
     from ..models import load_model
 
-    return load_model(args.model, checkpoint=args.checkpoint, num_classes=args.num_classes,
-                      pretrained=args.pretrained)
+    model = load_model(args.model, checkpoint=args.checkpoint, num_classes=args.num_classes,
+                       pretrained=args.pretrained, **getattr(args, "model_kwargs", {}))
+    check_patchable(model)
+    return model

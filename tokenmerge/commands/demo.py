@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from ..core.schedule import parse_schedule
+from . import arguments
 from .eval import DEFAULT_DATA, _schedule
 
 __all__ = ["add_parser", "run", "demo_methods", "DTEM_MODULES_GLOB"]
@@ -32,13 +33,13 @@ def add_parser(subparsers) -> None:
         help="offline end-to-end demo on the embedded model and data (a few minutes on a CPU)",
         description=__doc__.splitlines()[0].split(": ", 1)[1],
     )
-    parser.add_argument("--out", type=Path, default=Path("tokenmerge-demo"),
+    parser.add_argument("--out", type=arguments.output_folder, default=Path("tokenmerge-demo"),
                         help="output folder (default: tokenmerge-demo/)")
     parser.add_argument("--r", nargs="+", type=_schedule, default=None, metavar="SCHEDULE",
                         help=f"settings per method (default: {' '.join(DEMO_SCHEDULES)})")
     parser.add_argument("--methods", nargs="+", default=None, help="default: every implemented method")
-    parser.add_argument("--limit", type=int, default=None, help="use only the first N shipped images")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--limit", type=arguments.positive_int, default=None, help="use only the first N shipped images")
+    parser.add_argument("--threads", type=arguments.threads, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--no-timing", action="store_true", help="skip the throughput measurement")
     parser.set_defaults(func=run)
 

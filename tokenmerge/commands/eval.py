@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from ..core.schedule import parse_schedule
+from . import arguments
 from .common import add_device_arguments, add_model_arguments, model_from_args, resolve_device_arguments
 
 __all__ = ["add_parser", "run", "DEFAULT_DATA", "variants_from", "method_options"]
@@ -19,11 +20,7 @@ DEFAULT_DATA = Path(__file__).resolve().parents[1] / "assets" / "imagenette_val_
 DEFAULT_SCHEDULES = ("4", "8", "13", "16")
 
 
-def _schedule(text: str):
-    try:
-        return parse_schedule(text)
-    except (ValueError, TypeError) as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
+_schedule = arguments.schedule  # the name other subcommands import
 
 
 def add_parser(subparsers) -> None:
@@ -41,7 +38,7 @@ def add_parser(subparsers) -> None:
     add_model_arguments(parser)
     parser.add_argument("--data", type=Path, default=None,
                         help="ImageFolder root (class sub-folders); default: the embedded Imagenette subset")
-    parser.add_argument("--limit", type=int, help="evaluate only the first N images (sorted order)")
+    parser.add_argument("--limit", type=arguments.positive_int, help="evaluate only the first N images (sorted order)")
     parser.add_argument("--methods", nargs="+", default=["tome"], metavar="METHOD",
                         help="methods to evaluate (default: tome; see tokenmerge.list_methods())")
     parser.add_argument("--r", nargs="+", type=_schedule, default=None, metavar="SCHEDULE",
@@ -49,21 +46,21 @@ def add_parser(subparsers) -> None:
                              "keep=0.9 (keep ratio); default: 4 8 13 16")
     parser.add_argument("--method-option", action="append", default=[], metavar="[METHOD.]KEY=VALUE",
                         help="a method option, e.g. tcvit.order=2 (METHOD. omitted: every method); repeatable")
-    parser.add_argument("--out", type=Path, default=Path("tokenmerge-eval"), help="output folder (default: tokenmerge-eval/)")
+    parser.add_argument("--out", type=arguments.output_folder, default=Path("tokenmerge-eval"), help="output folder (default: tokenmerge-eval/)")
     parser.add_argument("--no-cache", action="store_true", help="recompute every row (and do not write the cache)")
-    parser.add_argument("--plot", nargs="?", const="", default=None, metavar="PNG",
+    parser.add_argument("--plot", nargs="?", type=arguments.output_file, const="", default=None, metavar="PNG",
                         help="write the Pareto plot (default path: OUT/pareto.png)")
     parser.add_argument("--from-results", type=Path, metavar="JSON",
                         help="do not evaluate: print and plot a saved results.json")
-    parser.add_argument("--batch-size", type=int, default=128, help="evaluation batch size")
+    parser.add_argument("--batch-size", type=arguments.positive_int, default=128, help="evaluation batch size")
     parser.add_argument("--no-timing", action="store_true", help="skip the throughput measurement")
-    parser.add_argument("--timing-batch-size", type=int, default=32)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--timing-batch-size", type=arguments.positive_int, default=32)
+    parser.add_argument("--warmup", type=arguments.non_negative_int, default=2)
+    parser.add_argument("--repeats", type=arguments.positive_int, default=5)
     budget = parser.add_mutually_exclusive_group()
-    budget.add_argument("--target-speedup", type=float,
+    budget.add_argument("--target-speedup", type=arguments.finite_positive_float,
                         help="also evaluate, per method, the smallest constant r reaching this speedup")
-    budget.add_argument("--target-gflops", type=float,
+    budget.add_argument("--target-gflops", type=arguments.finite_positive_float,
                         help="also evaluate, per method, the smallest constant r within this many GFLOPs/img")
     parser.add_argument("--budget-metric", choices=("flops", "throughput"), default="flops",
                         help="what the budget search measures: the FLOP count (deterministic, default) "
@@ -168,15 +165,11 @@ def run(args: argparse.Namespace) -> int:
         return _from_results(args)
     from ..evaluation.data import load_images
     from ..evaluation.pareto import save_pareto_plot
-    from ..evaluation.sweep import (ResultCache, dataset_fingerprint, format_rows, run_sweep,
+    from ..evaluation.sweep import (ResultCache, build_variant, dataset_fingerprint, format_rows, run_sweep,
                                     weights_fingerprint, write_results)
     from .. import __version__
 
     resolve_device_arguments(args)
-    for name, value in (("--limit", args.limit), ("--batch-size", args.batch_size),
-                        ("--timing-batch-size", args.timing_batch_size), ("--repeats", args.repeats)):
-        if value is not None and value <= 0:
-            raise ValueError(f"{name} must be positive, got {value}")
     data = args.data or DEFAULT_DATA
     schedules = args.r if args.r is not None else [parse_schedule(s) for s in DEFAULT_SCHEDULES]
     options = method_options(args.method_option, args.methods)
@@ -186,6 +179,9 @@ def run(args: argparse.Namespace) -> int:
     image_size = model.patch_embed.img_size[0]
     if args.target_speedup is not None or args.target_gflops is not None:
         variants += budget_variants(model, args.methods, options, args, image_size)
+    for variant in variants:
+        # A bad method option or module file fails here, before minutes of image decoding.
+        build_variant(model, variant)
 
     images, labels, classes = load_images(data, image_size=image_size, limit=args.limit, progress=True)
     weights = weights_fingerprint(model)

@@ -9,27 +9,21 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..core.schedule import parse_schedule
+from . import arguments
+from .arguments import positive_int as _positive_int
 
 __all__ = ["add_parser", "run", "config_from_args", "main"]
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
 def _tau(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"tau must be > 0 (0.1-0.3 work well), got {text}")
-    return value
+    try:
+        return arguments.finite_positive_float(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"tau must be a finite number > 0 (0.1-0.3 work well), got {text}") from None
 
 
 def _distill_weight(text: str) -> float:
-    value = float(text)
+    value = arguments.finite_float(text)
     if not 0.0 < value <= 1.0:
         raise argparse.ArgumentTypeError(
             f"must lie in (0, 1] (the distillation share of the loss; 1.0 uses no labels), got {text}")
@@ -37,15 +31,14 @@ def _distill_weight(text: str) -> float:
 
 
 def _temperature(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0 (1-4 is usual), got {text}")
-    return value
+    try:
+        return arguments.finite_positive_float(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0 (1-4 is usual), got {text}") from None
 
 
-def _eval_r(text: str):
-    """An int r, or any schedule form accepted by ``--r`` elsewhere (13:-1, 16,16,8)."""
-    return parse_schedule(text)
+# An int r, or any schedule form accepted by --r elsewhere (13:-1, 16,16,8).
+_eval_r = arguments.schedule
 
 
 def _configure(parser: argparse.ArgumentParser) -> None:
@@ -64,8 +57,8 @@ def _configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", nargs="?", default=None,
                         help="timm architecture name (default: the embedded ViT-Tiny Imagenette model)")
     parser.add_argument("--checkpoint", help="local .safetensors or .pth state_dict with timm key names")
-    parser.add_argument("--num-classes", type=int)
-    parser.add_argument("--model-kwargs", type=json.loads, default={},
+    parser.add_argument("--num-classes", type=_positive_int)
+    parser.add_argument("--model-kwargs", type=arguments.json_object, default={},
                         help='extra timm.create_model arguments as JSON, e.g. \'{"img_size": 32}\'')
     parser.add_argument("--r", "--merge-r", dest="r", type=_positive_int, default=16,
                         help="tokens merged per block in training: use the largest r you will evaluate "
@@ -73,22 +66,27 @@ def _configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tau", type=_tau, default=0.1, help="soft-grouping temperature (dtem)")
     parser.add_argument("--embed-dim", type=_positive_int, default=64)
     parser.add_argument("--hidden-dim", type=_positive_int, default=None, help="MLP merge embedding")
-    parser.add_argument("--epochs", type=float, default=1.0)
+    parser.add_argument("--epochs", type=arguments.finite_positive_float, default=1.0)
     parser.add_argument("--max-steps", type=_positive_int, default=None, help="overrides --epochs")
     parser.add_argument("--batch-size", type=_positive_int, default=32, help="per process")
-    parser.add_argument("--lr", type=float, default=None,
+    parser.add_argument("--lr", type=arguments.finite_positive_float, default=None,
                         help="learning rate (default: 1e-3 for dtem embeddings, 1e-5 for tome)")
-    parser.add_argument("--backbone-lr", type=float, default=1e-5, help="the ViT's lr in dtem end2end")
-    parser.add_argument("--weight-decay", type=float, default=0.05)
-    parser.add_argument("--warmup-steps", type=int, default=20)
+    parser.add_argument("--backbone-lr", type=arguments.finite_positive_float, default=1e-5, help="the ViT's lr in dtem end2end")
+    parser.add_argument("--weight-decay", type=arguments.finite_non_negative_float, default=0.05)
+    parser.add_argument("--warmup-steps", type=arguments.non_negative_int, default=20)
     parser.add_argument("--limit", type=_positive_int, default=None, help="use N training images, evenly spaced over the (class-sorted) folder")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="runs/train", help="output folder (checkpoints, modules, results)")
+    parser.add_argument("--seed", type=arguments.non_negative_int, default=0)
+    parser.add_argument("--out", type=arguments.output_folder, default="runs/train",
+                        help="output folder (checkpoints, modules, results)")
     parser.add_argument("--checkpoint-every", type=_positive_int, default=50, help="steps")
-    parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
-    parser.add_argument("--num-workers", type=int, default=0)
-    parser.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
-    parser.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
+    existing = parser.add_mutually_exclusive_group()
+    existing.add_argument("--resume", action="store_true", help="continue the run in OUT from OUT/checkpoint.pt")
+    existing.add_argument("--overwrite", action="store_true",
+                          help="replace the run already in OUT (without --resume or --overwrite it is refused)")
+    parser.add_argument("--num-workers", type=arguments.non_negative_int, default=0)
+    parser.add_argument("--device", type=arguments.device, default=None,
+                        help="cpu, cuda, cuda:N or mps (default: cuda:LOCAL_RANK if available, else cpu)")
+    parser.add_argument("--threads", type=arguments.threads, default=None, help="torch CPU threads")
     parser.add_argument("--eval-data", default=None, help="default: the 'val' folder beside --data")
     parser.add_argument("--eval-r", nargs="*", type=_eval_r, default=None,
                         help="evaluate at these r after training (default: the training r)")
@@ -149,12 +147,13 @@ def config_from_args(args):
         embed_dim=args.embed_dim, hidden_dim=args.hidden_dim, epochs=args.epochs,
         max_steps=args.max_steps, batch_size=args.batch_size, lr=lr, backbone_lr=args.backbone_lr,
         weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, limit=args.limit,
-        seed=args.seed, out=args.out, checkpoint_every=args.checkpoint_every,
+        seed=args.seed, out=str(args.out), checkpoint_every=args.checkpoint_every,
         num_workers=args.num_workers, device=args.device, eval_data=args.eval_data,
         eval_r=eval_r, eval_limit=args.eval_limit, progress=not args.no_progress,
         method_options=options, distill=args.distill,
         distill_weight=0.5 if args.distill_weight is None else args.distill_weight,
-        distill_temperature=1.0 if args.distill_temperature is None else args.distill_temperature, teacher=args.teacher, teacher_model=args.teacher_model,
+        distill_temperature=1.0 if args.distill_temperature is None else args.distill_temperature,
+        teacher=args.teacher, teacher_model=args.teacher_model,
     )
 
 
@@ -165,7 +164,7 @@ def run(args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    summary = train(config_from_args(args), resume=args.resume)
+    summary = train(config_from_args(args), resume=args.resume, overwrite=args.overwrite)
     if summary.get("accuracy"):
         print(json.dumps({"accuracy": summary["accuracy"], "train_seconds": round(summary["train_seconds"], 1)}))
     return 0

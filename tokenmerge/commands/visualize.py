@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from ..core.schedule import KeepRatio, format_schedule
+from . import arguments
 from .common import add_model_arguments, model_from_args
 from .eval import _schedule, method_options
 
@@ -29,9 +30,9 @@ def add_parser(subparsers) -> None:
                         help="schedule: 13, 13:-1, 16,16,8 or keep=0.9 (default: 13)")
     parser.add_argument("--method-option", action="append", default=[], metavar="KEY=VALUE",
                         help="a method option, e.g. order=2; repeatable")
-    parser.add_argument("--block", type=int, default=None,
+    parser.add_argument("--block", type=arguments.positive_int, default=None,
                         help="show the groups after this block (1-based; default: the last)")
-    parser.add_argument("--out", type=Path, default=Path("tokenmerge-visualize.png"), help="output PNG")
+    parser.add_argument("--out", type=arguments.output_file, default=Path("tokenmerge-visualize.png"), help="output PNG")
     parser.set_defaults(func=run)
 
 
@@ -53,6 +54,8 @@ def render(model, image, method: str, schedule, out, block=None, options=None) -
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.image.is_dir():
+        raise ValueError(f"{str(args.image)!r} is a folder: pass one image file")
     if not args.image.is_file():
         raise FileNotFoundError(f"image {str(args.image)!r} does not exist")
     options = method_options(args.method_option, [args.method])[args.method]

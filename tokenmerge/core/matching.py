@@ -17,7 +17,12 @@ import torch
 
 from .merge import MergePlan
 
-__all__ = ["bipartite_soft_matching", "bipartite_max_reduction", "split_parity"]
+__all__ = [
+    "bipartite_soft_matching",
+    "bipartite_plan_from_scores",
+    "bipartite_max_reduction",
+    "split_parity",
+]
 
 
 def bipartite_max_reduction(num_tokens: int, num_protected: int) -> int:
@@ -53,15 +58,36 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, num_protected: int = 1
             f"bipartite matching can remove 0..{limit} of {N} tokens "
             f"({num_protected} protected), asked for r={r}"
         )
-    device = metric.device
     if r == 0:  # as in ToMe, no merge leaves the order alone
-        return MergePlan(torch.arange(N, device=device).expand(B, N), N)
+        return MergePlan(torch.arange(N, device=metric.device).expand(B, N), N)
     a0, b0 = split_parity(num_protected)
     with torch.no_grad():
         metric = metric / metric.norm(dim=-1, keepdim=True)
-        a, b = metric[:, a0::2], metric[:, b0::2]
-        num_a, num_b = a.shape[1], b.shape[1]
-        scores = a @ b.transpose(-1, -2)  # [B, Na, Nb]
+        scores = metric[:, a0::2] @ metric[:, b0::2].transpose(-1, -2)  # [B, Na, Nb]
+        return bipartite_plan_from_scores(scores, r, num_protected)
+
+
+def bipartite_plan_from_scores(scores: torch.Tensor, r: int, num_protected: int) -> MergePlan:
+    """ToMe's merge plan from any edge scores between set A and set B (higher = merge first).
+
+    Each A-token proposes the B-token it scores highest; the ``r`` highest proposals merge.
+    Shared by ToMe (cosine similarity of keys) and MCTF (multi-criteria edge weights).
+
+    Args:
+        scores: ``[B, Na, Nb]`` edge scores, A = even and B = odd mergeable positions
+            (:func:`split_parity`), in token order.
+        r: tokens to remove, ``1 <= r <= Na``.
+        num_protected: leading tokens that are never merged.
+
+    Returns:
+        A :class:`~tokenmerge.core.merge.MergePlan` over ``N = num_protected + Na + Nb``
+        tokens with ``num_out = N - r``, in the order ``[protected, kept A, B]``.
+    """
+    B, num_a, num_b = scores.shape
+    N = num_protected + num_a + num_b
+    device = scores.device
+    a0, b0 = split_parity(num_protected)
+    with torch.no_grad():
         node_max, node_idx = scores.max(dim=-1)
         edge_order = node_max.argsort(dim=-1, descending=True)
         src = edge_order[:, :r]  # positions in A that merge

@@ -61,7 +61,10 @@ class ScheduleClampedWarning(UserWarning):
 
 
 def _check_r(value, where: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+    if isinstance(value, bool):
+        # True is an int to Python; as a token count it is a mistake, not r=1.
+        raise TypeError(f"{where} must be an integer number of tokens, got the bool {value!r}")
+    if not isinstance(value, numbers.Integral):
         if isinstance(value, numbers.Real) and float(value).is_integer():
             value = int(value)
         else:

@@ -54,6 +54,8 @@ def image_folder(root, image_size: int = 224, limit: Optional[int] = None, trans
     from torchvision.datasets import ImageFolder
 
     root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise ValueError(f"dataset folder {str(root)!r} is a file: pass the folder that holds one sub-folder per class")
     if not root.is_dir():
         raise FileNotFoundError(f"dataset folder {str(root)!r} does not exist")
     try:

@@ -25,7 +25,7 @@ def group_by_method(rows: Sequence[dict]) -> Dict[str, List[dict]]:
 
 
 def _point_label(schedule: str) -> str:
-    return schedule if schedule.startswith("keep=") else f"r={schedule}"
+    return schedule if schedule.startswith(("keep=", "#")) else f"r={schedule}"
 
 
 def _panels(rows: Sequence[dict]) -> list:
@@ -36,10 +36,12 @@ def _panels(rows: Sequence[dict]) -> list:
     return panels
 
 
-def pareto_figure(rows: Sequence[dict], title: Optional[str] = None):
+def pareto_figure(rows: Sequence[dict], title: Optional[str] = None, y_key: str = "accuracy",
+                  y_label: str = "top-1 accuracy (%)"):
     """A matplotlib ``Figure``: one panel per x metric, one line per method, a star for the
     unmodified model. Each method line is labelled with the method name; the star with
-    ``"unmodified"``; points are annotated with their schedule."""
+    ``"unmodified"``; points are annotated with their schedule. ``y_key`` picks the row
+    field on the y axis (``tokenmerge tune`` plots agreement with the unmodified model)."""
     # A bare Figure renders through Agg without touching pyplot's global backend state.
     from matplotlib.figure import Figure
 
@@ -54,16 +56,16 @@ def pareto_figure(rows: Sequence[dict], title: Optional[str] = None):
         for method, points in groups.items():
             points = sorted(points, key=lambda row: row[key])
             xs = [row[key] for row in points]
-            ys = [row["accuracy"] for row in points]
+            ys = [row[y_key] for row in points]
             (line,) = ax.plot(xs, ys, marker="o", label=method)
             for row in points:
-                ax.annotate(_point_label(row["schedule"]), (row[key], row["accuracy"]), textcoords="offset points",
+                ax.annotate(_point_label(row["schedule"]), (row[key], row[y_key]), textcoords="offset points",
                             xytext=(4, 3), fontsize=7, color=line.get_color())
         for row in baseline:
-            ax.plot([row[key]], [row["accuracy"]], marker="*", markersize=14, linestyle="none",
+            ax.plot([row[key]], [row[y_key]], marker="*", markersize=14, linestyle="none",
                     color="black", label="unmodified")
         ax.set_xlabel(xlabel)
-        ax.set_ylabel("top-1 accuracy (%)")
+        ax.set_ylabel(y_label)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
     if title:
@@ -71,10 +73,12 @@ def pareto_figure(rows: Sequence[dict], title: Optional[str] = None):
     return figure
 
 
-def save_pareto_plot(rows: Sequence[dict], path, title: Optional[str] = None, dpi: int = 120) -> Path:
-    """Render :func:`pareto_figure` to a PNG at ``path`` (parent folders created)."""
+def save_pareto_plot(rows: Sequence[dict], path, title: Optional[str] = None, dpi: int = 120,
+                     **axis) -> Path:
+    """Render :func:`pareto_figure` to a PNG at ``path`` (parent folders created); ``axis``:
+    ``y_key``/``y_label`` of :func:`pareto_figure`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure = pareto_figure(rows, title=title)
+    figure = pareto_figure(rows, title=title, **axis)
     figure.savefig(path, dpi=dpi, format="png")
     return path

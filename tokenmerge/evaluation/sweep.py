@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import csv
 import hashlib
+import io
 import json
 import warnings
 from dataclasses import dataclass, field
@@ -188,19 +189,19 @@ class ResultCache:
     """Finished rows, one JSON object per line: ``{"key": ..., "row": {...}}``.
 
     Appending a line per finished row (and flushing) means an interrupted sweep loses at
-    most the row in progress. A truncated last line (killed mid-write) is ignored.
+    most the row in progress. A torn last line (killed mid-write) is dropped when reading and
+    cut off before the next append, so it cannot swallow the next row (:mod:`tokenmerge.io`).
     """
 
     def __init__(self, path):
+        from ..io import read_jsonl
+
         self.path = Path(path) if path is not None else None
         self._rows: Dict[str, dict] = {}
-        if self.path is not None and self.path.is_file():
-            for line in self.path.read_text().splitlines():
-                try:
-                    entry = json.loads(line)
+        if self.path is not None:
+            for entry in read_jsonl(self.path):
+                if isinstance(entry.get("key"), str) and isinstance(entry.get("row"), dict):
                     self._rows[entry["key"]] = entry["row"]
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    continue
 
     @staticmethod
     def key(context: dict, variant: Variant) -> str:
@@ -217,13 +218,11 @@ class ResultCache:
         return self._rows.get(key)
 
     def put(self, key: str, row: dict) -> None:
+        from ..io import append_jsonl
+
         self._rows[key] = row
-        if self.path is None:
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a") as handle:
-            handle.write(json.dumps({"key": key, "row": row}) + "\n")
-            handle.flush()
+        if self.path is not None:
+            append_jsonl(self.path, {"key": key, "row": row})
 
     def __len__(self) -> int:
         return len(self._rows)
@@ -327,25 +326,34 @@ CSV_COLUMNS = ["method", "schedule", "options", "accuracy", "gflops", "tokens_in
 
 
 def write_results(rows: Iterable[dict], meta: dict, out_dir) -> dict:
-    """Write ``results.json`` (meta + rows) and ``results.csv`` under ``out_dir``; returns the paths."""
+    """Write ``results.json`` (meta + rows) and ``results.csv`` under ``out_dir`` (each
+    atomically: a kill leaves the previous file or the new one); returns the paths."""
+    from ..io import atomic_write_json, atomic_write_text
+
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     rows = list(rows)
     json_path, csv_path = out_dir / "results.json", out_dir / "results.csv"
-    json_path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-    with csv_path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        for row in rows:
-            flat = dict(row)
-            flat["options"] = " ".join(f"{k}={v}" for k, v in sorted(row.get("options", {}).items()))
-            writer.writerow(flat)
+    atomic_write_json(json_path, {"meta": meta, "rows": rows}, indent=2)
+    atomic_write_text(csv_path, _csv_text(rows))
     return {"json": json_path, "csv": csv_path}
+
+
+def _csv_text(rows: Sequence[dict]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    for row in rows:
+        flat = dict(row)
+        flat["options"] = " ".join(f"{k}={v}" for k, v in sorted(row.get("options", {}).items()))
+        writer.writerow(flat)
+    return buffer.getvalue()
 
 
 def read_results(path) -> dict:
     """Load a ``results.json`` written by :func:`write_results` (clear error otherwise)."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{str(path)!r} is a folder: pass the results.json file in it")
     if not path.is_file():
         raise FileNotFoundError(f"results file {str(path)!r} does not exist (tokenmerge eval writes OUT/results.json)")
     try:

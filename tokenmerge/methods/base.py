@@ -58,10 +58,13 @@ class TokenReducer(nn.Module):
         name: the registry name (``tokenmerge.patch(model, method=name)``).
         tracks_size: merged tokens carry sizes, which feed proportional attention and
             size-weighted pooling. Pure pruning leaves sizes alone.
+        default_prop_attn: whether proportional attention is on when
+            ``tokenmerge.patch(..., prop_attn=None)`` leaves it to the method.
     """
 
     name: ClassVar[str] = ""
     tracks_size: ClassVar[bool] = True
+    default_prop_attn: ClassVar[bool] = True
 
     def max_reduction(self, num_tokens: int, num_protected: int) -> int:
         """The most tokens one block may remove (default: bipartite, half the mergeable)."""
@@ -91,7 +94,10 @@ class TokenReducer(nn.Module):
         block_index: int,
     ) -> TokenState:
         """Remove ``r`` tokens from ``state`` (called between attention and MLP)."""
-        plan = self.plan(state.x, attn, r, num_protected, block_index)
+        return self.apply_plan(state, self.plan(state.x, attn, r, num_protected, block_index))
+
+    def apply_plan(self, state: TokenState, plan: MergePlan) -> TokenState:
+        """Merge ``state`` by ``plan`` (size-weighted) and follow its sources."""
         x, size = merge_tokens(state.x, state.size, plan)
         source = None if state.source is None else track_sources(state.source, plan)
         return TokenState(x, size if self.tracks_size else None, source)

@@ -70,6 +70,10 @@ class EViT(TokenReducer):
     """
 
     name = "evit"
+    # Select-and-fuse piles many patches into a few representatives; proportional attention
+    # then over-weights exactly those tokens (TC-ViT at -50% GFLOPs: 68.3% with it, 79.1%
+    # without, and the same direction on a second model: BENCHMARKS.md section 5).
+    default_prop_attn = False
 
     def max_reduction(self, num_tokens: int, num_protected: int) -> int:
         # At least one kept candidate beside the fused token.

@@ -254,32 +254,49 @@ def save_merge_modules(model: nn.Module, path) -> Path:
     """Save a DTEM-patched model's merge embeddings as a small safetensors file.
 
     The metadata records the architecture name, width, depth and embedding shape, so that
-    :func:`load_merge_modules` can refuse a file trained for another model.
+    :func:`load_merge_modules` can refuse a file trained for another model. Non-finite
+    weights (a diverged training run) are refused; the file is written atomically.
     """
-    from safetensors.torch import save_file
+    from ..io import save_safetensors
 
     reducer = _dtem_of(model)
     if not len(reducer.embeds):
         raise ValueError("the DTEM reducer has no modules to save")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().float().cpu().contiguous() for k, v in reducer.state_dict().items()}
-    save_file(state, str(path), metadata=reducer.metadata())
+    save_safetensors(state, path, metadata=reducer.metadata(), what="DTEM merge modules")
     return path
 
 
 def read_merge_module_metadata(path) -> dict:
     """The metadata of a merge-module file (raises if it is not one)."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"merge-module file {str(path)!r} does not exist")
-    with safe_open(str(path), framework="pt") as handle:
-        meta = handle.metadata() or {}
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            meta = handle.metadata() or {}
+    except (SafetensorError, OSError, RuntimeError, ValueError) as err:
+        raise ValueError(
+            f"merge-module file {str(path)!r} cannot be read: it is corrupt, truncated or not a "
+            f"safetensors file ({err}); save the modules again with tokenmerge.save_merge_modules"
+        ) from None
     if meta.get("format") != FILE_FORMAT:
         raise ValueError(f"{str(path)!r} is not a tokenmerge DTEM module file (no {FILE_FORMAT!r} metadata)")
+    _check_metadata(meta, path)
     return meta
+
+
+def _check_metadata(meta: dict, path: Path) -> None:
+    """The shape fields every loader reads with ``int()``: refuse a damaged or hand-edited file."""
+    for key in ("width", "depth", "embed_dim"):
+        if not str(meta.get(key, "")).isdigit() or int(meta[key]) <= 0:
+            raise ValueError(f"{str(path)!r} has a bad {key!r} in its metadata ({meta.get(key)!r}); save the modules again")
+    hidden = meta.get("hidden_dim", "")
+    if hidden and (not hidden.isdigit() or int(hidden) <= 0):
+        raise ValueError(f"{str(path)!r} has a bad 'hidden_dim' in its metadata ({hidden!r}); save the modules again")
 
 
 def load_merge_modules(model: nn.Module, path) -> nn.Module:
@@ -288,7 +305,7 @@ def load_merge_modules(model: nn.Module, path) -> nn.Module:
     Raises ``ValueError`` when the file was trained for another width, depth or embedding
     shape; warns when only the architecture name differs. Returns the model.
     """
-    from safetensors.torch import load_file
+    from ..io import check_finite, load_safetensors
 
     reducer = _dtem_of(model)
     meta = read_merge_module_metadata(path)
@@ -316,13 +333,26 @@ def load_merge_modules(model: nn.Module, path) -> nn.Module:
             f"{path} was trained on {arch}; loading it into {info['architecture']} of the same shape",
             stacklevel=2,
         )
+    state = load_safetensors(path, "merge-module file", fix="save the modules again with tokenmerge.save_merge_modules")
+    check_finite(state, f"refusing to load {str(path)!r}")
     if not len(reducer.embeds):
         reducer._build(width, depth)
-    state = load_file(str(path))
+    _check_fits(state, reducer.state_dict(), path)
     device = next(reducer.parameters()).device
     reducer.load_state_dict({k: v.to(device) for k, v in state.items()})
     reducer.architecture = arch or reducer.architecture
     return model
+
+
+def _check_fits(saved: dict, expected: dict, path) -> None:
+    """Names and shapes checked before loading, so a bad file changes no weight."""
+    missing, unexpected = sorted(set(expected) - set(saved)), sorted(set(saved) - set(expected))
+    wrong = [k for k in expected if k in saved and saved[k].shape != expected[k].shape]
+    if missing or unexpected or wrong:
+        raise ValueError(
+            f"{str(path)!r} does not hold the modules its metadata describes (missing {missing[:3]}, "
+            f"unexpected {unexpected[:3]}, wrong shape {wrong[:3]}); save the modules again"
+        )
 
 
 def describe_file(path) -> str:

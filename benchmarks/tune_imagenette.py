@@ -1,0 +1,98 @@
+"""Training-free accuracy at fixed GFLOPs budgets (issue 9): ToMe, ToMe calibrated, PiToMe,
+MCTF and the best configuration `tokenmerge.tune` finds, on an Imagenette ViT.
+
+Everything is chosen on TRAIN images (1,000 spread over the classes by default); the val
+split is only evaluated, once per configuration, for the report. The budgets are the counted
+GFLOPs of ToMe at constant r=16 (-50%) and r=13 (-40%) on the same model.
+
+    python benchmarks/tune_imagenette.py --out benchmarks/results/tune_vit_tiny
+    python benchmarks/tune_imagenette.py --checkpoint benchmarks/models/vit_tiny_d6_patch16_224.imagenette.safetensors \
+        --model-kwargs '{"depth": 6}' --out benchmarks/results/tune_vit_tiny_d6
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+import tokenmerge
+from tokenmerge.evaluation.accuracy import evaluate_accuracy
+from tokenmerge.evaluation.data import image_folder, image_loader, load_images
+from tokenmerge.evaluation.flops import count_gflops
+from tokenmerge.evaluation.sweep import _shared_copy
+from tokenmerge.evaluation.tune import tune
+from tokenmerge.models import load_model
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenette"
+
+
+def calibration(root: Path, limit: int):
+    xs, ys = [], []
+    for x, y in image_loader(image_folder(root, limit=limit, spread=True), batch_size=125):
+        xs.append(x)
+        ys.append(y)
+    return torch.cat(xs), torch.cat(ys)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", default=None)
+    parser.add_argument("--model", default="vit_tiny_patch16_224")
+    parser.add_argument("--model-kwargs", type=json.loads, default={})
+    parser.add_argument("--train", type=Path, default=SHARED / "train")
+    parser.add_argument("--val", type=Path, default=SHARED / "val")
+    parser.add_argument("--calibration-images", type=int, default=1000)
+    parser.add_argument("--budgets", type=int, nargs="+", default=[16, 13], help="ToMe constant r defining each budget")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    warnings.simplefilter("ignore")
+    if args.checkpoint is None:
+        model = load_model()
+    else:
+        model = load_model(args.model, checkpoint=args.checkpoint, num_classes=10, **args.model_kwargs)
+    args.out.mkdir(parents=True, exist_ok=True)
+    cal_x, cal_y = calibration(args.train, args.calibration_images)
+    val_x, val_y, _ = load_images(args.val)
+    base_gflops = count_gflops(model)
+    rows = [{"budget": "-", "config": "unmodified", "gflops": base_gflops,
+             "val_top1": evaluate_accuracy(model, val_x, val_y, batch_size=125)}]
+    print(json.dumps(rows[-1]), flush=True)
+
+    def report(budget, name, config, tuned=None):
+        variant = tokenmerge.patch(_shared_copy(model), **config)
+        row = {"budget": budget, "config": name, "method": config["method"], "r": list(variant.tokenmerge_schedule()),
+               "options": config.get("options", {}), "gflops": count_gflops(variant),
+               "val_top1": evaluate_accuracy(variant, val_x, val_y, batch_size=125)}
+        if tuned is not None:
+            row.update(calib_kl=tuned.best.kl, calib_agreement=tuned.best.agreement, tune_seconds=tuned.seconds)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
+    for r in args.budgets:
+        target = count_gflops(tokenmerge.patch(_shared_copy(model), r=r))
+        budget = f"ToMe r={r}: {target:.3f} GFLOPs ({100 * (1 - target / base_gflops):.0f}% fewer)"
+        report(budget, f"ToMe r={r}", {"method": "tome", "r": r})
+        calibrated = tune(model, (cal_x, cal_y), target_gflops=target, methods=["tome"], measure_speed=False)
+        calibrated.save(args.out / f"tome_r{r}")
+        report(budget, "ToMe calibrated (tune --methods tome)", calibrated.config(), calibrated)
+        best = tune(model, (cal_x, cal_y), target_gflops=target)
+        best.save(args.out / f"best_r{r}")
+        for name in ("pitome", "mctf"):
+            constant = next(c for c in best.candidates if c.method == name and c.stage == "constant")
+            report(budget, f"{name} constant r (smallest within budget)", constant.config())
+        report(budget, "tune (default: tome, mctf, pitome; search on the best)", best.config(), best)
+    meta = {"machine": f"{platform.machine()} CPU, {args.threads} threads", "torch": torch.__version__,
+            "date": time.strftime("%Y-%m-%d"), "calibration_images": args.calibration_images, "rows": rows}
+    (args.out / "results.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

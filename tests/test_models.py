@@ -1,0 +1,64 @@
+"""tokenmerge.models: model files are read as data, and a damaged one is named."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+from tokenmerge.models import load_checkpoint, load_model
+
+TINY = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}
+
+
+class OpensAFile:
+    """Unpickling this creates ``path``: the side effect a malicious model file would have."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+@pytest.fixture(scope="module")
+def state():
+    torch.manual_seed(0)
+    return timm.create_model("vit_tiny_patch16_224", num_classes=3, **TINY).state_dict()
+
+
+def test_pth_and_safetensors_load_the_same_weights(state, tmp_path):
+    torch.save({"model": state}, tmp_path / "wrapped.pth")
+    save_file(state, str(tmp_path / "plain.safetensors"))
+    for name in ("wrapped.pth", "plain.safetensors"):
+        model = load_model("vit_tiny_patch16_224", checkpoint=tmp_path / name, **TINY)
+        assert model.num_classes == 3
+        assert torch.equal(model.state_dict()["head.weight"], state["head.weight"])
+
+
+def test_a_pth_with_pickled_objects_is_refused_without_running_them(state, tmp_path):
+    marker = tmp_path / "pwned"
+    torch.save({"model": state, "extra": OpensAFile(marker)}, tmp_path / "evil.pth")
+    with pytest.raises(ValueError, match=r"evil\.pth.*pickled Python object.*state_dict"):
+        load_model("vit_tiny_patch16_224", checkpoint=tmp_path / "evil.pth", **TINY)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_truncated_model_files_are_named(state, tmp_path, suffix):
+    whole = tmp_path / f"whole{suffix}"
+    if suffix == ".pth":
+        torch.save(state, whole)
+    else:
+        save_file(state, str(whole))
+    cut = tmp_path / f"cut{suffix}"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    with pytest.raises(ValueError, match=rf"checkpoint '.*cut{suffix}' cannot be read: it is corrupt, truncated"):
+        load_checkpoint(cut)
+
+
+def test_a_pth_without_a_state_dict_is_refused(tmp_path):
+    torch.save([torch.ones(2)], tmp_path / "list.pth")
+    with pytest.raises(ValueError, match=r"list\.pth.*does not hold a state_dict"):
+        load_checkpoint(tmp_path / "list.pth")

@@ -1,0 +1,156 @@
+"""tokenmerge.tune and `tokenmerge tune`: budgets counted exactly, output that patch accepts."""
+
+import json
+
+import pytest
+import timm
+import torch
+
+import tokenmerge
+from tokenmerge.cli import main
+from tokenmerge.evaluation.flops import count_gflops
+from tokenmerge.evaluation.tune import resolve_budget, tune
+
+
+def small_vit(**kwargs):
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=4, depth=4, embed_dim=48,
+                              num_heads=3, num_classes=5, **kwargs)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return small_vit()
+
+
+@pytest.fixture(scope="module")
+def images():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(12, 3, 32, 32, generator=g), torch.randint(0, 5, (12,), generator=g)
+
+
+@pytest.fixture(scope="module")
+def result(model, images):
+    return tune(model, images, gflops_fraction=0.55, methods=["tome", "mctf"], rounds=2, batch_size=5,
+                progress=False)
+
+
+def test_budget_is_met_by_counted_gflops(model, images, result):
+    target = 0.55 * count_gflops(model, images=images[0][:1])
+    assert result.target_gflops == pytest.approx(target)
+    for candidate in result.candidates:
+        patched = tokenmerge.patch(small_vit(), **candidate.config())
+        assert count_gflops(patched, images=images[0][:1]) == pytest.approx(candidate.gflops, rel=1e-9)
+        assert candidate.gflops <= target
+    # The constant-r start is the smallest constant that fits: one less does not.
+    tome = next(c for c in result.candidates if c.method == "tome" and c.stage == "constant")
+    looser = tokenmerge.patch(small_vit(), r=max(tome.r) - 1)
+    assert count_gflops(looser, images=images[0][:1]) > target
+
+
+def test_best_round_trips_through_patch_and_json(model, images, result, tmp_path):
+    out = result.save(tmp_path)
+    config = json.loads((out / "best.json").read_text())
+    assert set(config) == {"method", "r", "options"}
+    patched = tokenmerge.patch(small_vit(), **config)
+    assert tuple(patched.tokens_per_block()[i] - patched.tokens_per_block()[i + 1]
+                 for i in range(len(patched.blocks))) == result.best.r
+    with torch.inference_mode():
+        logits = patched(images[0])
+        reference = model(images[0])
+    kl = torch.nn.functional.kl_div(logits.log_softmax(-1), reference.log_softmax(-1), log_target=True,
+                                    reduction="batchmean").item()
+    assert kl == pytest.approx(result.best.kl, rel=1e-4, abs=1e-7)
+    assert result.best.loss == min(c.loss for c in result.candidates)
+    rows = json.loads((out / "candidates.json").read_text())["candidates"]
+    assert len(rows) == len(result.candidates) and sum(row["best"] for row in rows) == 1
+
+
+def test_search_never_returns_worse_than_its_constant_start(result):
+    for method in {c.method for c in result.candidates}:
+        constant = next(c for c in result.candidates if c.method == method and c.stage == "constant")
+        assert result.best.loss <= constant.loss
+
+
+def test_model_is_left_unmodified(model, images, result):
+    assert not tokenmerge.is_patched(model)
+
+
+@pytest.mark.parametrize("budget,message", [
+    (dict(target_gflops=0), "target_gflops must be positive"),
+    (dict(target_gflops=-1.0), "target_gflops must be positive"),
+    (dict(target_speedup=1.0), "target_speedup must be > 1"),
+    (dict(target_speedup=float("nan")), "finite"),
+    (dict(gflops_fraction=1.5), "gflops_fraction must lie in"),
+    (dict(), "give exactly one budget"),
+    (dict(target_gflops=1.0, gflops_fraction=0.5), "give exactly one budget"),
+])
+def test_malformed_budgets(budget, message):
+    with pytest.raises(ValueError, match=message):
+        resolve_budget(2.0, **budget)
+
+
+def test_unreachable_budget_names_the_best_reachable(model, images):
+    with pytest.raises(ValueError, match="cannot be met"):
+        tune(model, images, gflops_fraction=0.01, methods=["tome"], progress=False, measure_speed=False)
+
+
+def test_bad_arguments(model, images):
+    with pytest.raises(ValueError, match="needs labels"):
+        tune(model, images[0], gflops_fraction=0.5, objective="accuracy", progress=False)
+    with pytest.raises(ValueError, match="objective must be one of"):
+        tune(model, images, gflops_fraction=0.5, objective="top5", progress=False)
+    with pytest.raises(ValueError, match="unknown method"):
+        tune(model, images, gflops_fraction=0.5, methods=["nope"], progress=False)
+    patched = tokenmerge.patch(small_vit(), r=1)
+    with pytest.raises(ValueError, match="unpatch"):
+        tune(patched, images, gflops_fraction=0.5, progress=False)
+
+
+def test_label_free_objective_from_a_loader(model, images):
+    loader = torch.utils.data.DataLoader(images[0], batch_size=4)
+    result = tune(model, loader, gflops_fraction=0.6, methods=["tome"], rounds=1, objective="agreement",
+                  progress=False, measure_speed=False)
+    assert result.best.accuracy is None and result.num_images == 12
+    assert result.best.loss == pytest.approx(1 - result.best.agreement / 100)
+
+
+def test_tune_command_on_the_embedded_model(tmp_path, capsys):
+    from tokenmerge.commands.eval import DEFAULT_DATA
+
+    out = tmp_path / "tune"
+    code = main(["tune", "--data", str(DEFAULT_DATA), "--limit", "10", "--gflops-fraction", "0.6",
+                 "--methods", "tome", "tome:prop_attn=false", "--rounds", "0", "--no-timing",
+                 "--threads", "2", "--out", str(out)])
+    assert code == 0
+    config = json.loads((out / "best.json").read_text())
+    text = capsys.readouterr().out
+    assert "best:" in text and "prop_attn" in text
+    assert (out / "pareto.png").stat().st_size > 0
+    from tokenmerge.models import load_model
+
+    base_gflops = count_gflops(load_model())
+    assert count_gflops(tokenmerge.patch(load_model(), **config)) <= 0.6 * base_gflops
+
+
+def test_tune_command_rejects_bad_budgets(capsys):
+    for argv in (["--gflops-fraction", "0"], ["--target-speedup", "inf"], ["--target-gflops", "-2"]):
+        with pytest.raises(SystemExit):
+            main(["tune", "--data", "x", *argv])
+        assert "must be a finite number" in capsys.readouterr().err
+
+
+def test_model_kwargs_load_a_checkpoint_of_another_depth():
+    from pathlib import Path
+
+    from tokenmerge.cli import build_parser
+    from tokenmerge.commands.common import model_from_args
+
+    checkpoint = Path(__file__).resolve().parents[1] / "benchmarks/models/vit_tiny_d6_patch16_224.imagenette.safetensors"
+    args = build_parser().parse_args(["tune", "--data", "x", "--gflops-fraction", "0.5", "--checkpoint",
+                                      str(checkpoint), "--model-kwargs", '{"depth": 6}'])
+    assert len(model_from_args(args).blocks) == 6
+    args = build_parser().parse_args(["eval", "--checkpoint", str(checkpoint)])
+    with pytest.raises(ValueError, match="does not fit"):
+        model_from_args(args)

@@ -1,0 +1,148 @@
+"""``tokenmerge tune``: the best training-free configuration for a budget, written as best.json."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+from . import arguments
+from .common import add_device_arguments, add_model_arguments, model_from_args, resolve_device_arguments
+
+__all__ = ["add_parser", "run", "parse_candidate"]
+
+
+def _finite(kind: str, low: float, high: float = math.inf):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{kind} must be a number, got {text!r}") from None
+        if not (math.isfinite(value) and low < value < high):
+            bound = f"in ({low:g}, {high:g})" if math.isfinite(high) else f"> {low:g}"
+            raise argparse.ArgumentTypeError(f"{kind} must be a finite number {bound}, got {text}")
+        return value
+    return parse
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def parse_candidate(text: str) -> tuple:
+    """``"mctf"`` or ``"tome:prop_attn=false,..."`` -> ``(method, options)``."""
+    from ..evaluation.sweep import parse_option
+
+    method, _, rest = text.partition(":")
+    options = {}
+    for item in filter(None, rest.split(",")):
+        _, key, value = parse_option(item)
+        options[key] = value
+    return method, options
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "tune",
+        help="search the best training-free method and per-block schedule for a GFLOPs budget",
+        description=(
+            "Calibrate on images from the TRAIN split (never the split you report on): for each "
+            "candidate method, the smallest constant r within the budget, then a per-block "
+            "schedule search for the best, minimising the divergence from the unmodified model "
+            "(label-free by default). Writes OUT/best.json (tokenmerge.patch(model, "
+            "**json.load(f)) applies it), OUT/candidates.csv/.json and OUT/pareto.png."
+        ),
+    )
+    add_model_arguments(parser)
+    parser.add_argument("--data", type=Path, required=True,
+                        help="calibration ImageFolder (use the train split); labels are optional")
+    parser.add_argument("--limit", type=_positive_int, default=1000,
+                        help="calibration images, spread evenly over the folder (default 1000)")
+    budget = parser.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--target-gflops", type=_finite("--target-gflops", 0.0),
+                        help="GFLOPs per image at most")
+    budget.add_argument("--target-speedup", type=_finite("--target-speedup", 1.0),
+                        help="FLOP ratio unmodified / merged at least (e.g. 2)")
+    budget.add_argument("--gflops-fraction", type=_finite("--gflops-fraction", 0.0, 1.0),
+                        help="share of the unmodified GFLOPs (0.5 = -50%%)")
+    parser.add_argument("--methods", nargs="+", type=parse_candidate, default=None, metavar="METHOD[:K=V,...]",
+                        help="candidates (default: tome mctf pitome), e.g. tome tome:prop_attn=false mctf")
+    parser.add_argument("--objective", choices=("kl", "agreement", "accuracy"), default="kl",
+                        help="kl (default) / agreement: closeness to the unmodified model, no labels needed; "
+                             "accuracy: top-1 on the labels")
+    parser.add_argument("--search-methods", type=arguments.non_negative_int, default=1,
+                        help="how many of the best constant-r methods get the per-block search (default 1)")
+    parser.add_argument("--rounds", type=arguments.non_negative_int, default=3, help="search rounds (default 3)")
+    parser.add_argument("--probe-images", type=_positive_int, default=250,
+                        help="calibration images each per-block probe runs on (default 250; proposals use all)")
+    parser.add_argument("--batch-size", type=_positive_int, default=125)
+    parser.add_argument("--no-timing", action="store_true", help="skip the throughput measurement")
+    parser.add_argument("--out", type=arguments.output_folder, default=Path("tokenmerge-tune"), help="output folder (default: tokenmerge-tune/)")
+    add_device_arguments(parser)
+    parser.set_defaults(func=run)
+
+
+def _table(result) -> str:
+    lines = [f"{'#':>2} {'method':<10} {'options':<22} {'stage':<15} {'GFLOPs':>7} {result.objective:>9} "
+             f"{'agree%':>7} {'acc%':>6} {'speedup':>7}  r"]
+    for k, c in enumerate(result.candidates):
+        acc = "-" if c.accuracy is None else f"{c.accuracy:.1f}"
+        speed = "-" if c.speedup is None else f"{c.speedup:.2f}x"
+        options = ",".join(f"{k}={v}" for k, v in sorted(c.options.items())) or "-"
+        lines.append(f"{k:>2}{'*' if c is result.best else ' '}{c.method:<10} {options:<22} {c.stage:<15} "
+                     f"{c.gflops:>7.3f} {c.loss:>9.4f} {c.agreement:>7.1f} {acc:>6} {speed:>7}  {list(c.r)}")
+    return "\n".join(lines)
+
+
+def save_tune_plot(result, path) -> Path:
+    """Agreement with the unmodified model vs GFLOPs (and vs images/s when timed), one line
+    per method and stage, each point labelled with its candidate number in the table."""
+    from ..evaluation.pareto import save_pareto_plot
+
+    rows = [{"method": "none", "schedule": "-", "gflops": result.base_gflops, "agreement": 100.0,
+             "images_per_s": None if result.best.speedup is None
+             else result.best.images_per_s / result.best.speedup}]
+    rows += [{"method": f"{c.method} ({c.stage.split(' ')[0]})", "schedule": f"#{k}", "gflops": c.gflops,
+              "agreement": c.agreement, "images_per_s": c.images_per_s}
+             for k, c in enumerate(result.candidates)]
+    return save_pareto_plot(rows, path, title=f"tokenmerge tune: budget {result.target_gflops:.3f} GFLOPs",
+                            y_key="agreement", y_label="top-1 agreement with the unmodified model (%)")
+
+
+def run(args) -> int:
+    from ..evaluation.data import image_folder, image_loader
+    from ..evaluation.tune import DEFAULT_METHODS, tune
+
+    resolve_device_arguments(args)
+    model = model_from_args(args).to(args.device)
+    dataset = image_folder(args.data, limit=args.limit, spread=True)
+    images, labels = [], []
+    for x, y in image_loader(dataset, batch_size=args.batch_size):
+        images.append(x)
+        labels.append(y)
+    import torch
+
+    images, labels = torch.cat(images).to(args.device), torch.cat(labels).to(args.device)
+    result = tune(
+        model, (images, labels),
+        target_gflops=args.target_gflops, target_speedup=args.target_speedup, gflops_fraction=args.gflops_fraction,
+        methods=args.methods or list(DEFAULT_METHODS), objective=args.objective,
+        search_methods=args.search_methods, rounds=args.rounds, probe_images=args.probe_images,
+        batch_size=args.batch_size,
+        measure_speed=not args.no_timing,
+    )
+    out = result.save(args.out)
+    save_tune_plot(result, out / "pareto.png")
+    print(_table(result))
+    print(f"\nbudget {result.target_gflops:.3f} GFLOPs (unmodified {result.base_gflops:.3f}); "
+          f"{result.num_images} calibration images; {result.seconds:.0f} s")
+    print(f"best: {json.dumps(result.config())}")
+    print(f"wrote {out / 'best.json'}, {out / 'candidates.csv'}, {out / 'candidates.json'}")
+    return 0

@@ -1,0 +1,101 @@
+"""MCTF's multi-criteria edge weights for bipartite matching, as pure functions.
+
+MCTF (Lee et al., "Multi-criteria Token Fusion with One-step-ahead Attention for
+Efficient Vision Transformers", CVPR 2024), in its training-free, single-direction form:
+ToMe's A/B split (:func:`~tokenmerge.core.matching.split_parity`), but the weight of the
+edge between ``a`` in A and ``b`` in B is the product of three criteria, each sharpened or
+flattened by a temperature:
+
+- similarity ``((cos(m_a, m_b) + 1) / 2) ** (1 / tau_sim)``;
+- informativeness ``(w_a * w_b) ** (1 / tau_info)`` with ``w_i = 1 / received_i``
+  normalised to a maximum of 1 over the mergeable tokens, ``received_i`` being the
+  attention token ``i`` receives (mean over heads and queries): tokens that few attend to
+  merge first;
+- size ``(s_a * s_b) ** (1 / tau_size)`` with ``s_i = 1 / size_i`` normalised likewise:
+  small tokens merge first, so no token grows into a giant.
+
+Then, as in ToMe, every A-token proposes its highest-weight B-token and the ``r`` highest
+proposals merge. Left out (documented, not silently approximated): MCTF's bidirectional
+matching and its "one-step-ahead" attention, which reads the *next* block's attention.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .matching import bipartite_max_reduction, bipartite_plan_from_scores, split_parity
+from .merge import MergePlan
+
+__all__ = ["inverse_normalised", "multi_criteria_scores", "multi_criteria_matching"]
+
+
+def inverse_normalised(value: torch.Tensor) -> torch.Tensor:
+    """``[B, M]`` positive values -> ``1 / value`` divided by its per-image maximum (in (0, 1])."""
+    inverse = 1.0 / value.clamp_min(torch.finfo(value.dtype).tiny)
+    return inverse / inverse.amax(dim=-1, keepdim=True)
+
+
+def multi_criteria_scores(
+    metric: torch.Tensor,
+    received: torch.Tensor,
+    size: Optional[torch.Tensor],
+    num_protected: int,
+    tau_sim: float = 1.0,
+    tau_info: float = 20.0,
+    tau_size: float = 40.0,
+) -> torch.Tensor:
+    """MCTF edge weights between set A and set B.
+
+    Args:
+        metric: ``[B, N, D]`` per-token features (keys averaged over heads).
+        received: ``[B, N]`` attention each token receives (any positive scale).
+        size: ``[B, N, 1]`` patches per token, or ``None`` for all ones.
+        num_protected: leading tokens that are never merged.
+        tau_sim, tau_info, tau_size: the criteria's temperatures (> 0).
+
+    Returns:
+        ``[B, Na, Nb]`` edge weights, A/B as in :func:`~tokenmerge.core.matching.split_parity`.
+    """
+    a0, b0 = split_parity(num_protected)
+    metric = metric / metric.norm(dim=-1, keepdim=True)
+    similarity = metric[:, a0::2] @ metric[:, b0::2].transpose(-1, -2)
+    weight = ((similarity + 1.0) / 2.0).clamp_min(0.0) ** (1.0 / tau_sim)
+    info = inverse_normalised(received[:, num_protected:].to(weight.dtype))
+    info = torch.cat([info.new_ones(info.shape[0], num_protected), info], dim=1) ** (1.0 / tau_info)
+    weight = weight * info[:, a0::2, None] * info[:, None, b0::2]
+    if size is not None:
+        small = inverse_normalised(size[:, num_protected:, 0].to(weight.dtype))
+        small = torch.cat([small.new_ones(small.shape[0], num_protected), small], dim=1) ** (1.0 / tau_size)
+        weight = weight * small[:, a0::2, None] * small[:, None, b0::2]
+    return weight
+
+
+def multi_criteria_matching(
+    metric: torch.Tensor,
+    received: torch.Tensor,
+    size: Optional[torch.Tensor],
+    r: int,
+    num_protected: int = 1,
+    tau_sim: float = 1.0,
+    tau_info: float = 20.0,
+    tau_size: float = 40.0,
+) -> MergePlan:
+    """Plan MCTF's merge of ``r`` tokens (see the module docstring; arguments as in
+    :func:`multi_criteria_scores`).
+
+    Returns:
+        A :class:`~tokenmerge.core.merge.MergePlan` with ``num_out = N - r``.
+    """
+    B, N, _ = metric.shape
+    limit = bipartite_max_reduction(N, num_protected)
+    if not 0 <= r <= limit:
+        raise ValueError(
+            f"MCTF can remove 0..{limit} of {N} tokens ({num_protected} protected), asked for r={r}"
+        )
+    if r == 0:
+        return MergePlan(torch.arange(N, device=metric.device).expand(B, N), N)
+    with torch.no_grad():
+        scores = multi_criteria_scores(metric, received, size, num_protected, tau_sim, tau_info, tau_size)
+        return bipartite_plan_from_scores(scores, r, num_protected)

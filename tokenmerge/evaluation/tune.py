@@ -1,0 +1,628 @@
+"""Calibrated configurations: the best training-free method and per-block schedule for a budget.
+
+Given a trained model, calibration images (from the *train* split: nothing here may look at
+the data you report on) and a GFLOPs budget, :func:`tune` returns the configuration that
+keeps the merged model closest to the unmodified one. Two stages:
+
+1. **Method.** For every candidate method (default ToMe and MCTF, plus PiToMe), the smallest
+   constant ``r`` that meets the budget, scored on the calibration images. GFLOPs are
+   *counted* (:func:`~tokenmerge.evaluation.flops.count_gflops`, scoring work included, so a
+   method whose score costs FLOPs pays for them out of the same budget), never estimated.
+2. **Schedule.** For the best ``search_methods`` methods, a per-block ``r`` search under the
+   same budget, in rounds. Each round probes every block alone at ``r_i +- delta`` (the rest
+   of the schedule fixed; ``delta`` starts at an eighth of the largest ``r``), which gives
+   each block's loss and exact GFLOPs change. Treating those changes as additive, a
+   Lagrangian allocation plus a greedy fill of the remaining budget (:func:`_allocate`)
+   proposes a new schedule; it is evaluated for real and kept only if it beats the
+   incumbent, else ``delta`` halves. A round costs ``2 L`` partial forward passes for ``L``
+   blocks (on average half a full pass each), so the search scales linearly with depth.
+
+Caching. A probe that changes block ``i`` leaves blocks ``0..i-1`` as they were, so the
+incumbent's token states at every block input are cached and a probe only runs blocks
+``i..L-1`` (timm models; other backends run the whole model for each probe).
+
+Objective (lower is better), all label-free except ``accuracy``:
+``"kl"`` (default): mean ``KL(p_unmodified || p_merged)``, smooth, so small schedule changes
+register; ``"agreement"``: the share of images whose top-1 differs from the unmodified
+model's; ``"accuracy"``: top-1 error against labels.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..core.schedule import ScheduleClampedWarning, resolve_schedule
+from .flops import count_gflops
+
+__all__ = [
+    "OBJECTIVES",
+    "DEFAULT_METHODS",
+    "Candidate",
+    "TuneResult",
+    "resolve_budget",
+    "tune",
+    "calibration_images",
+]
+
+OBJECTIVES = ("kl", "agreement", "accuracy")
+DEFAULT_METHODS = ("tome", "mctf", "pitome")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One configuration the tuner evaluated.
+
+    Attributes:
+        method, options: as for :func:`tokenmerge.patch` (``options`` may hold ``prop_attn``).
+        r: the effective per-block schedule.
+        gflops: counted GFLOPs per image.
+        loss: the objective on the calibration images (lower is better).
+        kl, agreement: mean KL to the unmodified model and top-1 agreement with it (%).
+        accuracy: calibration top-1 (%) when labels were given, else ``None``.
+        stage: ``"constant"`` or ``"search round K"``.
+        images_per_s, speedup: measured throughput and its ratio to the unmodified model
+            (filled in at the end, timed interleaved in one run), or ``None``.
+    """
+
+    method: str
+    options: dict
+    r: tuple
+    gflops: float
+    loss: float
+    kl: float
+    agreement: float
+    accuracy: Optional[float]
+    stage: str
+    images_per_s: Optional[float] = None
+    speedup: Optional[float] = None
+
+    def config(self) -> dict:
+        """``{"method", "r", "options"}``: ``tokenmerge.patch(model, **config)`` applies it."""
+        return {"method": self.method, "r": list(self.r), "options": dict(self.options)}
+
+
+@dataclass
+class TuneResult:
+    """The chosen configuration and everything tried on the way.
+
+    Attributes:
+        best: the winning :class:`Candidate` (lowest loss within the budget).
+        candidates: every constant-``r`` candidate and every search proposal, in order.
+        base_gflops, target_gflops: the unmodified model's GFLOPs and the budget.
+        objective: the loss the search minimised.
+        num_images: calibration images used.
+        seconds: wall time of the whole tuning.
+    """
+
+    best: Candidate
+    candidates: List[Candidate]
+    base_gflops: float
+    target_gflops: float
+    objective: str
+    num_images: int
+    seconds: float
+
+    def config(self) -> dict:
+        return self.best.config()
+
+    def rows(self) -> List[dict]:
+        """One dict per candidate (for CSV/JSON tables and Pareto plots)."""
+        rows = []
+        for c in self.candidates:
+            row = asdict(c)
+            row["r"] = ",".join(str(v) for v in c.r)
+            row["schedule"] = row["r"]
+            row["best"] = c is self.best
+            rows.append(row)
+        return rows
+
+    def save(self, out_dir) -> Path:
+        """Write ``best.json``, ``candidates.json`` and ``candidates.csv`` into ``out_dir``
+        (each atomically: a kill leaves the previous file, never a torn one)."""
+        import csv
+        import io
+
+        from ..io import atomic_write_json, atomic_write_text
+
+        out = Path(out_dir)
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"{out} is a file; give a folder for the tune results")
+        atomic_write_json(out / "best.json", self.config(), indent=2)
+        atomic_write_json(out / "candidates.json", {
+            "objective": self.objective,
+            "base_gflops": self.base_gflops,
+            "target_gflops": self.target_gflops,
+            "num_images": self.num_images,
+            "seconds": self.seconds,
+            "candidates": self.rows(),
+        }, indent=2)
+        columns = ["method", "options", "stage", "r", "gflops", "loss", "kl", "agreement", "accuracy",
+                   "images_per_s", "speedup", "best"]
+        table = io.StringIO()
+        writer = csv.DictWriter(table, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+        writer.writeheader()
+        for row in self.rows():
+            writer.writerow({**row, "options": json.dumps(row["options"], sort_keys=True)})
+        atomic_write_text(out / "candidates.csv", table.getvalue())
+        return out
+
+
+def resolve_budget(base_gflops: float, target_gflops=None, target_speedup=None, gflops_fraction=None) -> float:
+    """The GFLOPs ceiling from exactly one budget form; clear errors for malformed ones.
+
+    ``target_speedup`` is read as a FLOP ratio (unmodified / merged); ``gflops_fraction`` is
+    a share of the unmodified GFLOPs (0.5 = -50%).
+    """
+    given = {k: v for k, v in (("target_gflops", target_gflops), ("target_speedup", target_speedup),
+                              ("gflops_fraction", gflops_fraction)) if v is not None}
+    if len(given) != 1:
+        raise ValueError(
+            "give exactly one budget: target_gflops (GFLOPs per image), target_speedup (> 1, by "
+            f"FLOPs) or gflops_fraction (in (0, 1), e.g. 0.5 for -50%); got {sorted(given) or 'none'}"
+        )
+    (name, value), = given.items()
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if name == "target_gflops":
+        if value <= 0:
+            raise ValueError(f"target_gflops must be positive, got {value:g}")
+        return float(value)
+    if name == "target_speedup":
+        if value <= 1:
+            raise ValueError(f"target_speedup must be > 1 (e.g. 1.5), got {value:g}")
+        return base_gflops / value
+    if not 0 < value < 1:
+        raise ValueError(f"gflops_fraction must lie in (0, 1) (0.5 keeps half the GFLOPs), got {value:g}")
+    return base_gflops * value
+
+
+def calibration_images(data) -> tuple:
+    """``(images [N,3,H,W], labels [N] or None)`` from a tensor, a ``(images, labels)`` pair,
+    or an iterable of batches (``images`` or ``(images, labels, ...)``, e.g. a DataLoader)."""
+    if isinstance(data, torch.Tensor):
+        return data, None
+    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
+        return data[0], data[1]
+    images, labels = [], []
+    for batch in data:
+        if isinstance(batch, torch.Tensor):
+            images.append(batch)
+        else:
+            images.append(batch[0])
+            labels.append(batch[1] if len(batch) > 1 else None)
+    if not images:
+        raise ValueError("the calibration data is empty: give at least one image")
+    has_labels = labels and all(isinstance(y, torch.Tensor) for y in labels)
+    return torch.cat(images), (torch.cat(labels) if has_labels else None)
+
+
+def _logits_of(output) -> torch.Tensor:
+    if isinstance(output, torch.Tensor):
+        return output
+    logits = getattr(output, "logits", None)
+    if logits is None:
+        raise TypeError(
+            f"tune needs a classifier that returns logits; {type(output).__name__} has none "
+            "(use a model with a classification head, e.g. ViTForImageClassification)"
+        )
+    return logits
+
+
+def _shared_copy(model: nn.Module) -> nn.Module:
+    from .sweep import _shared_copy as copy_sharing_weights
+
+    return copy_sharing_weights(model)
+
+
+class _Scorer:
+    """Logits of one method at any per-block schedule, with the incumbent's block inputs cached."""
+
+    def __init__(self, base: nn.Module, method: str, options: dict, images, batch_size: int, probe_every: int):
+        import tokenmerge
+
+        method_options = dict(options)
+        prop_attn = method_options.pop("prop_attn", None)
+        self.method, self.options = method, dict(options)
+        self.model = tokenmerge.patch(_shared_copy(base), method=method, r=0, prop_attn=prop_attn,
+                                      **method_options).eval()
+        self.unmerged = base
+        self.blocks = list(self.model._tm_blocks)
+        self.reducer = self.model.token_reducer
+        self.config = self.model.tokenmerge_config
+        self.batches = [images[i:i + batch_size] for i in range(0, len(images), batch_size)]
+        probe_images = images[::probe_every]
+        self.probe_batches = [probe_images[i:i + batch_size] for i in range(0, len(probe_images), batch_size)]
+        self.probe_every = probe_every
+        self.staged = hasattr(self.model, "_tm_embed") and hasattr(self.model, "_tm_logits")
+        self.num_tokens = self.model._tm_default_tokens()
+        self._flops: Dict[tuple, float] = {}
+        self._block_counts: Dict[tuple, int] = {}
+        self._outside_blocks: Optional[int] = None
+        # One image through the unmodified model gives the tokens entering the first block
+        # (patched blocks run without __call__, so the hook sits on the original's block).
+        first = next(name for name, module in self.model.named_modules() if module is self.blocks[0])
+        captured = []
+        hook = base.get_submodule(first).register_forward_pre_hook(lambda module, args: captured.append(args[0]))
+        try:
+            with torch.inference_mode():
+                _logits_of(base(self.batches[0][:1]))
+        finally:
+            hook.remove()
+        self._block_input = captured[0]
+        # (schedule, [per block input: [per probe batch: TokenState]]): the incumbent's states
+        self._cache: Optional[tuple] = None
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    def effective(self, schedule: Sequence[int]) -> tuple:
+        """The schedule as the model runs it (clamped where a block cannot remove that many)."""
+        return resolve_schedule(list(schedule), self.num_blocks, self.num_tokens, self.config.num_protected,
+                                self.reducer.max_reduction, warn=False)
+
+    def gflops(self, schedule: tuple) -> float:
+        """Counted GFLOPs per image at ``schedule`` (memoised).
+
+        The count is exact and cheap: ``torch.utils.flop_counter`` counts each block once per
+        (block, tokens in, r) on one dummy token sequence, and the embedding and head once;
+        the sum equals counting the whole patched model (tested), scoring work included.
+        """
+        schedule = tuple(schedule)
+        if schedule not in self._flops:
+            if self._outside_blocks is None:
+                self._count_outside_blocks()
+            total, n = self._outside_blocks, self.num_tokens
+            for i, r in enumerate(schedule):
+                total += self._block_flops(i, n, r)
+                n -= r
+            self._flops[schedule] = total / 1e9
+        return self._flops[schedule]
+
+    @torch.inference_mode()
+    def _block_flops(self, index: int, num_tokens: int, r: int) -> int:
+        from torch.utils.flop_counter import FlopCounterMode
+
+        from ..methods.base import TokenState
+        from .flops import _cpu_attention_formula
+
+        # Blocks of one architecture cost the same: key by the block's parameter shapes, so a
+        # 12-block ViT counts each (tokens, r) once rather than twelve times.
+        block = self.blocks[index]
+        key = (type(block), tuple(p.shape for p in block.parameters()), num_tokens, r)
+        if key not in self._block_counts:
+            x = self._block_input.new_zeros(1, num_tokens, self._block_input.shape[-1]).normal_()
+            state = TokenState(x, x.new_ones(1, num_tokens, 1))
+            counter = FlopCounterMode(display=False, custom_mapping=_cpu_attention_formula())
+            with counter:
+                self.blocks[index].forward_tokens(state, r, self.reducer, self.config, index)
+            self._block_counts[key] = counter.get_total_flops()
+        return self._block_counts[key]
+
+    def _count_outside_blocks(self) -> None:
+        """FLOPs of everything but the blocks (patch embedding, head), from one unmerged count."""
+        whole = round(count_gflops(self.unmerged, images=self.batches[0][:1]) * 1e9)
+        blocks = sum(self._block_flops(i, self.num_tokens, 0) for i in range(self.num_blocks))
+        self._outside_blocks = whole - blocks
+
+    @torch.inference_mode()
+    def logits(self, schedule: tuple) -> torch.Tensor:
+        """``[N, classes]`` logits of every calibration image at ``schedule``."""
+        if not self.staged:
+            return self._full_forward(schedule, self.batches)
+        states = [self._embed(batch) for batch in self.batches]
+        for i in range(self.num_blocks):
+            states = [self.blocks[i].forward_tokens(s, schedule[i], self.reducer, self.config, i) for s in states]
+        return torch.cat([self.model._tm_logits(s) for s in states]).float()
+
+    @torch.inference_mode()
+    def probe_logits(self, schedule: tuple) -> torch.Tensor:
+        """Logits of the probe subset at ``schedule``; blocks before the first one that
+        differs from the last :meth:`set_incumbent` schedule start from its cached states."""
+        if not self.staged:
+            return self._full_forward(schedule, self.probe_batches)
+        incumbent, cached = self._cache
+        start = next((i for i in range(self.num_blocks) if schedule[i] != incumbent[i]), self.num_blocks)
+        states = cached[start]
+        for i in range(start, self.num_blocks):
+            states = [self.blocks[i].forward_tokens(s, schedule[i], self.reducer, self.config, i) for s in states]
+        return torch.cat([self.model._tm_logits(s) for s in states]).float()
+
+    @torch.inference_mode()
+    def set_incumbent(self, schedule: tuple) -> torch.Tensor:
+        """Cache the probe subset's state at every block input under ``schedule``; returns
+        the probe logits there."""
+        if not self.staged:
+            self._cache = (tuple(schedule), None)
+            return self._full_forward(schedule, self.probe_batches)
+        states = [self._embed(batch) for batch in self.probe_batches]
+        kept = [states]
+        for i in range(self.num_blocks):
+            states = [self.blocks[i].forward_tokens(s, schedule[i], self.reducer, self.config, i) for s in states]
+            kept.append(states)
+        self._cache = (tuple(schedule), kept)
+        return torch.cat([self.model._tm_logits(s) for s in states]).float()
+
+    def _embed(self, batch):
+        from ..methods.base import TokenState
+
+        return TokenState(self.model._tm_embed(batch))
+
+    def _full_forward(self, schedule: tuple, batches) -> torch.Tensor:
+        import tokenmerge
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ScheduleClampedWarning)
+            tokenmerge.patch(self.model, method=self.reducer, r=list(schedule), prop_attn=self.config.prop_attn,
+                             num_protected=self.config.num_protected)
+        return torch.cat([_logits_of(self.model(batch)) for batch in batches]).float()
+
+
+def _metrics(logits: torch.Tensor, reference: torch.Tensor, labels, objective: str) -> dict:
+    kl = F.kl_div(logits.log_softmax(-1), reference.log_softmax(-1), log_target=True, reduction="batchmean").item()
+    agreement = (logits.argmax(-1) == reference.argmax(-1)).float().mean().item()
+    accuracy = None if labels is None else (logits.argmax(-1) == labels).float().mean().item()
+    loss = {"kl": kl, "agreement": 1.0 - agreement, "accuracy": None if accuracy is None else 1.0 - accuracy}[objective]
+    return {"loss": loss, "kl": kl, "agreement": 100.0 * agreement,
+            "accuracy": None if accuracy is None else 100.0 * accuracy}
+
+
+def _smallest_constant(scorer: _Scorer, target: float) -> Optional[tuple]:
+    """The effective schedule of the smallest constant ``r`` within ``target`` GFLOPs, or ``None``."""
+    high = scorer.num_tokens  # clamping makes any larger r the same schedule
+    fits = lambda r: scorer.gflops(scorer.effective([r] * scorer.num_blocks)) <= target  # noqa: E731
+    if not fits(high):
+        return None
+    low = 0
+    while low < high:
+        middle = (low + high) // 2
+        if fits(middle):
+            high = middle
+        else:
+            low = middle + 1
+    return scorer.effective([low] * scorer.num_blocks)
+
+
+def _allocate(incumbent: tuple, probes: dict, scorer: _Scorer, target: float) -> Optional[tuple]:
+    """A schedule proposed from per-block probes ``{(i, level): (d_loss, d_gflops)}``.
+
+    Treating the probed changes as additive: first a Lagrangian allocation (each block takes
+    the level minimising ``d_loss + mu * d_gflops``; ``mu``, the price of a GFLOP, bisected
+    until the *counted* GFLOPs of the whole schedule meet ``target``), then a greedy fill
+    that spends any GFLOPs left under the budget on the changes with the largest predicted
+    loss drop. Returns ``None`` when nothing new fits the budget.
+    """
+    options: Dict[int, dict] = {}
+    for (i, level), change in probes.items():
+        options.setdefault(i, {incumbent[i]: (0.0, 0.0)})[level] = change
+
+    def schedule_of(choice: dict) -> tuple:
+        return scorer.effective([choice.get(i, r) for i, r in enumerate(incumbent)])
+
+    def choose(mu: float) -> dict:
+        return {i: min(levels, key=lambda lv: (levels[lv][0] + mu * levels[lv][1], levels[lv][1]))
+                for i, levels in options.items()}
+
+    fits = lambda choice: scorer.gflops(schedule_of(choice)) <= target  # noqa: E731
+    low, high = 0.0, 1.0
+    while not fits(choose(high)) and high < 1e12:
+        high *= 10.0
+    if not fits(choose(high)):
+        return None
+    for _ in range(30):  # bisection on log(mu)
+        mu = math.sqrt(low * high) if low > 0 else high / 100.0
+        if fits(choose(mu)):
+            high = mu
+        else:
+            low = mu
+        if low > 0 and high / low < 1.01:
+            break
+    choice = choose(high)
+    while True:  # spend the slack left under the budget
+        moves = sorted(
+            ((levels[lv][0] - levels[choice[i]][0], i, lv) for i, levels in options.items() for lv in levels
+             if levels[lv][0] < levels[choice[i]][0]),
+        )
+        for _, i, level in moves:
+            trial = {**choice, i: level}
+            if fits(trial):
+                choice = trial
+                break
+        else:
+            break
+    proposal = schedule_of(choice)
+    return proposal if proposal != incumbent else None
+
+
+def _levels(r: int, delta: int) -> list:
+    return [r + k * delta for k in (-1, 1) if r + k * delta >= 0]
+
+
+def _search(scorer: _Scorer, start: tuple, reference, probe_reference, labels, objective: str, target: float,
+            rounds: int, record, progress) -> None:
+    incumbent = start
+    current = _metrics(scorer.logits(incumbent), reference, labels, objective)
+    probe_labels = None if labels is None else labels[::scorer.probe_every]
+    delta = max(1, round(max(incumbent) / 8))
+    for round_index in range(1, rounds + 1):
+        base_loss = _metrics(scorer.set_incumbent(incumbent), probe_reference, probe_labels, objective)["loss"]
+        probes = {}
+        for i in range(scorer.num_blocks):
+            for level in _levels(incumbent[i], delta):
+                trial = scorer.effective(incumbent[:i] + (level,) + incumbent[i + 1:])
+                if trial == incumbent or trial[i] != level:
+                    continue
+                loss = _metrics(scorer.probe_logits(trial), probe_reference, probe_labels, objective)["loss"]
+                probes[(i, level)] = (loss - base_loss, scorer.gflops(trial) - scorer.gflops(incumbent))
+                progress.update(1)
+        proposal = _allocate(incumbent, probes, scorer, target)
+        if proposal is not None:
+            metrics = _metrics(scorer.logits(proposal), reference, labels, objective)
+            progress.update(1)
+            record(proposal, metrics, f"search round {round_index}")
+            if metrics["loss"] < current["loss"]:
+                incumbent, current = proposal, metrics
+                continue
+        if delta == 1:
+            break
+        delta = max(1, delta // 2)
+
+
+def tune(
+    model: nn.Module,
+    data,
+    *,
+    target_gflops: Optional[float] = None,
+    target_speedup: Optional[float] = None,
+    gflops_fraction: Optional[float] = None,
+    methods: Sequence = DEFAULT_METHODS,
+    objective: str = "kl",
+    search_methods: int = 1,
+    rounds: int = 3,
+    probe_images: int = 250,
+    batch_size: int = 125,
+    measure_speed: bool = True,
+    speed_batch_size: int = 16,
+    progress: bool = True,
+) -> TuneResult:
+    """The best training-free configuration of ``model`` within a GFLOPs budget.
+
+    Args:
+        model: an unpatched classifier (timm ViT, or a supported Hugging Face model with a
+            classification head); left unchanged (variants share its weights).
+        data: calibration images: a tensor ``[N, 3, H, W]``, an ``(images, labels)`` pair, or
+            an iterable of batches (a DataLoader). Use train images, never the split you report.
+        target_gflops / target_speedup / gflops_fraction: the budget, exactly one
+            (see :func:`resolve_budget`).
+        methods: candidate methods: names, or ``(name, options)`` pairs (options may include
+            ``prop_attn``).
+        objective: ``"kl"``, ``"agreement"`` (both label-free) or ``"accuracy"`` (needs labels).
+        search_methods: how many of the best constant-``r`` methods get a per-block search.
+        rounds: search rounds per method (each ``2 L`` probes).
+        probe_images: calibration images the probes run on (an evenly spaced subset; the
+            proposals and every reported figure use all of them).
+        batch_size: images per forward pass.
+        measure_speed: time every candidate against the unmodified model at the end.
+        progress: show a progress bar.
+
+    Returns:
+        :class:`TuneResult`; ``result.config()`` goes straight into :func:`tokenmerge.patch`.
+
+    Raises:
+        ValueError: a malformed or unreachable budget, an unknown objective, labels missing
+            for ``"accuracy"``, or empty calibration data.
+    """
+    from tqdm.auto import tqdm
+
+    from .. import is_patched
+    from ..methods import get_method_class
+
+    started = time.perf_counter()
+    if is_patched(model):
+        raise ValueError("tune needs the unmodified model: call tokenmerge.unpatch(model) first")
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+    for name, value, low in (("search_methods", search_methods, 0), ("rounds", rounds, 0),
+                             ("batch_size", batch_size, 1), ("probe_images", probe_images, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    images, labels = calibration_images(data)
+    if images.ndim != 4 or len(images) == 0:
+        raise ValueError(f"calibration images must be a non-empty [N, 3, H, W] batch, got shape {tuple(images.shape)}")
+    if objective == "accuracy" and labels is None:
+        raise ValueError("objective='accuracy' needs labels; use 'kl' or 'agreement' for unlabelled images")
+    candidates_spec = [(m, {}) if isinstance(m, str) else (m[0], dict(m[1])) for m in methods]
+    if not candidates_spec:
+        raise ValueError("give at least one candidate method")
+    for name, _ in candidates_spec:
+        get_method_class(name)  # unknown names fail before any work
+
+    model = model.eval()
+    device = next(model.parameters()).device
+    images = images.to(device)
+    base_gflops = count_gflops(model, images=images[:1])
+    target = resolve_budget(base_gflops, target_gflops, target_speedup, gflops_fraction)
+    with torch.inference_mode():
+        reference = torch.cat([_logits_of(model(images[i:i + batch_size]))
+                               for i in range(0, len(images), batch_size)]).float()
+    labels = None if labels is None else labels.to(device)
+    probe_every = max(1, len(images) // probe_images)
+    probe_reference = reference[::probe_every]
+
+    candidates: List[Candidate] = []
+    scorers: Dict[int, _Scorer] = {}
+    bar = tqdm(desc="tune", unit="probe", disable=not progress, leave=False)
+
+    def recorder(index):
+        method, options = candidates_spec[index]
+
+        def record(schedule, metrics, stage):
+            candidate = Candidate(method, dict(options), tuple(schedule),
+                                  scorers[index].gflops(tuple(schedule)), stage=stage, **metrics)
+            candidates.append(candidate)
+            bar.set_postfix_str(f"{method} {stage}: {objective}={metrics['loss']:.4f}")
+            return candidate
+        return record
+
+    starts = []
+    unreachable = []
+    for index, (method, options) in enumerate(candidates_spec):
+        scorer = _Scorer(model, method, options, images, batch_size, probe_every)
+        scorers[index] = scorer
+        start = _smallest_constant(scorer, target)
+        if start is None:
+            unreachable.append(f"{method} ({scorer.gflops(scorer.effective([scorer.num_tokens] * scorer.num_blocks)):.3f})")
+            continue
+        metrics = _metrics(scorer.logits(start), reference, labels, objective)
+        recorder(index)(start, metrics, "constant")
+        bar.update(1)
+        starts.append((metrics["loss"], index, start))
+    if not starts:
+        raise ValueError(
+            f"the budget of {target:.3f} GFLOPs (unmodified: {base_gflops:.3f}) cannot be met: the most "
+            f"each method can remove still costs {', '.join(unreachable)} GFLOPs; relax the target"
+        )
+    for _, index, start in sorted(starts)[:search_methods]:
+        _search(scorers[index], start, reference, probe_reference, labels, objective, target, rounds,
+                recorder(index), bar)
+    bar.close()
+
+    best = min(candidates, key=lambda c: (c.loss, c.gflops))
+    if measure_speed:
+        candidates, best = _with_speed(model, candidates, best, speed_batch_size, images)
+    return TuneResult(best, candidates, base_gflops, target, objective, len(images),
+                      time.perf_counter() - started)
+
+
+def _with_speed(model, candidates, best, batch_size, images):
+    """Every candidate's measured images/s and speedup, timed interleaved in one run."""
+    import tokenmerge
+
+    from .throughput import measure_throughput
+
+    variants = {"unmodified": model}
+    for k, c in enumerate(candidates):
+        options = dict(c.options)
+        prop_attn = options.pop("prop_attn", None)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ScheduleClampedWarning)
+            variants[k] = tokenmerge.patch(_shared_copy(model), method=c.method, r=list(c.r),
+                                           prop_attn=prop_attn, **options).eval()
+    speed = measure_throughput(variants, batch_size=batch_size, image_size=images.shape[-1],
+                               device=images.device, warmup=1, repeats=3)
+    base = speed["unmodified"]["images_per_s"]
+    timed = []
+    for k, c in enumerate(candidates):
+        ips = speed[k]["images_per_s"]
+        timed.append(Candidate(**{**asdict(c), "r": c.r, "images_per_s": ips, "speedup": ips / base}))
+    return timed, timed[candidates.index(best)]

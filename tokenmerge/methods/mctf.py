@@ -1,0 +1,62 @@
+"""MCTF: bipartite matching on multi-criteria edge weights (similarity, informativeness, size)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..core.attention import key_metric
+from ..core.multi_criteria import multi_criteria_matching
+from ..core.relevance import DEFAULT_CHUNK_SIZE, check_chunk_size, connectivity
+from .base import AttentionTensors, TokenReducer, TokenState
+from .pitome import check_real
+from .registry import register_method
+
+__all__ = ["MCTF"]
+
+
+@register_method
+class MCTF(TokenReducer):
+    """MCTF (Lee et al., "Multi-criteria Token Fusion with One-step-ahead Attention for
+    Efficient Vision Transformers", CVPR 2024), training-free and single-direction.
+
+    ToMe's A/B split and matching, with edges weighted by similarity x informativeness x
+    size (:mod:`tokenmerge.core.multi_criteria`). Informativeness is the attention each
+    token receives in this block, the column mean of the attention the block ran
+    (:func:`~tokenmerge.core.relevance.connectivity` at order 1, recomputed from q and k in
+    query chunks, so the block's own attention stays on the fused kernel). That
+    recomputation costs about one more ``Q K^T`` per block.
+
+    Args:
+        tau_sim, tau_info, tau_size: temperatures of the three criteria (the paper's
+            1, 20 and 40: similarity dominates, the other two break near-ties).
+        chunk_size: query rows scored at once.
+    """
+
+    name = "mctf"
+
+    def __init__(self, tau_sim: float = 1.0, tau_info: float = 20.0, tau_size: float = 40.0,
+                 chunk_size: int = DEFAULT_CHUNK_SIZE):
+        super().__init__()
+        self.tau_sim = check_real(tau_sim, "tau_sim", positive=True)
+        self.tau_info = check_real(tau_info, "tau_info", positive=True)
+        self.tau_size = check_real(tau_size, "tau_size", positive=True)
+        self.chunk_size = check_chunk_size(chunk_size)
+
+    def plan_sized(self, attn: AttentionTensors, size, r, num_protected):
+        with torch.no_grad():
+            received = connectivity(attn.q, attn.k, attn.log_size, attn.scale, 1, self.chunk_size)
+            return multi_criteria_matching(
+                key_metric(attn.k), received, size, r, num_protected,
+                self.tau_sim, self.tau_info, self.tau_size,
+            )
+
+    def plan(self, x, attn: AttentionTensors, r, num_protected, block_index):
+        return self.plan_sized(attn, None, r, num_protected)
+
+    def reduce(self, state: TokenState, attn: AttentionTensors, r, num_protected, block_index) -> TokenState:
+        # The size criterion needs the tokens' sizes, which only the state carries.
+        return self.apply_plan(state, self.plan_sized(attn, state.size, r, num_protected))
+
+    def extra_repr(self) -> str:
+        return (f"method={self.name!r}, tau_sim={self.tau_sim}, tau_info={self.tau_info}, "
+                f"tau_size={self.tau_size}")
