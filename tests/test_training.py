@@ -1,8 +1,10 @@
-"""The trainer: modular/end2end/ToMe, resume after a kill, DDP (gloo, 2 processes), errors."""
+"""The trainer: modular/end2end/ToMe/TC-ViT/EViT/prune, distillation, resume after a kill,
+DDP (gloo, 2 processes), errors."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -74,16 +76,19 @@ def _kill_at(step_to_die: int):
     return on_step
 
 
-@pytest.mark.parametrize("method,mode", [("dtem", "modular"), ("tome", "end2end")])
-def test_killed_run_resumes_to_identical_parameters(tiny_setup, tmp_path, method, mode):
-    straight = train(_config(tiny_setup, tmp_path / "a", method=method, mode=mode))
+@pytest.mark.parametrize("method,mode,distill", [
+    ("dtem", "modular", False), ("tome", "end2end", False), ("tcvit", "end2end", True), ("dtem", "modular", True),
+])
+def test_killed_run_resumes_to_identical_parameters(tiny_setup, tmp_path, method, mode, distill):
+    settings = dict(method=method, mode=mode, distill=distill)
+    straight = train(_config(tiny_setup, tmp_path / "a", **settings))
     # Killed after step 3: the last checkpoint is step 2, step 3 is lost and replayed.
     with pytest.raises(Killed):
-        train(_config(tiny_setup, tmp_path / "b", method=method, mode=mode), on_step=_kill_at(3))
+        train(_config(tiny_setup, tmp_path / "b", **settings), on_step=_kill_at(3))
     # Checkpoints are data: they load with weights_only=True.
     assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["step"] == 2
     assert _logged_steps(tmp_path / "b") == [1, 2, 3]
-    resumed = train(_config(tiny_setup, tmp_path / "b", method=method, mode=mode), resume=True)
+    resumed = train(_config(tiny_setup, tmp_path / "b", **settings), resume=True)
     assert straight["steps"] == resumed["steps"] == 5
     # The log was cut back to the checkpoint's step: step 3, replayed, appears once.
     assert _logged_steps(tmp_path / "b") == _logged_steps(tmp_path / "a") == [1, 2, 3, 4, 5]
@@ -97,7 +102,7 @@ def test_killed_run_resumes_to_identical_parameters(tiny_setup, tmp_path, method
     assert b["step"] == 5
     # Without --resume the same folder would start over; resuming with other settings is refused.
     with pytest.raises(ValueError, match="different settings"):
-        train(_config(tiny_setup, tmp_path / "b", method=method, mode=mode, lr=0.5), resume=True)
+        train(_config(tiny_setup, tmp_path / "b", **dict(settings, lr=0.5)), resume=True)
 
 
 def test_modular_training_moves_only_the_embeddings(tiny_setup, tmp_path):
@@ -186,6 +191,99 @@ def test_bad_training_input(tiny_setup, tmp_path):
         train(_config(tiny_setup, tmp_path, tau=0.0))
     with pytest.raises(ValueError, match="fewer than one batch"):
         train(_config(tiny_setup, tmp_path, batch_size=64))
+
+
+@pytest.mark.parametrize("method", ["tcvit", "evit", "prune"])
+def test_select_and_fuse_methods_train_end_to_end_and_keep_their_token_counts(tiny_setup, tmp_path, method):
+    from tokenmerge.models import load_model
+
+    model = load_model("vit_tiny_patch16_224", checkpoint=str(tiny_setup / "tiny.safetensors"), **TINY)
+    seen = []  # tokens reaching the final norm in each training forward
+    model.norm.register_forward_hook(lambda module, inputs, output: seen.append((module.training, inputs[0].shape[1])))
+    train(_config(tiny_setup, tmp_path, method=method, mode="end2end", max_steps=3, r=3, lr=1e-2), model=model)
+    # 1 class token + 16 patches, 3 removed in each of the 2 blocks, in every training step.
+    assert seen == [(True, 11)] * 3
+    trained = load_file(str(tmp_path / "model.safetensors"))
+    original = load_file(str(tiny_setup / "tiny.safetensors"))
+    assert trained.keys() == original.keys()  # no parameters of their own
+    for key in ("blocks.0.attn.qkv.weight", "blocks.1.mlp.fc2.weight", "head.weight"):
+        assert not torch.equal(trained[key], original[key]), key
+    assert model.token_reducer.name == method and model.tokens_per_block() == [17, 14, 11]
+
+
+def test_distillation_alone_trains_on_unlabeled_images(tiny_setup, tmp_path):
+    flat = tmp_path / "unlabeled"
+    flat.mkdir()
+    for i, image in enumerate(sorted((tiny_setup / "train").rglob("*.png"))):
+        (flat / f"{i}.png").write_bytes(image.read_bytes())
+    # Labels would be -1 placeholders, which cross-entropy rejects: only the teacher's soft labels are used.
+    train(_config(tiny_setup, tmp_path / "run", method="tome", mode="end2end", data=str(flat), max_steps=2,
+                  distill=True, distill_weight=1.0, distill_temperature=2.0))
+    trained = load_file(str(tmp_path / "run" / "model.safetensors"))
+    original = load_file(str(tiny_setup / "tiny.safetensors"))
+    assert not torch.equal(trained["blocks.0.attn.qkv.weight"], original["blocks.0.attn.qkv.weight"])
+    log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(row["loss"]) and row["loss"] >= 0 for row in log)
+    with pytest.raises(FileNotFoundError, match="no class sub-folders"):
+        train(_config(tiny_setup, tmp_path / "labels", method="tome", mode="end2end", data=str(flat),
+                      distill=True, distill_weight=0.5))
+
+
+def _teacher_file(root: Path, name: str, seed: int, num_classes: int = 4, **kwargs) -> str:
+    torch.manual_seed(seed)
+    model = timm.create_model("vit_tiny_patch16_224", num_classes=num_classes, **dict(TINY, **kwargs))
+    path = root / name
+    save_file(model.state_dict(), str(path))
+    return str(path)
+
+
+def test_teacher_with_another_architecture_or_class_count_is_refused(tiny_setup, tmp_path):
+    deeper = _teacher_file(tmp_path, "deeper.safetensors", seed=1, depth=3)
+    with pytest.raises(ValueError, match="cannot be loaded as a 'vit_tiny_patch16_224' teacher: pass --teacher-model"):
+        train(_config(tiny_setup, tmp_path / "a", distill=True, teacher=deeper))
+    five = _teacher_file(tmp_path, "five.safetensors", seed=1, num_classes=5)
+    with pytest.raises(ValueError, match="teacher predicts 5 classes but the student has 4"):
+        train(_config(tiny_setup, tmp_path / "b", distill=True, teacher=five))
+    with pytest.raises(ValueError, match="add --distill"):
+        train(_config(tiny_setup, tmp_path / "c", teacher=five))
+    with pytest.raises(ValueError, match="distill-weight"):
+        train(_config(tiny_setup, tmp_path / "d", distill=True, distill_weight=0.0))
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()  # refused before writing anything
+
+
+def test_resume_with_another_teacher_is_refused(tiny_setup, tmp_path):
+    teacher = _teacher_file(tmp_path, "teacher.safetensors", seed=1)
+    settings = dict(method="tome", mode="end2end", distill=True, teacher=teacher)
+    with pytest.raises(Killed):
+        train(_config(tiny_setup, tmp_path / "run", **settings), on_step=_kill_at(3))
+    _teacher_file(tmp_path, "teacher.safetensors", seed=2)  # same path, other weights
+    with pytest.raises(ValueError, match="teacher_fingerprint"):
+        train(_config(tiny_setup, tmp_path / "run", **settings), resume=True)
+    _teacher_file(tmp_path, "teacher.safetensors", seed=1)
+    assert train(_config(tiny_setup, tmp_path / "run", **settings), resume=True)["steps"] == 5
+
+
+def test_cli_arguments_reach_the_config():
+    import argparse
+
+    from tokenmerge.commands.train import _configure, config_from_args
+
+    parser = argparse.ArgumentParser()
+    _configure(parser)
+    config = config_from_args(parser.parse_args([
+        "--method", "tcvit", "--method-option", "order=2", "--method-option", "tcvit.fuse=false",
+        "--distill", "--distill-weight", "1.0", "--distill-temperature", "2", "--teacher", "t.safetensors"]))
+    assert (config.method, config.mode, config.lr) == ("tcvit", "end2end", 1e-5)
+    assert config.method_options == {"order": 2, "fuse": False}
+    assert (config.distill, config.distill_weight, config.distill_temperature, config.teacher) == (
+        True, 1.0, 2.0, "t.safetensors")
+    assert config_from_args(parser.parse_args(["--distill"])).distill_weight == 0.5
+    with pytest.raises(ValueError, match="add --distill"):
+        config_from_args(parser.parse_args(["--distill-weight", "0.3"]))
+    with pytest.raises(ValueError, match="names method 'dtem'"):
+        config_from_args(parser.parse_args(["--method", "tcvit", "--method-option", "dtem.tau=0.2"]))
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--distill", "--distill-weight", "1.5"])
 
 
 # --- hardening: checkpoints are data, divergence stops the run, runs never mix ------------
@@ -370,3 +468,29 @@ def test_cli_train_refuses_an_existing_run_and_bad_arguments(tiny_setup, tmp_pat
         with pytest.raises(SystemExit):
             main(args + bad)
         assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("setting,value,message", [
+    ("distill_temperature", float("nan"), "--distill-temperature must be a finite number > 0"),
+    ("distill_temperature", float("inf"), "--distill-temperature must be a finite number > 0"),
+    ("distill_weight", float("nan"), "--distill-weight must lie in (0, 1]"),
+    ("distill_weight", True, "--distill-weight must lie in (0, 1]"),
+    ("teacher", "", "--teacher must be a non-empty name or path"),
+])
+def test_bad_distillation_settings_are_refused(tiny_setup, tmp_path, setting, value, message):
+    with pytest.raises((ValueError, TypeError), match=re.escape(message)):
+        train(_config(tiny_setup, tmp_path, distill=True, **{setting: value}), on_step=_never_called)
+    assert not (tmp_path / "checkpoint.pt").exists()
+
+
+def test_cli_distillation_arguments_use_the_finite_number_types():
+    import argparse
+
+    from tokenmerge.commands.train import _configure
+
+    parser = argparse.ArgumentParser()
+    _configure(parser)
+    for bad in (["--distill-temperature", "inf"], ["--distill-temperature", "0"], ["--distill-weight", "nan"],
+                ["--distill-weight", "x"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--distill"] + bad)

@@ -1,4 +1,5 @@
-"""Training: DTEM merge embeddings (modular or end-to-end) and ToMe fine-tuning.
+"""Training: DTEM merge embeddings (modular or end-to-end), and fine-tuning a ViT with
+ToMe, TC-ViT, EViT-style or pruning reduction in its forward; optional distillation.
 
 - ``method="dtem", mode="modular"``: the ViT is frozen (eval mode, no gradients); only the
   merge embeddings learn, through soft grouping + soft merging.
@@ -6,6 +7,22 @@
   ``backbone_lr``).
 - ``method="tome"``: fine-tune the ViT with ToMe's hard merge in the forward; the matching
   has no gradient, the merge back-propagates as the size-weighted average it is.
+- ``method="tcvit"`` / ``"evit"`` / ``"prune"`` (end-to-end only): fine-tune the ViT with
+  the method's hard select-and-fuse plan in the forward. The plan (which tokens are
+  representatives, where each other token goes) is discrete and gets no gradient, and
+  there is no straight-through estimator on the relevance scores: the gradient flows
+  through the fused values (size-weighted averages, or nothing for a pruned token) and
+  through attention, exactly as in ToMe's training. Why not straight-through: these
+  methods have no scorer of their own to learn; their relevance is a function of the
+  block's queries and keys, so a surrogate gradient on the selection would pull on the
+  attention weights to change which tokens survive, for an objective the forward never
+  computed. TC-ViT's paper and EViT fine-tune the ViT with the discrete condensation in
+  the forward, as here (DynamicViT needs Gumbel/straight-through only because it trains
+  a separate keep/drop predictor).
+- Distillation (``distill=True``, any method and mode): the loss mixes cross-entropy with
+  ``T^2 KL`` to a frozen teacher's softened logits (:mod:`tokenmerge.distillation`); the
+  teacher is the unmodified model (a copy made before patching) or ``teacher=CHECKPOINT``.
+  With ``distill_weight=1`` no labels are used, and ``data`` may be a flat image folder.
 
 Optimisation: AdamW, linear warmup then cosine decay (per step), cross-entropy, bf16
 autocast on CUDA (fp32 on CPU). Augmentation, kept simple: RandomResizedCrop(scale
@@ -58,7 +75,11 @@ __all__ = [
     "default_train_root",
 ]
 
-METHODS = ("dtem", "tome")
+METHODS = ("dtem", "tome", "tcvit", "evit", "prune")
+# Reduction policies without parameters of their own: only the ViT can learn (end2end).
+PARAMETER_FREE_METHODS = ("tome", "tcvit", "evit", "prune")
+# DTEM options that have TrainConfig fields of their own.
+DTEM_FIELD_OPTIONS = ("tau", "embed_dim", "hidden_dim")
 MODES = ("modular", "end2end")
 CHECKPOINT_NAME = "checkpoint.pt"
 LOG_NAME = "train_log.jsonl"
@@ -114,6 +135,15 @@ class TrainConfig:
     eval_r: Sequence[int] = ()
     eval_limit: Optional[int] = None
     progress: bool = True
+    method_options: dict = dataclasses.field(default_factory=dict)  # e.g. {"order": 2} for tcvit
+    distill: bool = False
+    distill_weight: float = 0.5  # share of the distillation term; 1.0: no labels used
+    distill_temperature: float = 1.0
+    teacher: Optional[str] = None  # checkpoint; None: the unmodified student (frozen copy)
+    teacher_model: Optional[str] = None  # the teacher checkpoint's timm name; None: the student's
+    # The teacher weights' fingerprint, filled in by train() and saved in checkpoints so that a
+    # resume with another teacher is refused; set it to pin the expected teacher.
+    teacher_fingerprint: Optional[str] = None
 
     def check(self) -> None:
         """Raise on any setting the run cannot use (before anything is loaded or written)."""
@@ -123,8 +153,18 @@ class TrainConfig:
             raise ValueError(f"--method must be one of {METHODS} for training, got {self.method!r}")
         if self.mode not in MODES:
             raise ValueError(f"--mode must be one of {MODES}, got {self.mode!r}")
-        if self.method == "tome" and self.mode == "modular":
-            raise ValueError("ToMe has no parameters of its own: train it with --mode end2end")
+        if self.method in PARAMETER_FREE_METHODS and self.mode == "modular":
+            raise ValueError(
+                f"{self.method} has no parameters of its own (modular training would train nothing): "
+                "train it with --mode end2end"
+            )
+        if not isinstance(self.method_options, dict):
+            raise TypeError(f"method options must be a dict such as {{\"order\": 2}}, got {self.method_options!r}")
+        if self.method == "dtem":
+            clash = sorted(set(self.method_options) & set(DTEM_FIELD_OPTIONS))
+            if clash:
+                raise ValueError(f"give dtem's {', '.join(clash)} as --{clash[0].replace('_', '-')} "
+                                 "(its own option), not as a method option")
         for flag, value in (("--r", self.r), ("--batch-size", self.batch_size), ("--embed-dim", self.embed_dim),
                             ("--checkpoint-every", self.checkpoint_every)):
             _require_int(flag, value, minimum=1)
@@ -146,8 +186,36 @@ class TrainConfig:
             raise ValueError(f"--weight-decay must be a finite number >= 0, got {self.weight_decay!r}")
         if not isinstance(self.model_kwargs, dict):
             raise TypeError(f"--model-kwargs must be a JSON object such as '{{\"img_size\": 32}}', got {self.model_kwargs!r}")
+        self._check_distillation()
         for r in self.eval_r:
             validate_schedule(r)
+
+    def _check_distillation(self) -> None:
+        if not isinstance(self.distill, bool):
+            raise TypeError(f"distill must be True or False, got {self.distill!r}")
+        for flag, value in (("--teacher", self.teacher), ("--teacher-model", self.teacher_model),
+                            ("teacher_fingerprint", self.teacher_fingerprint)):
+            if value is not None and not (isinstance(value, (str, os.PathLike)) and str(value)):
+                raise ValueError(f"{flag} must be a non-empty name or path, got {value!r}")
+        if not self.distill:
+            if self.teacher is not None or self.teacher_model is not None:
+                raise ValueError("--teacher/--teacher-model choose the distillation teacher: add --distill")
+            return
+        if not (_is_real(self.distill_weight) and 0.0 < self.distill_weight <= 1.0):
+            raise ValueError(
+                f"--distill-weight must lie in (0, 1] (the distillation share of the loss; 1.0 uses "
+                f"no labels), got {self.distill_weight!r}; without distillation drop --distill"
+            )
+        if not (_is_real(self.distill_temperature) and math.isfinite(self.distill_temperature)
+                and self.distill_temperature > 0):
+            raise ValueError(f"--distill-temperature must be a finite number > 0 (1-4 is usual), "
+                             f"got {self.distill_temperature!r}")
+        if self.teacher_model is not None and self.teacher is None:
+            raise ValueError("--teacher-model names the architecture of --teacher CHECKPOINT: give the checkpoint too")
+
+    @property
+    def labels_needed(self) -> bool:
+        return not (self.distill and self.distill_weight == 1.0)
 
 
 def _is_real(value) -> bool:
@@ -236,41 +304,82 @@ def warmup_cosine(warmup_steps: int, total_steps: int) -> Callable[[int], float]
 
 
 # -- model ------------------------------------------------------------------------------
+def load_student(config: TrainConfig) -> nn.Module:
+    """The model to train, as loaded (not patched yet)."""
+    from .models import load_model
+
+    return load_model(config.model, checkpoint=config.checkpoint, num_classes=config.num_classes,
+                      **config.model_kwargs)
+
+
 def build_model(config: TrainConfig, model: Optional[nn.Module] = None) -> nn.Module:
     """Load (unless given) and patch the model for training."""
     import tokenmerge
 
-    from .models import load_model
+    from .methods import create_reducer
 
     if model is None:
-        model = load_model(config.model, checkpoint=config.checkpoint, num_classes=config.num_classes,
-                           **config.model_kwargs)
+        model = load_student(config)
+    _check_trainable(model)
+    options = dict(config.method_options)
+    if config.method == "dtem":
+        options.update(tau=config.tau, embed_dim=config.embed_dim, hidden_dim=config.hidden_dim)
+    reducer = create_reducer(config.method, **options)
+    num_tokens = model.patch_embed.num_patches + model.num_prefix_tokens
+    # Each method's own limit (bipartite matching: half the candidates; select-and-fuse: all but one).
+    limit = reducer.max_reduction(num_tokens, model.num_prefix_tokens)
+    if config.r > limit:
+        raise ValueError(
+            f"--r {config.r} is more than one block can merge with {config.method}: the model has "
+            f"{num_tokens} tokens ({model.num_prefix_tokens} protected), so r <= {limit}"
+        )
+    tokenmerge.patch(model, method=reducer, r=config.r)
+    return model
+
+
+def _check_trainable(model: nn.Module) -> None:
+    """Training needs a patchable timm VisionTransformer (checked before the teacher is copied)."""
     from .api import check_patchable
     from .backends.timm import is_timm_vit
-    from .core.matching import bipartite_max_reduction
 
     check_patchable(model)
     if not is_timm_vit(model):
         raise TypeError(f"training supports timm VisionTransformer models; got {type(model).__name__}")
 
-    num_tokens = model.patch_embed.num_patches + model.num_prefix_tokens
-    limit = bipartite_max_reduction(num_tokens, model.num_prefix_tokens)
-    if config.r > limit:
-        raise ValueError(
-            f"--r {config.r} is more than one block can merge: the model has {num_tokens} tokens "
-            f"({model.num_prefix_tokens} protected), so r <= {limit}"
-        )
-    if config.method == "dtem":
-        tokenmerge.patch(model, method="dtem", r=config.r, tau=config.tau, embed_dim=config.embed_dim,
-                         hidden_dim=config.hidden_dim)
+
+def _labeled(dataset) -> bool:
+    """Whether ``dataset`` is an ImageFolder (has classes), not a flat folder of unlabeled images."""
+    base = dataset.dataset if isinstance(dataset, torch.utils.data.Subset) else dataset
+    return hasattr(base, "classes")
+
+
+def build_teacher(config: TrainConfig, student: nn.Module) -> nn.Module:
+    """The frozen distillation teacher: ``config.teacher``, or a copy of the (unpatched) student.
+
+    Checked against the student (class count, input size) before any training.
+    """
+    from .distillation import check_teacher, frozen_copy, load_teacher
+
+    if config.teacher is None:
+        teacher = frozen_copy(student)
     else:
-        tokenmerge.patch(model, method="tome", r=config.r)
-    return model
+        architecture = config.teacher_model or config.model or _default_architecture()
+        # The student's timm options describe the teacher only when it is the same architecture.
+        kwargs = config.model_kwargs if config.teacher_model is None else {}
+        teacher = load_teacher(config.teacher, architecture, kwargs)
+    check_teacher(teacher, student.num_classes, tuple(student.patch_embed.img_size))
+    return teacher
+
+
+def _default_architecture() -> str:
+    from .models import DEFAULT_MODEL
+
+    return DEFAULT_MODEL
 
 
 def _set_train_mode(model: nn.Module, config: TrainConfig) -> list:
     """Freeze what the mode freezes; return the optimizer's parameter groups."""
-    if config.method == "tome":
+    if config.method in PARAMETER_FREE_METHODS:
         model.train()
         return [{"params": [p for p in model.parameters() if p.requires_grad], "lr": config.lr}]
     reducer = model.token_reducer
@@ -334,6 +443,7 @@ def _same_run_fields(config: TrainConfig) -> dict:
                      "eval_limit", "out"):
         fields.pop(volatile)
     fields["model_kwargs"] = json.dumps(fields["model_kwargs"], sort_keys=True)
+    fields["method_options"] = json.dumps(fields["method_options"], sort_keys=True)
     return json.loads(json.dumps(fields, sort_keys=True))
 
 
@@ -498,6 +608,7 @@ def train(
     from tqdm.auto import tqdm
 
     from .commands.arguments import parse_device
+    from .distillation import teacher_logits, training_images, training_loss
     from .evaluation.data import _class_names, image_folder
     from .io import append_jsonl, atomic_write_json
 
@@ -524,12 +635,21 @@ def train(
                                 "(or --eval-r with no value to skip the evaluation)")
     torch.manual_seed(config.seed)
     random.seed(config.seed)
+    if model is None:
+        model = load_student(config)
+    teacher = None
+    if config.distill:
+        _check_trainable(model)
+        # Before patching: the default teacher is the unmodified model.
+        teacher = build_teacher(config, model).to(device)
+        config = _with_teacher_fingerprint(config, teacher)
     model = build_model(config, model).to(device)
     groups = _set_train_mode(model, config)
     image_size = model.patch_embed.img_size[0]
     # a --limit subset is spread over the folder so that it covers every class
-    dataset = image_folder(root, limit=config.limit, transform=train_transform(image_size), spread=True)
-    _check_classes(model, root, len(_class_names(dataset)), "training data (--data)")
+    dataset = training_images(root, train_transform(image_size), config.limit, config.labels_needed)
+    if config.labels_needed or _labeled(dataset):
+        _check_classes(model, root, len(_class_names(dataset)), "training data (--data)")
     if eval_root is not None:
         _check_classes(model, eval_root, len(_class_names(image_folder(eval_root, transform=lambda x: x))),
                        "evaluation data (--eval-data)")
@@ -572,7 +692,6 @@ def train(
 
     bar = tqdm(total=total, initial=step, desc=f"train {config.method}/{config.mode}", disable=not (is_main and config.progress))
     started = time.time()
-    loss_fn = nn.CrossEntropyLoss()
     while step < total:
         epoch, start_batch = divmod(step, per_epoch)
         indices = epoch_indices(len(dataset), config.seed, epoch, rank, world)[: per_epoch * config.batch_size]
@@ -583,7 +702,9 @@ def train(
         for images, labels in loader:
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                loss = loss_fn(train_model(images).float(), labels)
+                logits = train_model(images).float()
+                targets = None if teacher is None else teacher_logits(teacher, images)
+            loss = training_loss(logits, labels, targets, config.distill_weight, config.distill_temperature)
             loss_value = loss.item()
             if not math.isfinite(loss_value):
                 # Stop before the optimizer step: nothing non-finite reaches the weights or a file.
@@ -616,6 +737,19 @@ def train(
 
         dist.barrier()
     return summary
+
+
+def _with_teacher_fingerprint(config: TrainConfig, teacher: nn.Module) -> TrainConfig:
+    """``config`` with the teacher's weights fingerprint (refusing a pinned one that differs)."""
+    from .evaluation.sweep import weights_fingerprint
+
+    found = weights_fingerprint(teacher)
+    if config.teacher_fingerprint not in (None, found):
+        raise ValueError(
+            f"the teacher's weights have fingerprint {found}, not the expected {config.teacher_fingerprint}: "
+            "this is another teacher than the run was configured with"
+        )
+    return dataclasses.replace(config, teacher_fingerprint=found)
 
 
 def _diverged_message(loss: float, step: int, scheduler, ckpt: Path, saved_step: Optional[int]) -> str:

@@ -1,4 +1,5 @@
-"""``tokenmerge train``: DTEM merge embeddings (modular / end2end) or ToMe fine-tuning.
+"""``tokenmerge train``: DTEM merge embeddings (modular / end2end), or fine-tuning with ToMe,
+TC-ViT, EViT-style or pruning reduction; optional distillation from a frozen teacher.
 
 Also runnable as ``python -m tokenmerge.commands.train ...`` (e.g. under ``torchrun``).
 """
@@ -21,17 +22,36 @@ def _tau(text: str) -> float:
         raise argparse.ArgumentTypeError(f"tau must be a finite number > 0 (0.1-0.3 work well), got {text}") from None
 
 
+def _distill_weight(text: str) -> float:
+    value = arguments.finite_float(text)
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(
+            f"must lie in (0, 1] (the distillation share of the loss; 1.0 uses no labels), got {text}")
+    return value
+
+
+def _temperature(text: str) -> float:
+    try:
+        return arguments.finite_positive_float(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0 (1-4 is usual), got {text}") from None
+
+
 # An int r, or any schedule form accepted by --r elsewhere (13:-1, 16,16,8).
 _eval_r = arguments.schedule
 
 
 def _configure(parser: argparse.ArgumentParser) -> None:
-    from ..training import default_train_root
+    from ..training import METHODS, default_train_root
 
-    parser.add_argument("--method", choices=("dtem", "tome"), default="dtem")
+    parser.add_argument("--method", choices=METHODS, default="dtem",
+                        help="dtem: learned merge embeddings; tome, tcvit, evit, prune: fine-tune the ViT "
+                             "with that reduction in its forward (hard plan, no gradient through the selection)")
     parser.add_argument("--mode", choices=("modular", "end2end"), default="modular",
                         help="modular: frozen ViT, only the merge embeddings learn; end2end: the ViT too "
-                             "(ToMe training is always end2end)")
+                             "(tome/tcvit/evit/prune have no parameters of their own: always end2end)")
+    parser.add_argument("--method-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="an option of the method, e.g. order=2 or dominance_weight=1.0 for tcvit; repeatable")
     parser.add_argument("--data", default=None,
                         help=f"training ImageFolder (default: {default_train_root()})")
     parser.add_argument("model", nargs="?", default=None,
@@ -72,16 +92,31 @@ def _configure(parser: argparse.ArgumentParser) -> None:
                         help="evaluate at these r after training (default: the training r)")
     parser.add_argument("--eval-limit", type=_positive_int, default=None)
     parser.add_argument("--no-progress", action="store_true")
+    distill = parser.add_argument_group("distillation")
+    distill.add_argument("--distill", action="store_true",
+                         help="distil from a frozen teacher: the unmodified model (default) or --teacher")
+    distill.add_argument("--distill-weight", type=_distill_weight, default=None,
+                         help="share of the distillation term in the loss (default 0.5); 1.0 uses no labels, "
+                              "so --data may then be a flat folder of images")
+    distill.add_argument("--distill-temperature", type=_temperature, default=None,
+                         help="softmax temperature T of the distillation term (default 1.0)")
+    distill.add_argument("--teacher", default=None, metavar="CHECKPOINT",
+                         help="teacher weights (.safetensors/.pth, timm key names); default: a frozen copy of "
+                              "the model before token reduction")
+    distill.add_argument("--teacher-model", default=None, metavar="NAME",
+                         help="the teacher checkpoint's timm architecture (default: the student's)")
 
 
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "train",
-        help="train DTEM merge embeddings or fine-tune with ToMe",
+        help="train DTEM merge embeddings or fine-tune with ToMe/TC-ViT/EViT/pruning",
         description=(
             "Train DTEM's merge embeddings (modular: frozen ViT; end2end: the ViT too) or "
-            "fine-tune a ViT with ToMe merging, on an ImageFolder; checkpoints every "
-            "--checkpoint-every steps, --resume continues a killed run, torchrun for DDP."
+            "fine-tune a ViT with ToMe, TC-ViT, EViT-style or pruning reduction, on an "
+            "ImageFolder, optionally distilling from the unmodified model (--distill); "
+            "checkpoints every --checkpoint-every steps, --resume continues a killed run, "
+            "torchrun for DDP."
         ),
     )
     _configure(parser)
@@ -91,10 +126,22 @@ def add_parser(subparsers) -> None:
 def config_from_args(args):
     from ..training import TrainConfig
 
+    from ..evaluation.sweep import parse_option
+    from ..training import PARAMETER_FREE_METHODS
+
     lr = args.lr if args.lr is not None else (1e-3 if args.method == "dtem" else 1e-5)
     eval_r = args.eval_r if args.eval_r is not None else [args.r]
+    for flag, value in (("--distill-weight", args.distill_weight), ("--distill-temperature", args.distill_temperature)):
+        if value is not None and not args.distill:
+            raise ValueError(f"{flag} sets up distillation: add --distill")
+    options = {}
+    for text in args.method_option:
+        method, key, value = parse_option(text)
+        if method not in (None, args.method):
+            raise ValueError(f"--method-option {text!r} names method {method!r}, but --method is {args.method}")
+        options[key] = value
     return TrainConfig(
-        method=args.method, mode="end2end" if args.method == "tome" else args.mode,
+        method=args.method, mode="end2end" if args.method in PARAMETER_FREE_METHODS else args.mode,
         data=args.data, model=args.model, checkpoint=args.checkpoint,
         model_kwargs=args.model_kwargs, num_classes=args.num_classes, r=args.r, tau=args.tau,
         embed_dim=args.embed_dim, hidden_dim=args.hidden_dim, epochs=args.epochs,
@@ -103,6 +150,10 @@ def config_from_args(args):
         seed=args.seed, out=str(args.out), checkpoint_every=args.checkpoint_every,
         num_workers=args.num_workers, device=args.device, eval_data=args.eval_data,
         eval_r=eval_r, eval_limit=args.eval_limit, progress=not args.no_progress,
+        method_options=options, distill=args.distill,
+        distill_weight=0.5 if args.distill_weight is None else args.distill_weight,
+        distill_temperature=1.0 if args.distill_temperature is None else args.distill_temperature,
+        teacher=args.teacher, teacher_model=args.teacher_model,
     )
 
 

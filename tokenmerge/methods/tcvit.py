@@ -76,6 +76,10 @@ class TCViT(TokenReducer):
     One block may remove all candidates but one (:meth:`max_reduction`), more than the
     half bipartite matching allows.
 
+    Training (``tokenmerge train --method tcvit``): the plan is computed without gradient
+    (it is discrete), and the fused values carry the gradient, as in ToMe's training; see
+    :mod:`tokenmerge.training` for why no straight-through estimator is used.
+
     Args:
         order: connectivity order ``K >= 1`` (path length in the attention graph).
         dominance_weight: ``w`` in ``[0, 1]``; ``w > 0`` needs a class token at index 0.
