@@ -14,26 +14,14 @@ __all__ = ["add_parser", "run", "parse_candidate"]
 
 
 def _finite(kind: str, low: float, high: float = math.inf):
+    """A finite number strictly between ``low`` and ``high``."""
     def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{kind} must be a number, got {text!r}") from None
-        if not (math.isfinite(value) and low < value < high):
+        value = arguments.finite_float(text)
+        if not low < value < high:
             bound = f"in ({low:g}, {high:g})" if math.isfinite(high) else f"> {low:g}"
             raise argparse.ArgumentTypeError(f"{kind} must be a finite number {bound}, got {text}")
         return value
     return parse
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
 
 
 def parse_candidate(text: str) -> tuple:
@@ -63,7 +51,7 @@ def add_parser(subparsers) -> None:
     add_model_arguments(parser)
     parser.add_argument("--data", type=Path, required=True,
                         help="calibration ImageFolder (use the train split); labels are optional")
-    parser.add_argument("--limit", type=_positive_int, default=1000,
+    parser.add_argument("--limit", type=arguments.positive_int, default=1000,
                         help="calibration images, spread evenly over the folder (default 1000)")
     budget = parser.add_mutually_exclusive_group(required=True)
     budget.add_argument("--target-gflops", type=_finite("--target-gflops", 0.0),
@@ -80,9 +68,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--search-methods", type=arguments.non_negative_int, default=1,
                         help="how many of the best constant-r methods get the per-block search (default 1)")
     parser.add_argument("--rounds", type=arguments.non_negative_int, default=3, help="search rounds (default 3)")
-    parser.add_argument("--probe-images", type=_positive_int, default=250,
+    parser.add_argument("--probe-images", type=arguments.positive_int, default=250,
                         help="calibration images each per-block probe runs on (default 250; proposals use all)")
-    parser.add_argument("--batch-size", type=_positive_int, default=125)
+    parser.add_argument("--batch-size", type=arguments.positive_int, default=125)
     parser.add_argument("--no-timing", action="store_true", help="skip the throughput measurement")
     parser.add_argument("--out", type=arguments.output_folder, default=Path("tokenmerge-tune"), help="output folder (default: tokenmerge-tune/)")
     add_device_arguments(parser)

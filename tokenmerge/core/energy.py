@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .matching import bipartite_max_reduction
+from .matching import check_bipartite_reduction, identity_plan
 from .merge import MergePlan
 
 __all__ = ["energy_score", "energy_matching", "plan_from_pairs"]
@@ -79,13 +79,9 @@ def energy_matching(
         A :class:`~tokenmerge.core.merge.MergePlan` with ``num_out = N - r``.
     """
     B, N, _ = metric.shape
-    limit = bipartite_max_reduction(N, num_protected)
-    if not 0 <= r <= limit:
-        raise ValueError(
-            f"PiToMe can remove 0..{limit} of {N} tokens ({num_protected} protected), asked for r={r}"
-        )
+    check_bipartite_reduction("PiToMe", N, num_protected, r)
     if r == 0:
-        return MergePlan(torch.arange(N, device=metric.device).expand(B, N), N)
+        return identity_plan(B, N, metric.device)
     with torch.no_grad():
         metric = metric[:, num_protected:]
         metric = metric / metric.norm(dim=-1, keepdim=True)

@@ -21,6 +21,8 @@ __all__ = [
     "bipartite_soft_matching",
     "bipartite_plan_from_scores",
     "bipartite_max_reduction",
+    "check_bipartite_reduction",
+    "identity_plan",
     "split_parity",
 ]
 
@@ -28,6 +30,20 @@ __all__ = [
 def bipartite_max_reduction(num_tokens: int, num_protected: int) -> int:
     """At most half of the mergeable tokens can leave in one bipartite step."""
     return max(0, (num_tokens - num_protected) // 2)
+
+
+def check_bipartite_reduction(what: str, num_tokens: int, num_protected: int, r: int) -> None:
+    """Raise a clear error unless ``0 <= r <= bipartite_max_reduction(num_tokens, num_protected)``."""
+    limit = bipartite_max_reduction(num_tokens, num_protected)
+    if not 0 <= r <= limit:
+        raise ValueError(
+            f"{what} can remove 0..{limit} of {num_tokens} tokens ({num_protected} protected), asked for r={r}"
+        )
+
+
+def identity_plan(batch: int, num_tokens: int, device=None) -> MergePlan:
+    """The plan that keeps every token where it is."""
+    return MergePlan(torch.arange(num_tokens, device=device).expand(batch, num_tokens), num_tokens)
 
 
 def split_parity(num_protected: int) -> tuple:
@@ -52,14 +68,9 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, num_protected: int = 1
         A :class:`~tokenmerge.core.merge.MergePlan` with ``num_out = N - r``.
     """
     B, N, _ = metric.shape
-    limit = bipartite_max_reduction(N, num_protected)
-    if not 0 <= r <= limit:
-        raise ValueError(
-            f"bipartite matching can remove 0..{limit} of {N} tokens "
-            f"({num_protected} protected), asked for r={r}"
-        )
+    check_bipartite_reduction("bipartite matching", N, num_protected, r)
     if r == 0:  # as in ToMe, no merge leaves the order alone
-        return MergePlan(torch.arange(N, device=metric.device).expand(B, N), N)
+        return identity_plan(B, N, metric.device)
     a0, b0 = split_parity(num_protected)
     with torch.no_grad():
         metric = metric / metric.norm(dim=-1, keepdim=True)

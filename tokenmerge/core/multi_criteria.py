@@ -25,7 +25,7 @@ from typing import Optional
 
 import torch
 
-from .matching import bipartite_max_reduction, bipartite_plan_from_scores, split_parity
+from .matching import bipartite_plan_from_scores, check_bipartite_reduction, identity_plan, split_parity
 from .merge import MergePlan
 
 __all__ = ["inverse_normalised", "multi_criteria_scores", "multi_criteria_matching"]
@@ -89,13 +89,9 @@ def multi_criteria_matching(
         A :class:`~tokenmerge.core.merge.MergePlan` with ``num_out = N - r``.
     """
     B, N, _ = metric.shape
-    limit = bipartite_max_reduction(N, num_protected)
-    if not 0 <= r <= limit:
-        raise ValueError(
-            f"MCTF can remove 0..{limit} of {N} tokens ({num_protected} protected), asked for r={r}"
-        )
+    check_bipartite_reduction("MCTF", N, num_protected, r)
     if r == 0:
-        return MergePlan(torch.arange(N, device=metric.device).expand(B, N), N)
+        return identity_plan(B, N, metric.device)
     with torch.no_grad():
         scores = multi_criteria_scores(metric, received, size, num_protected, tau_sim, tau_info, tau_size)
         return bipartite_plan_from_scores(scores, r, num_protected)

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.schedule import ScheduleClampedWarning, resolve_schedule
+from .budget import smallest_meeting
 from .flops import count_gflops
 
 __all__ = [
@@ -381,15 +382,9 @@ def _smallest_constant(scorer: _Scorer, target: float) -> Optional[tuple]:
     """The effective schedule of the smallest constant ``r`` within ``target`` GFLOPs, or ``None``."""
     high = scorer.num_tokens  # clamping makes any larger r the same schedule
     fits = lambda r: scorer.gflops(scorer.effective([r] * scorer.num_blocks)) <= target  # noqa: E731
-    if not fits(high):
+    low = smallest_meeting(fits, 0, high)
+    if low is None:
         return None
-    low = 0
-    while low < high:
-        middle = (low + high) // 2
-        if fits(middle):
-            high = middle
-        else:
-            low = middle + 1
     return scorer.effective([low] * scorer.num_blocks)
 
 
