@@ -23,21 +23,13 @@ import torch
 
 import tokenmerge
 from tokenmerge.evaluation.accuracy import evaluate_accuracy
-from tokenmerge.evaluation.data import image_folder, image_loader, load_images
+from tokenmerge.evaluation.data import load_images
 from tokenmerge.evaluation.flops import count_gflops
 from tokenmerge.evaluation.sweep import _shared_copy
 from tokenmerge.evaluation.tune import tune
 from tokenmerge.models import load_model
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenette"
-
-
-def calibration(root: Path, limit: int):
-    xs, ys = [], []
-    for x, y in image_loader(image_folder(root, limit=limit, spread=True), batch_size=125):
-        xs.append(x)
-        ys.append(y)
-    return torch.cat(xs), torch.cat(ys)
 
 
 def main() -> None:
@@ -59,7 +51,7 @@ def main() -> None:
     else:
         model = load_model(args.model, checkpoint=args.checkpoint, num_classes=10, **args.model_kwargs)
     args.out.mkdir(parents=True, exist_ok=True)
-    cal_x, cal_y = calibration(args.train, args.calibration_images)
+    cal_x, cal_y, _ = load_images(args.train, limit=args.calibration_images, spread=True)
     val_x, val_y, _ = load_images(args.val)
     base_gflops = count_gflops(model)
     rows = [{"budget": "-", "config": "unmodified", "gflops": base_gflops,

@@ -105,19 +105,13 @@ def save_tune_plot(result, path) -> Path:
 
 
 def run(args) -> int:
-    from ..evaluation.data import image_folder, image_loader
+    from ..evaluation.data import load_images
     from ..evaluation.tune import DEFAULT_METHODS, tune
 
     resolve_device_arguments(args)
     model = model_from_args(args).to(args.device)
-    dataset = image_folder(args.data, limit=args.limit, spread=True)
-    images, labels = [], []
-    for x, y in image_loader(dataset, batch_size=args.batch_size):
-        images.append(x)
-        labels.append(y)
-    import torch
-
-    images, labels = torch.cat(images).to(args.device), torch.cat(labels).to(args.device)
+    images, labels, _ = load_images(args.data, limit=args.limit, batch_size=args.batch_size, spread=True)
+    images, labels = images.to(args.device), labels.to(args.device)
     result = tune(
         model, (images, labels),
         target_gflops=args.target_gflops, target_speedup=args.target_speedup, gflops_fraction=args.gflops_fraction,

@@ -20,6 +20,7 @@ from .merge import MergePlan
 __all__ = [
     "bipartite_soft_matching",
     "bipartite_plan_from_scores",
+    "bipartite_similarity",
     "bipartite_max_reduction",
     "check_bipartite_reduction",
     "identity_plan",
@@ -71,11 +72,16 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, num_protected: int = 1
     check_bipartite_reduction("bipartite matching", N, num_protected, r)
     if r == 0:  # as in ToMe, no merge leaves the order alone
         return identity_plan(B, N, metric.device)
-    a0, b0 = split_parity(num_protected)
     with torch.no_grad():
-        metric = metric / metric.norm(dim=-1, keepdim=True)
-        scores = metric[:, a0::2] @ metric[:, b0::2].transpose(-1, -2)  # [B, Na, Nb]
-        return bipartite_plan_from_scores(scores, r, num_protected)
+        return bipartite_plan_from_scores(bipartite_similarity(metric, num_protected), r, num_protected)
+
+
+def bipartite_similarity(metric: torch.Tensor, num_protected: int) -> torch.Tensor:
+    """``[B, N, D]`` -> ``[B, Na, Nb]`` cosine similarity between set A and set B
+    (:func:`split_parity`)."""
+    a0, b0 = split_parity(num_protected)
+    metric = metric / metric.norm(dim=-1, keepdim=True)
+    return metric[:, a0::2] @ metric[:, b0::2].transpose(-1, -2)
 
 
 def bipartite_plan_from_scores(scores: torch.Tensor, r: int, num_protected: int) -> MergePlan:

@@ -25,7 +25,13 @@ from typing import Optional
 
 import torch
 
-from .matching import bipartite_plan_from_scores, check_bipartite_reduction, identity_plan, split_parity
+from .matching import (
+    bipartite_plan_from_scores,
+    bipartite_similarity,
+    check_bipartite_reduction,
+    identity_plan,
+    split_parity,
+)
 from .merge import MergePlan
 
 __all__ = ["inverse_normalised", "multi_criteria_scores", "multi_criteria_matching"]
@@ -58,18 +64,20 @@ def multi_criteria_scores(
     Returns:
         ``[B, Na, Nb]`` edge weights, A/B as in :func:`~tokenmerge.core.matching.split_parity`.
     """
-    a0, b0 = split_parity(num_protected)
-    metric = metric / metric.norm(dim=-1, keepdim=True)
-    similarity = metric[:, a0::2] @ metric[:, b0::2].transpose(-1, -2)
-    weight = ((similarity + 1.0) / 2.0).clamp_min(0.0) ** (1.0 / tau_sim)
-    info = inverse_normalised(received[:, num_protected:].to(weight.dtype))
-    info = torch.cat([info.new_ones(info.shape[0], num_protected), info], dim=1) ** (1.0 / tau_info)
-    weight = weight * info[:, a0::2, None] * info[:, None, b0::2]
+    weight = ((bipartite_similarity(metric, num_protected) + 1.0) / 2.0).clamp_min(0.0) ** (1.0 / tau_sim)
+    weight = weight * _pair_factor(received, num_protected, tau_info, weight.dtype)
     if size is not None:
-        small = inverse_normalised(size[:, num_protected:, 0].to(weight.dtype))
-        small = torch.cat([small.new_ones(small.shape[0], num_protected), small], dim=1) ** (1.0 / tau_size)
-        weight = weight * small[:, a0::2, None] * small[:, None, b0::2]
+        weight = weight * _pair_factor(size[..., 0], num_protected, tau_size, weight.dtype)
     return weight
+
+
+def _pair_factor(value: torch.Tensor, num_protected: int, tau: float, dtype) -> torch.Tensor:
+    """``[B, N]`` per-token values -> ``[B, Na, Nb]`` factor ``(v'_a * v'_b) ** (1 / tau)`` with
+    ``v'`` = :func:`inverse_normalised` over the mergeable tokens."""
+    a0, b0 = split_parity(num_protected)
+    factor = inverse_normalised(value[:, num_protected:].to(dtype)) ** (1.0 / tau)
+    factor = torch.cat([factor.new_ones(factor.shape[0], num_protected), factor], dim=1)
+    return factor[:, a0::2, None] * factor[:, None, b0::2]
 
 
 def multi_criteria_matching(

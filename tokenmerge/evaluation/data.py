@@ -94,15 +94,16 @@ def image_loader(dataset, batch_size: int = 64, num_workers: int = 0):
 
 
 def load_images(root, image_size: int = 224, limit: Optional[int] = None, batch_size: int = 256,
-                num_workers: int = 0, progress: bool = False):
+                num_workers: int = 0, progress: bool = False, spread: bool = False):
     """Decode a whole folder once into ``(images [N,3,S,S] float32, labels [N] int64, classes)``.
 
     Sweeps evaluate many configurations on the same images; decoding once and reusing
-    the tensors keeps JPEG decoding out of every measurement.
+    the tensors keeps JPEG decoding out of every measurement. ``limit``/``spread`` as in
+    :func:`image_folder` (``spread=True`` for a calibration subset over every class).
     """
     from tqdm.auto import tqdm
 
-    dataset = image_folder(root, image_size=image_size, limit=limit)
+    dataset = image_folder(root, image_size=image_size, limit=limit, spread=spread)
     images, labels = [], []
     batches = image_loader(dataset, batch_size=batch_size, num_workers=num_workers)
     for x, y in tqdm(batches, desc="loading images", disable=not progress, leave=False):

@@ -44,6 +44,7 @@ from torch import nn
 from ..core.schedule import ScheduleClampedWarning, resolve_schedule
 from .budget import smallest_meeting
 from .flops import count_gflops
+from .sweep import _shared_copy
 
 __all__ = [
     "OBJECTIVES",
@@ -217,12 +218,6 @@ def _logits_of(output) -> torch.Tensor:
             "(use a model with a classification head, e.g. ViTForImageClassification)"
         )
     return logits
-
-
-def _shared_copy(model: nn.Module) -> nn.Module:
-    from .sweep import _shared_copy as copy_sharing_weights
-
-    return copy_sharing_weights(model)
 
 
 class _Scorer:
