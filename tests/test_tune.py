@@ -9,7 +9,7 @@ import torch
 import tokenmerge
 from tokenmerge.cli import main
 from tokenmerge.evaluation.flops import count_gflops
-from tokenmerge.evaluation.tune import resolve_budget, tune
+from tokenmerge.evaluation.tune import _fill_budget, resolve_budget, tune
 
 
 def small_vit(**kwargs):
@@ -47,6 +47,40 @@ def test_budget_is_met_by_counted_gflops(model, images, result):
     tome = next(c for c in result.candidates if c.method == "tome" and c.stage == "constant")
     looser = tokenmerge.patch(small_vit(), r=max(tome.r) - 1)
     assert count_gflops(looser, images=images[0][:1]) > target
+
+
+class _TokenCost:
+    """A stand-in scorer: cost = tokens carried through the blocks after each reduction."""
+
+    num_blocks, num_tokens = 4, 20
+
+    def effective(self, schedule):
+        return tuple(schedule)
+
+    def gflops(self, schedule):
+        n, total = self.num_tokens, 0
+        for r in schedule:
+            n -= r
+            total += n
+        return total
+
+
+def test_budget_fill_keeps_tokens_in_the_last_blocks_first():
+    scorer = _TokenCost()
+    # Constant 3 costs 17+14+11+8 = 50; a budget of 53 pays for three more kept tokens:
+    # one in the last block (+1), then one in the third (+2), and nothing earlier fits.
+    assert _fill_budget(scorer, (3, 3, 3, 3), 53) == (3, 3, 2, 2)
+    assert _fill_budget(scorer, (3, 3, 3, 3), 50) == (3, 3, 3, 3)
+    assert _fill_budget(scorer, (0, 0, 1, 1), 80) == (0, 0, 0, 0)
+
+
+def test_filled_starts_spend_the_slack_and_stay_within_budget(result):
+    filled_starts = [c for c in result.candidates if c.stage == "constant, budget filled"]
+    assert filled_starts  # this budget leaves slack under every constant r
+    for filled in filled_starts:
+        constant = next(c for c in result.candidates if c.method == filled.method and c.stage == "constant")
+        assert constant.gflops < filled.gflops <= result.target_gflops
+        assert all(f <= c for f, c in zip(filled.r, constant.r))
 
 
 def test_best_round_trips_through_patch_and_json(model, images, result, tmp_path):
