@@ -172,7 +172,8 @@ class ModelAdapter:
     def is_patched(self) -> bool:
         return getattr(type(self.owner), "_tokenmerge_base", None) is not None
 
-    def _patched_owner(self) -> nn.Module:
+    def require_patched(self) -> nn.Module:
+        """The :attr:`owner`; a clear error when the model is not patched."""
         if not self.is_patched:
             raise ValueError("the model is not patched: call tokenmerge.patch(model, ...) first")
         return self.owner
@@ -180,20 +181,20 @@ class ModelAdapter:
     @property
     def config(self):
         """The :class:`~tokenmerge.backends.common.MergeConfig` of a patched model."""
-        return self._patched_owner().tokenmerge_config
+        return self.require_patched().tokenmerge_config
 
     @property
     def reducer(self):
         """The method's policy of a patched model."""
-        return self._patched_owner().token_reducer
+        return self.require_patched().token_reducer
 
     def schedule(self, num_tokens: Optional[int] = None) -> tuple:
         """Tokens each block removes (default input size) in a patched model."""
-        return self._patched_owner().tokenmerge_schedule(num_tokens)
+        return self.require_patched().tokenmerge_schedule(num_tokens)
 
     def tokens_per_block(self, num_tokens: Optional[int] = None) -> list:
         """Tokens entering each block, then the count leaving the last one (patched model)."""
-        return self._patched_owner().tokens_per_block(num_tokens)
+        return self.require_patched().tokens_per_block(num_tokens)
 
     def patch(self, reducer, config) -> nn.Module:
         raise NotImplementedError

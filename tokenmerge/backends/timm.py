@@ -311,7 +311,7 @@ class TimmAdapter(ModelAdapter):
         return MergingVisionTransformerMixin._tm_embed(self.model, images)
 
     def logits(self, state: TokenState) -> torch.Tensor:
-        return self._patched_owner()._tm_logits(state)
+        return self.require_patched()._tm_logits(state)
 
     def _unmerged_tokens(self, images: torch.Tensor, **forward_kwargs) -> torch.Tensor:
         return self.model.forward_features(images, **forward_kwargs)

@@ -76,6 +76,7 @@ from .common import (
 __all__ = [
     "HFAdapter",
     "is_supported_hf_model",
+    "supported_classes",
     "patch_hf",
     "unpatch_hf",
     "prefix_tokens",
@@ -543,6 +544,11 @@ def _wrappers() -> dict:
     else:
         wrappers[dreg.Dinov2WithRegistersForImageClassification] = ("dinov2_with_registers", _dinov2_head, True)
     return wrappers
+
+
+def supported_classes() -> list:
+    """Every Hugging Face class tokenmerge patches: trunks, then wrappers."""
+    return list(_families()) + list(_wrappers())
 
 
 def _original_type(module: nn.Module) -> type:
