@@ -30,6 +30,17 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny models: threads gain them nothing, and on a
+    shared 2-core machine thread contention makes each forward ~100x slower. Use with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # A tiny Hugging Face ViT classifier saved with save_pretrained, and a tiny ImageFolder, for
 # running every command on a Hugging Face model (`tokenmerge COMMAND hf:DIR`).
 HF_VIT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
