@@ -28,3 +28,57 @@ def require_shared(path: Path) -> Path:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny models: threads gain them nothing, and on a
+    shared 2-core machine thread contention makes each forward ~100x slower. Use with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# A tiny Hugging Face ViT classifier saved with save_pretrained, and a tiny ImageFolder, for
+# running every command on a Hugging Face model (`tokenmerge COMMAND hf:DIR`).
+HF_VIT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+              image_size=32, patch_size=8, num_labels=3)
+HF_VIT_TOKENS = (32 // 8) ** 2 + 1  # patches + class token
+
+
+def tiny_hf_vit():
+    """A random ``ViTForImageClassification`` whose head is scaled up so that merging visibly
+    changes the logits (the default init makes them all nearly zero)."""
+    import transformers
+
+    torch.manual_seed(0)
+    model = transformers.ViTForImageClassification(transformers.ViTConfig(**HF_VIT)).eval()
+    with torch.no_grad():
+        model.classifier.weight.normal_(0.0, 2.0)
+    return model
+
+
+@pytest.fixture(scope="session")
+def hf_vit_dir(tmp_path_factory) -> Path:
+    """A folder written by ``tiny_hf_vit().save_pretrained``."""
+    folder = tmp_path_factory.mktemp("hf_vit")
+    tiny_hf_vit().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_image_folder(tmp_path_factory) -> Path:
+    """An ImageFolder of 3 classes x 4 random 40x40 PNG images."""
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("tiny_images")
+    rng = np.random.default_rng(0)
+    for c in range(3):
+        (root / f"class{c}").mkdir()
+        for i in range(4):
+            pixels = rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / f"class{c}" / f"{i}.png")
+    return root

@@ -68,3 +68,18 @@ def test_bench_cli_table_and_errors(capsys):
     assert "cannot patch timm.models.resnet.ResNet" in capsys.readouterr().err
     assert main(["bench", "vit_tiny_patch16_224", "--image-size", "100", "--repeats", "1"]) == 2
     assert "built for 224x224 images" in capsys.readouterr().err
+
+
+def test_bench_cli_on_a_hugging_face_folder(hf_vit_dir, capsys):
+    model = f"hf:{hf_vit_dir}"
+    code = main(["bench", model, "--r", "2", "--batch-size", "2", "--warmup", "0", "--repeats", "1",
+                 "--threads", "1", "--json"])
+    assert code == 0
+    result = json.loads(capsys.readouterr().out)
+    rows = {row["variant"]: row for row in result["rows"]}
+    assert list(rows) == ["unmodified", "tome 2", "drop 2"]
+    assert result["image_size"] == 32 and result["model"] == model
+    assert rows["tome 2"]["tokens_per_block"] == rows["drop 2"]["tokens_per_block"] == [17, 15, 13]
+    assert rows["drop 2"]["gflops"] < rows["tome 2"]["gflops"] < rows["unmodified"]["gflops"]
+    assert main(["bench", model, "--image-size", "48", "--repeats", "1"]) == 2
+    assert "built for 32x32 images" in capsys.readouterr().err

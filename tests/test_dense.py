@@ -15,13 +15,7 @@ timm = pytest.importorskip("timm")
 VISION = dict(image_size=64, patch_size=16, hidden_size=48, num_hidden_layers=3, num_attention_heads=3)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models: intra-op threads only add contention on a shared 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _timm_vit():
@@ -211,3 +205,21 @@ def test_local_layout_clamps_per_block(make, trunk):
     assert trunk(model).tokenmerge_schedule() == (8, 8, 8)
     with pytest.raises(ValueError, match="layout must be"):
         tokenmerge.patch(make(), method="tome", r=2, layout="tiled")
+
+
+def test_dense_features_of_a_hugging_face_folder(hf_vit_dir):
+    from tokenmerge.models import load_model
+
+    model = load_model(f"hf:{hf_vit_dir}")
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        reference = model.vit(x).last_hidden_state[:, 1:]
+        assert torch.equal(tokenmerge.dense_features(model, x), reference)
+        tokenmerge.patch(model, "tome", r=0, trace_source=True)
+        assert torch.equal(tokenmerge.dense_features(model, x, output="map"),
+                           reference.transpose(1, 2).reshape(2, 32, 4, 4))
+        tokenmerge.patch(model, "tome", r=3, trace_source=True)
+        dense = tokenmerge.dense_features(model, x)
+    assert dense.shape == (2, 16, 32)
+    for features in dense:  # per image, 16 patches share the 10 merged patch tokens
+        assert features.unique(dim=0).shape[0] == 17 - 2 * 3 - 1

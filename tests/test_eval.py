@@ -271,3 +271,33 @@ def test_every_variant_is_built_before_images_are_loaded(tmp_path, capsys, monke
 def test_a_model_tokenmerge_cannot_patch_is_refused_before_the_data(tmp_path, capsys):
     code, err = run_cli(["eval", "resnet18", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path)], capsys)
     assert code == 2 and "cannot patch timm.models.resnet.ResNet" in err
+
+
+# --- a Hugging Face model: tokenmerge eval hf:DIR ---------------------------------------------
+
+
+def test_eval_on_a_hugging_face_folder(hf_vit_dir, tiny_image_folder, tmp_path, capsys):
+    from torchvision import datasets, transforms
+
+    from tokenmerge.models import load_model
+
+    out = tmp_path / "out"
+    code = main(["eval", f"hf:{hf_vit_dir}", "--data", str(tiny_image_folder), "--methods", "tome",
+                 "--r", "2", "--target-speedup", "1.2", "--out", str(out), "--timing-batch-size", "2",
+                 "--warmup", "0", "--repeats", "1", "--threads", "1"])
+    assert code == 0
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    unmodified, tome2, budget = rows
+    assert tome2["schedule"] == "2" and (tome2["tokens_in"], tome2["tokens_out"]) == (17, 13)
+    assert budget["method"] == "tome" and unmodified["gflops"] / budget["gflops"] >= 1.2
+    assert tome2["gflops"] < unmodified["gflops"] and unmodified["speedup"] == 1.0
+    # The unmodified accuracy, independently: torchvision at the model's 32x32 input, HF logits.
+    transform = transforms.Compose([
+        transforms.Resize(32), transforms.CenterCrop(32), transforms.ToTensor(),
+        transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    ])
+    dataset = datasets.ImageFolder(str(tiny_image_folder), transform=transform)
+    images, labels = next(iter(torch.utils.data.DataLoader(dataset, batch_size=len(dataset))))
+    with torch.inference_mode():
+        predictions = load_model(f"hf:{hf_vit_dir}")(images).logits.argmax(-1)
+    assert unmodified["accuracy"] == pytest.approx(100.0 * (predictions == labels).double().mean().item())

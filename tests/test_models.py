@@ -62,3 +62,47 @@ def test_a_pth_without_a_state_dict_is_refused(tmp_path):
     torch.save([torch.ones(2)], tmp_path / "list.pth")
     with pytest.raises(ValueError, match=r"list\.pth.*does not hold a state_dict"):
         load_checkpoint(tmp_path / "list.pth")
+
+
+# --- Hugging Face folders: hf:DIR ------------------------------------------------------------
+
+
+def test_hf_folder_loads_the_saved_class_and_weights(hf_vit_dir):
+    from .conftest import tiny_hf_vit
+
+    model = load_model(f"hf:{hf_vit_dir}")
+    saved = tiny_hf_vit()
+    assert type(model) is type(saved) and not model.training
+    x = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        assert torch.equal(model(x).logits, saved(x).logits)
+
+
+def test_hf_folder_of_a_trunk_loads_the_trunk(tmp_path):
+    import transformers
+
+    config = transformers.ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                    intermediate_size=64, image_size=32, patch_size=8)
+    transformers.ViTModel(config).save_pretrained(tmp_path)
+    assert type(load_model(f"hf:{tmp_path}")) is transformers.ViTModel
+
+
+def test_hf_folder_errors_name_the_problem(hf_vit_dir, tmp_path):
+    import transformers
+
+    with pytest.raises(FileNotFoundError, match=r"'.*nowhere' does not exist.*save_pretrained"):
+        load_model(f"hf:{tmp_path / 'nowhere'}")
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        load_model(f"hf:{tmp_path}")
+    masked = tmp_path / "masked"
+    config = transformers.ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                    intermediate_size=64, image_size=32, patch_size=8)
+    transformers.ViTForMaskedImageModeling(config).save_pretrained(masked)
+    with pytest.raises(ValueError, match=r"ViTForMaskedImageModeling, which tokenmerge does not support.*ViTModel"):
+        load_model(f"hf:{masked}")
+    with pytest.raises(ValueError, match="--num-classes 7 does not match.*3 classes"):
+        load_model(f"hf:{hf_vit_dir}", num_classes=7)
+    with pytest.raises(ValueError, match="--checkpoint describe timm models"):
+        load_model(f"hf:{hf_vit_dir}", checkpoint=tmp_path / "x.safetensors")
+    with pytest.raises(ValueError, match="--model-kwargs describe timm models"):
+        load_model(f"hf:{hf_vit_dir}", depth=6)

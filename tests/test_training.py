@@ -494,3 +494,16 @@ def test_cli_distillation_arguments_use_the_finite_number_types():
                 ["--distill-weight", "x"]):
         with pytest.raises(SystemExit):
             parser.parse_args(["--distill"] + bad)
+
+
+def test_training_a_hugging_face_model_is_refused_before_any_work(hf_vit_dir, tiny_image_folder, tmp_path, capsys):
+    from tokenmerge.cli import main
+
+    out = tmp_path / "run"
+    for extra in ([], ["--distill"]):
+        code = main(["train", f"hf:{hf_vit_dir}", "--data", str(tiny_image_folder), "--eval-r",
+                     "--no-progress", "--out", str(out), *extra])
+        assert code == 2
+        err = capsys.readouterr().err
+        assert "training supports timm VisionTransformer models" in err and "not train yet" in err
+        assert not out.exists()

@@ -188,3 +188,40 @@ def test_model_kwargs_load_a_checkpoint_of_another_depth():
     args = build_parser().parse_args(["eval", "--checkpoint", str(checkpoint)])
     with pytest.raises(ValueError, match="does not fit"):
         model_from_args(args)
+
+
+def test_tune_on_a_hugging_face_model_caches_block_inputs(hf_vit_dir):
+    from tokenmerge.evaluation.tune import _Scorer
+    from tokenmerge.models import load_model
+
+    model = load_model(f"hf:{hf_vit_dir}")
+    images = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    scorer = _Scorer(model, "tome", {}, images, batch_size=4, probe_every=2)
+    assert scorer.num_blocks == 2 and scorer.num_tokens == 17
+    with torch.inference_mode():
+        full = tokenmerge.patch(load_model(f"hf:{hf_vit_dir}"), r=[3, 2])(images).logits
+        reference = model(images).logits
+    torch.testing.assert_close(scorer.logits((3, 2)), full, rtol=1e-5, atol=1e-6)
+    assert torch.equal(scorer.logits((0, 0)), reference)  # r=0: the unmodified model, bit for bit
+    # A probe starts from the incumbent's cached block inputs and gives the full forward's logits.
+    scorer.set_incumbent((3, 0))
+    torch.testing.assert_close(scorer.probe_logits((3, 2)), full[::2], rtol=1e-5, atol=1e-6)
+    assert scorer.gflops((3, 2)) == pytest.approx(count_gflops(tokenmerge.patch(load_model(f"hf:{hf_vit_dir}"),
+                                                                                  r=[3, 2]), images=images[:1]))
+
+
+def test_tune_command_on_a_hugging_face_folder(hf_vit_dir, tiny_image_folder, tmp_path, capsys):
+    from tokenmerge.models import load_model
+
+    out = tmp_path / "tune"
+    code = main(["tune", f"hf:{hf_vit_dir}", "--data", str(tiny_image_folder), "--gflops-fraction", "0.8",
+                 "--methods", "tome", "--rounds", "1", "--batch-size", "4", "--probe-images", "6",
+                 "--no-timing", "--threads", "1", "--out", str(out)])
+    assert code == 0
+    config = json.loads((out / "best.json").read_text())
+    assert "best:" in capsys.readouterr().out
+    images = torch.zeros(1, 3, 32, 32)
+    base_gflops = count_gflops(load_model(f"hf:{hf_vit_dir}"), images=images)
+    merged = tokenmerge.patch(load_model(f"hf:{hf_vit_dir}"), **config)
+    assert count_gflops(merged, images=images) <= 0.8 * base_gflops
+    assert len(config["r"]) == 2 and sum(config["r"]) > 0

@@ -79,3 +79,25 @@ def test_visualize_cli(tmp_path, capsys):
     assert f"after block 6/12, 197 tokens -> {197 - 6 * 16}" in capsys.readouterr().out
     assert main(["visualize", str(tmp_path / "missing.jpg"), "--out", str(out)]) == 2
     assert "missing.jpg" in capsys.readouterr().err
+
+
+def test_visualize_cli_on_a_hugging_face_folder(hf_vit_dir, tiny_image_folder, tmp_path, capsys):
+    out = tmp_path / "hf.png"
+    image = tiny_image_folder / "class0" / "0.png"
+    assert main(["visualize", str(image), f"hf:{hf_vit_dir}", "--r", "3", "--block", "1", "--out", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "after block 1/2, 17 tokens -> 14" in capsys.readouterr().out
+
+
+def test_groups_of_a_hugging_face_model_match_its_traced_forward(hf_vit_dir, tiny_image_folder):
+    from tokenmerge.backends.adapter import adapter_for
+
+    image = load_display_image(tiny_image_folder / "class1" / "2.png", image_size=32)[1]
+    patched = tokenmerge.patch(load_model(f"hf:{hf_vit_dir}"), method="tome", r=3)
+    groups = merge_groups(patched, image)
+    assert groups.block == 2 and groups.tokens_in == 17 and groups.num_tokens == 17 - 2 * 3
+    traced = tokenmerge.patch(load_model(f"hf:{hf_vit_dir}"), method="tome", r=3, trace_source=True)
+    with torch.inference_mode():
+        state, _ = adapter_for(traced).final_state(image.unsqueeze(0))
+    assert torch.equal(groups.source.reshape(-1), state.source[0])
+    assert groups.source.shape == (4, 4)

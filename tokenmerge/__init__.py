@@ -7,6 +7,7 @@
 """
 
 from .api import is_patched, patch, unpatch
+from .backends.adapter import adapter_for
 from .core.schedule import KeepRatio
 from .dense import dense_features, unmerge_to_grid
 from .evaluation.tune import tune
@@ -19,6 +20,7 @@ __all__ = [
     "KeepRatio",
     "TokenReducer",
     "TokenState",
+    "adapter_for",
     "create_reducer",
     "dense_features",
     "is_patched",

@@ -6,6 +6,7 @@ from typing import Optional
 
 from torch import nn
 
+from .backends.adapter import adapter_for
 from .backends.common import MergeConfig
 from .core.schedule import KeepRatio, validate_schedule
 from .methods import TokenReducer, create_reducer, list_methods
@@ -26,32 +27,15 @@ def _refuse_compiled(model: nn.Module, action: str) -> None:
         )
 
 
-def _backend_for(model: nn.Module):
-    """The backend module that handles ``model``: it provides ``patch``, ``unpatch``,
-    ``merging_blocks`` and ``architecture_name``."""
-    from .backends import timm as timm_backend
-
-    _refuse_compiled(model, "patch")
-
-    if timm_backend.is_timm_vit(model):
-        return timm_backend
-    try:
-        from .backends import transformers as hf_backend
-    except ImportError:
-        hf_backend = None
-    if hf_backend is not None and hf_backend.is_supported_hf_model(model):
-        return hf_backend
-    raise TypeError(
-        f"tokenmerge cannot patch {type(model).__module__}.{type(model).__qualname__}: supported "
-        "models are timm VisionTransformer/DeiT/DeiT-3 and Hugging Face ViT/DeiT/CLIP/DINOv2 "
-        "vision encoders (hierarchical or windowed models such as Swin or ConvNeXt keep no "
-        "global token sequence to merge)"
-    )
+def _adapter(model: nn.Module, action: str = "patch"):
+    """The family adapter of ``model`` (see :mod:`tokenmerge.backends.adapter`)."""
+    _refuse_compiled(model, action)
+    return adapter_for(model)
 
 
 def check_patchable(model: nn.Module) -> None:
     """Raise the ``TypeError`` :func:`patch` would raise if no backend supports ``model``."""
-    _backend_for(model)
+    _adapter(model)
 
 
 def _reducer_for(method, options: dict):
@@ -144,7 +128,7 @@ def patch(
             "give exactly one of r= (tokens per block, e.g. r=13) or keep_ratio= (e.g. 0.9)"
         )
     schedule = validate_schedule(KeepRatio(keep_ratio) if keep_ratio is not None else r)
-    backend = _backend_for(model)
+    adapter = _adapter(model)
     if options is not None:
         if not isinstance(options, dict):
             raise TypeError(f"options must be a dict of method options, got {type(options).__name__}")
@@ -160,29 +144,20 @@ def patch(
     if prop_attn is None:
         prop_attn = reducer.default_prop_attn
     if num_protected is None:
-        num_protected = _prefix_tokens(model)
+        num_protected = adapter.num_prefix_tokens
     config = MergeConfig(schedule, num_protected, attention_impl, trace_source, layout, prop_attn)
     reducer.check_protected(config.num_protected)
     snapshot = _snapshot(model)
     try:
         reducer.train(model.training)  # a new policy follows the model's train/eval mode
-        backend.patch(model, reducer, config)
+        adapter.patch(reducer, config)
         if hasattr(reducer, "bind_blocks"):
             # Methods with per-block parameters (DTEM) size them from the patched blocks.
-            reducer.bind_blocks(backend.merging_blocks(model), backend.architecture_name(model))
+            reducer.bind_blocks(adapter.merging_blocks(), adapter.architecture_name())
     except BaseException:
         _restore(snapshot)
         raise
     return model
-
-
-def _prefix_tokens(model: nn.Module) -> int:
-    count = getattr(model, "num_prefix_tokens", None)
-    if count is None:
-        from .backends import transformers as hf_backend
-
-        count = hf_backend.prefix_tokens(model)
-    return int(count)
 
 
 def unpatch(model: nn.Module) -> nn.Module:
@@ -190,7 +165,7 @@ def unpatch(model: nn.Module) -> nn.Module:
     _refuse_compiled(model, "unpatch")
     if not is_patched(model):
         return model
-    return _backend_for(model).unpatch(model)
+    return _adapter(model, "unpatch").unpatch()
 
 
 def is_patched(model: nn.Module) -> bool:

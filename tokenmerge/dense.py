@@ -6,9 +6,8 @@ knows which final token absorbed it, so the dense map is a gather: each patch re
 copy of its token (ToMe's unmerge). Where nothing was merged the gather is the identity and
 the map equals the unmodified model's patch tokens bit for bit.
 
-Works for the timm backend (``model.forward_tokens(images)``), the Hugging Face backend
-(the vision trunk's ``forward_tokens``) and for unpatched models of either kind (whose patch
-tokens are simply reshaped). For models that need every token at every block, patch with
+Works for every model family (:func:`tokenmerge.backends.adapter.adapter_for`: timm and
+Hugging Face), patched or not (an unpatched model's patch tokens are simply reshaped). For models that need every token at every block, patch with
 ``layout="local"`` instead (tomesd layout, timm and Hugging Face): its outputs keep all
 tokens and need no unmerging.
 
@@ -18,13 +17,12 @@ tokens and need no unmerging.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
 from torch import nn
 
 from .core.merge import unmerge_tokens
-from .methods.base import TokenState
 
 __all__ = ["unmerge_to_grid", "dense_features", "DENSE_OUTPUTS"]
 
@@ -83,45 +81,6 @@ def unmerge_to_grid(
     return dense.transpose(1, 2).reshape(B, C, height, width)
 
 
-class _Tokens(NamedTuple):
-    """What one forward gives for densifying: final tokens and how to read them."""
-
-    state: TokenState
-    num_protected: int
-    num_prefix: int
-    patch_size: tuple
-
-
-def _timm_tokens(model: nn.Module, images: torch.Tensor, forward_kwargs) -> _Tokens:
-    prefix = int(model.num_prefix_tokens)
-    patch = tuple(model.patch_embed.patch_size)
-    if getattr(type(model), "_tokenmerge_base", None) is None:
-        return _Tokens(TokenState(model.forward_features(images, **forward_kwargs)), prefix, prefix, patch)
-    state = model.forward_tokens(images, **forward_kwargs)
-    return _Tokens(state, model.tokenmerge_config.num_protected, prefix, patch)
-
-
-def _hf_tokens(model: nn.Module, images: torch.Tensor, forward_kwargs) -> _Tokens:
-    from .backends import transformers as hf
-
-    trunk = hf.vision_trunk(model)
-    prefix = hf.prefix_tokens(model)
-    patch = hf.patch_size(model)
-    if getattr(type(trunk), "_tokenmerge_base", None) is None:
-        state = TokenState(trunk(images, **forward_kwargs).last_hidden_state)
-        return _Tokens(state, prefix, prefix, patch)
-    state = trunk.forward_tokens(images, **forward_kwargs)
-    return _Tokens(state, trunk.tokenmerge_config.num_protected, prefix, patch)
-
-
-def _grid(model: nn.Module, images: torch.Tensor, patch: tuple) -> tuple:
-    height, width = images.shape[-2:]
-    patch_embed = getattr(model, "patch_embed", None)
-    if patch_embed is not None and hasattr(patch_embed, "dynamic_feat_size"):
-        return tuple(patch_embed.dynamic_feat_size((height, width)))  # timm: honours padding
-    return height // patch[0], width // patch[1]
-
-
 def dense_features(
     model: nn.Module,
     images: torch.Tensor,
@@ -145,20 +104,9 @@ def dense_features(
         fill: value for discarded patches, ``[C]`` or ``[B, C]``.
         **forward_kwargs: passed to the forward (e.g. ``interpolate_pos_encoding=True``).
     """
-    from .backends import timm as timm_backend
+    from .backends.adapter import adapter_for
 
-    if timm_backend.is_timm_vit(model):
-        tokens = _timm_tokens(model, images, forward_kwargs)
-    else:
-        from .backends import transformers as hf
-
-        if not hf.is_supported_hf_model(model):
-            raise TypeError(
-                f"dense_features supports timm VisionTransformers and Hugging Face ViT/DeiT/"
-                f"CLIP/DINOv2 models, not {type(model).__module__}.{type(model).__qualname__}"
-            )
-        tokens = _hf_tokens(model, images, forward_kwargs)
-    grid = _grid(model, images, tokens.patch_size)
-    return unmerge_to_grid(
-        tokens.state.x, tokens.state.source, tokens.num_protected, tokens.num_prefix, grid, output, fill
-    )
+    adapter = adapter_for(model)  # an unsupported model: a TypeError naming it and what is supported
+    state, num_protected = adapter.final_state(images, **forward_kwargs)
+    grid = adapter.grid(*images.shape[-2:])
+    return unmerge_to_grid(state.x, state.source, num_protected, adapter.num_prefix_tokens, grid, output, fill)

@@ -65,6 +65,8 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import nn
 
+from .backends.adapter import adapter_for
+
 __all__ = [
     "TrainConfig",
     "TrainingDivergedError",
@@ -320,31 +322,36 @@ def build_model(config: TrainConfig, model: Optional[nn.Module] = None) -> nn.Mo
 
     if model is None:
         model = load_student(config)
-    _check_trainable(model)
+    adapter = _check_trainable(model)
     options = dict(config.method_options)
     if config.method == "dtem":
         options.update(tau=config.tau, embed_dim=config.embed_dim, hidden_dim=config.hidden_dim)
     reducer = create_reducer(config.method, **options)
-    num_tokens = model.patch_embed.num_patches + model.num_prefix_tokens
+    num_tokens, prefix = adapter.num_tokens, adapter.num_prefix_tokens
     # Each method's own limit (bipartite matching: half the candidates; select-and-fuse: all but one).
-    limit = reducer.max_reduction(num_tokens, model.num_prefix_tokens)
+    limit = reducer.max_reduction(num_tokens, prefix)
     if config.r > limit:
         raise ValueError(
             f"--r {config.r} is more than one block can merge with {config.method}: the model has "
-            f"{num_tokens} tokens ({model.num_prefix_tokens} protected), so r <= {limit}"
+            f"{num_tokens} tokens ({prefix} protected), so r <= {limit}"
         )
     tokenmerge.patch(model, method=reducer, r=config.r)
     return model
 
 
-def _check_trainable(model: nn.Module) -> None:
-    """Training needs a patchable timm VisionTransformer (checked before the teacher is copied)."""
-    from .api import check_patchable
-    from .backends.timm import is_timm_vit
+def _check_trainable(model: nn.Module):
+    """The adapter of a trainable model: a patchable timm VisionTransformer (checked before
+    the teacher is copied)."""
+    from .api import _adapter
 
-    check_patchable(model)
-    if not is_timm_vit(model):
-        raise TypeError(f"training supports timm VisionTransformer models; got {type(model).__name__}")
+    adapter = _adapter(model)
+    if adapter.family != "timm":
+        raise TypeError(
+            f"training supports timm VisionTransformer models; {type(model).__name__} is a "
+            f"{adapter.family} model, which tokenmerge can patch, evaluate, benchmark, visualize and "
+            "tune but not train yet: train a timm model (e.g. tokenmerge train vit_small_patch16_224)"
+        )
+    return adapter
 
 
 def _labeled(dataset) -> bool:
@@ -367,7 +374,8 @@ def build_teacher(config: TrainConfig, student: nn.Module) -> nn.Module:
         # The student's timm options describe the teacher only when it is the same architecture.
         kwargs = config.model_kwargs if config.teacher_model is None else {}
         teacher = load_teacher(config.teacher, architecture, kwargs)
-    check_teacher(teacher, student.num_classes, tuple(student.patch_embed.img_size))
+    size = _check_trainable(student).image_size
+    check_teacher(teacher, student.num_classes, (size, size))
     return teacher
 
 
@@ -645,7 +653,7 @@ def train(
         config = _with_teacher_fingerprint(config, teacher)
     model = build_model(config, model).to(device)
     groups = _set_train_mode(model, config)
-    image_size = model.patch_embed.img_size[0]
+    image_size = adapter_for(model).image_size
     # a --limit subset is spread over the folder so that it covers every class
     dataset = training_images(root, train_transform(image_size), config.limit, config.labels_needed)
     if config.labels_needed or _labeled(dataset):
@@ -781,7 +789,7 @@ def _finish(model: nn.Module, config: TrainConfig, out: Path) -> dict:
     eval_root = _eval_root(config)
     if eval_root is None:
         return results
-    image_size = model.patch_embed.img_size[0]
+    image_size = adapter_for(model).image_size
     images, labels, classes = load_images(eval_root, image_size=image_size, limit=config.eval_limit)
     reducer = model.token_reducer
     device = next(model.parameters()).device

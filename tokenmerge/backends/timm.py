@@ -20,6 +20,7 @@ from torch import nn
 
 from ..core.attention import proportional_attention
 from ..methods.base import AttentionTensors, TokenReducer, TokenState
+from .adapter import ModelAdapter
 from .common import (
     MergeConfig,
     MergingBlockMixin,
@@ -30,8 +31,7 @@ from .common import (
 
 __all__ = [
     "MergeConfig",
-    "architecture_name",
-    "merging_blocks",
+    "TimmAdapter",
     "is_timm_vit",
     "patch_timm",
     "unpatch_timm",
@@ -250,16 +250,6 @@ def patch_timm(model: nn.Module, reducer: TokenReducer, config: MergeConfig) -> 
     return model
 
 
-def merging_blocks(model: nn.Module) -> list:
-    """The patched blocks, in order (they expose the hooks of ``MergingBlockMixin``)."""
-    return list(model.blocks)
-
-
-def architecture_name(model: nn.Module) -> str:
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    return str(cfg.get("architecture", "") or type(model).__name__)
-
-
 def unpatch_timm(model: nn.Module) -> nn.Module:
     """Undo :func:`patch_timm` in place: original classes, no extra attributes."""
     base = getattr(type(model), "_tokenmerge_base", None)
@@ -276,6 +266,66 @@ def unpatch_timm(model: nn.Module) -> nn.Module:
     return model
 
 
-# The backend interface used by tokenmerge.patch/unpatch.
-patch = patch_timm
-unpatch = unpatch_timm
+class TimmAdapter(ModelAdapter):
+    """timm ``VisionTransformer`` family (ViT, DeiT, DeiT-3, register tokens)."""
+
+    family = "timm"
+    supported = "timm VisionTransformer/DeiT/DeiT-3"
+
+    @classmethod
+    def detects(cls, model: nn.Module) -> bool:
+        return is_timm_vit(model)
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return int(self.model.num_prefix_tokens)
+
+    @property
+    def image_size(self) -> int:
+        return int(self.model.patch_embed.img_size[0])
+
+    @property
+    def patch_size(self) -> tuple:
+        return tuple(self.model.patch_embed.patch_size)
+
+    @property
+    def num_patches(self) -> int:
+        return int(self.model.patch_embed.num_patches)
+
+    def grid(self, height: int, width: int) -> tuple:
+        patch_embed = self.model.patch_embed
+        if hasattr(patch_embed, "dynamic_feat_size"):
+            return tuple(patch_embed.dynamic_feat_size((height, width)))  # honours padding
+        return super().grid(height, width)
+
+    def check_image_size(self, size: int) -> None:
+        # A timm ViT with a fixed input size asserts deep in its forward; say it here instead.
+        if getattr(self.model.patch_embed, "strict_img_size", False):
+            super().check_image_size(size)
+
+    @property
+    def blocks(self) -> list:
+        return list(self.model.blocks)
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        return MergingVisionTransformerMixin._tm_embed(self.model, images)
+
+    def logits(self, state: TokenState) -> torch.Tensor:
+        return self.require_patched()._tm_logits(state)
+
+    def _unmerged_tokens(self, images: torch.Tensor, **forward_kwargs) -> torch.Tensor:
+        return self.model.forward_features(images, **forward_kwargs)
+
+    @property
+    def owner(self) -> nn.Module:
+        return self.model
+
+    def patch(self, reducer: TokenReducer, config: MergeConfig) -> nn.Module:
+        return patch_timm(self.model, reducer, config)
+
+    def unpatch(self) -> nn.Module:
+        return unpatch_timm(self.model)
+
+    def architecture_name(self) -> str:
+        cfg = getattr(self.model, "pretrained_cfg", None) or {}
+        return str(cfg.get("architecture", "") or type(self.model).__name__)

@@ -64,6 +64,7 @@ from torch import nn
 
 from ..core.attention import proportional_attention
 from ..methods.base import AttentionTensors, TokenReducer, TokenState
+from .adapter import ModelAdapter
 from .common import (
     MergeConfig,
     MergingBlockMixin,
@@ -73,15 +74,15 @@ from .common import (
 )
 
 __all__ = [
+    "HFAdapter",
     "is_supported_hf_model",
+    "supported_classes",
     "patch_hf",
     "unpatch_hf",
     "prefix_tokens",
     "vision_trunk",
     "patch_size",
     "hf_attention",
-    "merging_blocks",
-    "architecture_name",
 ]
 
 # --------------------------------------------------------------------------------------
@@ -279,8 +280,11 @@ class _MergingTrunkMixin(MergingModelMixin):
 
     Family mixins provide ``_tm_layers``, ``_tm_embed(pixel_values, **embed_kwargs)`` (tokens
     entering the first layer), ``_tm_final(x)`` (the sequence norm, if any),
-    ``_tm_pool(last_hidden_state)``, ``_tm_patch_count()`` and ``tokenmerge_patch_size``.
+    ``_tm_pool(last_hidden_state)``, ``_tm_patch_count()`` and ``tokenmerge_patch_size``, and
+    say whether the embeddings take any image size by default (``any_image_size``).
     """
+
+    any_image_size = False
 
     def _tm_final(self, x):
         return x
@@ -368,6 +372,8 @@ class _ViTTrunkMixin(_MergingTrunkMixin):
 class _Dinov2TrunkMixin(_MergingTrunkMixin):
     """``Dinov2Model`` / ``Dinov2WithRegistersModel``."""
 
+    any_image_size = True  # DINOv2 always interpolates its position embeddings
+
     @property
     def _tm_layers(self):
         return self.encoder.layer
@@ -436,45 +442,49 @@ def _weighted_mean(tokens: torch.Tensor, size: Optional[torch.Tensor]) -> torch.
     return (tokens * size).sum(dim=1) / size.sum(dim=1)
 
 
-def _classifier_output(head, trunk, pixel_values, labels, attention_mask, kwargs, pool):
-    """Shared body of the mean-pooling heads: run the trunk, pool with ``pool(state)``."""
-    from transformers.modeling_outputs import ImageClassifierOutput
-
-    return_dict, output_hidden = _reject_unsupported(attention_mask, kwargs, head.config)
-    if return_dict is None:
-        return_dict = getattr(head.config, "return_dict", True)
-    state, hidden = trunk._tm_run(pixel_values, bool(output_hidden))
-    logits = head.classifier(pool(state))
-    loss = None if labels is None else head.loss_function(labels, logits, head.config, **kwargs)
-    out = ImageClassifierOutput(loss=loss, logits=logits, hidden_states=hidden)
-    return out if return_dict else out.to_tuple()
+def _patch_mean(state: TokenState, start: int) -> torch.Tensor:
+    """``[B, C]`` size-weighted mean of the tokens from ``start`` on."""
+    size = None if state.size is None else state.size[:, start:]
+    return _weighted_mean(state.x[:, start:], size)
 
 
-class _Dinov2ClassifierMixin:
-    """``Dinov2(WithRegisters)ForImageClassification``: ``[class token, mean of patches]``."""
+# Heads: ``(wrapper, final TokenState) -> logits``, the wrapper's own head on merged tokens.
+
+
+def _class_token_head(model, state: TokenState) -> torch.Tensor:
+    return model.classifier(state.x[:, 0])
+
+
+def _teacher_head(model, state: TokenState) -> torch.Tensor:
+    """DeiT with teacher: the mean of the class-token and distillation-token classifiers."""
+    return (model.cls_classifier(state.x[:, 0]) + model.distillation_classifier(state.x[:, 1])) / 2
+
+
+def _dinov2_head(model, state: TokenState) -> torch.Tensor:
+    """``[class token, mean of patches]`` (registers excluded)."""
+    patches = _patch_mean(state, prefix_tokens(model))
+    return model.classifier(torch.cat([state.x[:, 0], patches], dim=1))
+
+
+def _clip_head(model, state: TokenState) -> torch.Tensor:
+    return model.classifier(_patch_mean(state, 1))
+
+
+class _MeanPoolClassifierMixin:
+    """Wrappers whose heads average patch tokens (DINOv2, CLIP classification): the head
+    runs on the merged tokens with size-weighted averaging."""
 
     def forward(self, pixel_values=None, labels=None, attention_mask=None, **kwargs):
-        trunk = vision_trunk(self)
-        start = prefix_tokens(trunk)
+        from transformers.modeling_outputs import ImageClassifierOutput
 
-        def pool(state):
-            size = None if state.size is None else state.size[:, start:]
-            return torch.cat([state.x[:, 0], _weighted_mean(state.x[:, start:], size)], dim=1)
-
-        return _classifier_output(self, trunk, pixel_values, labels, attention_mask, kwargs, pool)
-
-
-class _CLIPClassifierMixin:
-    """``CLIPForImageClassification``: mean of the patch tokens."""
-
-    def forward(self, pixel_values=None, labels=None, **kwargs):
-        trunk = self.vision_model
-
-        def pool(state):
-            size = None if state.size is None else state.size[:, 1:]
-            return _weighted_mean(state.x[:, 1:], size)
-
-        return _classifier_output(self, trunk, pixel_values, labels, None, kwargs, pool)
+        return_dict, output_hidden = _reject_unsupported(attention_mask, kwargs, self.config)
+        if return_dict is None:
+            return_dict = getattr(self.config, "return_dict", True)
+        state, hidden = vision_trunk(self)._tm_run(pixel_values, bool(output_hidden))
+        logits = _wrappers()[_original_type(self)][1](self, state)
+        loss = None if labels is None else self.loss_function(labels, logits, self.config, **kwargs)
+        out = ImageClassifierOutput(loss=loss, logits=logits, hidden_states=hidden)
+        return out if return_dict else out.to_tuple()
 
 
 # --------------------------------------------------------------------------------------
@@ -512,31 +522,33 @@ def _families() -> dict:
 
 
 def _wrappers() -> dict:
-    """``wrapper class -> (trunk attribute, head mixin or None)``."""
+    """``wrapper class -> (trunk attribute, head or None, whether the head averages tokens)``."""
     import transformers.models.clip.modeling_clip as clip
     import transformers.models.deit.modeling_deit as deit
     import transformers.models.dinov2.modeling_dinov2 as dinov2
     import transformers.models.vit.modeling_vit as vit
 
     wrappers = {
-        vit.ViTForImageClassification: ("vit", None),
-        deit.DeiTForImageClassification: ("deit", None),
-        deit.DeiTForImageClassificationWithTeacher: ("deit", None),
-        clip.CLIPModel: ("vision_model", None),
-        clip.CLIPVisionModelWithProjection: ("vision_model", None),
-        clip.CLIPForImageClassification: ("vision_model", _CLIPClassifierMixin),
-        dinov2.Dinov2ForImageClassification: ("dinov2", _Dinov2ClassifierMixin),
+        vit.ViTForImageClassification: ("vit", _class_token_head, False),
+        deit.DeiTForImageClassification: ("deit", _class_token_head, False),
+        deit.DeiTForImageClassificationWithTeacher: ("deit", _teacher_head, False),
+        clip.CLIPModel: ("vision_model", None, False),
+        clip.CLIPVisionModelWithProjection: ("vision_model", None, False),
+        clip.CLIPForImageClassification: ("vision_model", _clip_head, True),
+        dinov2.Dinov2ForImageClassification: ("dinov2", _dinov2_head, True),
     }
     try:
         import transformers.models.dinov2_with_registers.modeling_dinov2_with_registers as dreg
     except ImportError:
         pass
     else:
-        wrappers[dreg.Dinov2WithRegistersForImageClassification] = (
-            "dinov2_with_registers",
-            _Dinov2ClassifierMixin,
-        )
+        wrappers[dreg.Dinov2WithRegistersForImageClassification] = ("dinov2_with_registers", _dinov2_head, True)
     return wrappers
+
+
+def supported_classes() -> list:
+    """Every Hugging Face class tokenmerge patches: trunks, then wrappers."""
+    return list(_families()) + list(_wrappers())
 
 
 def _original_type(module: nn.Module) -> type:
@@ -576,13 +588,15 @@ def prefix_tokens(model: nn.Module) -> int:
     return 1 + int(getattr(trunk.config, "num_register_tokens", 0) or 0)
 
 
+def _hook(trunk: nn.Module, name: str):
+    """The family mixin's ``name`` bound to ``trunk``, patched or not (a property's value, a
+    bound method)."""
+    return getattr(_families()[_original_type(trunk)][0], name).__get__(trunk)
+
+
 def patch_size(model: nn.Module) -> tuple:
     """``(height, width)`` of one patch in pixels."""
-    trunk = vision_trunk(model)
-    if hasattr(trunk, "tokenmerge_patch_size"):
-        return trunk.tokenmerge_patch_size
-    mixin = _families()[_original_type(trunk)][0]
-    return mixin.tokenmerge_patch_size.fget(trunk)
+    return _hook(vision_trunk(model), "tokenmerge_patch_size")
 
 
 # --------------------------------------------------------------------------------------
@@ -596,8 +610,7 @@ def _patched_class(base: type, mixin: type) -> type:
 
 def _check_layers(trunk: nn.Module, layer_cls: type, attention_cls: type, where: str) -> None:
     trunk_cls = _original_type(trunk)
-    layers = _families()[trunk_cls][0]._tm_layers.fget(trunk)
-    for i, layer in enumerate(layers):
+    for i, layer in enumerate(_hook(trunk, "_tm_layers")):
         here = f"{where}layer {i} ({type(layer).__qualname__})"
         base = _original_type(layer)
         if base is not layer_cls:
@@ -630,28 +643,18 @@ def patch_hf(model: nn.Module, reducer: TokenReducer, config: MergeConfig) -> nn
     trunk_mixin, layer_cls, layer_mixin, attention_cls = _families()[type(trunk)]
     where = "" if trunk is model else f"{type(model).__name__}: "
     _check_layers(trunk, layer_cls, attention_cls, where)
-    for layer in trunk_mixin._tm_layers.fget(trunk):
+    for layer in _hook(trunk, "_tm_layers"):
         layer.__class__ = _patched_class(type(layer), layer_mixin)
     trunk.__class__ = _patched_class(type(trunk), trunk_mixin)
     if trunk is not model:
-        head_mixin = _wrappers()[type(model)][1]
-        if head_mixin is not None:
-            model.__class__ = _patched_class(type(model), head_mixin)
+        if _wrappers()[type(model)][2]:
+            model.__class__ = _patched_class(type(model), _MeanPoolClassifierMixin)
         model.tokenmerge_config = config  # marks the wrapper as patched (a plain attribute)
     trunk.token_reducer = reducer
     trunk.tokenmerge_config = config
     trunk._tokenmerge_schedules = {}
     trunk.tokenmerge_schedule()  # validate and warn now, for the model's default input size
     return model
-
-
-def merging_blocks(model: nn.Module) -> list:
-    """The patched layers of the vision trunk, in order (hooks of ``MergingBlockMixin``)."""
-    return list(vision_trunk(model)._tm_layers)
-
-
-def architecture_name(model: nn.Module) -> str:
-    return str(getattr(vision_trunk(model).config, "model_type", "") or type(vision_trunk(model)).__name__)
 
 
 def unpatch_hf(model: nn.Module) -> nn.Module:
@@ -673,6 +676,71 @@ def unpatch_hf(model: nn.Module) -> nn.Module:
     return model
 
 
-# The backend interface used by tokenmerge.patch/unpatch.
-patch = patch_hf
-unpatch = unpatch_hf
+class HFAdapter(ModelAdapter):
+    """Hugging Face vision encoders: a trunk (``ViTModel``...) or a supported wrapper."""
+
+    family = "transformers"
+    supported = "Hugging Face ViT/DeiT/CLIP/DINOv2 vision encoders"
+
+    @classmethod
+    def detects(cls, model: nn.Module) -> bool:
+        return is_supported_hf_model(model)
+
+    @property
+    def trunk(self) -> nn.Module:
+        return vision_trunk(self.model)
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return prefix_tokens(self.model)
+
+    @property
+    def image_size(self) -> int:
+        return int(_pair(self.trunk.config.image_size)[0])
+
+    @property
+    def patch_size(self) -> tuple:
+        return patch_size(self.model)
+
+    @property
+    def num_patches(self) -> int:
+        return int(_hook(self.trunk, "_tm_patch_count")())
+
+    def check_image_size(self, size: int) -> None:
+        if not _families()[_original_type(self.trunk)][0].any_image_size:
+            super().check_image_size(size)
+
+    @property
+    def blocks(self) -> list:
+        return list(_hook(self.trunk, "_tm_layers"))
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        return _hook(self.trunk, "_tm_embed")(images)
+
+    def logits(self, state: TokenState) -> torch.Tensor:
+        kind = _original_type(self.model)
+        head = _wrappers().get(kind, (None, None))[1]
+        if head is None:
+            raise TypeError(
+                f"{kind.__name__} has no classification head, so it gives no logits: load the "
+                "model as its ...ForImageClassification class"
+            )
+        return head(self.model, state._replace(x=_hook(self.trunk, "_tm_final")(state.x)))
+
+    def _unmerged_tokens(self, images: torch.Tensor, **forward_kwargs) -> torch.Tensor:
+        return self.trunk(images, **forward_kwargs).last_hidden_state
+
+    @property
+    def owner(self) -> nn.Module:
+        return self.trunk
+
+    def patch(self, reducer: TokenReducer, config: MergeConfig) -> nn.Module:
+        return patch_hf(self.model, reducer, config)
+
+    def unpatch(self) -> nn.Module:
+        return unpatch_hf(self.model)
+
+    def architecture_name(self) -> str:
+        trunk = self.trunk
+        return str(getattr(trunk.config, "model_type", "") or _original_type(trunk).__name__)
+

@@ -64,6 +64,7 @@ def benchmark(base, method="tome", schedules=(13,), batch_size=32, image_size=22
               dtype=torch.float32, warmup=3, repeats=10, with_bound=True, compile_models=False,
               progress=True) -> dict:
     """Measure every variant; returns a JSON-ready dict (see ``tokenmerge bench --json``)."""
+    from ..backends.adapter import adapter_for
     from ..evaluation.flops import count_gflops
     from ..evaluation.throughput import measure_throughput
 
@@ -74,7 +75,7 @@ def benchmark(base, method="tome", schedules=(13,), batch_size=32, image_size=22
     reference = speed["unmodified"]["images_per_s"]
     rows = []
     for key, (model, name, label) in variants.items():
-        tokens = model.tokens_per_block() if name is not None else None
+        tokens = adapter_for(model).tokens_per_block() if name is not None else None
         row = {
             "variant": key,
             "method": name or "none",
@@ -136,21 +137,14 @@ def format_table(result: dict) -> str:
     return "\n".join(text)
 
 
-def _check_image_size(model, image_size: int) -> None:
-    """A timm ViT with a fixed input size asserts deep in its forward; say it here instead."""
-    built_for = tuple(model.patch_embed.img_size)
-    if getattr(model.patch_embed, "strict_img_size", False) and (image_size, image_size) != built_for:
-        raise ValueError(
-            f"--image-size {image_size}: the model is built for {built_for[0]}x{built_for[1]} images; "
-            "leave --image-size out to time it at its own size"
-        )
-
-
 def run(args: argparse.Namespace) -> int:
+    from ..backends.adapter import adapter_for
+
     resolve_device_arguments(args)
     model = model_from_args(args)
-    image_size = args.image_size or model.patch_embed.img_size[0]
-    _check_image_size(model, image_size)
+    adapter = adapter_for(model)
+    image_size = args.image_size or adapter.image_size
+    adapter.check_image_size(image_size)
     result = benchmark(
         model, method=args.method, schedules=args.r, batch_size=args.batch_size,
         image_size=image_size, device=args.device, dtype=args.dtype, warmup=args.warmup,

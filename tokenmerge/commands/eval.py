@@ -163,6 +163,7 @@ def budget_variants(model, methods, options, args, image_size) -> list:
 def run(args: argparse.Namespace) -> int:
     if args.from_results is not None:
         return _from_results(args)
+    from ..backends.adapter import adapter_for
     from ..evaluation.data import load_images
     from ..evaluation.pareto import save_pareto_plot
     from ..evaluation.sweep import (ResultCache, build_variant, dataset_fingerprint, format_rows, run_sweep,
@@ -176,7 +177,7 @@ def run(args: argparse.Namespace) -> int:
     variants = variants_from(args.methods, schedules, options)
     model = model_from_args(args)
     model_name = args.model or "vit_tiny_patch16_224 (embedded Imagenette checkpoint)"
-    image_size = model.patch_embed.img_size[0]
+    image_size = adapter_for(model).image_size
     if args.target_speedup is not None or args.target_gflops is not None:
         variants += budget_variants(model, args.methods, options, args, image_size)
     for variant in variants:

@@ -105,12 +105,14 @@ def save_tune_plot(result, path) -> Path:
 
 
 def run(args) -> int:
+    from ..backends.adapter import adapter_for
     from ..evaluation.data import load_images
     from ..evaluation.tune import DEFAULT_METHODS, tune
 
     resolve_device_arguments(args)
     model = model_from_args(args).to(args.device)
-    images, labels, _ = load_images(args.data, limit=args.limit, batch_size=args.batch_size, spread=True)
+    images, labels, _ = load_images(args.data, image_size=adapter_for(model).image_size, limit=args.limit,
+                                    batch_size=args.batch_size, spread=True)
     images, labels = images.to(args.device), labels.to(args.device)
     result = tune(
         model, (images, labels),

@@ -39,6 +39,7 @@ def add_parser(subparsers) -> None:
 def render(model, image, method: str, schedule, out, block=None, options=None) -> str:
     """Patch a copy of ``model`` with ``method``/``schedule``, draw ``image``'s merge groups to
     ``out``; returns a one-line summary."""
+    from ..backends.adapter import adapter_for
     from ..evaluation.sweep import Variant, build_variant
     from ..evaluation.visualize import visualize_merging
 
@@ -49,7 +50,7 @@ def render(model, image, method: str, schedule, out, block=None, options=None) -
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(out, dpi=110, format="png")
-    return (f"{label}: after block {groups.block}/{len(patched.blocks)}, {groups.tokens_in} tokens -> "
+    return (f"{label}: after block {groups.block}/{adapter_for(patched).num_blocks}, {groups.tokens_in} tokens -> "
             f"{groups.num_tokens}; wrote {out}")
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..backends.adapter import logits_of
 from .throughput import autocast_for
 
 __all__ = ["evaluate_accuracy", "predict"]
@@ -22,7 +23,7 @@ def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 128, devic
     for start in tqdm(starts, desc="evaluating", disable=not progress, leave=False):
         batch = images[start:start + batch_size].to(device)
         with autocast_for(device, dtype):
-            logits = model(batch)
+            logits = logits_of(model(batch))
         out.append(logits.float().argmax(dim=-1).cpu())
     return torch.cat(out)
 
@@ -36,7 +37,7 @@ def evaluate_accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tens
     """
     if num_classes is not None:
         with torch.inference_mode():
-            width = model.eval()(images[:1].to(next(model.parameters()).device)).shape[-1]
+            width = logits_of(model.eval()(images[:1].to(next(model.parameters()).device))).shape[-1]
         if width != num_classes:
             raise ValueError(
                 f"the model predicts {width} classes but the dataset has {num_classes}; "

@@ -71,7 +71,9 @@ def smallest_meeting(meets: Callable[[int], bool], low: int, high: int) -> Optio
 
 def max_useful_r(model: nn.Module) -> int:
     """Past this constant ``r`` the first block is already clamped: larger values change nothing."""
-    return (model.patch_embed.num_patches) // 2
+    from ..backends.adapter import adapter_for
+
+    return adapter_for(model).num_patches // 2
 
 
 def _patched(base: nn.Module, method: str, r: int, options: dict) -> nn.Module:

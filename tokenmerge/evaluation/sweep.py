@@ -24,6 +24,7 @@ from typing import Dict, Iterable, List, Optional, Sequence
 import torch
 from torch import nn
 
+from ..backends.adapter import adapter_for
 from ..core.schedule import ScheduleClampedWarning, format_schedule, parse_schedule
 from .accuracy import evaluate_accuracy
 from .flops import count_gflops
@@ -234,7 +235,7 @@ def _measured_row(model, variant, images, labels, num_classes, image_size, eval_
     accuracy = evaluate_accuracy(model, images, labels, num_classes=num_classes,
                                  batch_size=eval_batch_size, device=device, dtype=dtype,
                                  progress=progress)
-    tokens = model.tokens_per_block() if variant.method != UNMODIFIED else None
+    tokens = adapter_for(model).tokens_per_block() if variant.method != UNMODIFIED else None
     return {
         "method": variant.method,
         "schedule": variant.schedule,

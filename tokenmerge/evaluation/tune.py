@@ -21,7 +21,7 @@ keeps the merged model closest to the unmodified one. Two stages:
 
 Caching. A probe that changes block ``i`` leaves blocks ``0..i-1`` as they were, so the
 incumbent's token states at every block input are cached and a probe only runs blocks
-``i..L-1`` (timm models; other backends run the whole model for each probe).
+``i..L-1`` (every model family: the adapter gives the embedding and the head separately).
 
 Objective (lower is better), all label-free except ``accuracy``:
 ``"kl"`` (default): mean ``KL(p_unmodified || p_merged)``, smooth, so small schedule changes
@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..backends.adapter import adapter_for, logits_of
 from ..core.schedule import ScheduleClampedWarning, resolve_schedule
 from .budget import smallest_meeting
 from .flops import count_gflops
@@ -210,18 +211,6 @@ def calibration_images(data) -> tuple:
     return torch.cat(images), (torch.cat(labels) if has_labels else None)
 
 
-def _logits_of(output) -> torch.Tensor:
-    if isinstance(output, torch.Tensor):
-        return output
-    logits = getattr(output, "logits", None)
-    if logits is None:
-        raise TypeError(
-            f"tune needs a classifier that returns logits; {type(output).__name__} has none "
-            "(use a model with a classification head, e.g. ViTForImageClassification)"
-        )
-    return logits
-
-
 class _Scorer:
     """Logits of one method at any per-block schedule, with the incumbent's block inputs cached."""
 
@@ -234,15 +223,15 @@ class _Scorer:
         self.model = tokenmerge.patch(_shared_copy(base), method=method, r=0, prop_attn=prop_attn,
                                       **method_options).eval()
         self.unmerged = base
-        self.blocks = list(self.model._tm_blocks)
-        self.reducer = self.model.token_reducer
-        self.config = self.model.tokenmerge_config
+        self.adapter = adapter_for(self.model)
+        self.blocks = self.adapter.blocks
+        self.reducer = self.adapter.reducer
+        self.config = self.adapter.config
         self.batches = [images[i:i + batch_size] for i in range(0, len(images), batch_size)]
         probe_images = images[::probe_every]
         self.probe_batches = [probe_images[i:i + batch_size] for i in range(0, len(probe_images), batch_size)]
         self.probe_every = probe_every
-        self.staged = hasattr(self.model, "_tm_embed") and hasattr(self.model, "_tm_logits")
-        self.num_tokens = self.model._tm_default_tokens()
+        self.num_tokens = self.adapter.num_tokens
         self._flops: Dict[tuple, float] = {}
         self._block_counts: Dict[tuple, int] = {}
         self._outside_blocks: Optional[int] = None
@@ -253,7 +242,7 @@ class _Scorer:
         hook = base.get_submodule(first).register_forward_pre_hook(lambda module, args: captured.append(args[0]))
         try:
             with torch.inference_mode():
-                _logits_of(base(self.batches[0][:1]))
+                logits_of(base(self.batches[0][:1]))
         finally:
             hook.remove()
         self._block_input = captured[0]
@@ -316,54 +305,41 @@ class _Scorer:
     @torch.inference_mode()
     def logits(self, schedule: tuple) -> torch.Tensor:
         """``[N, classes]`` logits of every calibration image at ``schedule``."""
-        if not self.staged:
-            return self._full_forward(schedule, self.batches)
         states = [self._embed(batch) for batch in self.batches]
         for i in range(self.num_blocks):
             states = [self.blocks[i].forward_tokens(s, schedule[i], self.reducer, self.config, i) for s in states]
-        return torch.cat([self.model._tm_logits(s) for s in states]).float()
+        return self._logits(states)
 
     @torch.inference_mode()
     def probe_logits(self, schedule: tuple) -> torch.Tensor:
         """Logits of the probe subset at ``schedule``; blocks before the first one that
         differs from the last :meth:`set_incumbent` schedule start from its cached states."""
-        if not self.staged:
-            return self._full_forward(schedule, self.probe_batches)
         incumbent, cached = self._cache
         start = next((i for i in range(self.num_blocks) if schedule[i] != incumbent[i]), self.num_blocks)
         states = cached[start]
         for i in range(start, self.num_blocks):
             states = [self.blocks[i].forward_tokens(s, schedule[i], self.reducer, self.config, i) for s in states]
-        return torch.cat([self.model._tm_logits(s) for s in states]).float()
+        return self._logits(states)
 
     @torch.inference_mode()
     def set_incumbent(self, schedule: tuple) -> torch.Tensor:
         """Cache the probe subset's state at every block input under ``schedule``; returns
         the probe logits there."""
-        if not self.staged:
-            self._cache = (tuple(schedule), None)
-            return self._full_forward(schedule, self.probe_batches)
         states = [self._embed(batch) for batch in self.probe_batches]
         kept = [states]
         for i in range(self.num_blocks):
             states = [self.blocks[i].forward_tokens(s, schedule[i], self.reducer, self.config, i) for s in states]
             kept.append(states)
         self._cache = (tuple(schedule), kept)
-        return torch.cat([self.model._tm_logits(s) for s in states]).float()
+        return self._logits(states)
 
     def _embed(self, batch):
         from ..methods.base import TokenState
 
-        return TokenState(self.model._tm_embed(batch))
+        return TokenState(self.adapter.embed(batch))
 
-    def _full_forward(self, schedule: tuple, batches) -> torch.Tensor:
-        import tokenmerge
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ScheduleClampedWarning)
-            tokenmerge.patch(self.model, method=self.reducer, r=list(schedule), prop_attn=self.config.prop_attn,
-                             num_protected=self.config.num_protected)
-        return torch.cat([_logits_of(self.model(batch)) for batch in batches]).float()
+    def _logits(self, states) -> torch.Tensor:
+        return torch.cat([self.adapter.logits(s) for s in states]).float()
 
 
 def _metrics(logits: torch.Tensor, reference: torch.Tensor, labels, objective: str) -> dict:
@@ -566,7 +542,7 @@ def tune(
     base_gflops = count_gflops(model, images=images[:1])
     target = resolve_budget(base_gflops, target_gflops, target_speedup, gflops_fraction)
     with torch.inference_mode():
-        reference = torch.cat([_logits_of(model(images[i:i + batch_size]))
+        reference = torch.cat([logits_of(model(images[i:i + batch_size]))
                                for i in range(0, len(images), batch_size)]).float()
     labels = None if labels is None else labels.to(device)
     probe_every = max(1, len(images) // probe_images)

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..backends.adapter import adapter_for
 from ..core.schedule import ScheduleClampedWarning
 
 __all__ = ["MergeGroups", "merge_groups", "group_image", "load_display_image", "visualize_merging"]
@@ -33,7 +34,7 @@ class MergeGroups(NamedTuple):
         source: ``[gh, gw]`` int64, the token index covering each patch.
         num_tokens: tokens after the block (protected ones included); ``source >= num_tokens``
             marks discarded patches.
-        block: blocks run (1-based; ``len(model.blocks)`` = the last).
+        block: blocks run (1-based; the model's block count = the last).
         tokens_in: tokens entering the first block.
     """
 
@@ -48,13 +49,14 @@ def _truncated_copy(model: nn.Module, block: int) -> nn.Module:
     tracing sources."""
     import tokenmerge
 
-    schedule = list(model.tokenmerge_schedule())
+    adapter = adapter_for(model)
+    schedule = list(adapter.schedule())
     cut = schedule[:block] + [0] * (len(schedule) - block)
-    config = model.tokenmerge_config
+    config = adapter.config
     clone = copy.deepcopy(model)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ScheduleClampedWarning)
-        return tokenmerge.patch(clone, method=clone.token_reducer, r=cut, trace_source=True,
+        return tokenmerge.patch(clone, method=adapter_for(clone).reducer, r=cut, trace_source=True,
                                 attention_impl=config.attention_impl, num_protected=config.num_protected)
 
 
@@ -64,16 +66,16 @@ def merge_groups(model: nn.Module, image: torch.Tensor, block: Optional[int] = N
 
     ``model`` must be patched (:func:`tokenmerge.patch`); it is not modified.
     """
-    if not hasattr(model, "tokenmerge_schedule"):
-        raise ValueError("the model is not patched: call tokenmerge.patch(model, ...) first")
-    depth = len(model.blocks)
+    adapter = adapter_for(model)
+    adapter.require_patched()
+    depth = adapter.num_blocks
     block = depth if block is None else int(block)
     if not 1 <= block <= depth:
         raise ValueError(f"--block must lie in 1..{depth} (the model has {depth} blocks), got {block}")
-    traced = _truncated_copy(model, block).eval()
-    state = traced.forward_tokens(image.unsqueeze(0).to(next(traced.parameters()).device))
-    grid = traced.patch_embed.grid_size
-    counts = traced.tokens_per_block()
+    traced = adapter_for(_truncated_copy(model, block).eval())
+    state, _ = traced.final_state(image.unsqueeze(0).to(next(traced.model.parameters()).device))
+    grid = traced.grid(*image.shape[-2:])
+    counts = traced.tokens_per_block(traced.num_prefix_tokens + grid[0] * grid[1])
     return MergeGroups(state.source[0].reshape(grid).cpu(), int(state.x.shape[1]), block, counts[0])
 
 
@@ -135,8 +137,8 @@ def visualize_merging(model: nn.Module, image_path, block: Optional[int] = None,
     """
     from matplotlib.figure import Figure
 
-    image_size = model.patch_embed.img_size[0]
-    display, normalised = load_display_image(image_path, image_size)
+    adapter = adapter_for(model)
+    display, normalised = load_display_image(image_path, adapter.image_size)
     groups = merge_groups(model, normalised, block)
     drawn = group_image(display, groups.source.numpy(), groups.num_tokens)
     figure = Figure(figsize=(8.4, 4.6), layout="constrained")
@@ -144,8 +146,7 @@ def visualize_merging(model: nn.Module, image_path, block: Optional[int] = None,
     left.imshow(display)
     left.set_title(f"input: {groups.source.numel()} patches")
     right.imshow(drawn)
-    depth = len(model.blocks)
-    right.set_title(f"after block {groups.block}/{depth}: {groups.num_tokens} tokens")
+    right.set_title(f"after block {groups.block}/{adapter.num_blocks}: {groups.num_tokens} tokens")
     for ax in (left, right):
         ax.set_axis_off()
     if title:

@@ -1,0 +1,211 @@
+"""One adapter per model family: everything tokenmerge knows about where a model keeps its
+pieces.
+
+:func:`adapter_for` returns a :class:`ModelAdapter` bound to one model. The commands, the
+evaluation code, :func:`tokenmerge.patch` and :func:`tokenmerge.dense_features` ask it for the
+prefix tokens, the patch grid, the blocks, the embedding and the head instead of reading
+``model.patch_embed`` or ``model.blocks`` themselves, so every command works on every family.
+
+A new family is one small file: a backend whose adapter subclasses :class:`ModelAdapter`
+(``detects``, the geometry properties, ``blocks``, ``embed``, ``logits``, ``_unmerged_tokens``,
+``owner``, ``patch``, ``unpatch`` and ``architecture_name``), named in :data:`FAMILIES`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..methods.base import TokenState
+
+__all__ = ["FAMILIES", "ModelAdapter", "adapter_for", "logits_of"]
+
+# "module:class" of every family's adapter, tried in order (imported lazily: a family's
+# library is only needed when a model of it is used).
+FAMILIES = (
+    "tokenmerge.backends.timm:TimmAdapter",
+    "tokenmerge.backends.transformers:HFAdapter",
+)
+
+
+def _adapter_classes() -> list:
+    classes = []
+    for spec in FAMILIES:
+        module, _, name = spec.partition(":")
+        classes.append(getattr(importlib.import_module(module), name))
+    return classes
+
+
+def adapter_for(model: nn.Module) -> "ModelAdapter":
+    """The adapter of ``model``'s family, bound to ``model``.
+
+    Raises:
+        TypeError: no family supports ``model``; the message names its class and what is
+            supported.
+    """
+    classes = _adapter_classes()
+    for cls in classes:
+        if cls.detects(model):
+            return cls(model)
+    kind = type(model)
+    raise TypeError(
+        f"tokenmerge cannot patch {kind.__module__}.{kind.__qualname__}: supported models are "
+        f"{' and '.join(cls.supported for cls in classes)} (hierarchical or windowed models such "
+        "as Swin or ConvNeXt keep no global token sequence to merge)"
+    )
+
+
+def logits_of(output) -> torch.Tensor:
+    """The logits of a classifier's output: the tensor itself (timm) or ``output.logits``
+    (Hugging Face ``ImageClassifierOutput``)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    logits = getattr(output, "logits", None)
+    if logits is None:
+        raise TypeError(
+            f"this needs a classifier that returns logits; {type(output).__name__} has none "
+            "(use a model with a classification head, e.g. ViTForImageClassification)"
+        )
+    return logits
+
+
+class ModelAdapter:
+    """What tokenmerge needs from one model of a family. Bound to ``model``; cheap to create.
+
+    Family subclasses implement ``detects``, ``num_prefix_tokens``, ``image_size``,
+    ``patch_size``, ``num_patches``, ``blocks``, ``embed``, ``logits``, ``_unmerged_tokens``,
+    ``owner``, ``patch``, ``unpatch`` and ``architecture_name``; the rest is shared.
+    """
+
+    family: str = ""  # a short name: "timm", "transformers"
+    supported: str = ""  # what the family covers, for the error of adapter_for
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    @classmethod
+    def detects(cls, model: nn.Module) -> bool:
+        """Whether ``model`` (patched or not) belongs to this family."""
+        raise NotImplementedError
+
+    # --- geometry ---------------------------------------------------------------------
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        """Leading non-patch tokens (class, distillation, registers): protected by default."""
+        raise NotImplementedError
+
+    @property
+    def image_size(self) -> int:
+        """The side of the square images the model was built for."""
+        raise NotImplementedError
+
+    @property
+    def patch_size(self) -> tuple:
+        """``(height, width)`` of one patch in pixels."""
+        raise NotImplementedError
+
+    @property
+    def num_patches(self) -> int:
+        """Patch tokens at the default image size."""
+        raise NotImplementedError
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens entering the first block at the default image size."""
+        return self.num_patches + self.num_prefix_tokens
+
+    def grid(self, height: int, width: int) -> tuple:
+        """``(rows, columns)`` of patches for an image of ``height x width`` pixels."""
+        return height // self.patch_size[0], width // self.patch_size[1]
+
+    def check_image_size(self, size: int) -> None:
+        """Raise a clear error when the model cannot run ``size x size`` images (the default:
+        any size that is not its own)."""
+        if size != self.image_size:
+            raise ValueError(
+                f"--image-size {size}: the model is built for {self.image_size}x{self.image_size} "
+                "images; leave --image-size out to run it at its own size"
+            )
+
+    # --- blocks and forward pieces ------------------------------------------------------
+
+    @property
+    def blocks(self) -> list:
+        """The transformer blocks that merge, in order."""
+        raise NotImplementedError
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Images ``[B, 3, H, W]`` -> tokens entering the first block ``[B, N, C]``."""
+        raise NotImplementedError
+
+    def logits(self, state: TokenState) -> torch.Tensor:
+        """The last block's :class:`TokenState` -> logits ``[B, classes]`` (final norm,
+        size-aware pooling, head)."""
+        raise NotImplementedError
+
+    def _unmerged_tokens(self, images: torch.Tensor, **forward_kwargs) -> torch.Tensor:
+        """The unpatched model's final tokens ``[B, N, C]`` (after its final norm, if any)."""
+        raise NotImplementedError
+
+    def final_state(self, images: torch.Tensor, **forward_kwargs) -> tuple:
+        """``(TokenState after the final norm, protected tokens)`` of one forward, patched or not."""
+        if self.is_patched:
+            return self.owner.forward_tokens(images, **forward_kwargs), self.config.num_protected
+        return TokenState(self._unmerged_tokens(images, **forward_kwargs)), self.num_prefix_tokens
+
+    # --- the patch --------------------------------------------------------------------
+
+    @property
+    def owner(self) -> nn.Module:
+        """The module that carries the patch (schedule, policy, ``forward_tokens``)."""
+        raise NotImplementedError
+
+    @property
+    def is_patched(self) -> bool:
+        return getattr(type(self.owner), "_tokenmerge_base", None) is not None
+
+    def require_patched(self) -> nn.Module:
+        """The :attr:`owner`; a clear error when the model is not patched."""
+        if not self.is_patched:
+            raise ValueError("the model is not patched: call tokenmerge.patch(model, ...) first")
+        return self.owner
+
+    @property
+    def config(self):
+        """The :class:`~tokenmerge.backends.common.MergeConfig` of a patched model."""
+        return self.require_patched().tokenmerge_config
+
+    @property
+    def reducer(self):
+        """The method's policy of a patched model."""
+        return self.require_patched().token_reducer
+
+    def schedule(self, num_tokens: Optional[int] = None) -> tuple:
+        """Tokens each block removes (default input size) in a patched model."""
+        return self.require_patched().tokenmerge_schedule(num_tokens)
+
+    def tokens_per_block(self, num_tokens: Optional[int] = None) -> list:
+        """Tokens entering each block, then the count leaving the last one (patched model)."""
+        return self.require_patched().tokens_per_block(num_tokens)
+
+    def patch(self, reducer, config) -> nn.Module:
+        raise NotImplementedError
+
+    def unpatch(self) -> nn.Module:
+        raise NotImplementedError
+
+    def merging_blocks(self) -> list:
+        """The patched blocks (hooks of ``MergingBlockMixin``), for methods with per-block
+        parameters."""
+        return list(self.blocks)
+
+    def architecture_name(self) -> str:
+        raise NotImplementedError
