@@ -17,14 +17,7 @@ VISION = dict(image_size=64, patch_size=16, hidden_size=48, num_hidden_layers=3,
 PATCHES = 16  # (64 / 16) ** 2
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models gain nothing from intra-op threads, and on a shared 2-core machine thread
-    # contention makes each forward ~100x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _vit(attn="sdpa"):

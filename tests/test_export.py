@@ -16,12 +16,7 @@ from tokenmerge.core.ops import add_rows, stable_argsort_descending
 from tokenmerge.export import export_onnx, export_program
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_vit(**kwargs):
@@ -91,13 +86,9 @@ def test_export_leaves_the_model_as_it_was(tmp_path):
     assert model.training and model.token_reducer.training
 
 
-def test_export_forms_equal_the_eager_ops():
-    rows, index = torch.randn(40, 5), torch.randint(0, 7, (40,))
-    eager = add_rows(torch.zeros(7, 5), index, rows)
-    scatter = torch.zeros(7, 5).scatter_add_(0, index.unsqueeze(1).expand_as(rows), rows)
-    assert torch.equal(eager, scatter)
-    plan = plan_from_pairs(torch.tensor([[1, 3]]), torch.tensor([[4, 0]]), 5)
-    assert plan.assign.tolist() == [[0, 2, 1, 0, 2]] and plan.num_out == 3
+class _AddRows(torch.nn.Module):
+    def forward(self, out, index, rows):
+        return add_rows(out, index, rows)
 
 
 class _Order(torch.nn.Module):
@@ -105,14 +96,27 @@ class _Order(torch.nn.Module):
         return stable_argsort_descending(scores)
 
 
+def export_and_run(module, inputs: dict, path):
+    """``module`` exported by the TorchScript exporter, run in ONNX Runtime on ``inputs``."""
+    torch.onnx.export(module, tuple(inputs.values()), str(path), dynamo=False, opset_version=17,
+                      input_names=list(inputs))
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {name: value.numpy() for name, value in inputs.items()})[0]
+
+
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the TorchScript exporter, chosen on purpose
-def test_exported_sort_keeps_ties_in_order(tmp_path):
+def test_export_forms_reproduce_the_eager_ops(tmp_path):
+    out, index, rows = torch.randn(7, 5), torch.randint(0, 7, (40,)), torch.randn(40, 5)
+    eager = add_rows(out.clone(), index, rows)
+    got = export_and_run(_AddRows(), {"out": out, "index": index, "rows": rows}, tmp_path / "add.onnx")
+    assert torch.equal(torch.from_numpy(got), eager)  # repeated indices summed, in the same order
+
     scores = torch.tensor([[0.5, 0.9, 0.5, 0.1, 0.9, 0.5]])
     assert stable_argsort_descending(scores).tolist() == [[1, 4, 0, 2, 5, 3]]
-    torch.onnx.export(_Order(), (scores,), str(tmp_path / "sort.onnx"), dynamo=False, opset_version=17,
-                      input_names=["scores"])
-    session = ort.InferenceSession(str(tmp_path / "sort.onnx"), providers=["CPUExecutionProvider"])
-    assert session.run(None, {"scores": scores.numpy()})[0].tolist() == [[1, 4, 0, 2, 5, 3]]
+    assert export_and_run(_Order(), {"scores": scores}, tmp_path / "sort.onnx").tolist() == [[1, 4, 0, 2, 5, 3]]
+
+    plan = plan_from_pairs(torch.tensor([[1, 3]]), torch.tensor([[4, 0]]), 5)
+    assert plan.assign.tolist() == [[0, 2, 1, 0, 2]] and plan.num_out == 3
 
 
 def test_torch_export_program_matches(tmp_path):

@@ -6,7 +6,7 @@ every token count are fixed in the graph. Only the batch dimension may stay dyna
 
 The ONNX file comes from the TorchScript-based exporter (``torch.onnx.export(...,
 dynamo=False)``): the merge's sort, gather and scatter-add export to ``TopK``, ``GatherElements``
-and ``ScatterElements(reduction="add")``, which ONNX Runtime runs
+and ``ScatterND(reduction="add")``, which ONNX Runtime runs
 (:mod:`tokenmerge.core.ops` holds the export forms of the ops that need one). With
 ``check=True`` the file is run once by ONNX Runtime and compared with PyTorch.
 
@@ -28,7 +28,7 @@ from torch import nn
 
 __all__ = ["DEFAULT_OPSET", "OnnxExport", "check_exportable", "export_onnx", "export_program", "onnx_session"]
 
-# ScatterElements with reduction="add" needs opset 16; 20 is the newest the TorchScript
+# ScatterND with reduction="add" needs opset 16; 20 is the newest the TorchScript
 # exporter writes.
 MIN_OPSET, MAX_OPSET = 16, 20
 DEFAULT_OPSET = 17
