@@ -14,12 +14,7 @@ from tokenmerge.core.attention import key_metric
 from tokenmerge.methods.dtem import DTEM, read_merge_module_metadata
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_vit(embed_dim=32, depth=3, global_pool="token"):

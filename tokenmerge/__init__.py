@@ -11,6 +11,7 @@ from .backends.adapter import adapter_for
 from .core.schedule import KeepRatio
 from .dense import dense_features, unmerge_to_grid
 from .evaluation.tune import tune
+from .export import export_onnx, export_program
 from .methods.dtem import load_merge_modules, save_merge_modules
 from .methods import TokenReducer, TokenState, create_reducer, list_methods, register_method
 
@@ -23,6 +24,8 @@ __all__ = [
     "adapter_for",
     "create_reducer",
     "dense_features",
+    "export_onnx",
+    "export_program",
     "is_patched",
     "list_methods",
     "load_merge_modules",

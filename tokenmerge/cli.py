@@ -17,6 +17,7 @@ COMMANDS = [
     "tokenmerge.commands.demo",
     "tokenmerge.commands.train",
     "tokenmerge.commands.tune",
+    "tokenmerge.commands.export",
 ]
 
 

@@ -167,6 +167,10 @@ class MergingModelMixin:
         """Tokens removed by each block for an input of ``num_tokens`` tokens (default size)."""
         if num_tokens is None:
             num_tokens = self._tm_default_tokens()
+        if torch.jit.is_tracing():
+            # The tracer hands sizes over as tensors; the schedule is fixed for the traced
+            # size (what an ONNX export records), so resolve it from the plain int.
+            num_tokens = int(num_tokens)
         cache = self._tokenmerge_schedules
         if num_tokens not in cache:
             cache[num_tokens] = resolve_block_schedule(

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from .matching import check_bipartite_reduction, identity_plan
 from .merge import MergePlan
+from .ops import stable_argsort_descending
 
 __all__ = ["energy_score", "energy_matching", "plan_from_pairs"]
 
@@ -53,9 +54,9 @@ def plan_from_pairs(src: torch.Tensor, dst: torch.Tensor, num_tokens: int) -> Me
         :class:`~tokenmerge.core.merge.MergePlan` with ``num_out = N - r``.
     """
     B, r = src.shape
-    leaving = torch.zeros(B, num_tokens, dtype=torch.bool, device=src.device)
-    leaving.scatter_(1, src, True)
-    slot = (~leaving).long().cumsum(dim=1) - 1  # output slot of each kept token
+    # A tensor of zeros, not the scalar False: the ONNX exporter cannot scatter a Python scalar.
+    kept = src.new_ones(B, num_tokens).scatter(1, src, src.new_zeros(B, r))
+    slot = kept.cumsum(dim=1) - 1  # output slot of each kept token
     assign = slot.scatter(1, src, slot.gather(1, dst))
     return MergePlan(assign, num_tokens - r)
 
@@ -87,7 +88,7 @@ def energy_matching(
         metric = metric / metric.norm(dim=-1, keepdim=True)
         similarity = metric @ metric.transpose(-1, -2)  # [B, M, M]
         energy = energy_score(similarity, margin, alpha)
-        order = energy.sort(dim=-1, descending=True, stable=True).indices[:, : 2 * r]
+        order = stable_argsort_descending(energy)[:, : 2 * r]
         a, b = order[:, 0::2], order[:, 1::2]  # [B, r] each
         a_to_b = similarity.gather(1, a.unsqueeze(-1).expand(B, r, similarity.shape[2]))
         a_to_b = a_to_b.gather(2, b.unsqueeze(1).expand(B, r, r))  # [B, r, r]

@@ -18,6 +18,8 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from .ops import add_rows
+
 __all__ = [
     "MergePlan",
     "merge_tokens",
@@ -66,8 +68,7 @@ def merge_tokens(
     # the discard slot.
     offsets = torch.arange(B, device=x.device).unsqueeze(1) * (num_out + 1)
     index = (plan.assign + offsets).reshape(-1)
-    out = weighted.new_zeros(B * (num_out + 1), C + 1)
-    out.index_add_(0, index, weighted.reshape(B * N, C + 1))
+    out = add_rows(weighted.new_zeros(B * (num_out + 1), C + 1), index, weighted.reshape(B * N, C + 1))
     out = out.view(B, num_out + 1, C + 1)[:, :num_out]
     size_out = out[..., C:]
     x_out = out[..., :C] / size_out.clamp_min(torch.finfo(out.dtype).tiny)

@@ -41,6 +41,7 @@ from typing import Optional
 import torch
 
 from .merge import MergePlan
+from .ops import stable_argsort_descending
 
 __all__ = [
     "mean_attention_rows",
@@ -235,7 +236,7 @@ def select_representatives(relevance: torch.Tensor, num_keep: int) -> tuple:
         increasing (original) order, so the kept tokens keep their relative order.
     """
     # Stable, so ties (e.g. equal scores) resolve to the earlier token on every device.
-    order = relevance.sort(dim=-1, descending=True, stable=True).indices
+    order = stable_argsort_descending(relevance)
     keep = order[:, :num_keep].sort(dim=-1).values
     rest = order[:, num_keep:].sort(dim=-1).values
     return keep, rest

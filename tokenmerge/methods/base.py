@@ -60,11 +60,15 @@ class TokenReducer(nn.Module):
             size-weighted pooling. Pure pruning leaves sizes alone.
         default_prop_attn: whether proportional attention is on when
             ``tokenmerge.patch(..., prop_attn=None)`` leaves it to the method.
+        export_refusal: why an ONNX export of the method could not reproduce it (e.g. it
+            draws random numbers at inference), or ``None`` when it exports exactly
+            (:func:`tokenmerge.export_onnx` refuses with this text).
     """
 
     name: ClassVar[str] = ""
     tracks_size: ClassVar[bool] = True
     default_prop_attn: ClassVar[bool] = True
+    export_refusal: ClassVar[Optional[str]] = None
 
     def max_reduction(self, num_tokens: int, num_protected: int) -> int:
         """The most tokens one block may remove (default: bipartite, half the mergeable)."""

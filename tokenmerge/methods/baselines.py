@@ -139,6 +139,10 @@ class RandomMerge(TokenReducer):
     """
 
     name = "random"
+    export_refusal = (
+        "it draws its plan from a torch.Generator at inference, which an ONNX graph cannot "
+        "reproduce (ONNX random ops have their own streams)"
+    )
 
     def __init__(
         self,

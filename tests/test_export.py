@@ -1,0 +1,184 @@
+"""ONNX export: ONNX Runtime reproduces the patched model, the CLI writes the file, and what
+cannot be exported exactly is refused with a clear error."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from timm.models.vision_transformer import VisionTransformer
+
+import tokenmerge
+from tokenmerge.cli import main
+from tokenmerge.core.energy import plan_from_pairs
+from tokenmerge.core.ops import add_rows, stable_argsort_descending
+from tokenmerge.export import export_onnx, export_program
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def tiny_vit(**kwargs):
+    torch.manual_seed(0)
+    config = dict(img_size=32, patch_size=4, embed_dim=32, depth=3, num_heads=2, num_classes=4)
+    return VisionTransformer(**{**config, **kwargs}).eval()
+
+
+def onnx_logits(path, images: torch.Tensor) -> torch.Tensor:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return torch.from_numpy(session.run(None, {"images": images.numpy()})[0])
+
+
+def assert_onnx_matches(model, path, batch_sizes=(1, 3)):
+    for batch in batch_sizes:
+        images = torch.randn(batch, 3, 32, 32)
+        with torch.inference_mode():
+            expected = model(images)
+        got = onnx_logits(path, images)
+        assert got.shape == expected.shape
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+        assert torch.equal(got.argmax(-1), expected.argmax(-1))
+
+
+@pytest.mark.parametrize("method, options", [
+    ("tome", {}),
+    ("dtem", {}),
+    ("tcvit", {}),
+    ("mctf", {}),
+    ("pitome", {}),
+    ("evit", {}),
+    ("prune", {}),
+    ("drop", {}),
+    ("tome", {"layout": "local"}),
+    ("tome", {"trace_source": True}),
+])
+def test_onnx_runtime_matches_pytorch_at_any_batch(tmp_path, method, options):
+    model = tokenmerge.patch(tiny_vit(), method=method, r=8, **options)
+    result = export_onnx(model, tmp_path / "m.onnx", check=True)
+    assert result.max_abs_diff <= 1e-4 and result.argmax_agreement == 1.0
+    assert result.input_shape == ("batch", 3, 32, 32)
+    assert_onnx_matches(model, result.path)
+    assert model.tokenmerge_schedule() == (8, 8, 8)
+    assert list(model._tokenmerge_schedules) == [65]  # resolved from an int, not a traced size
+
+
+@pytest.mark.parametrize("schedule", [0, (8, -1), tokenmerge.KeepRatio(0.8)])
+def test_schedules_export(tmp_path, schedule):
+    model = tokenmerge.patch(tiny_vit(global_pool="avg", reg_tokens=2), method="tome", r=schedule)
+    path = export_onnx(model, tmp_path / "m.onnx").path
+    assert_onnx_matches(model, path)
+
+
+def test_unmodified_model_and_static_batch(tmp_path):
+    model = tiny_vit()
+    result = export_onnx(model, tmp_path / "m.onnx", batch_size=2, dynamic_batch=False, check=True)
+    assert result.input_shape == (2, 3, 32, 32)
+    assert_onnx_matches(model, result.path, batch_sizes=(2,))
+    with pytest.raises(Exception, match="(?i)dimension|shape|index"):
+        onnx_logits(result.path, torch.randn(3, 3, 32, 32))
+
+
+def test_export_leaves_the_model_as_it_was(tmp_path):
+    model = tokenmerge.patch(tiny_vit(), method="dtem", r=8)
+    model.train()
+    export_onnx(model, tmp_path / "m.onnx")
+    assert model.training and model.token_reducer.training
+
+
+class _AddRows(torch.nn.Module):
+    def forward(self, out, index, rows):
+        return add_rows(out, index, rows)
+
+
+class _Order(torch.nn.Module):
+    def forward(self, scores):
+        return stable_argsort_descending(scores)
+
+
+def export_and_run(module, inputs: dict, path):
+    """``module`` exported by the TorchScript exporter, run in ONNX Runtime on ``inputs``."""
+    torch.onnx.export(module, tuple(inputs.values()), str(path), dynamo=False, opset_version=17,
+                      input_names=list(inputs))
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {name: value.numpy() for name, value in inputs.items()})[0]
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the TorchScript exporter, chosen on purpose
+def test_export_forms_reproduce_the_eager_ops(tmp_path):
+    out, index, rows = torch.randn(7, 5), torch.randint(0, 7, (40,)), torch.randn(40, 5)
+    eager = add_rows(out.clone(), index, rows)
+    got = export_and_run(_AddRows(), {"out": out, "index": index, "rows": rows}, tmp_path / "add.onnx")
+    assert torch.equal(torch.from_numpy(got), eager)  # repeated indices summed, in the same order
+
+    scores = torch.tensor([[0.5, 0.9, 0.5, 0.1, 0.9, 0.5]])
+    assert stable_argsort_descending(scores).tolist() == [[1, 4, 0, 2, 5, 3]]
+    assert export_and_run(_Order(), {"scores": scores}, tmp_path / "sort.onnx").tolist() == [[1, 4, 0, 2, 5, 3]]
+
+    plan = plan_from_pairs(torch.tensor([[1, 3]]), torch.tensor([[4, 0]]), 5)
+    assert plan.assign.tolist() == [[0, 2, 1, 0, 2]] and plan.num_out == 3
+
+
+def test_torch_export_program_matches(tmp_path):
+    model = tokenmerge.patch(tiny_vit(), method="tome", r=8)
+    program = export_program(model)
+    for batch in (2, 5):
+        images = torch.randn(batch, 3, 32, 32)
+        torch.testing.assert_close(program.module()(images), model(images), atol=1e-5, rtol=0)
+
+
+def test_random_method_is_refused(tmp_path):
+    model = tokenmerge.patch(tiny_vit(), method="random", r=8)
+    with pytest.raises(ValueError, match="method 'random'.*torch.Generator.*deterministic method"):
+        export_onnx(model, tmp_path / "m.onnx")
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_dynamic_img_size_is_refused_once_patched(tmp_path):
+    model = tokenmerge.patch(tiny_vit(dynamic_img_size=True), method="tome", r=8)
+    with pytest.raises(ValueError, match="dynamic_img_size=True.*schedule.*dynamic_img_size=False"):
+        export_onnx(model, tmp_path / "m.onnx")
+    assert not (tmp_path / "m.onnx").exists()
+    tokenmerge.unpatch(model)
+    assert_onnx_matches(model, export_onnx(model, tmp_path / "m.onnx").path)  # no schedule: exported
+
+
+def test_other_image_size_opset_device_and_models_are_refused(tmp_path):
+    model = tokenmerge.patch(tiny_vit(), method="tome", r=8)
+    with pytest.raises(ValueError, match="image_size 64x64: the model is built for 32x32"):
+        export_onnx(model, tmp_path / "m.onnx", image_size=64)
+    with pytest.raises(ValueError, match="opset must be an int in 16..20"):
+        export_onnx(model, tmp_path / "m.onnx", opset=13)
+    with pytest.raises(ValueError, match=r"float32 model on the CPU.*model.float\(\).cpu\(\)"):
+        export_onnx(model.to(torch.float64), tmp_path / "m.onnx")
+    with pytest.raises(TypeError, match="cannot export torch.nn.modules.linear.Linear: the export supports timm"):
+        export_onnx(torch.nn.Linear(2, 2), tmp_path / "m.onnx")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_round_trip(tmp_path, capsys):
+    out = tmp_path / "tiny.onnx"
+    checkpoint = tmp_path / "tiny.safetensors"
+    from safetensors.torch import save_file
+
+    model = tiny_vit()
+    save_file(model.state_dict(), str(checkpoint))
+    kwargs = '{"img_size": 32, "patch_size": 4, "embed_dim": 32, "depth": 3, "num_heads": 2}'
+    code = main(["export", "vit_tiny_patch16_224", "--checkpoint", str(checkpoint), "--model-kwargs", kwargs,
+                 "--method", "tome", "--r", "8", "--onnx", str(out), "--batch-size", "2"])
+    assert code == 0
+    text = capsys.readouterr().out
+    assert f"wrote {out}" in text and "top-1 agreement 100%" in text
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary left
+    assert_onnx_matches(tokenmerge.patch(model, method="tome", r=8), out)
+
+
+def test_cli_errors(tmp_path, capsys):
+    out = tmp_path / "m.onnx"
+    assert main(["export", "--method", "random", "--r", "8", "--onnx", str(out)]) == 2
+    assert "cannot export method 'random'" in capsys.readouterr().err
+    assert main(["export", "--method", "tome", "--onnx", str(out)]) == 2
+    assert "--r is required with --method tome" in capsys.readouterr().err
+    assert main(["export", "--method", "tome", "--r", "8"]) == 2
+    assert "give --onnx FILE and/or --program FILE" in capsys.readouterr().err
+    assert not out.exists()

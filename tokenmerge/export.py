@@ -1,0 +1,254 @@
+"""Deployment: a patched (or unmodified) timm ViT as an ONNX file or a ``torch.export`` program.
+
+A patched model's schedule is a function of its token count, hence of the input size; an
+export fixes the input size (the model's ``img_size``), so the schedule, every merge and
+every token count are fixed in the graph. Only the batch dimension may stay dynamic.
+
+The ONNX file comes from the TorchScript-based exporter (``torch.onnx.export(...,
+dynamo=False)``): the merge's sort, gather and scatter-add export to ``TopK``, ``GatherElements``
+and ``ScatterND(reduction="add")``, which ONNX Runtime runs
+(:mod:`tokenmerge.core.ops` holds the export forms of the ops that need one). With
+``check=True`` the file is run once by ONNX Runtime and compared with PyTorch.
+
+Refused, with the reason and the fix: models other than timm's ``VisionTransformer`` family,
+``dynamic_img_size`` models once patched (their schedule follows the input size), methods
+whose plan is random at inference (:attr:`TokenReducer.export_refusal`), ``torch.compile``
+wrappers, and an ``image_size`` other than the model's.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+__all__ = ["DEFAULT_OPSET", "OnnxExport", "check_exportable", "export_onnx", "export_program", "onnx_session"]
+
+# ScatterND with reduction="add" needs opset 16; 20 is the newest the TorchScript
+# exporter writes.
+MIN_OPSET, MAX_OPSET = 16, 20
+DEFAULT_OPSET = 17
+INPUT_NAME, OUTPUT_NAME = "images", "logits"
+
+
+@dataclass(frozen=True)
+class OnnxExport:
+    """What :func:`export_onnx` wrote and, with ``check=True``, how ONNX Runtime agreed.
+
+    Attributes:
+        path: the ``.onnx`` file.
+        input_shape: ``(batch, 3, H, W)`` of the example input; the batch is ``"batch"``
+            when it is dynamic.
+        max_abs_diff: largest ``|logits_onnxruntime - logits_torch|`` over the check batches.
+        argmax_agreement: fraction of check images with the same top-1 class.
+    """
+
+    path: Path
+    input_shape: tuple
+    max_abs_diff: Optional[float] = None
+    argmax_agreement: Optional[float] = None
+
+
+def _model_image_size(model: nn.Module) -> tuple:
+    return tuple(int(s) for s in model.patch_embed.img_size)
+
+
+def _requested_size(image_size) -> Optional[tuple]:
+    if image_size is None:
+        return None
+    if isinstance(image_size, int):
+        return (image_size, image_size)
+    return tuple(int(s) for s in image_size)
+
+
+def check_exportable(model: nn.Module, image_size=None) -> tuple:
+    """Raise a clear error unless :func:`export_onnx` can export ``model`` exactly; returns
+    the input ``(H, W)`` the export uses.
+
+    Args:
+        model: a timm ``VisionTransformer``, patched or not.
+        image_size: ``None`` (the model's), an int or ``(H, W)``; a fixed-size model takes
+            only its own size.
+    """
+    from .api import _refuse_compiled, is_patched
+    from .backends.timm import is_timm_vit
+
+    _refuse_compiled(model, "export_onnx")
+    if not is_timm_vit(model):
+        raise TypeError(
+            f"cannot export {type(model).__module__}.{type(model).__qualname__}: the export supports "
+            "timm VisionTransformer/DeiT/DeiT-3 models (Hugging Face encoders are not supported yet)"
+        )
+    built_for = _model_image_size(model)
+    patched = is_patched(model)
+    if patched and getattr(model, "dynamic_img_size", False):
+        raise ValueError(
+            "cannot export this patched model: it was built with dynamic_img_size=True, so its "
+            "token count and merge schedule follow the input size, and an ONNX graph fixes one "
+            "schedule. Create the model with dynamic_img_size=False and img_size=<the size to "
+            f"deploy> (it is {built_for[0]}x{built_for[1]} now), patch it, then export"
+        )
+    if patched:
+        reducer = model.token_reducer
+        if reducer.export_refusal:
+            raise ValueError(
+                f"cannot export method {reducer.name!r} ({type(reducer).__name__}): "
+                f"{reducer.export_refusal}; export a deterministic method (tome, dtem, tcvit, mctf, "
+                "pitome, evit, prune, drop)"
+            )
+    wanted = _requested_size(image_size)
+    dynamic = getattr(model, "dynamic_img_size", False) or not getattr(model.patch_embed, "strict_img_size", True)
+    if wanted is not None and wanted != built_for and not (dynamic and not patched):
+        raise ValueError(
+            f"image_size {wanted[0]}x{wanted[1]}: the model is built for {built_for[0]}x{built_for[1]} "
+            "images and a patched model's schedule is fixed for that size; leave image_size out, "
+            "or create the model with img_size=<the size to deploy>"
+        )
+    return wanted or built_for
+
+
+def _example_images(batch_size: int, size: tuple, seed: int = 0) -> torch.Tensor:
+    """``[batch_size, 3, H, W]`` standard-normal images from a private generator (the global
+    RNG stays untouched)."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(batch_size, 3, *size, generator=generator)
+
+
+def _check_opset(opset: int) -> None:
+    if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= MAX_OPSET:
+        raise ValueError(
+            f"opset must be an int in {MIN_OPSET}..{MAX_OPSET} (the merge's scatter-add needs "
+            f"opset {MIN_OPSET}; the TorchScript exporter writes up to {MAX_OPSET}), got {opset!r}"
+        )
+
+
+def _write_onnx(model: nn.Module, images: torch.Tensor, path: Path, dynamic_batch: bool, opset: int) -> None:
+    dynamic_axes = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}} if dynamic_batch else None
+    with warnings.catch_warnings():
+        # The tracer warns that sizes become constants: for a fixed schedule that is the intent.
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        # torch deprecates this exporter in favour of the dynamo one, which (torch 2.14) fails to
+        # decompose attention with a float mask (proportional attention); it is chosen on purpose.
+        for message in ("You are using the legacy TorchScript-based ONNX export", "The feature will be removed"):
+            warnings.filterwarnings("ignore", message=message, category=DeprecationWarning)
+        torch.onnx.export(
+            model, (images,), str(path), dynamo=False, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+            opset_version=opset, dynamic_axes=dynamic_axes, do_constant_folding=True,
+        )
+
+
+def onnx_session(path, threads: Optional[int] = None):
+    """An ONNX Runtime CPU session for ``path`` (``threads``: intra-op threads, default ORT's)."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise ImportError(
+            "onnxruntime is not installed: pip install 'tokenmerge[export]' (or pip install onnxruntime)"
+        ) from None
+    options = ort.SessionOptions()
+    if threads is not None:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def compare_with_onnxruntime(model: nn.Module, path, batches) -> tuple:
+    """Run ``path`` in ONNX Runtime and ``model`` in PyTorch on each ``[B, 3, H, W]`` batch.
+
+    Returns:
+        ``(max_abs_diff, argmax_agreement)`` over all batches.
+    """
+    session = onnx_session(path)
+    worst, same, total = 0.0, 0, 0
+    for images in batches:
+        with torch.inference_mode():
+            expected = model(images)
+        got = torch.from_numpy(session.run([OUTPUT_NAME], {INPUT_NAME: images.numpy()})[0])
+        worst = max(worst, float((got - expected).abs().max()))
+        same += int((got.argmax(-1) == expected.argmax(-1)).sum())
+        total += images.shape[0]
+    return worst, same / total
+
+
+def export_onnx(
+    model: nn.Module,
+    path,
+    image_size=None,
+    batch_size: int = 1,
+    dynamic_batch: bool = True,
+    opset: int = DEFAULT_OPSET,
+    check: bool = False,
+    atol: float = 1e-4,
+) -> OnnxExport:
+    """Write ``model`` (in eval mode, on CPU, float32) to an ONNX file, atomically.
+
+    Args:
+        model: a timm ViT, patched with a deterministic method or unmodified (see
+            :func:`check_exportable` for what is refused).
+        path: the ``.onnx`` file to write (replaced only once the export succeeded).
+        image_size: ``None`` for the model's input size (the only one a patched model takes).
+        batch_size: batch of the example input (the fixed batch when ``dynamic_batch=False``).
+        dynamic_batch: leave the batch dimension free in the graph.
+        opset: ONNX opset, ``16..20``.
+        check: run the file in ONNX Runtime on ``batch_size`` random images (and on
+            ``batch_size + 1`` more when the batch is dynamic) and raise ``ValueError`` if a
+            logit differs from PyTorch's by more than ``atol``.
+        atol: the tolerance of ``check``.
+
+    Returns:
+        :class:`OnnxExport` (the check's figures filled in when ``check=True``).
+    """
+    from .io import atomic_write
+
+    size = check_exportable(model, image_size)
+    _check_opset(opset)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    if device.type != "cpu" or dtype != torch.float32:
+        raise ValueError(
+            f"export a float32 model on the CPU (this one is {dtype} on {device}): call "
+            "model.float().cpu() first; ONNX Runtime picks its own kernels per device"
+        )
+    path = Path(path)
+    images = _example_images(batch_size, size)
+    was_training = model.training
+    model.eval()
+    try:
+        atomic_write(path, lambda temporary: _write_onnx(model, images, temporary, dynamic_batch, opset))
+        shape = ("batch" if dynamic_batch else batch_size, 3, *size)
+        if not check:
+            return OnnxExport(path, shape)
+        batches = [images] + ([_example_images(batch_size + 1, size, seed=1)] if dynamic_batch else [])
+        worst, agreement = compare_with_onnxruntime(model, path, batches)
+    finally:
+        model.train(was_training)
+    if not worst <= atol:
+        raise ValueError(
+            f"{path}: ONNX Runtime's logits differ from PyTorch's by up to {worst:.3g} (> atol {atol:g}; "
+            f"top-1 agreement {agreement:.1%}); the file was written but does not reproduce the model"
+        )
+    return OnnxExport(path, shape, worst, agreement)
+
+
+def export_program(model: nn.Module, image_size=None, batch_size: int = 2, dynamic_batch: bool = True):
+    """``torch.export.export`` of ``model`` at its fixed input size (same refusals as
+    :func:`export_onnx`); returns the ``ExportedProgram`` (save it with ``torch.export.save``).
+
+    ``batch_size`` is the example batch; keep it >= 2 with ``dynamic_batch`` (torch.export
+    specialises a batch of 1).
+    """
+    size = check_exportable(model, image_size)
+    images = _example_images(batch_size, size)
+    dynamic_shapes = ({0: torch.export.Dim("batch")},) if dynamic_batch else None
+    was_training = model.training
+    model.eval()
+    try:
+        return torch.export.export(model, (images,), dynamic_shapes=dynamic_shapes, strict=False)
+    finally:
+        model.train(was_training)
