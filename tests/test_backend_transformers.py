@@ -355,3 +355,58 @@ def test_schedule_clamping_warns_and_keep_ratio_works():
     assert model.tokens_per_block() == [17, 9, 5, 3]
     tokenmerge.patch(model, method="tome", keep_ratio=0.5)
     assert model.tokens_per_block() == [17, 9, 5, 3]
+
+
+# Audio Spectrogram Transformer: 48 frames x 32 mel bins, 16x16 patches at stride 10 ->
+# 2 x 4 = 8 patches after the class and distillation tokens.
+AST = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64,
+           num_mel_bins=32, max_length=48, frequency_stride=10, time_stride=10, num_labels=5)
+AST_PATCHES = 8
+
+
+def _ast():
+    torch.manual_seed(0)
+    model = transformers.ASTForAudioClassification(transformers.ASTConfig(**AST)).eval()
+    with torch.no_grad():
+        model.classifier.dense.weight.normal_(0.0, 2.0)  # make merging visible in the logits
+    return model
+
+
+def _spectrograms(batch=3):
+    return torch.randn(batch, AST["max_length"], AST["num_mel_bins"], generator=torch.Generator().manual_seed(2))
+
+
+def test_ast_r0_is_identical_merging_changes_it_and_unpatch_restores():
+    model = _ast()
+    x = _spectrograms()
+    keys = set(model.state_dict())
+    with torch.no_grad():
+        reference = model(x).logits
+        tokenmerge.patch(model, method="tome", r=0)
+        assert torch.equal(model(x).logits, reference)
+        tokenmerge.patch(model, method="tome", r=2)
+        merged = model(x).logits
+        assert torch.isfinite(merged).all() and not torch.equal(merged, reference)
+        tokenmerge.unpatch(model)
+        assert type(model) is transformers.ASTForAudioClassification
+        assert set(model.state_dict()) == keys
+        assert torch.equal(model(x).logits, reference)
+
+
+@pytest.mark.parametrize("method", ["tome", "dtem", "tcvit", "mctf"])
+def test_ast_protects_class_and_distillation_tokens_and_pools_them(method):
+    model = tokenmerge.patch(_ast(), method=method, r=2, trace_source=True)
+    trunk = model.audio_spectrogram_transformer
+    assert trunk.tokenmerge_config.num_protected == 2
+    assert trunk.tokens_per_block() == [10, 8, 6, 4]
+    x = _spectrograms()
+    with torch.no_grad():
+        out = trunk(x)
+        state = trunk.forward_tokens(x)
+        logits = model(x).logits
+    assert out.last_hidden_state.shape == (3, 4, 32)
+    assert int(state.source.min()) >= 2 and state.source.shape == (3, AST_PATCHES)
+    # Every patch still lands in one of the merged patch tokens, none in the protected ones.
+    assert set(state.source.unique().tolist()) <= {2, 3}
+    assert torch.equal(out.pooler_output, (out.last_hidden_state[:, 0] + out.last_hidden_state[:, 1]) / 2)
+    assert torch.allclose(tokenmerge.adapter_for(model).logits(state), logits, atol=1e-6)

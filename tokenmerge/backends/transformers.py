@@ -9,7 +9,10 @@ Supported (transformers 5.x module layout):
   ``CLIPModel`` (its ``vision_model`` is patched; the text tower is left alone, so
   ``get_image_features`` and ``forward`` merge image tokens only);
 - ``Dinov2Model``, ``Dinov2ForImageClassification``, ``Dinov2WithRegistersModel`` and
-  ``Dinov2WithRegistersForImageClassification`` (class + register tokens protected).
+  ``Dinov2WithRegistersForImageClassification`` (class + register tokens protected);
+- ``ASTModel``, ``ASTForAudioClassification`` (Audio Spectrogram Transformer: spectrogram
+  ``input_values [B, frames, mel bins]``; class and distillation tokens protected, so its
+  pool, their mean, is exact).
 
 How it works. As in the timm backend, patching swaps classes for cached, importable
 subclasses: the *trunk* (the module holding embeddings and layers, e.g. ``ViTModel``), its
@@ -425,6 +428,36 @@ class _CLIPVisionTrunkMixin(_MergingTrunkMixin):
         )
 
 
+class _ASTTrunkMixin(_MergingTrunkMixin):
+    """``ASTModel`` (Audio Spectrogram Transformer): ViT layers over overlapping spectrogram
+    patches of ``input_values [B, frames, mel bins]``, class and distillation tokens first,
+    pooled as their mean (both protected, so the pool is exact)."""
+
+    @property
+    def _tm_layers(self):
+        return self.layers
+
+    @property
+    def tokenmerge_patch_size(self) -> tuple:
+        return _pair(self.embeddings.patch_embeddings.projection.kernel_size)
+
+    def _tm_patch_count(self) -> int:
+        frequency, time = self.embeddings.get_shape(self.config)
+        return frequency * time
+
+    def _tm_embed(self, input_values):
+        return self.embeddings(input_values)
+
+    def _tm_final(self, x):
+        return self.layernorm(x)
+
+    def _tm_pool(self, x):
+        return (x[:, 0] + x[:, 1]) / 2
+
+    def forward(self, input_values=None, attention_mask=None, **kwargs):
+        return self._tm_forward(input_values, attention_mask, kwargs)
+
+
 def _pair(value) -> tuple:
     return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
 
@@ -466,6 +499,11 @@ def _dinov2_head(model, state: TokenState) -> torch.Tensor:
     return model.classifier(torch.cat([state.x[:, 0], patches], dim=1))
 
 
+def _ast_head(model, state: TokenState) -> torch.Tensor:
+    """AST: the classifier on the mean of the class and distillation tokens."""
+    return model.classifier((state.x[:, 0] + state.x[:, 1]) / 2)
+
+
 def _clip_head(model, state: TokenState) -> torch.Tensor:
     return model.classifier(_patch_mean(state, 1))
 
@@ -494,12 +532,14 @@ class _MeanPoolClassifierMixin:
 
 def _families() -> dict:
     """``trunk class -> (trunk mixin, layer class, layer mixin, attention class)``."""
+    import transformers.models.audio_spectrogram_transformer.modeling_audio_spectrogram_transformer as ast
     import transformers.models.clip.modeling_clip as clip
     import transformers.models.deit.modeling_deit as deit
     import transformers.models.dinov2.modeling_dinov2 as dinov2
     import transformers.models.vit.modeling_vit as vit
 
     families = {
+        ast.ASTModel: (_ASTTrunkMixin, ast.ASTLayer, _ViTLayerMixin, ast.ASTAttention),
         vit.ViTModel: (_ViTTrunkMixin, vit.ViTLayer, _ViTLayerMixin, vit.ViTAttention),
         deit.DeiTModel: (_ViTTrunkMixin, deit.DeiTLayer, _ViTLayerMixin, deit.DeiTAttention),
         dinov2.Dinov2Model: (_Dinov2TrunkMixin, dinov2.Dinov2Layer, _Dinov2LayerMixin, dinov2.Dinov2Attention),
@@ -523,12 +563,14 @@ def _families() -> dict:
 
 def _wrappers() -> dict:
     """``wrapper class -> (trunk attribute, head or None, whether the head averages tokens)``."""
+    import transformers.models.audio_spectrogram_transformer.modeling_audio_spectrogram_transformer as ast
     import transformers.models.clip.modeling_clip as clip
     import transformers.models.deit.modeling_deit as deit
     import transformers.models.dinov2.modeling_dinov2 as dinov2
     import transformers.models.vit.modeling_vit as vit
 
     wrappers = {
+        ast.ASTForAudioClassification: ("audio_spectrogram_transformer", _ast_head, False),
         vit.ViTForImageClassification: ("vit", _class_token_head, False),
         deit.DeiTForImageClassification: ("deit", _class_token_head, False),
         deit.DeiTForImageClassificationWithTeacher: ("deit", _teacher_head, False),
@@ -574,16 +616,17 @@ def vision_trunk(model: nn.Module) -> nn.Module:
         return getattr(model, wrappers[kind][0])
     raise TypeError(
         f"{type(model).__module__}.{type(model).__qualname__} is not a supported Hugging Face "
-        "vision encoder (ViT, DeiT, CLIP vision, DINOv2)"
+        "vision encoder (ViT, DeiT, CLIP vision, DINOv2) or AST audio encoder"
     )
 
 
 def prefix_tokens(model: nn.Module) -> int:
-    """Leading non-patch tokens: 1 class token, DeiT's distillation token, DINOv2 registers."""
+    """Leading non-patch tokens: 1 class token, DeiT's and AST's distillation token, DINOv2 registers."""
+    import transformers.models.audio_spectrogram_transformer.modeling_audio_spectrogram_transformer as ast
     import transformers.models.deit.modeling_deit as deit
 
     trunk = vision_trunk(model)
-    if _original_type(trunk) is deit.DeiTModel:
+    if _original_type(trunk) in (deit.DeiTModel, ast.ASTModel):  # class + distillation token
         return 2
     return 1 + int(getattr(trunk.config, "num_register_tokens", 0) or 0)
 
@@ -680,7 +723,7 @@ class HFAdapter(ModelAdapter):
     """Hugging Face vision encoders: a trunk (``ViTModel``...) or a supported wrapper."""
 
     family = "transformers"
-    supported = "Hugging Face ViT/DeiT/CLIP/DINOv2 vision encoders"
+    supported = "Hugging Face ViT/DeiT/CLIP/DINOv2 vision encoders and AST audio encoders"
 
     @classmethod
     def detects(cls, model: nn.Module) -> bool:
