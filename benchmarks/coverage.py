@@ -345,13 +345,28 @@ def _open_clip_version() -> str:
     return open_clip.__version__
 
 
+def open_clip_vit_names() -> list:
+    """open_clip configs whose image tower is ViT-like: its own VisionTransformer (``layers``
+    is one int; ResNet towers give a tuple) or a timm trunk among :func:`timm_names`."""
+    import open_clip
+
+    vit_like = set(timm_names())
+    names = []
+    for name in open_clip.list_models():
+        vision = open_clip.get_model_config(name)["vision_cfg"]
+        trunk = vision.get("timm_model_name")
+        if (trunk in vit_like) if trunk else isinstance(vision.get("layers"), int):
+            names.append(name)
+    return names
+
+
 def open_clip_rows() -> list:
     try:
-        import open_clip
+        import open_clip  # noqa: F401
     except ImportError:
         return []
     rows = []
-    for name in open_clip.list_models():
+    for name in open_clip_vit_names():
         rows.append(run_timm(name, "open_clip", build_open_clip_tower))
         _print(rows[-1])
     return rows
