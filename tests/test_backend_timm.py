@@ -280,3 +280,14 @@ def test_grad_checkpointing_is_honoured(method, layout):
     with torch.no_grad():  # nothing to recompute without gradients: one plain forward
         model(x)
     assert len(calls) == 4
+
+
+@pytest.mark.parametrize("name,match", [
+    ("eva02_tiny_patch14_224", r"timm\.models\.eva\.Eva \(its EvaAttention applies rotary position embeddings"),
+    ("beit_base_patch16_224", r"Beit \(its attention adds a relative-position bias"),
+    ("vit_relpos_small_patch16_224", r"VisionTransformerRelPos \(its attention adds a relative-position bias"),
+])
+def test_refused_timm_families_say_why(name, match):
+    model = timm.create_model(name, pretrained=False, depth=1, img_size=56 if "patch14" in name else 64)
+    with pytest.raises(TypeError, match=match):
+        tokenmerge.patch(model, r=2)

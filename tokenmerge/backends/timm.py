@@ -42,6 +42,7 @@ __all__ = [
     "patch_timm",
     "unpatch_timm",
     "timm_attention",
+    "refusal_reason",
 ]
 
 _SIZE_WEIGHTED_POOLS = ("avg", "avgmax")
@@ -61,6 +62,27 @@ def is_timm_vit(model: nn.Module) -> bool:
     except ImportError:
         return False
     return isinstance(model, VisionTransformer)
+
+
+# timm's other ViT-like model classes (not VisionTransformer subclasses) and why each is refused.
+_REFUSED_TIMM_CLASSES = {
+    "Eva": "its EvaAttention applies rotary position embeddings (RoPE) to queries and keys (EVA, "
+           "EVA-02, DINOv3, ViT-RoPE, PE), which tokenmerge's attention does not model",
+    "Beit": "its attention adds a relative-position bias per token pair, which merged tokens have no "
+            "position for",
+    "VisionTransformerRelPos": "its attention adds a relative-position bias per token pair, which "
+                               "merged tokens have no position for",
+    "VisionTransformerSAM": "its attention is windowed over a 2-D token grid",
+    "NaFlexVit": "it runs variable-resolution patch sequences with padding masks",
+}
+
+
+def refusal_reason(model: nn.Module) -> str:
+    """Why a timm model that is no ``VisionTransformer`` is refused, or ``""`` if not known."""
+    kind = type(model)
+    if not kind.__module__.startswith("timm."):
+        return ""
+    return _REFUSED_TIMM_CLASSES.get(kind.__name__, "")
 
 
 def timm_attention(attn: nn.Module, x: torch.Tensor, log_size: Optional[torch.Tensor], impl: str):
@@ -312,6 +334,10 @@ class TimmAdapter(ModelAdapter):
     @classmethod
     def detects(cls, model: nn.Module) -> bool:
         return is_timm_vit(model)
+
+    @classmethod
+    def refusal_reason(cls, model: nn.Module) -> str:
+        return refusal_reason(model)
 
     @property
     def num_prefix_tokens(self) -> int:
