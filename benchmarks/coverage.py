@@ -37,6 +37,7 @@ import contextlib
 import fnmatch
 import json
 import re
+import sys
 import time
 import traceback
 import warnings
@@ -586,7 +587,7 @@ def main(argv=None) -> None:
             _print(hf_rows[-1])
     clip_rows = [] if args.skip_open_clip else open_clip_rows()
     meta = dict(
-        command="OMP_NUM_THREADS=1 python benchmarks/coverage.py" + (f" --select '{args.select}'" if args.select != "*" else ""),
+        command=" ".join(["OMP_NUM_THREADS=1 python benchmarks/coverage.py", *(argv if argv is not None else sys.argv[1:])]),
         machine=args.machine, date=args.date, torch=torch.__version__, timm=timm.__version__,
         transformers=transformers.__version__, open_clip=_open_clip_version(), seconds=time.perf_counter() - start,
         patterns=TIMM_PATTERNS, exclude=TIMM_EXCLUDE, r=R, depth=DEPTH,
