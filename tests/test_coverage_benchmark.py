@@ -9,15 +9,15 @@ import torch
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "coverage.py"
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 @pytest.fixture(scope="module")
 def coverage():
     spec = importlib.util.spec_from_file_location("coverage_benchmark", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield module
-    torch.set_num_threads(threads)
+    return module
 
 
 def test_patched_model_passes_every_check(coverage):
