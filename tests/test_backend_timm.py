@@ -7,6 +7,7 @@ import pytest
 import timm
 import torch
 from timm.models.deit import VisionTransformerDistilled
+from timm.layers import AttentionPoolLatent
 from timm.models.vision_transformer import Block, ResPostBlock, VisionTransformer
 
 import tokenmerge
@@ -28,8 +29,12 @@ VARIANTS = {
     "mae_avg_pool": lambda: vit(global_pool="avg", fc_norm=True),
     "avg_pool_no_class_token": lambda: vit(global_pool="avg", class_token=False),
     "dynamic_img_size": lambda: vit(dynamic_img_size=True),
+    "avgmax_pool": lambda: vit(global_pool="avgmax"),
+    "max_pool": lambda: vit(global_pool="max"),
+    "siglip_map_head": lambda: vit(global_pool="map", class_token=False, no_embed_class=True),
+    "map_head_with_class_token": lambda: vit(global_pool="map"),
 }
-PROTECTED = {"deit_distilled": 2, "registers": 5, "avg_pool_no_class_token": 0}
+PROTECTED = {"deit_distilled": 2, "registers": 5, "avg_pool_no_class_token": 0, "siglip_map_head": 0}
 
 
 def images(batch=2, size=64):
@@ -104,6 +109,36 @@ def test_average_pooling_is_size_weighted():
 
 
 @torch.no_grad()
+@torch.no_grad()
+def test_attention_pool_weighs_a_merged_token_as_its_copies():
+    model = tokenmerge.patch(vit(global_pool="map", class_token=False), r=8)
+    state = model.forward_tokens(images(batch=1))
+    assert int(state.size.max()) > 1
+    pooled = model.forward_head(state.x, pre_logits=True, token_sizes=state.size)
+    # A token of size s stands for s patches: the unmodified pool over s copies of it.
+    copies = state.x[0].repeat_interleave(state.size[0, :, 0].long(), dim=0)[None]
+    torch.testing.assert_close(pooled, model.fc_norm(model.attn_pool(copies)))
+    assert not torch.allclose(pooled, model.fc_norm(model.attn_pool(state.x)))
+    with pytest.raises(ValueError, match="token_sizes"):
+        model.forward_head(state.x)  # unweighted pooling of merged tokens would be wrong
+
+
+def test_unsupported_attention_pools_are_named():
+    model = vit(global_pool="map")
+    model.attn_pool = AttentionPoolLatent(48, num_heads=3, pos_embed="abs", feat_size=64)
+    with pytest.raises(TypeError, match=r"attn_pool \(AttentionPoolLatent\).*position embedding"):
+        tokenmerge.patch(model, r=2)
+
+    class CustomPool(AttentionPoolLatent):
+        def forward(self, x, attn_mask=None):
+            return super().forward(x).relu()
+
+    model.attn_pool = CustomPool(48, num_heads=3)
+    with pytest.raises(TypeError, match=r"attn_pool \(CustomPool\): tokenmerge supports timm's AttentionPoolLatent"):
+        tokenmerge.patch(model, r=2)
+    assert type(model) is VisionTransformer
+
+
 def test_distilled_head_averages_both_tokens():
     model = VisionTransformerDistilled(**SMALL).eval()
     tokenmerge.patch(model, r=5)
@@ -219,3 +254,40 @@ def test_training_backpropagates_through_merging():
     loss = model(images()).logsumexp(-1).mean()
     loss.backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def _gradients(model, x):
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(3)  # the same drop-path draws in every step
+    model(x).logsumexp(-1).mean().backward()
+    return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("method,layout", [("tome", "global"), ("tome", "local"), ("dtem", "global")])
+def test_grad_checkpointing_is_honoured(method, layout):
+    model = tokenmerge.patch(vit(drop_path_rate=0.1), method=method, r=5, layout=layout).train()
+    x = images()
+    calls = []
+    model.blocks[0].mlp.register_forward_pre_hook(lambda *_: calls.append(1))
+    plain = _gradients(model, x)
+    assert len(calls) == 1
+    model.set_grad_checkpointing(True)
+    checkpointed = _gradients(model, x)
+    assert len(calls) == 3  # forward, then recomputed in backward: activations were not stored
+    assert plain.keys() == checkpointed.keys() and len(plain) == len(list(model.parameters()))
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], msg=name)
+    with torch.no_grad():  # nothing to recompute without gradients: one plain forward
+        model(x)
+    assert len(calls) == 4
+
+
+@pytest.mark.parametrize("name,match", [
+    ("eva02_tiny_patch14_224", r"timm\.models\.eva\.Eva \(its EvaAttention applies rotary position embeddings"),
+    ("beit_base_patch16_224", r"Beit \(its attention adds a relative-position bias"),
+    ("vit_relpos_small_patch16_224", r"VisionTransformerRelPos \(its attention adds a relative-position bias"),
+])
+def test_refused_timm_families_say_why(name, match):
+    model = timm.create_model(name, pretrained=False, depth=1, img_size=56 if "patch14" in name else 64)
+    with pytest.raises(TypeError, match=match):
+        tokenmerge.patch(model, r=2)

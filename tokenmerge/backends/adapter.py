@@ -51,8 +51,10 @@ def adapter_for(model: nn.Module) -> "ModelAdapter":
         if cls.detects(model):
             return cls(model)
     kind = type(model)
+    reasons = "; ".join(filter(None, (cls.refusal_reason(model) for cls in classes)))
     raise TypeError(
-        f"tokenmerge cannot patch {kind.__module__}.{kind.__qualname__}: supported models are "
+        f"tokenmerge cannot patch {kind.__module__}.{kind.__qualname__}"
+        f"{f' ({reasons})' if reasons else ''}: supported models are "
         f"{' and '.join(cls.supported for cls in classes)} (hierarchical or windowed models such "
         "as Swin or ConvNeXt keep no global token sequence to merge)"
     )
@@ -90,6 +92,12 @@ class ModelAdapter:
     def detects(cls, model: nn.Module) -> bool:
         """Whether ``model`` (patched or not) belongs to this family."""
         raise NotImplementedError
+
+    @classmethod
+    def refusal_reason(cls, model: nn.Module) -> str:
+        """Why a model of this family's library that ``detects`` rejects is not supported, for
+        the error of :func:`adapter_for`; ``""`` when there is nothing specific to say."""
+        return ""
 
     # --- geometry ---------------------------------------------------------------------
 

@@ -23,7 +23,9 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 from typing import Optional
+
 import torch
+import torch.utils.checkpoint
 
 from ..core.attention import ATTENTION_IMPLS, size_bias
 from ..core.merge import MergePlan, initial_sources, merge_tokens, unmerge_tokens
@@ -198,11 +200,21 @@ def block_token_counts(config: MergeConfig, schedule: tuple, num_tokens: int) ->
     return tokens_per_block(num_tokens, schedule)
 
 
+def _call(function, checkpointed: bool, *args):
+    if not checkpointed:
+        return function(*args)
+    # Non-reentrant: it takes the TokenState (with its optional None fields) and the reducer's
+    # parameters as they are, and restores the RNG so dropout draws the same masks again.
+    return torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False)
+
+
 def run_blocks(blocks, x: torch.Tensor, reducer: TokenReducer, config: MergeConfig, schedule: tuple,
-               collect_hidden: bool = False):
+               collect_hidden: bool = False, checkpointed: bool = False):
     """Tokens ``[B, N, C]`` through every block -> ``(TokenState, hidden states or None)``.
 
-    ``hidden`` holds the input of the first block, then each block's output.
+    ``hidden`` holds the input of the first block, then each block's output. ``checkpointed``
+    recomputes each block in backward instead of storing its activations (the model's
+    gradient checkpointing, e.g. timm's ``set_grad_checkpointing()``).
     """
     B, N, _ = x.shape
     source = initial_sources(B, N, config.num_protected, x.device) if config.trace_source else None
@@ -210,9 +222,9 @@ def run_blocks(blocks, x: torch.Tensor, reducer: TokenReducer, config: MergeConf
     hidden = [x] if collect_hidden else None
     for i, block in enumerate(blocks):
         if config.layout == "local":
-            state = state._replace(x=block.forward_local(state.x, schedule[i], reducer, config, i))
+            state = state._replace(x=_call(block.forward_local, checkpointed, state.x, schedule[i], reducer, config, i))
         else:
-            state = block.forward_tokens(state, schedule[i], reducer, config, i)
+            state = _call(block.forward_tokens, checkpointed, state, schedule[i], reducer, config, i)
         if collect_hidden:
             hidden.append(state.x)
     return state, (tuple(hidden) if collect_hidden else None)

@@ -8,17 +8,23 @@ tokens, their sizes and their sources travel as a :class:`~tokenmerge.methods.ba
 through :meth:`MergingVisionTransformerMixin.forward_tokens`.
 
 Covered: plain ViT/AugReg, DeiT (distilled: two protected tokens), DeiT-3 (LayerScale),
-register/prefix tokens, qk-norm, average pooling (made size-weighted), ``dynamic_img_size``.
+register/prefix tokens, qk-norm, average pooling and SigLIP's attention-pool (MAP) head (both
+made size-weighted), ``dynamic_img_size``, ``set_grad_checkpointing()`` (each block is
+recomputed in backward). Refused with the module named: other block or attention classes
+(parallel, post-norm, relative-position), pools with per-token position embeddings.
+Families with their own model class (EVA/RoPE, BEiT, NaFlexViT, SAM) are not timm
+``VisionTransformer`` s and are refused by :func:`tokenmerge.patch`.
 """
 
 from __future__ import annotations
 
+import inspect
 from typing import Optional
 
 import torch
 from torch import nn
 
-from ..core.attention import proportional_attention
+from ..core.attention import proportional_attention, size_bias
 from ..methods.base import AttentionTensors, TokenReducer, TokenState
 from .adapter import ModelAdapter
 from .common import (
@@ -36,6 +42,7 @@ __all__ = [
     "patch_timm",
     "unpatch_timm",
     "timm_attention",
+    "refusal_reason",
 ]
 
 _SIZE_WEIGHTED_POOLS = ("avg", "avgmax")
@@ -55,6 +62,27 @@ def is_timm_vit(model: nn.Module) -> bool:
     except ImportError:
         return False
     return isinstance(model, VisionTransformer)
+
+
+# timm's other ViT-like model classes (not VisionTransformer subclasses) and why each is refused.
+_REFUSED_TIMM_CLASSES = {
+    "Eva": "its EvaAttention applies rotary position embeddings (RoPE) to queries and keys (EVA, "
+           "EVA-02, DINOv3, ViT-RoPE, PE), which tokenmerge's attention does not model",
+    "Beit": "its attention adds a relative-position bias per token pair, which merged tokens have no "
+            "position for",
+    "VisionTransformerRelPos": "its attention adds a relative-position bias per token pair, which "
+                               "merged tokens have no position for",
+    "VisionTransformerSAM": "its attention is windowed over a 2-D token grid",
+    "NaFlexVit": "it runs variable-resolution patch sequences with padding masks",
+}
+
+
+def refusal_reason(model: nn.Module) -> str:
+    """Why a timm model that is no ``VisionTransformer`` is refused, or ``""`` if not known."""
+    kind = type(model)
+    if not kind.__module__.startswith("timm."):
+        return ""
+    return _REFUSED_TIMM_CLASSES.get(kind.__name__, "")
 
 
 def timm_attention(attn: nn.Module, x: torch.Tensor, log_size: Optional[torch.Tensor], impl: str):
@@ -160,30 +188,42 @@ class MergingVisionTransformerMixin(MergingModelMixin):
         """Images ``[B, 3, H, W]`` -> final :class:`TokenState` (after the final norm)."""
         x = self._tm_embed(x)
         state, _ = run_blocks(
-            self.blocks, x, self.token_reducer, self.tokenmerge_config, self.tokenmerge_schedule(x.shape[1])
+            self.blocks, x, self.token_reducer, self.tokenmerge_config, self.tokenmerge_schedule(x.shape[1]),
+            checkpointed=self._tm_checkpointed(),
         )
         return state._replace(x=self.norm(state.x))
+
+    def _tm_checkpointed(self) -> bool:
+        """timm's ``set_grad_checkpointing(True)``, honoured as timm does (whenever gradients flow)."""
+        return bool(getattr(self, "grad_checkpointing", False)) and torch.is_grad_enabled() \
+            and not torch.jit.is_scripting()
 
     def forward_features(self, x, attn_mask=None, is_causal=False):
         _reject_masks(attn_mask, is_causal)
         return self.forward_tokens(x).x
 
     def forward_head(self, x, pre_logits: bool = False, token_sizes: Optional[torch.Tensor] = None):
-        if self.global_pool not in _SIZE_WEIGHTED_POOLS:
+        attention_pool = getattr(self, "attn_pool", None) is not None
+        if not attention_pool and self.global_pool not in _SIZE_WEIGHTED_POOLS:
             return super().forward_head(x, pre_logits=pre_logits)
         if token_sizes is None:
             if x.shape[1] != _default_num_tokens(self) and any(self.tokenmerge_schedule()):
                 raise ValueError(
-                    f"this model pools by averaging (global_pool={self.global_pool!r}) and its "
-                    f"{x.shape[1]} tokens were merged: an unweighted mean would be wrong. Call "
-                    "model(x), or pass token_sizes=model.forward_tokens(x).size to forward_head"
+                    f"this model pools with global_pool={self.global_pool!r}, which weighs tokens by "
+                    f"their sizes, and its {x.shape[1]} tokens were merged: unweighted pooling would "
+                    "be wrong. Call model(x), or pass token_sizes=model.forward_tokens(x).size to forward_head"
                 )
             return super().forward_head(x, pre_logits=pre_logits)
         start = 0 if self.pool_include_prefix else self.num_prefix_tokens
         tokens, sizes = x[:, start:], token_sizes[:, start:].to(x.dtype)
-        pooled = (tokens * sizes).sum(dim=1) / sizes.sum(dim=1)
-        if self.global_pool == "avgmax":
-            pooled = 0.5 * (pooled + tokens.amax(dim=1))
+        if attention_pool:
+            # The log-size bias the blocks' proportional attention uses: a token of size s
+            # draws the pool's attention as s identical tokens would.
+            pooled = self.attn_pool(tokens, attn_mask=size_bias(sizes)[:, None, None, :])
+        else:
+            pooled = (tokens * sizes).sum(dim=1) / sizes.sum(dim=1)
+            if self.global_pool == "avgmax":
+                pooled = 0.5 * (pooled + tokens.amax(dim=1))
         pooled = self.head_drop(self.fc_norm(pooled))
         return pooled if pre_logits else self.head(pooled)
 
@@ -214,11 +254,8 @@ def _check_supported(model: nn.Module) -> None:
             "the timm VisionTransformer family whose blocks run in sequence"
         )
     if getattr(model, "attn_pool", None) is not None:
-        raise TypeError(
-            f"{kind.__name__} pools with an attention head (global_pool={model.global_pool!r}), "
-            "which merged tokens would bias; use a model with 'token' or 'avg' pooling"
-        )
-    if model.global_pool not in _SUPPORTED_POOLS:
+        _check_attention_pool(model.attn_pool)
+    elif model.global_pool not in _SUPPORTED_POOLS:
         raise TypeError(f"global_pool={model.global_pool!r} is not supported; use one of {_SUPPORTED_POOLS}")
     for i, block in enumerate(model.blocks):
         where = f"blocks.{i} ({type(block).__name__})"
@@ -233,6 +270,28 @@ def _check_supported(model: nn.Module) -> None:
                 "timm's global self-attention `Attention` (windowed, RoPE or relative-position "
                 "attention is not supported)"
             )
+
+
+def _check_attention_pool(pool: nn.Module) -> None:
+    """The MAP head (SigLIP, ``global_pool='map'``) is size-weighted through its ``attn_mask``."""
+    from timm.layers import AttentionPoolLatent
+
+    where = f"attn_pool ({type(pool).__name__})"
+    if type(pool).forward is not AttentionPoolLatent.forward:
+        raise TypeError(
+            f"cannot patch {where}: tokenmerge supports timm's AttentionPoolLatent (global_pool='map'), "
+            f"whose attention it weights by token size; {type(pool).__module__}.{type(pool).__qualname__} is not one"
+        )
+    if "attn_mask" not in inspect.signature(pool.forward).parameters:
+        raise TypeError(
+            f"cannot patch {where}: this timm version's AttentionPoolLatent takes no attn_mask, "
+            "through which tokenmerge weights merged tokens by size; upgrade timm"
+        )
+    if pool.pos_embed is not None:
+        raise TypeError(
+            f"cannot patch {where}: it adds a position embedding per input token, which no longer "
+            "lines up once tokens are merged; tokenmerge supports pools without pos_embed (the default)"
+        )
 
 
 def patch_timm(model: nn.Module, reducer: TokenReducer, config: MergeConfig) -> nn.Module:
@@ -275,6 +334,10 @@ class TimmAdapter(ModelAdapter):
     @classmethod
     def detects(cls, model: nn.Module) -> bool:
         return is_timm_vit(model)
+
+    @classmethod
+    def refusal_reason(cls, model: nn.Module) -> str:
+        return refusal_reason(model)
 
     @property
     def num_prefix_tokens(self) -> int:
