@@ -2,20 +2,33 @@
 
 Why: token merging on audio needs a trained audio transformer and real (offline) audio;
 ``benchmarks/spoken_words.py`` builds the data, this script trains a tiny
-``transformers.ASTForAudioClassification`` from scratch on its train split (16 voices) and
+``transformers.ASTForAudioClassification`` (ViT-initialised) on its train split (16 voices) and
 measures accuracy once, at the end, on the val split (4 unseen voices).
 
 Model: ASTConfig with hidden 192, 4 layers, 3 heads, MLP 768, 64 mel bins x 100 frames
-(10 ms hop), 16x16 patches at frequency/time stride 6 -> 9 x 15 = 135 patch tokens + CLS +
-distillation token = 137 tokens.
+(10 ms hop), 16x16 patches at frequency stride 8 and time stride 6 -> 7 x 15 = 105 patch
+tokens + CLS + distillation token = 107 tokens.
 
-Recipe (fixed before any val number was seen; nothing is tuned on val): AdamW lr 5e-4,
-weight decay 0.05 (none on biases, norms, tokens, position embedding), 10% linear warmup
-then cosine to 0, batch 32, label smoothing 0.1, float32, seed 0; augmentation in feature
-space: a random time roll of up to +-8 frames, 2 frequency masks (<= 8 bins) and 2 time
-masks (<= 12 frames), SpecAugment-style. Features are normalised with the train split's
-mean/std as AST does: ``(x - mean) / (2 * std)``. 8 epochs, set from the measured speed
-(about 25 clips/s on one thread) to fit ~15 minutes.
+Init (as AST starts from ImageNet DeiT): the repository's own 6-block Imagenette ViT-Tiny
+(``benchmarks/models/vit_tiny_d6_patch16_224.imagenette.safetensors``, same width, heads and
+MLP); its first 4 blocks, final norm, class token and patch filters (RGB averaged) are
+copied and its position grid is resized, see :func:`init_from_vit`. ``--init none`` trains
+from scratch.
+
+Recipe (nothing is tuned on val; val is measured once, at the end): AdamW lr 5e-4, weight
+decay 0.05 (none on biases, norms, tokens, position embedding), 10% linear warmup then
+cosine to 0, batch 16, label smoothing 0.1, float32, seed 0; augmentation in feature space:
+a random time roll of up to +-8 frames, one frequency mask (<= 8 bins) and one time mask
+(<= 10 frames), SpecAugment-style. Features are normalised with the train split's mean/std
+as AST does: ``(x - mean) / (2 * std)``. 8 epochs, set from the measured speed (about 25
+clips/s on one shared thread) to fit ~15 minutes.
+
+How the recipe was reached, on TRAIN loss only (val was never measured before the final
+run): from scratch, (a) stride 6 / 137 tokens, lr 5e-4, batch 32, two masks of each kind
+stopped after 4 of 8 epochs at train loss 2.18 (19% augmented train accuracy), and (b) this
+recipe with lr 1e-3 stopped after 3 of 10 epochs at train loss 2.32 (chance level). A
+60-step pilot on 256 train clips then showed the loss falling (2.38 -> ~1.3-2.0) only with
+the ViT initialisation, so the final run uses it.
 
 Writes ``benchmarks/models/ast_spoken_digits/`` (``save_pretrained``: float16
 ``model.safetensors`` + ``config.json``), ``features.json`` there (the log-mel settings,
@@ -54,12 +67,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data", type=Path, default=REPO / ".data" / "spoken_words", help="output of spoken_words.py")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "models" / "ast_spoken_digits")
     p.add_argument("--epochs", type=int, default=8)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--stride", type=int, default=6, help="frequency and time stride of the 16x16 patches")
+    p.add_argument("--frequency-stride", type=int, default=8, help="stride of the 16x16 patches along mel bins")
+    p.add_argument("--time-stride", type=int, default=6, help="stride of the 16x16 patches along frames")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--init", type=Path, default=REPO / "benchmarks" / "models" / "vit_tiny_d6_patch16_224.imagenette.safetensors",
+                   help="timm ViT-Tiny checkpoint to start from (AST-style); 'none' trains from scratch")
     return p.parse_args(argv)
 
 
@@ -73,10 +89,56 @@ def ast_config(args, classes):
     return ASTConfig(
         hidden_size=192, num_hidden_layers=args.layers, num_attention_heads=3, intermediate_size=768,
         num_mel_bins=NUM_MEL_BINS, max_length=NUM_FRAMES, patch_size=16,
-        frequency_stride=args.stride, time_stride=args.stride,
+        frequency_stride=args.frequency_stride, time_stride=args.time_stride,
         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
         num_labels=len(classes), id2label=dict(enumerate(classes)), label2id={c: i for i, c in enumerate(classes)},
     )
+
+
+def init_from_vit(model: nn.Module, path: Path) -> list[str]:
+    """Copy a timm ViT checkpoint (width 192, 3 heads, MLP 768) into ``model``, as AST starts from DeiT.
+
+    Following the AST paper: the RGB patch filters are averaged into one input channel, the
+    class token (and its position) initialise both the CLS and the distillation token, the
+    14x14 patch position grid is bilinearly resized to the (frequency, time) patch grid, and
+    the first ``num_hidden_layers`` blocks are copied (the fused qkv matrix is split).
+    Returns the model keys that were copied.
+    """
+    from safetensors.torch import load_file
+
+    vit = load_file(str(path))
+    ast = model.audio_spectrogram_transformer
+    f_dim, t_dim = ast.embeddings.get_shape(model.config)
+    pos = vit["pos_embed"][0]  # [1 + 14 * 14, 192]
+    side = int(round((pos.shape[0] - 1) ** 0.5))
+    grid = pos[1:].T.reshape(1, -1, side, side)
+    grid = nn.functional.interpolate(grid, size=(f_dim, t_dim), mode="bilinear", align_corners=False)
+    new = {
+        "embeddings.cls_token": vit["cls_token"],
+        "embeddings.distillation_token": vit["cls_token"],
+        "embeddings.position_embeddings": torch.cat([pos[:1], pos[:1], grid.reshape(pos.shape[1], -1).T])[None],
+        "embeddings.patch_embeddings.projection.weight": vit["patch_embed.proj.weight"].mean(dim=1, keepdim=True),
+        "embeddings.patch_embeddings.projection.bias": vit["patch_embed.proj.bias"],
+        "layernorm.weight": vit["norm.weight"], "layernorm.bias": vit["norm.bias"],
+    }
+    for i in range(model.config.num_hidden_layers):
+        src, dst = f"blocks.{i}.", f"layers.{i}."
+        for part, qkv in zip("qkv", vit[src + "attn.qkv.weight"].chunk(3)):
+            new[dst + f"attention.{part}_proj.weight"] = qkv
+        for part, qkv in zip("qkv", vit[src + "attn.qkv.bias"].chunk(3)):
+            new[dst + f"attention.{part}_proj.bias"] = qkv
+        for kind in ("weight", "bias"):
+            new[dst + f"attention.o_proj.{kind}"] = vit[src + f"attn.proj.{kind}"]
+            new[dst + f"layernorm_before.{kind}"] = vit[src + f"norm1.{kind}"]
+            new[dst + f"layernorm_after.{kind}"] = vit[src + f"norm2.{kind}"]
+            new[dst + f"mlp.fc1.{kind}"] = vit[src + f"mlp.fc1.{kind}"]
+            new[dst + f"mlp.fc2.{kind}"] = vit[src + f"mlp.fc2.{kind}"]
+    state = ast.state_dict()
+    for key, value in new.items():
+        if state[key].shape != value.shape:
+            raise ValueError(f"{path}: {key} has shape {tuple(value.shape)}, the AST expects {tuple(state[key].shape)}")
+    ast.load_state_dict({k: v.float() for k, v in new.items()}, strict=False)
+    return sorted(new)
 
 
 def param_groups(model: nn.Module, weight_decay: float):
@@ -97,7 +159,7 @@ def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     shifts = torch.randint(-8, 9, (batch,), generator=generator)
     for i in range(batch):
         x[i] = torch.roll(x[i], int(shifts[i]), dims=0)
-        for size, axis in ((8, 1), (8, 1), (12, 0), (12, 0)):
+        for size, axis in ((8, 1), (10, 0)):
             width = int(torch.randint(0, size + 1, (1,), generator=generator))
             start = int(torch.randint(0, (mels if axis else frames) - width + 1, (1,), generator=generator))
             if axis:
@@ -140,6 +202,9 @@ def main(argv=None) -> None:
 
     config = ast_config(args, classes)
     model = ASTForAudioClassification(config)
+    if str(args.init) != "none":
+        copied = init_from_vit(model, args.init)
+        log(f"initialised {len(copied)} tensors from {args.init.name}")
     tokens = model.audio_spectrogram_transformer.embeddings.position_embeddings.shape[1]
     n_params = sum(p.numel() for p in model.parameters())
     log(f"AST: {n_params / 1e6:.2f} M parameters, {tokens} tokens")
