@@ -180,6 +180,13 @@ def accuracy(model: nn.Module, features: torch.Tensor, labels: torch.Tensor, bat
     return 100.0 * correct / len(labels)
 
 
+def _shown(value) -> str:
+    """Paths inside the repository relative to it, so the record does not name this machine's folders."""
+    if isinstance(value, Path) and value.resolve().is_relative_to(REPO):
+        return str(value.resolve().relative_to(REPO))
+    return str(value)
+
+
 def main(argv=None) -> None:
     from transformers import ASTForAudioClassification
 
@@ -255,7 +262,7 @@ def main(argv=None) -> None:
     record = {
         "command": "OMP_NUM_THREADS=1 python benchmarks/train_ast.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "date": datetime.date.today().isoformat(), "machine": f"{platform.machine()} CPU, 1 thread ({platform.processor() or 'unknown'})",
-        "torch": torch.__version__, "args": {k: str(v) for k, v in vars(args).items()},
+        "torch": torch.__version__, "args": {k: _shown(v) for k, v in vars(args).items()},
         "parameters": n_params, "tokens": tokens, "train_clips": len(train_y), "val_clips": len(val_y),
         "steps": total, "warmup_steps": warmup, "train_wall_s": round(train_wall, 1),
         "train_acc": train_acc, "val_acc": val_acc, "val_acc_float16_reloaded": val_acc_fp16, "history": history,
