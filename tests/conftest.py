@@ -82,3 +82,14 @@ def tiny_image_folder(tmp_path_factory) -> Path:
             pixels = rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)
             Image.fromarray(pixels).save(root / f"class{c}" / f"{i}.png")
     return root
+
+
+def staged_logits(adapter, inputs) -> torch.Tensor:
+    """Embedding, every block on a TokenState, head: the pieces tune's cached runner uses."""
+    from tokenmerge.methods.base import TokenState
+
+    state = TokenState(adapter.embed(inputs))
+    schedule = adapter.schedule(state.x.shape[1])
+    for i, block in enumerate(adapter.blocks):
+        state = block.forward_tokens(state, schedule[i], adapter.reducer, adapter.config, i)
+    return adapter.logits(state)

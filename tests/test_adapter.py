@@ -11,7 +11,7 @@ import tokenmerge
 from tokenmerge.backends.adapter import adapter_for, logits_of
 from tokenmerge.methods.base import TokenState
 
-from .conftest import tiny_hf_vit
+from .conftest import staged_logits, tiny_hf_vit
 
 VISION = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8)
 
@@ -71,15 +71,6 @@ def test_every_family_reports_the_same_geometry(name):
     assert adapter.grid(32, 32) == (4, 4) and adapter.grid(48, 64) == (6, 8)
 
 
-def _staged_logits(adapter, images) -> torch.Tensor:
-    """Embedding, every block on a TokenState, head: the pieces tune's cached runner uses."""
-    state = TokenState(adapter.embed(images))
-    schedule = adapter.schedule(state.x.shape[1])
-    for i, block in enumerate(adapter.blocks):
-        state = block.forward_tokens(state, schedule[i], adapter.reducer, adapter.config, i)
-    return adapter.logits(state)
-
-
 @pytest.mark.parametrize("name", list(MODELS))
 def test_embed_blocks_and_logits_reproduce_the_model(name):
     model = MODELS[name][0]()
@@ -87,10 +78,10 @@ def test_embed_blocks_and_logits_reproduce_the_model(name):
     with torch.inference_mode():
         unmodified = logits_of(model(x))
         tokenmerge.patch(model, "tome", r=0)
-        assert torch.equal(_staged_logits(adapter_for(model), x), unmodified)  # r=0: bit for bit
+        assert torch.equal(staged_logits(adapter_for(model), x), unmodified)  # r=0: bit for bit
         tokenmerge.patch(model, "tome", r=3)
         merged = logits_of(model(x))
-        staged = _staged_logits(adapter_for(model), x)
+        staged = staged_logits(adapter_for(model), x)
     torch.testing.assert_close(staged, merged, rtol=1e-5, atol=1e-6)
     assert not torch.allclose(merged, unmodified, rtol=1e-3, atol=1e-4)  # merging changed the logits
 
