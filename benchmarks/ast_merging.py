@@ -18,9 +18,7 @@ from pathlib import Path
 import torch
 
 import tokenmerge
-from tokenmerge.evaluation.audio import load_audio_folder
-
-REPO = Path(__file__).resolve().parents[1]
+from ast_tokens import MODEL_DIR, VAL_DIR, load_val
 
 
 def accuracy(model, x, y) -> float:
@@ -45,8 +43,8 @@ def main() -> None:
     from transformers import ASTForAudioClassification
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, default=REPO / "benchmarks" / "models" / "ast_spoken_digits")
-    parser.add_argument("--data", type=Path, default=REPO / ".data" / "spoken_words" / "val")
+    parser.add_argument("--model", type=Path, default=MODEL_DIR)
+    parser.add_argument("--data", type=Path, default=VAL_DIR)
     parser.add_argument("--r", type=int, nargs="+", default=[4, 8, 12, 16])
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=7)
@@ -55,11 +53,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    features = json.loads((args.model / "features.json").read_text())
-    x, y, classes = load_audio_folder(args.data, features["sample_rate"], features["num_mel_bins"],
-                                      features["num_frames"], mean=features["mean"], std=features["std"])
-    if classes != features["classes"]:
-        raise SystemExit(f"{args.data} classes {classes} differ from the model's {features['classes']}")
+    x, y = load_val(args.model, args.data)
 
     def build(method=None, r=0):
         model = ASTForAudioClassification.from_pretrained(args.model, dtype=torch.float32).eval()

@@ -1,7 +1,7 @@
 """Unmodified spoken-digit AST: val accuracy, and throughput at a few token counts (one CPU thread).
 
 Why: before token merging lands for AST, record the baseline it has to beat and how much
-time the encoder spends per token. Accuracy is measured only for the full model (137
+time the encoder spends per token. Accuracy is measured only for the full model (107
 tokens). The rows with fewer tokens time the *same* trained encoder fed the first N tokens
 (CLS, distillation and the first N - 2 patch tokens, with their position embeddings): that
 is the speed a method reaching N tokens at the input would get, a ceiling for merging, which
@@ -43,25 +43,36 @@ def encoder_seconds(model, embeddings: torch.Tensor, repeats: int) -> float:
     return sorted(times[1:])[len(times[1:]) // 2]
 
 
+MODEL_DIR = REPO / "benchmarks" / "models" / "ast_spoken_digits"
+VAL_DIR = REPO / ".data" / "spoken_words" / "val"
+
+
+def load_val(model_dir: Path, data_dir: Path) -> tuple:
+    """``(features [N, frames, mel], labels [N])`` of ``data_dir``, with the feature settings
+    the model in ``model_dir`` was trained with (its ``features.json``)."""
+    feats = json.loads((model_dir / "features.json").read_text())
+    x, y, classes = load_audio_folder(data_dir, feats["sample_rate"], feats["num_mel_bins"], feats["num_frames"],
+                                      mean=feats["mean"], std=feats["std"])
+    if classes != feats["classes"]:
+        raise SystemExit(f"{data_dir} classes {classes} differ from the model's {feats['classes']}")
+    return x, y
+
+
 def main(argv=None) -> None:
     from transformers import ASTForAudioClassification
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", type=Path, default=REPO / "benchmarks" / "models" / "ast_spoken_digits")
-    p.add_argument("--data", type=Path, default=REPO / ".data" / "spoken_words" / "val")
-    p.add_argument("--tokens", type=int, nargs="+", default=[137, 103, 69, 35])
+    p.add_argument("--model", type=Path, default=MODEL_DIR)
+    p.add_argument("--data", type=Path, default=VAL_DIR)
+    p.add_argument("--tokens", type=int, nargs="+", default=[107, 80, 54, 28])
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--repeats", type=int, default=7)
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     torch.manual_seed(0)
 
-    feats = json.loads((args.model / "features.json").read_text())
     model = ASTForAudioClassification.from_pretrained(args.model, dtype=torch.float32).eval()
-    x, y, classes = load_audio_folder(args.data, feats["sample_rate"], feats["num_mel_bins"], feats["num_frames"],
-                                      mean=feats["mean"], std=feats["std"])
-    if classes != feats["classes"]:
-        raise SystemExit(f"{args.data} classes {classes} differ from the model's {feats['classes']}")
+    x, y = load_val(args.model, args.data)
     with torch.no_grad():
         pred = torch.cat([model(x[i: i + 100]).logits.argmax(-1) for i in range(0, len(y), 100)])
     acc = 100.0 * float((pred == y).float().mean())
