@@ -196,7 +196,8 @@ def test_tune_on_a_hugging_face_model_caches_block_inputs(hf_vit_dir):
 
     model = load_model(f"hf:{hf_vit_dir}")
     images = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(2))
-    scorer = _Scorer(model, "tome", {}, images, batch_size=4, probe_every=2)
+    scorer = _Scorer(model, "tome", {}, images, batch_size=4, probe_every=2,
+                     base_gflops=count_gflops(model, images=images[:1]))
     assert scorer.num_blocks == 2 and scorer.num_tokens == 17
     with torch.inference_mode():
         full = tokenmerge.patch(load_model(f"hf:{hf_vit_dir}"), r=[3, 2])(images).logits

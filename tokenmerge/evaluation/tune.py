@@ -214,7 +214,8 @@ def calibration_images(data) -> tuple:
 class _Scorer:
     """Logits of one method at any per-block schedule, with the incumbent's block inputs cached."""
 
-    def __init__(self, base: nn.Module, method: str, options: dict, images, batch_size: int, probe_every: int):
+    def __init__(self, base: nn.Module, method: str, options: dict, images, batch_size: int, probe_every: int,
+                 base_gflops: float):
         import tokenmerge
 
         method_options = dict(options)
@@ -222,7 +223,6 @@ class _Scorer:
         self.method, self.options = method, dict(options)
         self.model = tokenmerge.patch(_shared_copy(base), method=method, r=0, prop_attn=prop_attn,
                                       **method_options).eval()
-        self.unmerged = base
         self.adapter = adapter_for(self.model)
         self.blocks = self.adapter.blocks
         self.reducer = self.adapter.reducer
@@ -235,17 +235,10 @@ class _Scorer:
         self._flops: Dict[tuple, float] = {}
         self._block_counts: Dict[tuple, int] = {}
         self._outside_blocks: Optional[int] = None
-        # One image through the unmodified model gives the tokens entering the first block
-        # (patched blocks run without __call__, so the hook sits on the original's block).
-        first = next(name for name, module in self.model.named_modules() if module is self.blocks[0])
-        captured = []
-        hook = base.get_submodule(first).register_forward_pre_hook(lambda module, args: captured.append(args[0]))
-        try:
-            with torch.inference_mode():
-                logits_of(base(self.batches[0][:1]))
-        finally:
-            hook.remove()
-        self._block_input = captured[0]
+        self._base_gflops = base_gflops
+        # The tokens entering the first block, for the width and dtype of the FLOP counts' dummies.
+        with torch.inference_mode():
+            self._block_input = self.adapter.embed(self.batches[0][:1])
         # (schedule, [per block input: [per probe batch: TokenState]]): the incumbent's states
         self._cache: Optional[tuple] = None
 
@@ -297,8 +290,9 @@ class _Scorer:
         return self._block_counts[key]
 
     def _count_outside_blocks(self) -> None:
-        """FLOPs of everything but the blocks (patch embedding, head), from one unmerged count."""
-        whole = round(count_gflops(self.unmerged, images=self.batches[0][:1]) * 1e9)
+        """FLOPs of everything but the blocks (patch embedding, head): the unmerged model's
+        count (``tune`` makes it once) less its blocks'."""
+        whole = round(self._base_gflops * 1e9)
         blocks = sum(self._block_flops(i, self.num_tokens, 0) for i in range(self.num_blocks))
         self._outside_blocks = whole - blocks
 
@@ -566,7 +560,7 @@ def tune(
     starts = []
     unreachable = []
     for index, (method, options) in enumerate(candidates_spec):
-        scorer = _Scorer(model, method, options, images, batch_size, probe_every)
+        scorer = _Scorer(model, method, options, images, batch_size, probe_every, base_gflops)
         scorers[index] = scorer
         start = _smallest_constant(scorer, target)
         if start is None:
