@@ -60,6 +60,7 @@ itself is a size-weighted average.
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -530,6 +531,7 @@ class _MeanPoolClassifierMixin:
 # --------------------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=None)  # fixed once transformers is imported; read on every forward
 def _families() -> dict:
     """``trunk class -> (trunk mixin, layer class, layer mixin, attention class)``."""
     import transformers.models.audio_spectrogram_transformer.modeling_audio_spectrogram_transformer as ast
@@ -561,6 +563,7 @@ def _families() -> dict:
     return families
 
 
+@functools.lru_cache(maxsize=None)  # fixed once transformers is imported; read on every forward
 def _wrappers() -> dict:
     """``wrapper class -> (trunk attribute, head or None, whether the head averages tokens)``."""
     import transformers.models.audio_spectrogram_transformer.modeling_audio_spectrogram_transformer as ast
