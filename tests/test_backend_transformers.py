@@ -395,6 +395,8 @@ def test_ast_r0_is_identical_merging_changes_it_and_unpatch_restores():
         tokenmerge.unpatch(model)
         assert type(model) is transformers.ASTForAudioClassification
         assert set(model.state_dict()) == keys
+        with pytest.raises(TypeError, match="takes spectrograms, not images"):
+            tokenmerge.adapter_for(model).image_size
         assert torch.equal(model(x).logits, reference)
 
 

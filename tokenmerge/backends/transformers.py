@@ -742,7 +742,14 @@ class HFAdapter(ModelAdapter):
 
     @property
     def image_size(self) -> int:
-        return int(_pair(self.trunk.config.image_size)[0])
+        size = getattr(self.trunk.config, "image_size", None)
+        if size is None:
+            raise TypeError(
+                f"{_original_type(self.trunk).__name__} takes spectrograms, not images: the image "
+                "commands (eval, bench, visualize, tune) do not apply to it; patch it with "
+                "tokenmerge.patch and feed it input_values"
+            )
+        return int(_pair(size)[0])
 
     @property
     def patch_size(self) -> tuple:
