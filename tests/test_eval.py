@@ -301,3 +301,20 @@ def test_eval_on_a_hugging_face_folder(hf_vit_dir, tiny_image_folder, tmp_path, 
     with torch.inference_mode():
         predictions = load_model(f"hf:{hf_vit_dir}")(images).logits.argmax(-1)
     assert unmodified["accuracy"] == pytest.approx(100.0 * (predictions == labels).double().mean().item())
+
+
+def test_eval_config_adds_the_configuration_tune_wrote(hf_vit_dir, tiny_image_folder, tmp_path, capsys):
+    best = tmp_path / "best.json"
+    best.write_text(json.dumps({"method": "mctf", "r": [3, 1], "options": {"prop_attn": False}}))
+    out = tmp_path / "out"
+    code = main(["eval", f"hf:{hf_vit_dir}", "--data", str(tiny_image_folder), "--methods", "tome",
+                 "--r", "2", "--config", str(best), "--out", str(out), "--no-timing", "--threads", "1"])
+    assert code == 0
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert [(row["method"], row["schedule"]) for row in rows[1:]] == [("tome", "2"), ("mctf", "3,1")]
+    assert rows[2]["options"] == {"prop_attn": False} and rows[2]["tokens_out"] == 17 - 4
+    best.write_text('{"method": "mctf"}')
+    with pytest.raises(SystemExit) as exit_:
+        main(["eval", "--config", str(best), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "missing ['r']" in err and str(best) in err

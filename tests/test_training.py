@@ -180,7 +180,7 @@ def test_bad_training_input(tiny_setup, tmp_path):
         train(_config(tiny_setup, tmp_path, data=str(tmp_path / "nowhere")))
     with pytest.raises(ValueError, match="--mode end2end"):
         train(_config(tiny_setup, tmp_path, method="tome", mode="modular"))
-    with pytest.raises(ValueError, match="r <= 8"):
+    with pytest.raises(ValueError, match="asks block 0 to remove 9 tokens.*at most 8"):
         train(_config(tiny_setup, tmp_path, r=9))
     with pytest.raises(ValueError, match="tau"):
         train(_config(tiny_setup, tmp_path, tau=0.0))
@@ -204,6 +204,62 @@ def test_select_and_fuse_methods_train_end_to_end_and_keep_their_token_counts(ti
     for key in ("blocks.0.attn.qkv.weight", "blocks.1.mlp.fc2.weight", "head.weight"):
         assert not torch.equal(trained[key], original[key]), key
     assert model.token_reducer.name == method and model.tokens_per_block() == [17, 14, 11]
+
+
+@pytest.mark.parametrize("method", ["mctf", "pitome"])
+def test_a_per_block_schedule_trains_with_the_scored_mergers(tiny_setup, tmp_path, method):
+    from tokenmerge.models import load_model
+
+    model = load_model("vit_tiny_patch16_224", checkpoint=str(tiny_setup / "tiny.safetensors"), **TINY)
+    seen = []
+    model.norm.register_forward_hook(lambda module, inputs, output: seen.append((module.training, inputs[0].shape[1])))
+    train(_config(tiny_setup, tmp_path, method=method, mode="end2end", max_steps=3, r=[4, 2], lr=1e-2,
+                  method_options={"prop_attn": False}, distill=True), model=model)
+    # 17 tokens, 4 merged in block 0 and 2 in block 1, in every training step (the frozen
+    # teacher, a copy made before patching, runs in eval mode with all 17).
+    assert [s for s in seen if s[0]] == [(True, 11)] * 3
+    assert model.tokens_per_block() == [17, 13, 11]
+    assert model.tokenmerge_config.prop_attn is False  # a method option of every method reaches the patch
+    trained = load_file(str(tmp_path / "model.safetensors"))
+    original = load_file(str(tiny_setup / "tiny.safetensors"))
+    assert trained.keys() == original.keys()
+    assert not torch.equal(trained["blocks.0.attn.qkv.weight"], original["blocks.0.attn.qkv.weight"])
+    assert json.loads((tmp_path / "results.json").read_text())["config"]["r"] == [4, 2]
+
+
+@pytest.mark.parametrize("r,message", [
+    ([8, 8], "asks block 1 to remove 8 tokens, more than it can with tome"),  # 9 tokens left: at most 4
+    ([1, 1, 1], "lists 3 blocks but the model has 2"),
+    ([0, 0], "merges nothing"),
+    ((3, -1.0), "training takes an int r or a per-block list"),
+    ([2, -1], "r[1] must be >= 0"),
+])
+def test_schedules_training_cannot_run_as_asked_are_refused(tiny_setup, tmp_path, r, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        train(_config(tiny_setup, tmp_path, method="tome", mode="end2end", r=r), on_step=_never_called)
+    assert not (tmp_path / "checkpoint.pt").exists()
+
+
+def test_cli_trains_the_configuration_tune_wrote(tmp_path):
+    import argparse
+
+    from tokenmerge.commands.train import _configure, config_from_args
+
+    best = tmp_path / "best.json"
+    best.write_text(json.dumps({"method": "mctf", "r": [4, 2], "options": {"prop_attn": False}}))
+    parser = argparse.ArgumentParser()
+    _configure(parser)
+    config = config_from_args(parser.parse_args(["--config", str(best), "--distill"]))
+    assert (config.method, config.mode, config.r, config.lr) == ("mctf", "end2end", [4, 2], 1e-5)
+    assert config.method_options == {"prop_attn": False} and config.eval_r == [[4, 2]]
+    for clash in (["--r", "3"], ["--method", "tome"], ["--method-option", "tau_sim=2"]):
+        with pytest.raises(ValueError, match=f"drop {clash[0]}"):
+            config_from_args(parser.parse_args(["--config", str(best)] + clash))
+    assert config_from_args(parser.parse_args(["--method", "tome", "--r", "4,2"])).r == [4, 2]
+    assert config_from_args(parser.parse_args([])).r == 16  # the default, unchanged
+    best.write_text(json.dumps({"method": "mctf", "r": [4, 2], "extra": 1}))
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--config", str(best)])
 
 
 def test_distillation_alone_trains_on_unlabeled_images(tiny_setup, tmp_path):

@@ -1,6 +1,7 @@
 """tokenmerge.tune and `tokenmerge tune`: budgets counted exactly, output that patch accepts."""
 
 import json
+import re
 
 import pytest
 import timm
@@ -9,7 +10,7 @@ import torch
 import tokenmerge
 from tokenmerge.cli import main
 from tokenmerge.evaluation.flops import count_gflops
-from tokenmerge.evaluation.tune import _fill_budget, resolve_budget, tune
+from tokenmerge.evaluation.tune import _fill_budget, read_config, resolve_budget, tune
 
 
 def small_vit(**kwargs):
@@ -99,6 +100,33 @@ def test_best_round_trips_through_patch_and_json(model, images, result, tmp_path
     assert result.best.loss == min(c.loss for c in result.candidates)
     rows = json.loads((out / "candidates.json").read_text())["candidates"]
     assert len(rows) == len(result.candidates) and sum(row["best"] for row in rows) == 1
+
+
+def test_read_config_returns_what_tune_saved(result, tmp_path):
+    out = result.save(tmp_path)
+    assert read_config(out / "best.json") == result.config()
+    patched = tokenmerge.patch(small_vit(), **read_config(out / "best.json"))
+    assert patched.tokenmerge_schedule() == result.best.r
+
+
+@pytest.mark.parametrize("text,message", [
+    (None, "does not exist"),
+    ("{not json", "is not valid JSON"),
+    ("[1, 2]", "must hold a JSON object"),
+    ('{"method": "tome"}', "missing ['r']"),
+    ('{"method": "tome", "r": 4, "schedule": 4}', "unknown ['schedule']"),
+    ('{"method": "tomee", "r": 4}', "unknown method 'tomee'"),
+    ('{"method": "tome", "r": [4, -1]}', "bad 'r'"),
+    ('{"method": "tome", "r": "4"}', "bad 'r'"),
+    ('{"method": "tome", "r": 4, "options": [1]}', "'options' must be a JSON object"),
+])
+def test_read_config_names_the_file_and_the_problem(tmp_path, text, message):
+    path = tmp_path / "best.json"
+    if text is not None:
+        path.write_text(text)
+    with pytest.raises((FileNotFoundError, ValueError), match=re.escape(message)) as err:
+        read_config(path)
+    assert str(path) in str(err.value)
 
 
 def test_search_never_returns_worse_than_its_constant_start(result):

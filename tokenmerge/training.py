@@ -7,6 +7,9 @@ ToMe, TC-ViT, EViT-style or pruning reduction in its forward; optional distillat
   ``backbone_lr``).
 - ``method="tome"``: fine-tune the ViT with ToMe's hard merge in the forward; the matching
   has no gradient, the merge back-propagates as the size-weighted average it is.
+- ``method="mctf"`` / ``"pitome"``: the same, with those methods' matching (no gradient
+  through the scores either). With ``r`` a per-block list, the schedule ``tokenmerge tune``
+  found (``best.json``, CLI ``--config``) is the one trained.
 - ``method="tcvit"`` / ``"evit"`` / ``"prune"`` (end-to-end only): fine-tune the ViT with
   the method's hard select-and-fuse plan in the forward. The plan (which tokens are
   representatives, where each other token goes) is discrete and gets no gradient, and
@@ -66,6 +69,7 @@ import torch
 from torch import nn
 
 from .backends.adapter import adapter_for
+from .core.schedule import Schedule
 
 __all__ = [
     "TrainConfig",
@@ -77,9 +81,9 @@ __all__ = [
     "default_train_root",
 ]
 
-METHODS = ("dtem", "tome", "tcvit", "evit", "prune")
+METHODS = ("dtem", "tome", "mctf", "pitome", "tcvit", "evit", "prune")
 # Reduction policies without parameters of their own: only the ViT can learn (end2end).
-PARAMETER_FREE_METHODS = ("tome", "tcvit", "evit", "prune")
+PARAMETER_FREE_METHODS = ("tome", "mctf", "pitome", "tcvit", "evit", "prune")
 # DTEM options that have TrainConfig fields of their own.
 DTEM_FIELD_OPTIONS = ("tau", "embed_dim", "hidden_dim")
 MODES = ("modular", "end2end")
@@ -116,7 +120,7 @@ class TrainConfig:
     checkpoint: Optional[str] = None
     model_kwargs: dict = dataclasses.field(default_factory=dict)
     num_classes: Optional[int] = None
-    r: int = 16
+    r: Schedule = 16  # an int, or per block (a list, e.g. the "r" of tune's best.json)
     tau: float = 0.1
     embed_dim: int = 64
     hidden_dim: Optional[int] = None
@@ -167,7 +171,8 @@ class TrainConfig:
             if clash:
                 raise ValueError(f"give dtem's {', '.join(clash)} as --{clash[0].replace('_', '-')} "
                                  "(its own option), not as a method option")
-        for flag, value in (("--r", self.r), ("--batch-size", self.batch_size), ("--embed-dim", self.embed_dim),
+        self._check_schedule()
+        for flag, value in (("--batch-size", self.batch_size), ("--embed-dim", self.embed_dim),
                             ("--checkpoint-every", self.checkpoint_every)):
             _require_int(flag, value, minimum=1)
         for flag, value in (("--max-steps", self.max_steps), ("--hidden-dim", self.hidden_dim),
@@ -191,6 +196,19 @@ class TrainConfig:
         self._check_distillation()
         for r in self.eval_r:
             validate_schedule(r)
+
+    def _check_schedule(self) -> None:
+        from .core.schedule import KeepRatio, format_schedule, validate_schedule
+
+        if isinstance(self.r, KeepRatio) or isinstance(self.r, tuple):
+            raise ValueError(f"--r {format_schedule(self.r)}: training takes an int r or a per-block list "
+                             "(e.g. 16,16,14,...); write the schedule out per block")
+        if isinstance(self.r, list):
+            self.r = validate_schedule(self.r)
+            if not any(self.r):
+                raise ValueError(f"--r {format_schedule(self.r)} merges nothing: give some block an r >= 1")
+        else:
+            _require_int("--r", self.r, minimum=1)
 
     def _check_distillation(self) -> None:
         if not isinstance(self.distill, bool):
@@ -326,17 +344,32 @@ def build_model(config: TrainConfig, model: Optional[nn.Module] = None) -> nn.Mo
     options = dict(config.method_options)
     if config.method == "dtem":
         options.update(tau=config.tau, embed_dim=config.embed_dim, hidden_dim=config.hidden_dim)
+    prop_attn = options.pop("prop_attn", None)
     reducer = create_reducer(config.method, **options)
-    num_tokens, prefix = adapter.num_tokens, adapter.num_prefix_tokens
-    # Each method's own limit (bipartite matching: half the candidates; select-and-fuse: all but one).
-    limit = reducer.max_reduction(num_tokens, prefix)
-    if config.r > limit:
-        raise ValueError(
-            f"--r {config.r} is more than one block can merge with {config.method}: the model has "
-            f"{num_tokens} tokens ({prefix} protected), so r <= {limit}"
-        )
-    tokenmerge.patch(model, method=reducer, r=config.r)
+    _check_schedule_fits(config, reducer, adapter)
+    tokenmerge.patch(model, method=reducer, r=config.r, prop_attn=prop_attn)
     return model
+
+
+def _check_schedule_fits(config: TrainConfig, reducer, adapter) -> None:
+    """Refuse a schedule some block would clamp: training would run another schedule than asked."""
+    from .core.schedule import format_schedule, resolve_schedule
+
+    num_tokens, prefix = adapter.num_tokens, adapter.num_prefix_tokens
+    num_blocks = len(adapter.blocks)
+    if isinstance(config.r, list) and len(config.r) > num_blocks:
+        raise ValueError(f"--r lists {len(config.r)} blocks but the model has {num_blocks}")
+    # Each method's own limit (bipartite matching: half the candidates; select-and-fuse: all but one).
+    effective = resolve_schedule(config.r, num_blocks, num_tokens, prefix, reducer.max_reduction, warn=False)
+    requested = resolve_schedule(config.r, num_blocks, num_tokens, prefix, lambda n, p: num_tokens, warn=False)
+    if effective != requested:
+        block = next(i for i, (a, b) in enumerate(zip(effective, requested)) if a != b)
+        raise ValueError(
+            f"--r {format_schedule(config.r)} asks block {block} to remove {requested[block]} tokens, more "
+            f"than it can with {config.method}: the model has {num_tokens} tokens ({prefix} protected), and "
+            f"block {block} can remove at most {effective[block]} (clamped, the model would run "
+            f"{format_schedule(list(effective))}); lower r there"
+        )
 
 
 def _check_trainable(model: nn.Module):
@@ -795,7 +828,7 @@ def _finish(model: nn.Module, config: TrainConfig, out: Path) -> dict:
     device = next(model.parameters()).device
     for r in config.eval_r:
         # The same reducer (trained modules) at every r.
-        tokenmerge.patch(model, method=reducer, r=r)
+        tokenmerge.patch(model, method=reducer, r=r, prop_attn=config.method_options.get("prop_attn"))
         acc = evaluate_accuracy(model, images, labels, num_classes=len(classes), device=device)
         label = format_schedule(r)
         results["accuracy"][label] = acc

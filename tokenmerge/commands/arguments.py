@@ -135,6 +135,16 @@ def schedule(text: str):
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
+def patch_config(text: str) -> dict:
+    """A ``best.json`` written by ``tokenmerge tune``: ``{"method", "r", "options"}``, checked."""
+    from ..evaluation.tune import read_config
+
+    try:
+        return read_config(text)
+    except (OSError, ValueError) as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def output_folder(text: str) -> Path:
     """A folder to write into: refused if a file of that name (or on its path) is in the way."""
     path = Path(text)

@@ -46,6 +46,8 @@ def add_parser(subparsers) -> None:
                              "keep=0.9 (keep ratio); default: 4 8 13 16")
     parser.add_argument("--method-option", action="append", default=[], metavar="[METHOD.]KEY=VALUE",
                         help="a method option, e.g. tcvit.order=2 (METHOD. omitted: every method); repeatable")
+    parser.add_argument("--config", type=arguments.patch_config, action="append", default=[], metavar="JSON",
+                        help="also evaluate this configuration (OUT/best.json of tokenmerge tune); repeatable")
     parser.add_argument("--out", type=arguments.output_folder, default=Path("tokenmerge-eval"), help="output folder (default: tokenmerge-eval/)")
     parser.add_argument("--no-cache", action="store_true", help="recompute every row (and do not write the cache)")
     parser.add_argument("--plot", nargs="?", type=arguments.output_file, const="", default=None, metavar="PNG",
@@ -166,7 +168,7 @@ def run(args: argparse.Namespace) -> int:
     from ..backends.adapter import adapter_for
     from ..evaluation.data import load_images
     from ..evaluation.pareto import save_pareto_plot
-    from ..evaluation.sweep import (ResultCache, build_variant, dataset_fingerprint, format_rows, run_sweep,
+    from ..evaluation.sweep import (ResultCache, Variant, build_variant, dataset_fingerprint, format_rows, run_sweep,
                                     weights_fingerprint, write_results)
     from .. import __version__
 
@@ -175,6 +177,7 @@ def run(args: argparse.Namespace) -> int:
     schedules = args.r if args.r is not None else [parse_schedule(s) for s in DEFAULT_SCHEDULES]
     options = method_options(args.method_option, args.methods)
     variants = variants_from(args.methods, schedules, options)
+    variants += [Variant.create(c["method"], c["r"], c["options"]) for c in args.config]
     model = model_from_args(args)
     model_name = args.model or "vit_tiny_patch16_224 (embedded Imagenette checkpoint)"
     image_size = adapter_for(model).image_size

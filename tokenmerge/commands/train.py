@@ -1,5 +1,6 @@
 """``tokenmerge train``: DTEM merge embeddings (modular / end2end), or fine-tuning with ToMe,
-TC-ViT, EViT-style or pruning reduction; optional distillation from a frozen teacher.
+MCTF, PiToMe, TC-ViT, EViT-style or pruning reduction (or the configuration ``tokenmerge tune``
+chose, ``--config best.json``); optional distillation from a frozen teacher.
 
 Also runnable as ``python -m tokenmerge.commands.train ...`` (e.g. under ``torchrun``).
 """
@@ -44,9 +45,13 @@ _eval_r = arguments.schedule
 def _configure(parser: argparse.ArgumentParser) -> None:
     from ..training import METHODS, default_train_root
 
-    parser.add_argument("--method", choices=METHODS, default="dtem",
-                        help="dtem: learned merge embeddings; tome, tcvit, evit, prune: fine-tune the ViT "
-                             "with that reduction in its forward (hard plan, no gradient through the selection)")
+    parser.add_argument("--method", choices=METHODS, default=None,
+                        help="dtem (default): learned merge embeddings; tome, mctf, pitome, tcvit, evit, prune: "
+                             "fine-tune the ViT with that reduction in its forward (hard plan, no gradient "
+                             "through the selection)")
+    parser.add_argument("--config", type=arguments.patch_config, default=None, metavar="JSON",
+                        help="train the configuration tokenmerge tune wrote (OUT/best.json: method, per-block "
+                             "r, options) instead of --method/--r/--method-option")
     parser.add_argument("--mode", choices=("modular", "end2end"), default="modular",
                         help="modular: frozen ViT, only the merge embeddings learn; end2end: the ViT too "
                              "(tome/tcvit/evit/prune have no parameters of their own: always end2end)")
@@ -60,9 +65,10 @@ def _configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-classes", type=_positive_int)
     parser.add_argument("--model-kwargs", type=arguments.json_object, default={},
                         help='extra timm.create_model arguments as JSON, e.g. \'{"img_size": 32}\'')
-    parser.add_argument("--r", "--merge-r", dest="r", type=_positive_int, default=16,
-                        help="tokens merged per block in training: use the largest r you will evaluate "
-                             "(--merge-r: the same, for torchrun, whose own options swallow --r)")
+    parser.add_argument("--r", "--merge-r", dest="r", type=arguments.schedule, default=None,
+                        help="tokens merged per block in training (default 16), or one value per block "
+                             "(16,16,14,...): use the largest r you will evaluate (--merge-r: the same, for "
+                             "torchrun, whose own options swallow --r)")
     parser.add_argument("--tau", type=_tau, default=0.1, help="soft-grouping temperature (dtem)")
     parser.add_argument("--embed-dim", type=_positive_int, default=64)
     parser.add_argument("--hidden-dim", type=_positive_int, default=None, help="MLP merge embedding")
@@ -110,10 +116,11 @@ def _configure(parser: argparse.ArgumentParser) -> None:
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "train",
-        help="train DTEM merge embeddings or fine-tune with ToMe/TC-ViT/EViT/pruning",
+        help="train DTEM merge embeddings or fine-tune with ToMe/MCTF/TC-ViT/EViT/pruning",
         description=(
             "Train DTEM's merge embeddings (modular: frozen ViT; end2end: the ViT too) or "
-            "fine-tune a ViT with ToMe, TC-ViT, EViT-style or pruning reduction, on an "
+            "fine-tune a ViT with ToMe, MCTF, PiToMe, TC-ViT, EViT-style or pruning reduction "
+            "(or the configuration tokenmerge tune chose: --config best.json), on an "
             "ImageFolder, optionally distilling from the unmodified model (--distill); "
             "checkpoints every --checkpoint-every steps, --resume continues a killed run, "
             "torchrun for DDP."
@@ -129,21 +136,30 @@ def config_from_args(args):
     from ..evaluation.sweep import parse_option
     from ..training import PARAMETER_FREE_METHODS
 
-    lr = args.lr if args.lr is not None else (1e-3 if args.method == "dtem" else 1e-5)
-    eval_r = args.eval_r if args.eval_r is not None else [args.r]
+    if args.config is not None:
+        given = [flag for flag, value in (("--method", args.method), ("--r", args.r),
+                                          ("--method-option", args.method_option)) if value]
+        if given:
+            raise ValueError(f"--config sets the method, r and options: drop {', '.join(given)}")
+        method, r, options = args.config["method"], args.config["r"], dict(args.config["options"])
+    else:
+        method = args.method or "dtem"
+        r = 16 if args.r is None else args.r
+        options = {}
+        for text in args.method_option:
+            named, key, value = parse_option(text)
+            if named not in (None, method):
+                raise ValueError(f"--method-option {text!r} names method {named!r}, but --method is {method}")
+            options[key] = value
+    lr = args.lr if args.lr is not None else (1e-3 if method == "dtem" else 1e-5)
+    eval_r = args.eval_r if args.eval_r is not None else [r]
     for flag, value in (("--distill-weight", args.distill_weight), ("--distill-temperature", args.distill_temperature)):
         if value is not None and not args.distill:
             raise ValueError(f"{flag} sets up distillation: add --distill")
-    options = {}
-    for text in args.method_option:
-        method, key, value = parse_option(text)
-        if method not in (None, args.method):
-            raise ValueError(f"--method-option {text!r} names method {method!r}, but --method is {args.method}")
-        options[key] = value
     return TrainConfig(
-        method=args.method, mode="end2end" if args.method in PARAMETER_FREE_METHODS else args.mode,
+        method=method, mode="end2end" if method in PARAMETER_FREE_METHODS else args.mode,
         data=args.data, model=args.model, checkpoint=args.checkpoint,
-        model_kwargs=args.model_kwargs, num_classes=args.num_classes, r=args.r, tau=args.tau,
+        model_kwargs=args.model_kwargs, num_classes=args.num_classes, r=r, tau=args.tau,
         embed_dim=args.embed_dim, hidden_dim=args.hidden_dim, epochs=args.epochs,
         max_steps=args.max_steps, batch_size=args.batch_size, lr=lr, backbone_lr=args.backbone_lr,
         weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, limit=args.limit,

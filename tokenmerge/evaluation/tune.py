@@ -54,6 +54,7 @@ __all__ = [
     "DEFAULT_METHODS",
     "Candidate",
     "TuneResult",
+    "read_config",
     "resolve_budget",
     "tune",
     "calibration_images",
@@ -160,6 +161,50 @@ class TuneResult:
             writer.writerow({**row, "options": json.dumps(row["options"], sort_keys=True)})
         atomic_write_text(out / "candidates.csv", table.getvalue())
         return out
+
+
+CONFIG_KEYS = ("method", "r", "options")
+
+
+def read_config(path) -> dict:
+    """A ``best.json`` (as :meth:`TuneResult.save` writes it) read and checked:
+    ``{"method": str, "r": schedule, "options": dict}``, ready for
+    ``tokenmerge.patch(model, **config)``, ``tokenmerge eval --config`` and
+    ``tokenmerge train --config``.
+
+    Raises:
+        FileNotFoundError, ValueError: a missing file, invalid JSON, unknown or missing keys,
+            an unknown method or a malformed schedule, each named with the file.
+    """
+    from ..core.schedule import validate_schedule
+    from ..methods import list_methods
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"configuration file {str(path)!r} does not exist (tokenmerge tune writes OUT/best.json)")
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); expected "
+                         '{"method": "tome", "r": [16, 16, ...], "options": {}}') from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} must hold a JSON object with keys {CONFIG_KEYS}, got {type(config).__name__}")
+    unknown = sorted(set(config) - set(CONFIG_KEYS))
+    missing = [key for key in ("method", "r") if key not in config]
+    if unknown or missing:
+        raise ValueError(f"{path}: a configuration has the keys {CONFIG_KEYS} (options optional); "
+                         f"unknown {unknown}, missing {missing}")
+    method, options = config["method"], config.get("options", {})
+    if method not in list_methods():
+        raise ValueError(f"{path}: unknown method {method!r}; available: {', '.join(list_methods())}")
+    if not isinstance(options, dict):
+        raise ValueError(f"{path}: 'options' must be a JSON object of method options, got {options!r}")
+    schedule = config["r"]
+    try:
+        schedule = validate_schedule(schedule)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{path}: bad 'r' ({err}); give an int or a per-block list") from None
+    return {"method": method, "r": schedule, "options": dict(options)}
 
 
 def resolve_budget(base_gflops: float, target_gflops=None, target_speedup=None, gflops_fraction=None) -> float:
