@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from tokenmerge.core.energy import energy_matching, energy_score, plan_from_pairs
 from tokenmerge.core.merge import merge_tokens
+from tokenmerge.core.matching import bidirectional_plan_from_scores
 from tokenmerge.core.multi_criteria import multi_criteria_matching, multi_criteria_scores
 
 
@@ -107,6 +108,66 @@ def test_multi_criteria_prefers_uninformative_and_small_tokens():
     size = torch.tensor([[[1.0], [1.0], [1.0], [1.0], [4.0]]])
     plan = multi_criteria_matching(metric, received, size, 1, num_protected=1)
     assert plan.assign[0, 2] in (plan.assign[0, 1], plan.assign[0, 3])  # token 2 (size 1), not 4
+
+
+def reference_bidirectional(scores, n, r, protected):
+    """Slot of every token, by plain loops: r // 2 of A into B, the rest of r from B into kept A."""
+    a = list(range(protected + protected % 2, n, 2))
+    b = list(range(protected + 1 - protected % 2, n, 2))
+    r1, r2 = r // 2, r - r // 2
+    best_b = {p: max(range(len(b)), key=lambda q: scores[p, q]) for p in range(len(a))}
+    merged_a = sorted(range(len(a)), key=lambda p: -scores[p, best_b[p]])[:r1]
+    kept_a = [p for p in range(len(a)) if p not in merged_a]
+    best_a = {q: max(kept_a, key=lambda p: scores[p, q]) for q in range(len(b))}
+    merged_b = sorted(range(len(b)), key=lambda q: -scores[best_a[q], q])[:r2]
+    kept_b = [q for q in range(len(b)) if q not in merged_b]
+    slot = {i: i for i in range(protected)}
+    slot.update({a[p]: protected + k for k, p in enumerate(kept_a)})
+    slot.update({b[q]: protected + len(kept_a) + k for k, q in enumerate(kept_b)})
+    slot.update({b[q]: slot[a[best_a[q]]] for q in merged_b})
+    slot.update({a[p]: slot[b[best_b[p]]] for p in merged_a})
+    return [slot[i] for i in range(n)]
+
+
+@pytest.mark.parametrize("protected,n,r", [(0, 12, 1), (1, 13, 5), (1, 17, 8), (2, 14, 6)])
+def test_bidirectional_plan_matches_reference(protected, n, r):
+    torch.manual_seed(n + r)
+    a0, b0 = protected + protected % 2, protected + 1 - protected % 2
+    num_a, num_b = len(range(a0, n, 2)), len(range(b0, n, 2))
+    scores = torch.rand(3, num_a, num_b, dtype=torch.float64)
+    plan = bidirectional_plan_from_scores(scores, r, protected)
+    assert plan.num_out == n - r and plan.weight is None
+    for k in range(3):
+        assert plan.assign[k].tolist() == reference_bidirectional(scores[k], n, r, protected)
+    # every output slot receives a token, protected tokens stay first
+    for k in range(3):
+        assert sorted(set(plan.assign[k].tolist())) == list(range(n - r))
+
+
+def test_attention_fusion_weights_members_by_size_times_attention():
+    torch.manual_seed(0)
+    x = torch.randn(2, 9, 4, dtype=torch.float64)
+    size = torch.randint(1, 4, (2, 9, 1)).double()
+    received = torch.rand(2, 9, dtype=torch.float64) + 0.1
+    metric = torch.randn(2, 9, 5, dtype=torch.float64)
+    plain = multi_criteria_matching(metric, received, size, 3, num_protected=1)
+    fused = multi_criteria_matching(metric, received, size, 3, num_protected=1, fusion="attention")
+    assert torch.equal(plain.assign, fused.assign)
+    out, out_size = merge_tokens(x, size, fused)
+    weight = received[..., None] * size
+    for k in range(2):
+        for slot in range(fused.num_out):
+            members = (fused.assign[k] == slot).nonzero()[:, 0]
+            w = weight[k, members]
+            torch.testing.assert_close(out[k, slot], (w * x[k, members]).sum(0) / w.sum())
+            assert out_size[k, slot, 0] == size[k, members].sum()
+    # weight == size is the size-weighted merge
+    same, same_size = merge_tokens(x, size, plain._replace(weight=size))
+    reference, reference_size = merge_tokens(x, size, plain)
+    torch.testing.assert_close(same, reference)
+    assert torch.equal(same_size, reference_size)
+    with pytest.raises(ValueError, match="fusion must be one of"):
+        multi_criteria_matching(metric, received, size, 3, num_protected=1, fusion="max")
 
 
 @pytest.mark.parametrize("fn", ["pitome", "mctf"])

@@ -16,14 +16,16 @@ def vit(**overrides):
     return VisionTransformer(**{**SMALL, **overrides}).eval()
 
 
-@pytest.mark.parametrize("method", ["pitome", "mctf"])
+@pytest.mark.parametrize("method,options", [
+    ("pitome", {}), ("mctf", {}), ("mctf", dict(bidirectional=True, fusion="attention")),
+])
 @torch.no_grad()
-def test_r0_exact_token_counts_and_unpatch(method):
+def test_r0_exact_token_counts_and_unpatch(method, options):
     model, x = vit(), torch.randn(2, 3, 64, 64)
     reference = model(x)
-    tokenmerge.patch(model, method=method, r=0)
+    tokenmerge.patch(model, method=method, r=0, **options)
     assert torch.equal(model(x), reference)
-    tokenmerge.patch(model, method=method, r=6, trace_source=True)
+    tokenmerge.patch(model, method=method, r=6, trace_source=True, **options)
     state = model.forward_tokens(x)
     assert state.x.shape[1] == model.tokens_per_block()[-1] == 65 - 4 * 6
     assert state.size[:, 1:].sum(dim=1).flatten().tolist() == [64.0, 64.0]  # every patch counted once
@@ -38,9 +40,11 @@ def test_r0_exact_token_counts_and_unpatch(method):
     ("mctf", dict(tau_info=0.0), "tau_info must be > 0"),
     ("mctf", dict(tau_sim=float("inf")), "tau_sim must be a finite number"),
     ("mctf", dict(chunk_size=0), "chunk_size must be a positive int"),
+    ("mctf", dict(fusion="mean"), "fusion must be one of"),
+    ("mctf", dict(bidirectional="yes"), "bidirectional must be True or False"),
 ])
 def test_bad_options(method, options, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises((ValueError, TypeError), match=message):
         tokenmerge.patch(vit(), method=method, r=2, **options)
 
 

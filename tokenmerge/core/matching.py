@@ -20,6 +20,7 @@ from .merge import MergePlan
 __all__ = [
     "bipartite_soft_matching",
     "bipartite_plan_from_scores",
+    "bidirectional_plan_from_scores",
     "bipartite_similarity",
     "bipartite_max_reduction",
     "check_bipartite_reduction",
@@ -123,4 +124,62 @@ def bipartite_plan_from_scores(scores: torch.Tensor, r: int, num_protected: int)
         assign[:, :num_protected] = torch.arange(num_protected, device=device)
         assign[:, a0::2] = assign_a
         assign[:, b0::2] = assign_b
+    return MergePlan(assign, N - r)
+
+
+def bidirectional_plan_from_scores(scores: torch.Tensor, r: int, num_protected: int) -> MergePlan:
+    """MCTF's bidirectional bipartite matching from edge scores between set A and set B.
+
+    Two steps, each ToMe's matching in one direction: ``r1 = r // 2`` A-tokens merge into
+    their best B-tokens, then ``r2 = r - r1`` B-tokens (merged ones included) merge into
+    their best *kept* A-tokens, scored by the same edges. In one direction, a token of B can
+    only absorb others; both directions let either side of a similar pair leave, so the
+    ``r`` merges come from the strongest edges of both sets. Merging twice by size-weighted
+    averages equals one size-weighted average over each final group, so the two steps are
+    returned as one composed plan.
+
+    Args:
+        scores: ``[B, Na, Nb]`` edge scores as in :func:`bipartite_plan_from_scores`.
+        r: tokens to remove, ``1 <= r <= min(Na, Nb)``.
+        num_protected: leading tokens that are never merged.
+
+    Returns:
+        A :class:`~tokenmerge.core.merge.MergePlan` over ``N = num_protected + Na + Nb``
+        tokens with ``num_out = N - r``, in the order ``[protected, kept A, kept B]``.
+    """
+    B, num_a, num_b = scores.shape
+    N = num_protected + num_a + num_b
+    device = scores.device
+    a0, b0 = split_parity(num_protected)
+    r1 = r // 2
+    r2 = r - r1
+    with torch.no_grad():
+        node_max, node_idx = scores.max(dim=-1)
+        edge_order = node_max.argsort(dim=-1, descending=True)
+        src_a = edge_order[:, :r1]  # positions in A that merge into B
+        kept_a = edge_order[:, r1:].sort(dim=-1).values  # positions in A that stay, in order
+        dst_b = node_idx.gather(1, src_a)
+
+        # B -> kept A, on the same edges.
+        back = scores.gather(1, kept_a.unsqueeze(-1).expand(-1, -1, num_b)).transpose(1, 2)  # [B, Nb, Na - r1]
+        node_max_b, node_idx_b = back.max(dim=-1)
+        edge_order_b = node_max_b.argsort(dim=-1, descending=True)
+        src_b = edge_order_b[:, :r2]  # positions in B that merge into kept A
+        kept_b = edge_order_b[:, r2:].sort(dim=-1).values
+
+        num_kept_a = num_a - r1
+        b_base = num_protected + num_kept_a
+        slot_a = torch.empty(B, num_a, dtype=torch.long, device=device)
+        slot_a.scatter_(1, kept_a, torch.arange(num_protected, b_base, device=device).expand(B, -1))
+        slot_b = torch.empty(B, num_b, dtype=torch.long, device=device)
+        slot_b.scatter_(1, kept_b, torch.arange(b_base, N - r, device=device).expand(B, -1))
+        # A merged B-token goes where its kept-A partner goes ...
+        slot_b.scatter_(1, src_b, slot_a.gather(1, kept_a.gather(1, node_idx_b.gather(1, src_b))))
+        # ... and so does an A-token merged into it in the first step.
+        slot_a.scatter_(1, src_a, slot_b.gather(1, dst_b))
+
+        assign = torch.empty(B, N, dtype=torch.long, device=device)
+        assign[:, :num_protected] = torch.arange(num_protected, device=device)
+        assign[:, a0::2] = slot_a
+        assign[:, b0::2] = slot_b
     return MergePlan(assign, N - r)

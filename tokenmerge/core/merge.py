@@ -36,10 +36,14 @@ class MergePlan(NamedTuple):
     Attributes:
         assign: ``[B, N]`` int64, values in ``[0, num_out]``; ``num_out`` means "discard".
         num_out: number of output tokens (a Python int, so shapes stay static).
+        weight: ``[B, N, 1]`` positive fusion weight of each input token, or ``None``
+            (default) to average by size. A merged token is then ``sum(w x) / sum(w)``;
+            its size is still the summed size (MCTF's attention-weighted fusion).
     """
 
     assign: torch.Tensor
     num_out: int
+    weight: Optional[torch.Tensor] = None
 
 
 def merge_tokens(
@@ -53,7 +57,8 @@ def merge_tokens(
     Args:
         x: ``[B, N, C]`` tokens.
         size: ``[B, N, 1]`` patches per token, or ``None`` for all ones.
-        plan: a :class:`MergePlan` over the ``N`` tokens.
+        plan: a :class:`MergePlan` over the ``N`` tokens (with ``plan.weight``, tokens are
+            averaged by that weight instead of their size).
 
     Returns:
         ``(x_out [B, num_out, C], size_out [B, num_out, 1])``. A slot that receives no token
@@ -63,15 +68,20 @@ def merge_tokens(
     num_out = plan.num_out
     if size is None:
         size = x.new_ones(B, N, 1)
-    weighted = torch.cat([x * size, size], dim=-1)  # [B, N, C + 1]
+    if plan.weight is None:
+        weighted = torch.cat([x * size, size], dim=-1)  # [B, N, C + 1]
+    else:  # the weight averages, the size still counts patches
+        weight = plan.weight.to(x.dtype)
+        weighted = torch.cat([x * weight, weight, size], dim=-1)  # [B, N, C + 2]
+    width = weighted.shape[-1]
     # Flatten the batch so one index_add covers every image; row num_out of each image is
     # the discard slot.
     offsets = torch.arange(B, device=x.device).unsqueeze(1) * (num_out + 1)
     index = (plan.assign + offsets).reshape(-1)
-    out = add_rows(weighted.new_zeros(B * (num_out + 1), C + 1), index, weighted.reshape(B * N, C + 1))
-    out = out.view(B, num_out + 1, C + 1)[:, :num_out]
-    size_out = out[..., C:]
-    x_out = out[..., :C] / size_out.clamp_min(torch.finfo(out.dtype).tiny)
+    out = add_rows(weighted.new_zeros(B * (num_out + 1), width), index, weighted.reshape(B * N, width))
+    out = out.view(B, num_out + 1, width)[:, :num_out]
+    size_out = out[..., width - 1:]
+    x_out = out[..., :C] / out[..., C:C + 1].clamp_min(torch.finfo(out.dtype).tiny)
     return x_out, size_out
 
 

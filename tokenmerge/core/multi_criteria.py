@@ -15,8 +15,15 @@ flattened by a temperature:
   small tokens merge first, so no token grows into a giant.
 
 Then, as in ToMe, every A-token proposes its highest-weight B-token and the ``r`` highest
-proposals merge. Left out (documented, not silently approximated): MCTF's bidirectional
-matching and its "one-step-ahead" attention, which reads the *next* block's attention.
+proposals merge; or, with ``bidirectional=True`` (the official code's evaluation setting),
+half of ``r`` merges A into B and the rest B into the kept A
+(:func:`~tokenmerge.core.matching.bidirectional_plan_from_scores`). With
+``fusion="attention"`` (the official code's ``pooling_type=1``), a merged token is the
+average of its members weighted by size x attention received, so the tokens the others
+attend to dominate the fused feature; ``"size"`` is ToMe's size-weighted average. Left
+out (documented, not silently approximated): the "one-step-ahead" attention, which reuses
+this block's merged attention map as the next block's informativeness instead of the
+next block's own attention.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from typing import Optional
 import torch
 
 from .matching import (
+    bidirectional_plan_from_scores,
     bipartite_plan_from_scores,
     bipartite_similarity,
     check_bipartite_reduction,
@@ -34,7 +42,9 @@ from .matching import (
 )
 from .merge import MergePlan
 
-__all__ = ["inverse_normalised", "multi_criteria_scores", "multi_criteria_matching"]
+__all__ = ["FUSIONS", "inverse_normalised", "multi_criteria_scores", "multi_criteria_matching"]
+
+FUSIONS = ("size", "attention")
 
 
 def inverse_normalised(value: torch.Tensor) -> torch.Tensor:
@@ -89,17 +99,29 @@ def multi_criteria_matching(
     tau_sim: float = 1.0,
     tau_info: float = 20.0,
     tau_size: float = 40.0,
+    bidirectional: bool = False,
+    fusion: str = "size",
 ) -> MergePlan:
     """Plan MCTF's merge of ``r`` tokens (see the module docstring; arguments as in
-    :func:`multi_criteria_scores`).
+    :func:`multi_criteria_scores`, plus ``bidirectional`` and ``fusion``).
 
     Returns:
-        A :class:`~tokenmerge.core.merge.MergePlan` with ``num_out = N - r``.
+        A :class:`~tokenmerge.core.merge.MergePlan` with ``num_out = N - r``; with
+        ``fusion="attention"`` its ``weight`` is ``size * received`` (``[B, N, 1]``).
     """
     B, N, _ = metric.shape
     check_bipartite_reduction("MCTF", N, num_protected, r)
+    if fusion not in FUSIONS:
+        raise ValueError(f"fusion must be one of {FUSIONS}, got {fusion!r}")
     if r == 0:
         return identity_plan(B, N, metric.device)
     with torch.no_grad():
         scores = multi_criteria_scores(metric, received, size, num_protected, tau_sim, tau_info, tau_size)
-        return bipartite_plan_from_scores(scores, r, num_protected)
+        make_plan = bidirectional_plan_from_scores if bidirectional else bipartite_plan_from_scores
+        plan = make_plan(scores, r, num_protected)
+        if fusion == "attention":
+            weight = received.unsqueeze(-1).to(metric.dtype)
+            if size is not None:
+                weight = weight * size.to(metric.dtype)
+            plan = plan._replace(weight=weight)
+        return plan
