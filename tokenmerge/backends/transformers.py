@@ -12,7 +12,15 @@ Supported (transformers 5.x module layout):
   ``Dinov2WithRegistersForImageClassification`` (class + register tokens protected);
 - ``ASTModel``, ``ASTForAudioClassification`` (Audio Spectrogram Transformer: spectrogram
   ``input_values [B, frames, mel bins]``; class and distillation tokens protected, so its
-  pool, their mean, is exact).
+  pool, their mean, is exact);
+- ``VideoMAEModel``, ``VideoMAEForVideoClassification`` (video ``pixel_values [B, T, 3, H,
+  W]``, tubelets of ``tubelet_size`` frames x one patch ordered (t, h, w); no class token, so
+  nothing is protected and tokens merge across space and time, as ToMe does for video). The
+  mean-pooling head is size-weighted. A classifier with ``use_mean_pooling=False`` reads
+  token 0, an ordinary tubelet, so merging it is refused unless ``num_protected=1`` keeps it
+  in place; ``bool_masked_pos`` (pre-training masking) is refused when the model merges.
+  ``HFAdapter.video_grid()`` gives the ``(t, h, w)`` grid that source maps index, and
+  :func:`tokenmerge.dense_features` unmerges onto it (``[B, C, t, h, w]`` maps).
 
 How it works. As in the timm backend, patching swaps classes for cached, importable
 subclasses: the *trunk* (the module holding embeddings and layers, e.g. ``ViTModel``), its
@@ -34,7 +42,8 @@ Outputs of a merged model:
   :func:`tokenmerge.dense_features` for a full ``[B, H*W, C]`` map.
 - ``hidden_states`` (``output_hidden_states=True``): the input of the first layer, then each
   layer's output, with shrinking token counts.
-- Mean-pooling heads (DINOv2 and CLIP image classification) are size-weighted.
+- VideoMAE's trunk returns ``BaseModelOutput`` (no pooler), as the unmodified one does.
+- Mean-pooling heads (DINOv2, CLIP image and VideoMAE video classification) are size-weighted.
 - ``output_attentions`` (the keyword, or ``config.output_attentions=True``) and attention
   masks are rejected (the fused path never forms the attention matrix, and merging changes
   the token set a mask refers to).
