@@ -300,3 +300,13 @@ def test_unmerge_to_grid_checks_the_tubelet_grid():
         tokenmerge.unmerge_to_grid(tokens[:, :1], source, 0, 0, (2, 4, 2))
     with pytest.raises(ValueError, match=r"\(T, H, W\) tubelets"):
         tokenmerge.unmerge_to_grid(tokens, None, 0, 0, (2, 2, 2, 4))
+
+
+def test_throughput_times_a_video_batch():
+    from tokenmerge.evaluation.throughput import measure_throughput
+
+    models = {"plain": _classifier(), "tome": tokenmerge.patch(_classifier(), method="tome", r=4)}
+    speed = measure_throughput(models, inputs=_videos(batch=3), warmup=0, repeats=2)
+    for name in models:
+        assert len(speed[name]["times_s"]) == 2
+        assert speed[name]["images_per_s"] == pytest.approx(3 / (speed[name]["ms_per_batch"] / 1e3))
