@@ -13,10 +13,15 @@ tokens and need no unmerging.
 
     >>> tokenmerge.patch(model, "tome", r=8, trace_source=True)
     >>> feats = tokenmerge.dense_features(model, images, output="map")   # [B, C, H/16, W/16]
+
+Video models (VideoMAE) take ``[B, T, 3, H, W]`` and have a 3-D tubelet grid ``(t, h, w)``
+(``t = T / tubelet_size``), in the token order of their embeddings: ``"tokens"`` gives
+``[B, t*h*w, C]`` and ``"map"`` gives ``[B, C, t, h, w]``.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -47,18 +52,23 @@ def unmerge_to_grid(
             ``M`` must be ``N``).
         num_protected: leading tokens that were never merged (they keep their index).
         num_prefix: leading non-patch tokens of the input (class, distillation, registers).
-        grid: ``(H, W)`` patches, ``H * W = N - num_prefix``.
-        output: ``"tokens"`` -> ``[B, H*W, C]``; ``"map"`` -> ``[B, C, H, W]``.
+        grid: ``(H, W)`` patches, ``H * W = N - num_prefix``; for video ``(T, H, W)``
+            tubelets in token order (time first).
+        output: ``"tokens"`` -> ``[B, H*W, C]``; ``"map"`` -> ``[B, C, H, W]`` (video:
+            ``[B, C, T, H, W]``).
         fill: ``[C]`` or ``[B, C]`` value for patches whose token was discarded (pruning
             methods); default zeros.
 
     Returns:
-        ``[B, H*W, C]`` or ``[B, C, H, W]``.
+        ``[B, H*W, C]`` or ``[B, C, H, W]`` (``[B, T*H*W, C]`` or ``[B, C, T, H, W]``).
     """
     if output not in DENSE_OUTPUTS:
         raise ValueError(f"output must be one of {DENSE_OUTPUTS}, got {output!r}")
-    height, width = grid
-    num_tokens = num_prefix + height * width
+    grid = tuple(int(g) for g in grid)
+    if len(grid) not in (2, 3):
+        raise ValueError(f"grid must be (H, W) patches or (T, H, W) tubelets, got {grid!r}")
+    shape = "x".join(map(str, grid))
+    num_tokens = num_prefix + math.prod(grid)
     if source is None:
         if x.shape[1] != num_tokens:
             raise ValueError(
@@ -71,14 +81,14 @@ def unmerge_to_grid(
         full = torch.cat([x[:, :num_protected], unmerge_tokens(x, source, fill)], dim=1)
         if full.shape[1] != num_tokens:
             raise ValueError(
-                f"the source map covers {full.shape[1]} tokens but a {height}x{width} grid with "
+                f"the source map covers {full.shape[1]} tokens but a {shape} grid with "
                 f"{num_prefix} prefix tokens has {num_tokens}"
             )
     dense = full[:, num_prefix:]
     if output == "tokens":
         return dense
     B, _, C = dense.shape
-    return dense.transpose(1, 2).reshape(B, C, height, width)
+    return dense.transpose(1, 2).reshape(B, C, *grid)
 
 
 def dense_features(
@@ -89,7 +99,8 @@ def dense_features(
     fill: Optional[torch.Tensor] = None,
     **forward_kwargs,
 ) -> torch.Tensor:
-    """Per-patch features of a (merged) ViT: ``[B, H*W, C]`` or ``[B, C, H, W]``.
+    """Per-patch features of a (merged) ViT: ``[B, H*W, C]`` or ``[B, C, H, W]``; per-tubelet
+    features of a video model: ``[B, T*H*W, C]`` or ``[B, C, T, H, W]``.
 
     Runs the model's token forward and unmerges its final tokens (``last_hidden_state`` for
     Hugging Face models, ``forward_features`` for timm: after the final norm where the model
@@ -99,7 +110,7 @@ def dense_features(
     Args:
         model: a timm ``VisionTransformer`` or a supported Hugging Face model, patched with
             ``trace_source=True`` (or ``layout="local"``, or not patched at all).
-        images: ``[B, 3, H, W]``.
+        images: ``[B, 3, H, W]``, or videos ``[B, frames, 3, H, W]`` for a video model.
         output: ``"tokens"`` or ``"map"``.
         fill: value for discarded patches, ``[C]`` or ``[B, C]``.
         **forward_kwargs: passed to the forward (e.g. ``interpolate_pos_encoding=True``).
@@ -108,5 +119,5 @@ def dense_features(
 
     adapter = adapter_for(model)  # an unsupported model: a TypeError naming it and what is supported
     state, num_protected = adapter.final_state(images, **forward_kwargs)
-    grid = adapter.grid(*images.shape[-2:])
+    grid = adapter.input_grid(images)
     return unmerge_to_grid(state.x, state.source, num_protected, adapter.num_prefix_tokens, grid, output, fill)

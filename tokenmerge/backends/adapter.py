@@ -130,6 +130,11 @@ class ModelAdapter:
         """``(rows, columns)`` of patches for an image of ``height x width`` pixels."""
         return height // self.patch_size[0], width // self.patch_size[1]
 
+    def input_grid(self, inputs: torch.Tensor) -> tuple:
+        """The patch grid of an input batch, in token order: ``(rows, columns)`` for images
+        ``[B, 3, H, W]``; video models give ``(t, h, w)`` for ``[B, T, 3, H, W]``."""
+        return self.grid(*inputs.shape[-2:])
+
     def check_image_size(self, size: int) -> None:
         """Raise a clear error when the model cannot run ``size x size`` images (the default:
         any size that is not its own)."""

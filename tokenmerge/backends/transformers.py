@@ -12,7 +12,15 @@ Supported (transformers 5.x module layout):
   ``Dinov2WithRegistersForImageClassification`` (class + register tokens protected);
 - ``ASTModel``, ``ASTForAudioClassification`` (Audio Spectrogram Transformer: spectrogram
   ``input_values [B, frames, mel bins]``; class and distillation tokens protected, so its
-  pool, their mean, is exact).
+  pool, their mean, is exact);
+- ``VideoMAEModel``, ``VideoMAEForVideoClassification`` (video ``pixel_values [B, T, 3, H,
+  W]``, tubelets of ``tubelet_size`` frames x one patch ordered (t, h, w); no class token, so
+  nothing is protected and tokens merge across space and time, as ToMe does for video). The
+  mean-pooling head is size-weighted. A classifier with ``use_mean_pooling=False`` reads
+  token 0, an ordinary tubelet, so merging it is refused unless ``num_protected=1`` keeps it
+  in place; ``bool_masked_pos`` (pre-training masking) is refused when the model merges.
+  ``HFAdapter.video_grid()`` gives the ``(t, h, w)`` grid that source maps index, and
+  :func:`tokenmerge.dense_features` unmerges onto it (``[B, C, t, h, w]`` maps).
 
 How it works. As in the timm backend, patching swaps classes for cached, importable
 subclasses: the *trunk* (the module holding embeddings and layers, e.g. ``ViTModel``), its
@@ -34,7 +42,8 @@ Outputs of a merged model:
   :func:`tokenmerge.dense_features` for a full ``[B, H*W, C]`` map.
 - ``hidden_states`` (``output_hidden_states=True``): the input of the first layer, then each
   layer's output, with shrinking token counts.
-- Mean-pooling heads (DINOv2 and CLIP image classification) are size-weighted.
+- VideoMAE's trunk returns ``BaseModelOutput`` (no pooler), as the unmodified one does.
+- Mean-pooling heads (DINOv2, CLIP image and VideoMAE video classification) are size-weighted.
 - ``output_attentions`` (the keyword, or ``config.output_attentions=True``) and attention
   masks are rejected (the fused path never forms the attention matrix, and merging changes
   the token set a mask refers to).
@@ -61,7 +70,7 @@ itself is a size-weighted average.
 from __future__ import annotations
 
 import functools
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import nn
@@ -74,6 +83,7 @@ from .common import (
     MergingBlockMixin,
     MergingModelMixin,
     patched_class,
+    resolve_block_schedule,
     run_blocks,
 )
 
@@ -94,12 +104,40 @@ __all__ = [
 # --------------------------------------------------------------------------------------
 
 
-def _attention_fields(attn: nn.Module):
-    """``(out_proj, scale, dropout_p)`` of a ViT/DeiT/DINOv2 or CLIP attention module."""
-    out_proj = attn.o_proj if hasattr(attn, "o_proj") else attn.out_proj
-    scale = attn.scaling if hasattr(attn, "scaling") else attn.scale
-    dropout = attn.attention_dropout if hasattr(attn, "attention_dropout") else attn.dropout
-    return out_proj, scale, (dropout if attn.training else 0.0)
+class _AttentionParts(NamedTuple):
+    """What proportional attention needs from one HF self-attention module."""
+
+    q: nn.Linear
+    k: nn.Linear
+    v: nn.Linear
+    out: nn.Linear
+    head_dim: int
+    scale: float
+    dropout_p: float  # 0 in eval mode
+    backend: str  # config._attn_implementation
+
+
+def _attention_parts(attn: nn.Module) -> _AttentionParts:
+    """The projections, head width, scale and dropout of an HF attention module.
+
+    Two layouts: ViT/DeiT/DINOv2/AST/CLIP (transformers 5.x) keep everything in one module
+    (``q_proj``/``k_proj``/``v_proj`` and ``o_proj`` or ``out_proj``); VideoMAE keeps the BERT
+    layout, where ``VideoMAEAttention`` holds the self-attention (``query``/``key``/``value``)
+    and, beside it, the output projection (``output.dense``).
+    """
+    if hasattr(attn, "q_proj"):
+        out = attn.o_proj if hasattr(attn, "o_proj") else attn.out_proj
+        scale = attn.scaling if hasattr(attn, "scaling") else attn.scale
+        dropout = attn.attention_dropout if hasattr(attn, "attention_dropout") else attn.dropout
+        q, k, v, head_dim, config = attn.q_proj, attn.k_proj, attn.v_proj, attn.head_dim, attn.config
+    else:
+        self_attn = attn.attention
+        out, scale, dropout = attn.output.dense, self_attn.scaling, self_attn.dropout_prob
+        q, k, v, config = self_attn.query, self_attn.key, self_attn.value, self_attn.config
+        head_dim = self_attn.attention_head_size
+    return _AttentionParts(
+        q, k, v, out, head_dim, scale, dropout if attn.training else 0.0, config._attn_implementation
+    )
 
 
 def _project_heads(linear: nn.Linear, x: torch.Tensor, head_dim: int) -> torch.Tensor:
@@ -124,40 +162,43 @@ def hf_attention(
     x: torch.Tensor,
     log_size: Optional[torch.Tensor],
     impl: str,
-    backend: str,
+    backend: Optional[str] = None,
 ):
     """An HF self-attention module's forward with proportional attention; also returns q, k.
 
     Args:
-        attn: ``ViTAttention``/``DeiTAttention``/``Dinov2Attention``/``CLIPAttention``.
+        attn: ``ViTAttention``/``DeiTAttention``/``Dinov2Attention``/``CLIPAttention``, or
+            ``VideoMAEAttention`` (self-attention and output projection).
         x: ``[B, N, C]`` normalised tokens.
         log_size: ``[B, N]`` log token sizes, or ``None``.
         impl: proportional-attention implementation for the fused path (``auto``/``fold``/``bias``).
-        backend: the model's ``config._attn_implementation``; ``"eager"`` keeps the explicit
-            softmax, anything else uses fused SDPA.
+        backend: ``"eager"`` keeps the explicit softmax, anything else uses fused SDPA; default:
+            the module's ``config._attn_implementation``.
 
     Returns:
         ``(out [B, N, C], AttentionTensors)``.
     """
     B, N, _ = x.shape
-    out_proj, scale, dropout_p = _attention_fields(attn)
-    q = _project_heads(attn.q_proj, x, attn.head_dim)
-    k = _project_heads(attn.k_proj, x, attn.head_dim)
-    v = _project_heads(attn.v_proj, x, attn.head_dim)
-    if backend == "eager":
-        out = _eager_attention(q, k, v, log_size, scale, dropout_p)
+    parts = _attention_parts(attn)
+    q = _project_heads(parts.q, x, parts.head_dim)
+    k = _project_heads(parts.k, x, parts.head_dim)
+    v = _project_heads(parts.v, x, parts.head_dim)
+    if (backend or parts.backend) == "eager":
+        out = _eager_attention(q, k, v, log_size, parts.scale, parts.dropout_p)
     else:
-        out = proportional_attention(q, k, v, log_size, impl=impl, dropout_p=dropout_p, scale=scale)
-    out = out_proj(out.transpose(1, 2).reshape(B, N, -1))
-    return out, AttentionTensors(q, k, log_size, scale)
+        out = proportional_attention(
+            q, k, v, log_size, impl=impl, dropout_p=parts.dropout_p, scale=parts.scale
+        )
+    out = parts.out(out.transpose(1, 2).reshape(B, N, -1))
+    return out, AttentionTensors(q, k, log_size, parts.scale)
 
 
 def _query_key(attn: nn.Module, x: torch.Tensor) -> AttentionTensors:
     """Queries and keys of all tokens ``[B, N, C]``, for deciding a merge before attention."""
-    _, scale, _ = _attention_fields(attn)
-    q = _project_heads(attn.q_proj, x, attn.head_dim)
-    k = _project_heads(attn.k_proj, x, attn.head_dim)
-    return AttentionTensors(q, k, None, scale)
+    parts = _attention_parts(attn)
+    q = _project_heads(parts.q, x, parts.head_dim)
+    k = _project_heads(parts.k, x, parts.head_dim)
+    return AttentionTensors(q, k, None, parts.scale)
 
 
 # --------------------------------------------------------------------------------------
@@ -171,16 +212,14 @@ class _MergingLayerMixin(MergingBlockMixin):
     branches, and ``_tm_attention`` (the self-attention module)."""
 
     def _tm_attend(self, h, log_size, impl):
-        attention = self._tm_attention
-        return hf_attention(attention, h, log_size, impl, attention.config._attn_implementation)
+        return hf_attention(self._tm_attention, h, log_size, impl)
 
     def _tm_query_key(self, h):
         return _query_key(self._tm_attention, h)
 
     def _tm_key_projection(self):
-        k_proj = self._tm_attention.k_proj
-        head_dim = self._tm_attention.head_dim
-        return k_proj.weight, k_proj.bias, k_proj.out_features // head_dim, head_dim
+        parts = _attention_parts(self._tm_attention)
+        return parts.k.weight, parts.k.bias, parts.k.out_features // parts.head_dim, parts.head_dim
 
     def _tm_forward_unchanged(self, x):
         return self(x, None)
@@ -252,6 +291,35 @@ class _CLIPLayerMixin(_MergingLayerMixin):
         return self.mlp(x)
 
 
+class _VideoMAELayerMixin(_MergingLayerMixin):
+    """``VideoMAELayer``: pre-norm, BERT-style modules (``attention.output`` and ``output``
+    carry the output projections and their dropouts; ``output`` would also add the
+    residual, so the MLP branch is taken apart here)."""
+
+    @property
+    def _tm_attention(self):
+        return self.attention
+
+    @property
+    def _tm_norm1_module(self):
+        return self.layernorm_before
+
+    def _tm_after_attn(self, h):
+        return self.attention.output.dropout(h)
+
+    def _tm_norm2(self, x):
+        return self.layernorm_after(x)
+
+    def _tm_mlp(self, x):
+        return self.output.dense(self.intermediate(x))
+
+    def _tm_after_mlp(self, h):
+        return self.output.dropout(h)
+
+    def _tm_forward_unchanged(self, x):
+        return self(x)  # no attention-mask argument, unlike the ViT-style layers
+
+
 def _reject_unsupported(attention_mask, kwargs, config) -> tuple:
     """Pop HF output flags from ``kwargs``; raise on what a merged model cannot provide.
 
@@ -285,10 +353,12 @@ class _MergingTrunkMixin(MergingModelMixin):
     Family mixins provide ``_tm_layers``, ``_tm_embed(pixel_values, **embed_kwargs)`` (tokens
     entering the first layer), ``_tm_final(x)`` (the sequence norm, if any),
     ``_tm_pool(last_hidden_state)``, ``_tm_patch_count()`` and ``tokenmerge_patch_size``, and
-    say whether the embeddings take any image size by default (``any_image_size``).
+    say whether the embeddings take any image size by default (``any_image_size``) and what
+    they take (``inputs``: ``"images"``, ``"spectrograms"``, ``"videos"``).
     """
 
     any_image_size = False
+    inputs = "images"
 
     def _tm_final(self, x):
         return x
@@ -314,8 +384,6 @@ class _MergingTrunkMixin(MergingModelMixin):
         return self._tm_run(pixel_values, **embed_kwargs)[0]
 
     def _tm_forward(self, pixel_values, attention_mask, kwargs, **embed_kwargs):
-        from transformers.modeling_outputs import BaseModelOutputWithPooling
-
         return_dict, output_hidden = _reject_unsupported(attention_mask, kwargs, self.config)
         if return_dict is None:
             return_dict = getattr(self.config, "return_dict", True)
@@ -327,10 +395,18 @@ class _MergingTrunkMixin(MergingModelMixin):
                 f"or none; got output_hidden_states={output_hidden!r}"
             )
         state, hidden = self._tm_run(pixel_values, output_hidden, **embed_kwargs)
-        out = BaseModelOutputWithPooling(
-            last_hidden_state=state.x, pooler_output=self._tm_pool(state.x), hidden_states=hidden
-        )
+        out = self._tm_output(state.x, hidden)
         return out if return_dict else out.to_tuple()
+
+    def _tm_output(self, last_hidden_state, hidden_states):
+        """The unmodified model's output type, holding the merged tokens."""
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        return BaseModelOutputWithPooling(
+            last_hidden_state=last_hidden_state,
+            pooler_output=self._tm_pool(last_hidden_state),
+            hidden_states=hidden_states,
+        )
 
 
 class _ViTTrunkMixin(_MergingTrunkMixin):
@@ -455,8 +531,62 @@ class _ASTTrunkMixin(_MergingTrunkMixin):
     def _tm_pool(self, x):
         return (x[:, 0] + x[:, 1]) / 2
 
+    inputs = "spectrograms"
+
     def forward(self, input_values=None, attention_mask=None, **kwargs):
         return self._tm_forward(input_values, attention_mask, kwargs)
+
+
+class _VideoMAETrunkMixin(_MergingTrunkMixin):
+    """``VideoMAEModel``: ``pixel_values [B, T, 3, H, W]`` cut into tubelets of
+    ``tubelet_size`` frames x one patch, ordered (t, h, w); fixed sinusoidal position
+    embeddings are added in the embeddings, and there is no class token, so every token is
+    mergeable (across space and time, as ToMe does for video). The final norm exists only
+    without mean pooling; the output has no pooler."""
+
+    inputs = "videos"
+
+    @property
+    def _tm_layers(self):
+        return self.encoder.layer
+
+    @property
+    def tokenmerge_patch_size(self) -> tuple:
+        return tuple(self.embeddings.patch_embeddings.patch_size)
+
+    @property
+    def tokenmerge_tubelet_size(self) -> int:
+        return self.embeddings.patch_embeddings.tubelet_size
+
+    def _tm_patch_count(self) -> int:
+        return self.embeddings.num_patches
+
+    def _tm_embed(self, pixel_values, bool_masked_pos=None):
+        x = self.embeddings(pixel_values, bool_masked_pos)
+        if bool_masked_pos is not None and any(self.tokenmerge_schedule(x.shape[1])):
+            # The masked embeddings hold only the visible tubelets, and their consumer (the
+            # pre-training decoder) needs one output per visible tubelet, in order.
+            raise ValueError(
+                f"bool_masked_pos is not supported on a token-merged {_original_type(self).__name__}: "
+                "masking keeps only the visible tubelets, and a pre-training decoder needs one "
+                "output per visible tubelet, which merging removes; call tokenmerge.unpatch(model) "
+                "(or patch with r=0) to run masked inputs"
+            )
+        return x
+
+    def _tm_final(self, x):
+        return x if self.layernorm is None else self.layernorm(x)
+
+    def _tm_pool(self, x):
+        return None
+
+    def _tm_output(self, last_hidden_state, hidden_states):
+        from transformers.modeling_outputs import BaseModelOutput
+
+        return BaseModelOutput(last_hidden_state=last_hidden_state, hidden_states=hidden_states)
+
+    def forward(self, pixel_values=None, bool_masked_pos=None, **kwargs):
+        return self._tm_forward(pixel_values, None, kwargs, bool_masked_pos=bool_masked_pos)
 
 
 def _pair(value) -> tuple:
@@ -509,9 +639,18 @@ def _clip_head(model, state: TokenState) -> torch.Tensor:
     return model.classifier(_patch_mean(state, 1))
 
 
+def _videomae_head(model, state: TokenState) -> torch.Tensor:
+    """VideoMAE: ``fc_norm`` of the mean of all tokens (there is no class token); without mean
+    pooling, token 0 after the final norm (only reached unmerged or with token 0 protected,
+    see :func:`_check_token_zero_head`)."""
+    if model.fc_norm is None:
+        return model.classifier(state.x[:, 0])
+    return model.classifier(model.fc_norm(_patch_mean(state, 0)))
+
+
 class _MeanPoolClassifierMixin:
-    """Wrappers whose heads average patch tokens (DINOv2, CLIP classification): the head
-    runs on the merged tokens with size-weighted averaging."""
+    """Wrappers whose heads average patch tokens (DINOv2, CLIP, VideoMAE classification): the
+    head runs on the merged tokens with size-weighted averaging."""
 
     def forward(self, pixel_values=None, labels=None, attention_mask=None, **kwargs):
         from transformers.modeling_outputs import ImageClassifierOutput
@@ -519,7 +658,10 @@ class _MeanPoolClassifierMixin:
         return_dict, output_hidden = _reject_unsupported(attention_mask, kwargs, self.config)
         if return_dict is None:
             return_dict = getattr(self.config, "return_dict", True)
-        state, hidden = vision_trunk(self)._tm_run(pixel_values, bool(output_hidden))
+        # HF's VideoMAE classifier hands its keywords to the trunk: the trunk decides on a mask.
+        masked = kwargs.pop("bool_masked_pos", None)
+        embed_kwargs = {} if masked is None else {"bool_masked_pos": masked}
+        state, hidden = vision_trunk(self)._tm_run(pixel_values, bool(output_hidden), **embed_kwargs)
         logits = _wrappers()[_original_type(self)][1](self, state)
         loss = None if labels is None else self.loss_function(labels, logits, self.config, **kwargs)
         out = ImageClassifierOutput(loss=loss, logits=logits, hidden_states=hidden)
@@ -538,6 +680,7 @@ def _families() -> dict:
     import transformers.models.clip.modeling_clip as clip
     import transformers.models.deit.modeling_deit as deit
     import transformers.models.dinov2.modeling_dinov2 as dinov2
+    import transformers.models.videomae.modeling_videomae as videomae
     import transformers.models.vit.modeling_vit as vit
 
     families = {
@@ -547,6 +690,9 @@ def _families() -> dict:
         dinov2.Dinov2Model: (_Dinov2TrunkMixin, dinov2.Dinov2Layer, _Dinov2LayerMixin, dinov2.Dinov2Attention),
         clip.CLIPVisionModel: (
             _CLIPVisionTrunkMixin, clip.CLIPEncoderLayer, _CLIPLayerMixin, clip.CLIPAttention
+        ),
+        videomae.VideoMAEModel: (
+            _VideoMAETrunkMixin, videomae.VideoMAELayer, _VideoMAELayerMixin, videomae.VideoMAEAttention
         ),
     }
     try:
@@ -570,6 +716,7 @@ def _wrappers() -> dict:
     import transformers.models.clip.modeling_clip as clip
     import transformers.models.deit.modeling_deit as deit
     import transformers.models.dinov2.modeling_dinov2 as dinov2
+    import transformers.models.videomae.modeling_videomae as videomae
     import transformers.models.vit.modeling_vit as vit
 
     wrappers = {
@@ -581,6 +728,7 @@ def _wrappers() -> dict:
         clip.CLIPVisionModelWithProjection: ("vision_model", None, False),
         clip.CLIPForImageClassification: ("vision_model", _clip_head, True),
         dinov2.Dinov2ForImageClassification: ("dinov2", _dinov2_head, True),
+        videomae.VideoMAEForVideoClassification: ("videomae", _videomae_head, True),
     }
     try:
         import transformers.models.dinov2_with_registers.modeling_dinov2_with_registers as dreg
@@ -619,18 +767,23 @@ def vision_trunk(model: nn.Module) -> nn.Module:
         return getattr(model, wrappers[kind][0])
     raise TypeError(
         f"{type(model).__module__}.{type(model).__qualname__} is not a supported Hugging Face "
-        "vision encoder (ViT, DeiT, CLIP vision, DINOv2) or AST audio encoder"
+        "vision encoder (ViT, DeiT, CLIP vision, DINOv2), AST audio encoder or VideoMAE "
+        "video encoder"
     )
 
 
 def prefix_tokens(model: nn.Module) -> int:
-    """Leading non-patch tokens: 1 class token, DeiT's and AST's distillation token, DINOv2 registers."""
+    """Leading non-patch tokens: 1 class token, DeiT's and AST's distillation token, DINOv2
+    registers; none in VideoMAE."""
     import transformers.models.audio_spectrogram_transformer.modeling_audio_spectrogram_transformer as ast
     import transformers.models.deit.modeling_deit as deit
+    import transformers.models.videomae.modeling_videomae as videomae
 
     trunk = vision_trunk(model)
     if _original_type(trunk) in (deit.DeiTModel, ast.ASTModel):  # class + distillation token
         return 2
+    if _original_type(trunk) is videomae.VideoMAEModel:
+        return 0
     return 1 + int(getattr(trunk.config, "num_register_tokens", 0) or 0)
 
 
@@ -673,6 +826,34 @@ def _check_layers(trunk: nn.Module, layer_cls: type, attention_cls: type, where:
             )
 
 
+def _check_token_zero_head(model: nn.Module, reducer: TokenReducer, config: MergeConfig) -> None:
+    """Refuse a head that reads token 0 when token 0 is an ordinary, mergeable patch.
+
+    A VideoMAE classifier without mean pooling classifies ``last_hidden_state[:, 0]``, but
+    VideoMAE has no class token: token 0 is the first tubelet, and global merging averages it
+    into other tubelets or moves it, so the head would read another token. Protecting it
+    (``num_protected=1``) keeps it in place, as a class token is kept; the local layout keeps
+    every token in place.
+    """
+    import transformers.models.videomae.modeling_videomae as videomae
+
+    if _original_type(model) is not videomae.VideoMAEForVideoClassification or model.fc_norm is not None:
+        return
+    if config.num_protected > 0 or config.layout != "global":
+        return
+    trunk = vision_trunk(model)
+    num_tokens = _hook(trunk, "_tm_patch_count")() + prefix_tokens(trunk)
+    schedule = resolve_block_schedule(config, reducer, len(_hook(trunk, "_tm_layers")), num_tokens)
+    if any(schedule):
+        raise ValueError(
+            f"cannot merge tokens in {_original_type(model).__name__} with "
+            "config.use_mean_pooling=False: its head classifies token 0, which is an ordinary "
+            "tubelet (VideoMAE has no class token), so merging would change what the head reads. "
+            "Patch with num_protected=1 to keep token 0 out of merging (as a class token is), "
+            "use a mean-pooling checkpoint, or layout='local'"
+        )
+
+
 def patch_hf(model: nn.Module, reducer: TokenReducer, config: MergeConfig) -> nn.Module:
     """Patch a supported HF model in place (see :func:`tokenmerge.patch`).
 
@@ -689,6 +870,7 @@ def patch_hf(model: nn.Module, reducer: TokenReducer, config: MergeConfig) -> nn
     trunk_mixin, layer_cls, layer_mixin, attention_cls = _families()[type(trunk)]
     where = "" if trunk is model else f"{type(model).__name__}: "
     _check_layers(trunk, layer_cls, attention_cls, where)
+    _check_token_zero_head(model, reducer, config)
     for layer in _hook(trunk, "_tm_layers"):
         layer.__class__ = _patched_class(type(layer), layer_mixin)
     trunk.__class__ = _patched_class(type(trunk), trunk_mixin)
@@ -726,7 +908,7 @@ class HFAdapter(ModelAdapter):
     """Hugging Face vision encoders: a trunk (``ViTModel``...) or a supported wrapper."""
 
     family = "transformers"
-    supported = "Hugging Face ViT/DeiT/CLIP/DINOv2 vision encoders and AST audio encoders"
+    supported = "Hugging Face ViT/DeiT/CLIP/DINOv2 vision encoders, AST audio encoders and VideoMAE video encoders"
 
     @classmethod
     def detects(cls, model: nn.Module) -> bool:
@@ -741,15 +923,45 @@ class HFAdapter(ModelAdapter):
         return prefix_tokens(self.model)
 
     @property
+    def _inputs(self) -> str:
+        return _families()[_original_type(self.trunk)][0].inputs
+
+    @property
     def image_size(self) -> int:
-        size = getattr(self.trunk.config, "image_size", None)
-        if size is None:
+        inputs = self._inputs
+        if inputs != "images":
+            feed = "input_values" if inputs == "spectrograms" else "pixel_values [B, T, 3, H, W]"
             raise TypeError(
-                f"{_original_type(self.trunk).__name__} takes spectrograms, not images: the image "
+                f"{_original_type(self.trunk).__name__} takes {inputs}, not images: the image "
                 "commands (eval, bench, visualize, tune) do not apply to it; patch it with "
-                "tokenmerge.patch and feed it input_values"
+                f"tokenmerge.patch and feed it {feed}"
             )
-        return int(_pair(size)[0])
+        return int(_pair(self.trunk.config.image_size)[0])
+
+    def video_grid(self, frames: Optional[int] = None, height: Optional[int] = None,
+                   width: Optional[int] = None) -> tuple:
+        """``(t, h, w)`` tubelets of a video (default: the size the model is built for); tokens
+        are ordered t-major, then h, then w, and source maps index this grid flattened."""
+        trunk = self.trunk
+        if self._inputs != "videos":
+            raise TypeError(
+                f"{_original_type(trunk).__name__} takes {self._inputs}, not videos: it has no "
+                "(t, h, w) tubelet grid; use adapter.grid(height, width)"
+            )
+        config = trunk.config
+        frames = config.num_frames if frames is None else frames
+        default_height, default_width = _pair(config.image_size)
+        patch_height, patch_width = self.patch_size
+        return (
+            frames // _hook(trunk, "tokenmerge_tubelet_size"),
+            (default_height if height is None else height) // patch_height,
+            (default_width if width is None else width) // patch_width,
+        )
+
+    def input_grid(self, inputs: torch.Tensor) -> tuple:
+        if self._inputs == "videos":
+            return self.video_grid(inputs.shape[1], *inputs.shape[-2:])
+        return super().input_grid(inputs)
 
     @property
     def patch_size(self) -> tuple:

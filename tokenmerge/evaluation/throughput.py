@@ -10,7 +10,7 @@ from __future__ import annotations
 import statistics
 import time
 from contextlib import nullcontext
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 from torch import nn
@@ -40,15 +40,22 @@ def measure_throughput(
     warmup: int = 3,
     repeats: int = 10,
     progress: bool = False,
+    inputs: Optional[torch.Tensor] = None,
 ) -> Dict[str, dict]:
     """Images per second of each model on one random batch, interleaved.
+
+    ``inputs`` times a batch of your own instead (e.g. videos ``[B, T, 3, H, W]``; then
+    ``batch_size`` and ``image_size`` are ignored and "images" below means its items).
 
     Returns:
         ``{name: {"images_per_s": median, "ms_per_batch": median, "times_s": [...]}}``.
     """
     from tqdm.auto import tqdm
 
-    images = torch.randn(batch_size, 3, image_size, image_size, device=device)
+    if inputs is None:
+        images = torch.randn(batch_size, 3, image_size, image_size, device=device)
+    else:
+        images, batch_size = inputs, inputs.shape[0]
     times = {name: [] for name in models}
     total = (warmup + repeats) * len(models)
     with tqdm(total=total, desc="timing", disable=not progress, leave=False) as bar, autocast_for(device, dtype):
