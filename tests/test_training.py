@@ -121,6 +121,26 @@ def test_modular_training_moves_only_the_embeddings(tiny_setup, tmp_path):
             assert torch.equal(value, backbone[key]), key
 
 
+def test_training_starts_from_given_merge_modules(tiny_setup, tmp_path):
+    train(_config(tiny_setup, tmp_path / "modular", max_steps=2))
+    trained = tmp_path / "modular" / "dtem_modules.safetensors"
+    # A step this small leaves the modules where they started: at the file's values.
+    train(_config(tiny_setup, tmp_path / "e2e", mode="end2end", max_steps=1, lr=1e-12, backbone_lr=1e-12,
+                  init_modules=str(trained)))
+    start, after = load_file(str(trained)), load_file(str(tmp_path / "e2e" / "dtem_modules.safetensors"))
+    assert start.keys() == after.keys()
+    for key in start:
+        torch.testing.assert_close(after[key], start[key], atol=1e-9, rtol=0)
+    fresh = tmp_path / "fresh"
+    train(_config(tiny_setup, fresh, mode="end2end", max_steps=1, lr=1e-12, backbone_lr=1e-12))
+    assert any(not torch.allclose(load_file(str(fresh / "dtem_modules.safetensors"))[k], start[k]) for k in start)
+    with pytest.raises(ValueError, match="--method tome has none"):
+        train(_config(tiny_setup, tmp_path / "tome", method="tome", mode="end2end", init_modules=str(trained)),
+              on_step=_never_called)
+    with pytest.raises(ValueError, match="embed_dim=16"):
+        train(_config(tiny_setup, tmp_path / "shape", embed_dim=8, init_modules=str(trained)), on_step=_never_called)
+
+
 def test_end2end_training_moves_the_vit(tiny_setup, tmp_path):
     train(_config(tiny_setup, tmp_path, mode="end2end", backbone_lr=1e-2, max_steps=2))
     trained = load_file(str(tmp_path / "model.safetensors"))

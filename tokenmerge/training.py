@@ -4,7 +4,8 @@ ToMe, TC-ViT, EViT-style or pruning reduction in its forward; optional distillat
 - ``method="dtem", mode="modular"``: the ViT is frozen (eval mode, no gradients); only the
   merge embeddings learn, through soft grouping + soft merging.
 - ``method="dtem", mode="end2end"``: the ViT is fine-tuned too (its own learning rate,
-  ``backbone_lr``).
+  ``backbone_lr``). ``init_modules=FILE`` starts either mode from trained merge modules
+  (e.g. a modular run's, so end2end fine-tunes the ViT around a metric already learned).
 - ``method="tome"``: fine-tune the ViT with ToMe's hard merge in the forward; the matching
   has no gradient, the merge back-propagates as the size-weighted average it is.
 - ``method="mctf"`` / ``"pitome"``: the same, with those methods' matching (no gradient
@@ -122,6 +123,7 @@ class TrainConfig:
     num_classes: Optional[int] = None
     r: Schedule = 16  # an int, or per block (a list, e.g. the "r" of tune's best.json)
     tau: float = 0.1
+    init_modules: Optional[str] = None  # dtem: start from these trained merge modules (a .safetensors file)
     embed_dim: int = 64
     hidden_dim: Optional[int] = None
     epochs: float = 1.0
@@ -166,6 +168,8 @@ class TrainConfig:
             )
         if not isinstance(self.method_options, dict):
             raise TypeError(f"method options must be a dict such as {{\"order\": 2}}, got {self.method_options!r}")
+        if self.init_modules is not None and self.method != "dtem":
+            raise ValueError(f"--init-modules loads DTEM merge modules; --method {self.method} has none: drop it")
         if self.method == "dtem":
             clash = sorted(set(self.method_options) & set(DTEM_FIELD_OPTIONS))
             if clash:
@@ -348,6 +352,8 @@ def build_model(config: TrainConfig, model: Optional[nn.Module] = None) -> nn.Mo
     reducer = create_reducer(config.method, **options)
     _check_schedule_fits(config, reducer, adapter)
     tokenmerge.patch(model, method=reducer, r=config.r, prop_attn=prop_attn)
+    if config.init_modules is not None:
+        tokenmerge.load_merge_modules(model, config.init_modules)
     return model
 
 

@@ -70,6 +70,9 @@ def _configure(parser: argparse.ArgumentParser) -> None:
                              "(16,16,14,...): use the largest r you will evaluate (--merge-r: the same, for "
                              "torchrun, whose own options swallow --r)")
     parser.add_argument("--tau", type=_tau, default=0.1, help="soft-grouping temperature (dtem)")
+    parser.add_argument("--init-modules", default=None, metavar="FILE",
+                        help="dtem: start from these trained merge modules (.safetensors written by a "
+                             "modular run or tokenmerge.save_merge_modules), e.g. to fine-tune end2end")
     parser.add_argument("--embed-dim", type=_positive_int, default=64)
     parser.add_argument("--hidden-dim", type=_positive_int, default=None, help="MLP merge embedding")
     parser.add_argument("--epochs", type=arguments.finite_positive_float, default=1.0)
@@ -160,6 +163,7 @@ def config_from_args(args):
         method=method, mode="end2end" if method in PARAMETER_FREE_METHODS else args.mode,
         data=args.data, model=args.model, checkpoint=args.checkpoint,
         model_kwargs=args.model_kwargs, num_classes=args.num_classes, r=r, tau=args.tau,
+        init_modules=args.init_modules,
         embed_dim=args.embed_dim, hidden_dim=args.hidden_dim, epochs=args.epochs,
         max_steps=args.max_steps, batch_size=args.batch_size, lr=lr, backbone_lr=args.backbone_lr,
         weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, limit=args.limit,
