@@ -358,7 +358,9 @@ def build_model(config: TrainConfig, model: Optional[nn.Module] = None) -> nn.Mo
 
 
 def _check_schedule_fits(config: TrainConfig, reducer, adapter) -> None:
-    """Refuse a schedule some block would clamp: training would run another schedule than asked."""
+    """Refuse an ``r`` the first block cannot remove, and a per-block list that some block would
+    clamp (training would run another schedule than the one written out). A constant ``r``
+    may clamp in late blocks, as ToMe's constant schedules do (r=16 on ViT-Tiny: 10 in the last)."""
     from .core.schedule import format_schedule, resolve_schedule
 
     num_tokens, prefix = adapter.num_tokens, adapter.num_prefix_tokens
@@ -368,13 +370,14 @@ def _check_schedule_fits(config: TrainConfig, reducer, adapter) -> None:
     # Each method's own limit (bipartite matching: half the candidates; select-and-fuse: all but one).
     effective = resolve_schedule(config.r, num_blocks, num_tokens, prefix, reducer.max_reduction, warn=False)
     requested = resolve_schedule(config.r, num_blocks, num_tokens, prefix, lambda n, p: num_tokens, warn=False)
-    if effective != requested:
+    checked = num_blocks if isinstance(config.r, list) else 1
+    if effective[:checked] != requested[:checked]:
         block = next(i for i, (a, b) in enumerate(zip(effective, requested)) if a != b)
+        clamped = f" (clamped, the model would run {format_schedule(list(effective))})" if checked > 1 else ""
         raise ValueError(
             f"--r {format_schedule(config.r)} asks block {block} to remove {requested[block]} tokens, more "
             f"than it can with {config.method}: the model has {num_tokens} tokens ({prefix} protected), and "
-            f"block {block} can remove at most {effective[block]} (clamped, the model would run "
-            f"{format_schedule(list(effective))}); lower r there"
+            f"block {block} can remove at most {effective[block]}{clamped}; lower r there"
         )
 
 
