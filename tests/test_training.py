@@ -263,7 +263,10 @@ def test_schedules_training_cannot_run_as_asked_are_refused(tiny_setup, tmp_path
 def test_a_constant_r_may_clamp_in_late_blocks_as_in_tome(tiny_setup, tmp_path):
     # r=8 empties half of block 0's 16 patches; block 1 can then remove only 4 (ToMe r=16 on
     # ViT-Tiny likewise removes 10 in its last block). Only a written-out list is held to the letter.
-    summary = train(_config(tiny_setup, tmp_path, method="tome", mode="end2end", r=8, max_steps=1))
+    from tokenmerge.core.schedule import ScheduleClampedWarning
+
+    with pytest.warns(ScheduleClampedWarning, match=re.escape("effective schedule: [8, 4]")):
+        summary = train(_config(tiny_setup, tmp_path, method="tome", mode="end2end", r=8, max_steps=1))
     assert summary["steps"] == 1
     with pytest.raises(ValueError, match=re.escape("would run 8,4")):
         train(_config(tiny_setup, tmp_path / "list", method="tome", mode="end2end", r=[8, 8]), on_step=_never_called)
