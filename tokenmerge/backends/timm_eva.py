@@ -34,7 +34,7 @@ a token whose attention, with proportional attention, equals the two unmerged to
 
 Covered: ``EvaBlock`` (pre-norm) with ``EvaAttention`` or ``AttentionRope`` (qkv fused with or
 without EVA's q/v-bias, separate q/k/v, grouped-query k/v heads, qk-norm, the inner
-``scale_attn_inner`` norm, gated attention), SwiGLU/GLU/plain MLPs with or without
+``scale_attn_inner`` norm), SwiGLU/GLU/plain MLPs with or without
 ``scale_mlp``, layer scale (``gamma_1``/``gamma_2``), class and register tokens,
 ``no_embed_class``, absolute position embeddings with or without RoPE, RoPE types ``cat``
 (EVA-02, ViT-RoPE axial), ``dinov3`` and ``mixed`` (learnt per-block frequencies),
