@@ -6,7 +6,7 @@ import pickle
 import pytest
 import timm
 import torch
-from timm.models.eva import Eva, EvaBlock
+from timm.models.eva import Eva, EvaBlock, EvaBlockPostNorm
 
 import tokenmerge
 from tokenmerge.backends.timm_eva import rope_embedding, rope_grid, rope_kind
@@ -44,6 +44,8 @@ VARIANTS = {
     "map_pool": lambda: eva(**EVA02, global_pool="map", class_token=False),
     "max_pool": lambda: eva(**EVA02, global_pool="max"),
     "dynamic_img_size": lambda: eva(**EVA02, dynamic_img_size=True),
+    # EVA-02-E: post-norm blocks
+    "post_norm": lambda: eva(**EVA02, use_post_norm=True),
 }
 ROPE_VARIANTS = sorted(name for name in VARIANTS if name != "eva01_no_rope")
 
@@ -71,7 +73,7 @@ def test_r0_is_bit_identical_and_unpatch_restores(variant):
     assert list(model.state_dict()) == keys
     assert not torch.allclose(model(x), reference)
     tokenmerge.unpatch(model)
-    assert type(model) is Eva and all(type(block) is EvaBlock for block in model.blocks)
+    assert type(model) is Eva and all(type(block) in (EvaBlock, EvaBlockPostNorm) for block in model.blocks)
     assert not any(hasattr(block, "_tm_rope") for block in model.blocks)
     assert not hasattr(model, "token_reducer")
     assert torch.equal(model(x), reference)
@@ -320,8 +322,10 @@ def test_copies_keep_their_own_rope():
 
 
 def test_refusals_name_the_problem():
-    with pytest.raises(TypeError, match="post-norm"):
-        tokenmerge.patch(eva(**EVA02, use_post_norm=True), r=2)
+    model = eva(**EVA02)
+    model.blocks[1].attn = timm.layers.Attention(32, num_heads=2)
+    with pytest.raises(TypeError, match=r"blocks\.1 \(EvaBlock\)\.attn \(Attention\)"):
+        tokenmerge.patch(model, r=2)
     with pytest.raises(TypeError, match="RotaryEmbeddingMRope"):
         tokenmerge.patch(eva(use_rot_pos_emb=True, rope_type="mrope"), r=2)
     with pytest.raises(ValueError, match="num_protected"):

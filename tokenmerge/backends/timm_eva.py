@@ -32,7 +32,7 @@ a merge in which every group is one token (including a permutation) changes noth
 token keeps its own coordinates; two tokens with identical features and coordinates merge into
 a token whose attention, with proportional attention, equals the two unmerged tokens'.
 
-Covered: ``EvaBlock`` (pre-norm) with ``EvaAttention`` or ``AttentionRope`` (qkv fused with or
+Covered: ``EvaBlock`` (pre-norm) and ``EvaBlockPostNorm`` (``use_post_norm``, EVA-02-E) with ``EvaAttention`` or ``AttentionRope`` (qkv fused with or
 without EVA's q/v-bias, separate q/k/v, grouped-query k/v heads, qk-norm, the inner
 ``scale_attn_inner`` norm), SwiGLU/GLU/plain MLPs with or without
 ``scale_mlp``, layer scale (``gamma_1``/``gamma_2``), class and register tokens,
@@ -40,8 +40,8 @@ without EVA's q/v-bias, separate q/k/v, grouped-query k/v heads, qk-norm, the in
 (EVA-02, ViT-RoPE axial), ``dinov3`` and ``mixed`` (learnt per-block frequencies),
 ``dynamic_img_size``, pools ``avg``/``avgmax`` (size-weighted), ``max``, ``token``, ``''`` and
 the ``map`` attention pool (size-weighted through its mask), ``set_grad_checkpointing()`` (each
-block recomputed in backward). Refused with the reason: post-norm blocks
-(``use_post_norm``), MRoPE, other attention or block classes, and, in training mode with
+block recomputed in backward). Refused with the reason: MRoPE, other attention or block
+classes, and, in training mode with
 merging, patch dropout and RoPE coordinate augmentation (both draw random numbers inside timm
 that the merged tokens' coordinates cannot follow).
 """
@@ -85,9 +85,10 @@ _ROPE_KINDS = {
 
 def _eva_classes():
     from timm.layers import AttentionRope
-    from timm.models.eva import Eva, EvaAttention, EvaBlock
+    from timm.models.eva import Eva, EvaAttention, EvaBlock, EvaBlockPostNorm
 
-    return Eva, EvaBlock, (EvaAttention, AttentionRope)
+    # block class -> the mixin with its hooks
+    return Eva, {EvaBlock: EvaBlockMixin, EvaBlockPostNorm: EvaPostNormBlockMixin}, (EvaAttention, AttentionRope)
 
 
 def is_timm_eva(model: nn.Module) -> bool:
@@ -338,6 +339,28 @@ class EvaBlockMixin(MergingBlockMixin):
         return self._tm_forward_unchanged_pos(x, None, 0)
 
 
+class EvaPostNormBlockMixin(EvaBlockMixin):
+    """Hooks for timm's ``EvaBlockPostNorm`` (``use_post_norm``): ``attn(rope) -> norm1 ->
+    drop_path1``, then ``mlp -> norm2 -> drop_path2``. The branches read the raw residual, so
+    the pre-branch norm is the identity and each norm joins its branch's output."""
+
+    @property
+    def _tm_norm1_module(self):
+        return _IDENTITY
+
+    def _tm_after_attn(self, h):
+        return self.drop_path1(self.norm1(h))
+
+    def _tm_norm2(self, x):
+        return x
+
+    def _tm_after_mlp(self, h):
+        return self.drop_path2(self.norm2(h))
+
+
+_IDENTITY = nn.Identity()
+
+
 class MergingEvaMixin(MergingModelMixin):
     """Mixin for timm ``Eva``: token reduction in every block, RoPE following the tokens.
 
@@ -460,7 +483,7 @@ def _check_training_rope(model: nn.Module) -> None:
 
 
 def _check_supported(model: nn.Module) -> None:
-    Eva, EvaBlock, attentions = _eva_classes()
+    Eva, block_mixins, attentions = _eva_classes()
     kind = type(model)
     if kind.forward_features is not Eva.forward_features:
         raise TypeError(f"{kind.__name__} overrides Eva.forward_features; tokenmerge supports timm's Eva")
@@ -470,16 +493,10 @@ def _check_supported(model: nn.Module) -> None:
         raise TypeError(f"global_pool={model.global_pool!r} is not supported; use one of {_SUPPORTED_POOLS}")
     for i, block in enumerate(model.blocks):
         where = f"blocks.{i} ({type(block).__name__})"
-        if type(block).__name__ == "EvaBlockPostNorm":
+        if not any(type(block).forward is cls.forward for cls in block_mixins):
             raise TypeError(
-                f"cannot patch {where}: a post-norm block (use_post_norm=True) normalises each branch's "
-                "output, which tokenmerge's pre-norm block hooks do not model; tokenmerge supports "
-                "timm's pre-norm EvaBlock"
-            )
-        if not isinstance(block, EvaBlock) or type(block).forward is not EvaBlock.forward:
-            raise TypeError(
-                f"cannot patch {where}: tokenmerge supports timm's pre-norm EvaBlock; "
-                f"{type(block).__module__}.{type(block).__qualname__} is not one"
+                f"cannot patch {where}: tokenmerge supports timm's EvaBlock and EvaBlockPostNorm; "
+                f"{type(block).__module__}.{type(block).__qualname__} is neither"
             )
         attn = block.attn
         if not any(type(attn).forward is cls.forward for cls in attentions):
@@ -503,6 +520,8 @@ def _check_rope_reproduced(model: nn.Module, rope: nn.Module, kind: str) -> None
     timm version whose RoPE computes its angles differently."""
     if rope.training and getattr(rope, "aug_active", False):
         return  # get_embed() would draw a random augmentation
+    if any(t.is_meta for t in (*rope.parameters(), *rope.buffers())):
+        return  # a model built on the meta device has no values to compare
     grid = tuple(model.patch_embed.grid_size)
     with torch.no_grad():
         table = rope.get_embed(shape=list(grid)) if getattr(rope, "feat_shape", None) is None else rope.get_embed()
@@ -534,8 +553,10 @@ def patch_eva(model: nn.Module, reducer: TokenReducer, config: MergeConfig) -> n
                 f"{model.num_prefix_tokens} (prefix) tokens unrotated by index, so they must stay first and "
                 f"unmerged; use num_protected >= {model.num_prefix_tokens} (the default)"
             )
+    _, block_mixins, _ = _eva_classes()
     for block in model.blocks:
-        block.__class__ = patched_class(type(block), EvaBlockMixin, __name__)
+        mixin = next(mixin for cls, mixin in block_mixins.items() if type(block).forward is cls.forward)
+        block.__class__ = patched_class(type(block), mixin, __name__)
         block._tm_rope = rope  # a tuple, so nn.Module does not register the RoPE module twice
     model.__class__ = patched_class(type(model), MergingEvaMixin, __name__)
     model.token_reducer = reducer
