@@ -337,3 +337,14 @@ def test_refusals_name_the_problem():
     with pytest.raises(ValueError, match="rope_shift_coords"):
         model(images())
     assert torch.isfinite(model.eval()(images())).all()
+
+
+@torch.no_grad()
+def test_dense_features_unmerge_onto_the_grid():
+    torch.manual_seed(0)
+    model = VARIANTS["eva02"]()
+    x = images()
+    plain = tokenmerge.dense_features(model, x, output="map")
+    tokenmerge.patch(model, r=[4, 3, 2], trace_source=True)
+    merged = tokenmerge.dense_features(model, x, output="map")
+    assert merged.shape == plain.shape == (2, 32, 4, 4) and torch.isfinite(merged).all()
