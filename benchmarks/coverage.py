@@ -3,6 +3,8 @@
 Not a test: run by hand, results go to benchmarks/results/coverage/ and BENCHMARKS.md.
 
     OMP_NUM_THREADS=1 python benchmarks/coverage.py --out benchmarks/results/coverage
+    # one timm model module only (here the Eva class: EVA, EVA-02, ViT-RoPE, DINOv3, PE, ...)
+    OMP_NUM_THREADS=1 python benchmarks/coverage.py --timm-module eva --skip-hf --skip-open-clip --out /tmp/cov_eva
 
 Every model is built with random weights (``pretrained=False``, nothing is downloaded) and
 shrunk through kwargs: ``depth=2`` and, where the name gives the patch size, an 8x8 patch
@@ -76,11 +78,16 @@ TIMM_PATTERNS = tuple(pattern for _, pattern in TIMM_FAMILIES)
 TIMM_EXCLUDE = ("resnet*",)
 
 
-def timm_names(select: str = "*") -> list:
+def timm_names(select: str = "*", module: str = "", exclude: tuple = ()) -> list:
+    """The ViT-like timm names matching ``select`` and none of ``exclude``; with ``module``
+    (e.g. ``"eva"``), only those timm defines in ``timm.models.<module>`` (one model class's
+    names, whatever they are called)."""
     import timm
 
     names = {name for pattern in TIMM_PATTERNS for name in timm.list_models(pattern)}
-    names = [n for n in names if not any(fnmatch.fnmatch(n, p) for p in TIMM_EXCLUDE)]
+    names = [n for n in names if not any(fnmatch.fnmatch(n, p) for p in (*TIMM_EXCLUDE, *exclude))]
+    if module:
+        names = set(names) & set(timm.list_models(module=module))
     return sorted(n for n in names if fnmatch.fnmatch(n, select))
 
 
@@ -244,8 +251,8 @@ def check_timm(model, x) -> dict:
 
 @torch.no_grad()
 def _tokens_entering(model, x) -> int:
-    """Tokens entering the first block, from the unpatched embedding path."""
-    return model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x)))).shape[1]
+    """Tokens entering the first block (the adapter's embedding: VisionTransformer and Eva)."""
+    return tokenmerge.adapter_for(model).embed(x).shape[1]
 
 
 def _classify(run) -> dict:
@@ -565,6 +572,9 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/coverage"))
     parser.add_argument("--select", default="*", help="fnmatch pattern over the timm names (default: all)")
+    parser.add_argument("--exclude", nargs="*", default=[], help="fnmatch patterns of timm names to leave out")
+    parser.add_argument("--timm-module", default="", help="only the names timm defines in timm.models.<this> "
+                        "(e.g. eva: EVA, EVA-02, ViT-RoPE, DINOv3, PE)")
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--skip-open-clip", action="store_true")
     parser.add_argument("--machine", default="the project's 2-core x86_64 CPU box, 1 thread, fp32")
@@ -577,7 +587,7 @@ def main(argv=None) -> None:
 
     start = time.perf_counter()
     timm_rows = []
-    for name in timm_names(args.select):
+    for name in timm_names(args.select, args.timm_module, tuple(args.exclude)):
         timm_rows.append(run_timm(name))
         _print(timm_rows[-1])
     hf_rows = []

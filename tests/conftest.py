@@ -88,7 +88,7 @@ def staged_logits(adapter, inputs) -> torch.Tensor:
     """Embedding, every block on a TokenState, head: the pieces tune's cached runner uses."""
     from tokenmerge.methods.base import TokenState
 
-    state = TokenState(adapter.embed(inputs))
+    state = adapter.initial_state(inputs)
     schedule = adapter.schedule(state.x.shape[1])
     for i, block in enumerate(adapter.blocks):
         state = block.forward_tokens(state, schedule[i], adapter.reducer, adapter.config, i)

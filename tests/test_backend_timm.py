@@ -283,7 +283,6 @@ def test_grad_checkpointing_is_honoured(method, layout):
 
 
 @pytest.mark.parametrize("name,match", [
-    ("eva02_tiny_patch14_224", r"timm\.models\.eva\.Eva \(its EvaAttention applies rotary position embeddings"),
     ("beit_base_patch16_224", r"Beit \(its attention adds a relative-position bias"),
     ("vit_relpos_small_patch16_224", r"VisionTransformerRelPos \(its attention adds a relative-position bias"),
 ])

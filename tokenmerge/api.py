@@ -14,7 +14,7 @@ from .methods import TokenReducer, create_reducer, list_methods
 __all__ = ["patch", "unpatch", "is_patched", "check_patchable"]
 
 # What patching adds to a module besides swapping its class (see the backends).
-_PATCH_ATTRIBUTES = ("token_reducer", "tokenmerge_config", "_tokenmerge_schedules")
+_PATCH_ATTRIBUTES = ("token_reducer", "tokenmerge_config", "_tokenmerge_schedules", "_tm_rope")
 
 
 def _refuse_compiled(model: nn.Module, action: str) -> None:

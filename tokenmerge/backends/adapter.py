@@ -27,6 +27,7 @@ __all__ = ["FAMILIES", "ModelAdapter", "adapter_for", "logits_of"]
 # library is only needed when a model of it is used).
 FAMILIES = (
     "tokenmerge.backends.timm:TimmAdapter",
+    "tokenmerge.backends.timm_eva:TimmEvaAdapter",
     "tokenmerge.backends.transformers:HFAdapter",
 )
 
@@ -158,6 +159,11 @@ class ModelAdapter:
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """Images ``[B, 3, H, W]`` -> tokens entering the first block ``[B, N, C]``."""
         raise NotImplementedError
+
+    def initial_state(self, images: torch.Tensor) -> TokenState:
+        """Images -> the :class:`TokenState` entering the first block: the embedding, plus the
+        tokens' coordinates for models with rotary position embeddings (see ``TokenState.pos``)."""
+        return TokenState(self.embed(images))
 
     def logits(self, state: TokenState) -> torch.Tensor:
         """The last block's :class:`TokenState` -> logits ``[B, classes]`` (final norm,

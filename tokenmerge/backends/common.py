@@ -4,7 +4,9 @@ and local layouts), the loop over blocks, and importable patched classes.
 A backend only says where a block's pieces are, through the hooks of
 :class:`MergingBlockMixin` (``_tm_norm1_module``, ``_tm_attend``, ``_tm_query_key``,
 ``_tm_key_projection``, ``_tm_after_attn``, ``_tm_norm2``, ``_tm_mlp``, ``_tm_after_mlp``,
-``_tm_forward_unchanged``); the merge logic lives here once.
+``_tm_forward_unchanged``; models with rotary position embeddings override the ``_pos``
+variants, which also get the tokens' coordinates and the block index); the merge logic lives
+here once.
 
 Layouts:
 
@@ -28,7 +30,7 @@ import torch
 import torch.utils.checkpoint
 
 from ..core.attention import ATTENTION_IMPLS, size_bias
-from ..core.merge import MergePlan, initial_sources, merge_tokens, unmerge_tokens
+from ..core.merge import MergePlan, initial_sources, merge_positions, merge_tokens, unmerge_tokens
 from ..core.schedule import resolve_local_schedule, resolve_schedule, tokens_per_block
 from ..methods.base import TokenReducer, TokenState
 
@@ -108,6 +110,18 @@ class MergingBlockMixin:
     def _tm_norm1(self, x):
         return self._tm_norm1_module(x)
 
+    # The hooks a block with rotary position embeddings (RoPE) overrides: they also get the
+    # tokens' coordinates ``pos`` ([B, N, K], see TokenState) and the block's index (per-block
+    # frequencies). The defaults, for blocks without RoPE, ignore both.
+    def _tm_attend_pos(self, h, pos, log_size, impl, block_index):
+        return self._tm_attend(h, log_size, impl)
+
+    def _tm_query_key_pos(self, h, pos, block_index):
+        return self._tm_query_key(h)
+
+    def _tm_forward_unchanged_pos(self, x, pos, block_index):
+        return self._tm_forward_unchanged(x)
+
     def _tm_after_attn(self, h):
         return h
 
@@ -124,35 +138,42 @@ class MergingBlockMixin:
         attention and MLP."""
         if r == 0 and state.size is None:
             # Nothing merged so far and nothing to merge here: the unmodified block, bit for bit.
-            return state._replace(x=self._tm_forward_unchanged(state.x))
+            return state._replace(x=self._tm_forward_unchanged_pos(state.x, state.pos, block_index))
         x = state.x
         log_size = size_bias(state.size) if config.prop_attn else None
-        attn_out, attn = self._tm_attend(self._tm_norm1(x), log_size, config.attention_impl)
+        attn_out, attn = self._tm_attend_pos(
+            self._tm_norm1(x), state.pos, log_size, config.attention_impl, block_index
+        )
         state = state._replace(x=x + self._tm_after_attn(attn_out))
         if r > 0:
             state = reducer.reduce(state, attn, r, config.num_protected, block_index)
         return state._replace(x=state.x + self._tm_mlp_branch(state.x))
 
     def forward_local(
-        self, x: torch.Tensor, r: int, reducer: TokenReducer, config: MergeConfig, block_index: int
+        self, x: torch.Tensor, r: int, reducer: TokenReducer, config: MergeConfig, block_index: int,
+        pos: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        """Local layout: ``[B, N, C]`` -> ``[B, N, C]``, both branches on ``N - r`` merged tokens."""
+        """Local layout: ``[B, N, C]`` -> ``[B, N, C]``, both branches on ``N - r`` merged tokens.
+
+        ``pos``: ``[B, N, K]`` token coordinates for RoPE blocks (merged with the tokens), or ``None``.
+        """
         if r == 0:
-            return self._tm_forward_unchanged(x)
+            return self._tm_forward_unchanged_pos(x, pos, block_index)
         B, N, _ = x.shape
         protected = config.num_protected
         h = self._tm_norm1(x)
         decided = reducer.reduce(
             TokenState(h, None, initial_sources(B, N, protected, x.device)),
-            self._tm_query_key(h),
+            self._tm_query_key_pos(h, pos, block_index),
             r,
             protected,
             block_index,
         )
         plan = plan_from_sources(decided.source, protected, decided.x.shape[1])
         merged, size = merge_tokens(h, None, plan)
+        merged_pos = None if pos is None else merge_positions(pos, None, plan)
         log_size = size_bias(size) if reducer.tracks_size and config.prop_attn else None
-        attn_out, _ = self._tm_attend(merged, log_size, config.attention_impl)
+        attn_out, _ = self._tm_attend_pos(merged, merged_pos, log_size, config.attention_impl, block_index)
         # Unmerging copies each merged output to all its tokens; discarded tokens get zeros,
         # i.e. they skip the branch and keep their residual.
         x = x + unmerge_tokens(self._tm_after_attn(attn_out), plan.assign)
@@ -209,20 +230,23 @@ def _call(function, checkpointed: bool, *args):
 
 
 def run_blocks(blocks, x: torch.Tensor, reducer: TokenReducer, config: MergeConfig, schedule: tuple,
-               collect_hidden: bool = False, checkpointed: bool = False):
+               collect_hidden: bool = False, checkpointed: bool = False, pos: Optional[torch.Tensor] = None):
     """Tokens ``[B, N, C]`` through every block -> ``(TokenState, hidden states or None)``.
 
     ``hidden`` holds the input of the first block, then each block's output. ``checkpointed``
     recomputes each block in backward instead of storing its activations (the model's
-    gradient checkpointing, e.g. timm's ``set_grad_checkpointing()``).
+    gradient checkpointing, e.g. timm's ``set_grad_checkpointing()``). ``pos``: ``[B, N, K]``
+    token coordinates of a RoPE model (see :class:`TokenState`), or ``None``.
     """
     B, N, _ = x.shape
     source = initial_sources(B, N, config.num_protected, x.device) if config.trace_source else None
-    state = TokenState(x, None, source)
+    state = TokenState(x, None, source, pos)
     hidden = [x] if collect_hidden else None
     for i, block in enumerate(blocks):
         if config.layout == "local":
-            state = state._replace(x=_call(block.forward_local, checkpointed, state.x, schedule[i], reducer, config, i))
+            state = state._replace(
+                x=_call(block.forward_local, checkpointed, state.x, schedule[i], reducer, config, i, state.pos)
+            )
         else:
             state = _call(block.forward_tokens, checkpointed, state, schedule[i], reducer, config, i)
         if collect_hidden:

@@ -12,8 +12,9 @@ register/prefix tokens, qk-norm, average pooling and SigLIP's attention-pool (MA
 made size-weighted), ``dynamic_img_size``, ``set_grad_checkpointing()`` (each block is
 recomputed in backward). Refused with the module named: other block or attention classes
 (parallel, post-norm, relative-position), pools with per-token position embeddings.
-Families with their own model class (EVA/RoPE, BEiT, NaFlexViT, SAM) are not timm
-``VisionTransformer`` s and are refused by :func:`tokenmerge.patch`.
+timm's ``Eva`` class (EVA, EVA-02 and the other RoPE ViTs) has its own backend,
+:mod:`tokenmerge.backends.timm_eva`. Other families with their own model class (BEiT,
+NaFlexViT, SAM) are not timm ``VisionTransformer`` s and are refused by :func:`tokenmerge.patch`.
 """
 
 from __future__ import annotations
@@ -66,8 +67,6 @@ def is_timm_vit(model: nn.Module) -> bool:
 
 # timm's other ViT-like model classes (not VisionTransformer subclasses) and why each is refused.
 _REFUSED_TIMM_CLASSES = {
-    "Eva": "its EvaAttention applies rotary position embeddings (RoPE) to queries and keys (EVA, "
-           "EVA-02, DINOv3, ViT-RoPE, PE), which tokenmerge's attention does not model",
     "Beit": "its attention adds a relative-position bias per token pair, which merged tokens have no "
             "position for",
     "VisionTransformerRelPos": "its attention adds a relative-position bias per token pair, which "

@@ -283,7 +283,7 @@ class _Scorer:
         self._base_gflops = base_gflops
         # The tokens entering the first block, for the width and dtype of the FLOP counts' dummies.
         with torch.inference_mode():
-            self._block_input = self.adapter.embed(self.batches[0][:1])
+            self._block_input = self.adapter.initial_state(self.batches[0][:1])
         # (schedule, [per block input: [per probe batch: TokenState]]): the incumbent's states
         self._cache: Optional[tuple] = None
 
@@ -326,8 +326,11 @@ class _Scorer:
         block = self.blocks[index]
         key = (type(block), tuple(p.shape for p in block.parameters()), num_tokens, r)
         if key not in self._block_counts:
-            x = self._block_input.new_zeros(1, num_tokens, self._block_input.shape[-1]).normal_()
-            state = TokenState(x, x.new_ones(1, num_tokens, 1))
+            block_input = self._block_input
+            x = block_input.x.new_zeros(1, num_tokens, block_input.x.shape[-1]).normal_()
+            # A RoPE model's blocks need coordinates; any will do for counting FLOPs.
+            pos = None if block_input.pos is None else block_input.pos.new_zeros(1, num_tokens, block_input.pos.shape[-1])
+            state = TokenState(x, x.new_ones(1, num_tokens, 1), None, pos)
             counter = FlopCounterMode(display=False, custom_mapping=_cpu_attention_formula())
             with counter:
                 self.blocks[index].forward_tokens(state, r, self.reducer, self.config, index)
@@ -375,7 +378,7 @@ class _Scorer:
     def _embed(self, batch):
         from ..methods.base import TokenState
 
-        return TokenState(self.adapter.embed(batch))
+        return self.adapter.initial_state(batch)
 
     def _logits(self, states) -> torch.Tensor:
         return torch.cat([self.adapter.logits(s) for s in states]).float()

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..core.matching import bipartite_max_reduction
-from ..core.merge import MergePlan, merge_tokens, track_sources
+from ..core.merge import MergePlan, merge_positions, merge_tokens, track_sources
 
 __all__ = ["TokenState", "AttentionTensors", "TokenReducer"]
 
@@ -29,11 +29,16 @@ class TokenState(NamedTuple):
         size: ``[B, N, 1]`` patches per token, or ``None`` while every token is one patch.
         source: ``[B, P]`` token index of each of the ``P`` input patches, or ``None`` when
             sources are not tracked.
+        pos: ``[B, N, K]`` float32 coordinates of each token in the model's rotary position
+            embedding frame (RoPE models, e.g. timm EVA-02), or ``None`` for models without
+            RoPE. Merges average it weighted by size, like ``x``; rows of prefix tokens are
+            unused (RoPE skips them).
     """
 
     x: torch.Tensor
     size: Optional[torch.Tensor] = None
     source: Optional[torch.Tensor] = None
+    pos: Optional[torch.Tensor] = None
 
 
 class AttentionTensors(NamedTuple):
@@ -101,10 +106,11 @@ class TokenReducer(nn.Module):
         return self.apply_plan(state, self.plan(state.x, attn, r, num_protected, block_index))
 
     def apply_plan(self, state: TokenState, plan: MergePlan) -> TokenState:
-        """Merge ``state`` by ``plan`` (size-weighted) and follow its sources."""
+        """Merge ``state`` by ``plan`` (size-weighted), follow its sources and positions."""
         x, size = merge_tokens(state.x, state.size, plan)
         source = None if state.source is None else track_sources(state.source, plan)
-        return TokenState(x, size if self.tracks_size else None, source)
+        pos = None if state.pos is None else merge_positions(state.pos, state.size, plan)
+        return TokenState(x, size if self.tracks_size else None, source, pos)
 
     def extra_repr(self) -> str:
         return f"method={self.name!r}"

@@ -24,4 +24,5 @@ class TokenDrop(TokenReducer):
         source = state.source
         if source is not None:
             source = source.clamp_max(keep)  # patches of cut tokens go to the discard slot
-        return TokenState(state.x[:, :keep], None, source)
+        pos = None if state.pos is None else state.pos[:, :keep]
+        return TokenState(state.x[:, :keep], None, source, pos)

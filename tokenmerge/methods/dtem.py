@@ -56,6 +56,7 @@ class SoftTokenState(NamedTuple):
     x: torch.Tensor
     size: Optional[torch.Tensor] = None
     source: Optional[torch.Tensor] = None
+    pos: Optional[torch.Tensor] = None
     live: Optional[int] = None
 
 
@@ -217,8 +218,16 @@ class DTEM(TokenReducer):
         if self.train_r is not None:
             r = min(self.train_r, bipartite_max_reduction(live, num_protected))
         metric = self._embedding(state.x, block_index)
-        x, size, live = soft_bipartite_step(state.x, state.size, metric, r, self.tau, num_protected, live)
-        return SoftTokenState(x, size, None, live)
+        x, pos = state.x, state.pos
+        if pos is not None:
+            # Positions (RoPE models) ride along as extra channels, so the soft merge averages
+            # them with the tokens' own weights and re-orders them with the tokens; in float32,
+            # since a low-precision coordinate would be off by a fraction of a patch.
+            x = torch.cat([x.float(), pos], dim=-1)
+        x, size, live = soft_bipartite_step(x, state.size, metric, r, self.tau, num_protected, live)
+        if pos is not None:
+            x, pos = x[..., :-pos.shape[-1]].to(state.x.dtype), x[..., -pos.shape[-1]:]
+        return SoftTokenState(x, size, None, pos, live)
 
     def extra_repr(self) -> str:
         mlp = f", hidden_dim={self.hidden_dim}" if self.hidden_dim else ""
