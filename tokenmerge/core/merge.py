@@ -103,7 +103,8 @@ def merge_positions(
     Returns:
         ``[B, num_out, K]``.
     """
-    return merge_tokens(pos, None if size is None else size.to(pos.dtype), plan)[0]
+    # A fusion weight (MCTF's attention fusion) shapes the features, not where the patches are.
+    return merge_tokens(pos, None if size is None else size.to(pos.dtype), plan._replace(weight=None))[0]
 
 
 def initial_sources(batch: int, num_tokens: int, num_protected: int, device=None) -> torch.Tensor:
