@@ -159,3 +159,15 @@ def test_merge_plan_is_index_based_not_dense():
     assert plan.assign.shape == (4, 197) and plan.assign.dtype == torch.long
     assert int(plan.assign.max()) == 197 - 13 - 1
     assert math.isclose(len(torch.unique(plan.assign[0])), 197 - 13)
+
+
+def test_positions_are_size_weighted_centroids_whatever_the_fusion_weight():
+    from tokenmerge.core.merge import MergePlan, merge_positions
+
+    pos = torch.tensor([[[0.0, 0.0], [2.0, 0.0], [0.0, 4.0]]])
+    size = torch.tensor([[[1.0], [3.0], [2.0]]])
+    plan = MergePlan(torch.tensor([[0, 0, 1]]), 2)
+    weighted = plan._replace(weight=torch.tensor([[[10.0], [1.0], [1.0]]]))
+    expected = torch.tensor([[[1.5, 0.0], [0.0, 4.0]]])  # (0*1 + 2*3) / 4
+    torch.testing.assert_close(merge_positions(pos, size, plan), expected)
+    torch.testing.assert_close(merge_positions(pos, size, weighted), expected)
