@@ -43,6 +43,9 @@ def main() -> None:
     parser.add_argument("--budgets", type=int, nargs="+", default=[16, 13], help="ToMe constant r defining each budget")
     parser.add_argument("--skip-tome-calibration", action="store_true",
                         help="skip the 'ToMe calibrated' row (its result does not depend on the other methods)")
+    parser.add_argument("--skip-baselines", action="store_true",
+                        help="evaluate only tune's result on val (not the unmodified model or the constant-r rows)")
+    parser.add_argument("--rounds", type=int, default=3, help="search rounds (tokenmerge.tune's rounds)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
@@ -56,9 +59,11 @@ def main() -> None:
     cal_x, cal_y, _ = load_images(args.train, limit=args.calibration_images, spread=True)
     val_x, val_y, _ = load_images(args.val)
     base_gflops = count_gflops(model)
-    rows = [{"budget": "-", "config": "unmodified", "gflops": base_gflops,
-             "val_top1": evaluate_accuracy(model, val_x, val_y, batch_size=125)}]
-    print(json.dumps(rows[-1]), flush=True)
+    rows = []
+    if not args.skip_baselines:
+        rows.append({"budget": "-", "config": "unmodified", "gflops": base_gflops,
+                     "val_top1": evaluate_accuracy(model, val_x, val_y, batch_size=125)})
+        print(json.dumps(rows[-1]), flush=True)
 
     def report(budget, name, config, tuned=None):
         variant = tokenmerge.patch(_shared_copy(model), **config)
@@ -73,14 +78,16 @@ def main() -> None:
     for r in args.budgets:
         target = count_gflops(tokenmerge.patch(_shared_copy(model), r=r))
         budget = f"ToMe r={r}: {target:.3f} GFLOPs ({100 * (1 - target / base_gflops):.0f}% fewer)"
-        report(budget, f"ToMe r={r}", {"method": "tome", "r": r})
+        if not args.skip_baselines:
+            report(budget, f"ToMe r={r}", {"method": "tome", "r": r})
         if not args.skip_tome_calibration:
-            calibrated = tune(model, (cal_x, cal_y), target_gflops=target, methods=["tome"], measure_speed=False)
+            calibrated = tune(model, (cal_x, cal_y), target_gflops=target, methods=["tome"], measure_speed=False,
+                              rounds=args.rounds)
             calibrated.save(args.out / f"tome_r{r}")
             report(budget, "ToMe calibrated (tune --methods tome)", calibrated.config(), calibrated)
-        best = tune(model, (cal_x, cal_y), target_gflops=target)
+        best = tune(model, (cal_x, cal_y), target_gflops=target, rounds=args.rounds)
         best.save(args.out / f"best_r{r}")
-        for name in ("pitome", "mctf"):
+        for name in () if args.skip_baselines else ("pitome", "mctf"):
             constant = next(c for c in best.candidates if c.method == name and c.stage == "constant")
             report(budget, f"{name} constant r (smallest within budget)", constant.config())
         report(budget, "tune (default: tome, mctf, pitome; search on the best)", best.config(), best)
