@@ -629,6 +629,25 @@ def tokenmerge_patch(model, **kwargs):
     return tokenmerge.patch(model, **kwargs)
 
 
+@pytest.mark.parametrize("kind", ["deit_teacher", "dinov2", "clip_classifier"])
+def test_every_hugging_face_classifier_family_trains_with_distillation(tiny_image_folder, tmp_path, kind):
+    from tokenmerge.backends.adapter import adapter_for
+
+    from .conftest import tiny_hf_classifier
+
+    model = tiny_hf_classifier(kind)
+    original = _hf_state(model)
+    # model= with config.model None: the folder name only matters to a resume's settings check.
+    summary = train(_hf_config("unused", tiny_image_folder, tmp_path, model=None, max_steps=1, distill=True),
+                    model=model)
+    assert summary["steps"] == 1 and summary["config"]["teacher_fingerprint"]
+    adapter = adapter_for(model)
+    assert adapter.tokens_per_block()[-1] == adapter.num_tokens - 4
+    moved = [k for k, v in model.state_dict().items() if not torch.equal(v, original[k])]
+    assert any("classifier" in k for k in moved) and any("layer" in k for k in moved)
+    assert (tmp_path / "model" / "config.json").is_file()
+
+
 def test_hugging_face_end2end_round_trip_reproduces_the_trained_logits(hf_vit_dir, tiny_image_folder, tmp_path):
     import tokenmerge
     from tokenmerge.evaluation.sweep import Variant, build_variant
