@@ -11,9 +11,10 @@ ViTs). The loss mixes the label loss with the teacher's softened distribution::
 unlabeled images is enough (:func:`training_images`).
 
 The teacher is the unmodified model (a frozen copy made before patching, so it never
-merges), another timm checkpoint or a Hugging Face classifier folder (``hf:DIR``); it runs in eval mode without gradients, and it is never
-saved with the student (it is frozen): the trainer records its weights' fingerprint
-instead, so a resume with another teacher is refused.
+merges), another timm checkpoint or a Hugging Face classifier folder (``hf:DIR``); it runs
+in eval mode without gradients, and it is never saved with the student (it is frozen): the
+trainer records its weights' fingerprint instead, so a resume with another teacher is
+refused.
 """
 
 from __future__ import annotations

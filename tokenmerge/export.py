@@ -135,7 +135,7 @@ def check_exportable(model: nn.Module, image_size=None) -> tuple:
         raise ValueError(
             f"image_size {wanted[0]}x{wanted[1]}: the model is built for {built_for[0]}x{built_for[1]} "
             "images and a patched model's schedule is fixed for that size; leave image_size out, "
-            "or create the model with img_size=<the size to deploy>"
+            "or create the model for the size to deploy (timm: img_size=..., Hugging Face: config.image_size)"
         )
     return wanted or built_for
 

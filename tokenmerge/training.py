@@ -853,7 +853,7 @@ def _finish(model: nn.Module, config: TrainConfig, out: Path) -> dict:
         files["merge_modules"] = str(tokenmerge.save_merge_modules(model, out / MODULES_NAME))
     adapter = adapter_for(model)
     if config.mode == "end2end" and adapter.family == "transformers":
-        files["model"] = str(save_hf_model(model, out / HF_MODEL_NAME))
+        files["model"] = str(_save_hf_model(model, out / HF_MODEL_NAME))
     elif config.mode == "end2end":
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         files["model"] = str(save_safetensors(state, out / MODEL_NAME, what="the trained model"))
@@ -874,7 +874,7 @@ def _finish(model: nn.Module, config: TrainConfig, out: Path) -> dict:
     return results
 
 
-def save_hf_model(model: nn.Module, folder: Path) -> Path:
+def _save_hf_model(model: nn.Module, folder: Path) -> Path:
     """``save_pretrained`` a trained Hugging Face model into ``folder``, without its merge
     policy, so that ``tokenmerge eval hf:FOLDER`` (or ``from_pretrained``) loads the unpatched
     classifier with the trained weights; patch it again to merge (DTEM: with the saved modules).
@@ -885,7 +885,7 @@ def save_hf_model(model: nn.Module, folder: Path) -> Path:
     import shutil
     import tempfile
 
-    from .io import check_finite
+    from .io import _UMASK, check_finite
 
     prefix = _reducer_prefix(model)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if not k.startswith(prefix)}
@@ -893,6 +893,8 @@ def save_hf_model(model: nn.Module, folder: Path) -> Path:
     folder.parent.mkdir(parents=True, exist_ok=True)
     temporary = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
     try:
+        # mkdtemp makes the folder private (0700); give it the permissions a plain mkdir would.
+        os.chmod(temporary, 0o777 & ~_UMASK)
         # The patched classes keep their base's __name__, so config.architectures names the
         # unpatched class and the folder loads without tokenmerge.
         model.save_pretrained(temporary, state_dict=state)

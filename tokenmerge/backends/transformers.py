@@ -966,8 +966,8 @@ class HFAdapter(ModelAdapter):
 
     @property
     def input_size(self) -> tuple:
-        self.image_size  # audio and video models are refused there
-        return tuple(int(s) for s in _pair(self.trunk.config.image_size))
+        height = self.image_size  # refuses audio and video encoders, naming what they take
+        return height, int(_pair(self.trunk.config.image_size)[1])
 
     @property
     def takes_any_image_size(self) -> bool:
