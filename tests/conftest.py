@@ -60,6 +60,31 @@ def tiny_hf_vit():
     return model
 
 
+# Every Hugging Face classifier family at the tiny ViT's geometry.
+HF_TINY = dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_labels=3)
+
+
+def tiny_hf_classifier(kind: str):
+    """A random tiny Hugging Face classifier at 32x32 with 3 classes (``kind``: vit, deit_teacher,
+    dinov2, clip_classifier): 16 patches + prefix tokens, 2 layers."""
+    import transformers
+
+    torch.manual_seed(0)
+    if kind == "vit":
+        return tiny_hf_vit()
+    if kind == "deit_teacher":
+        model = transformers.DeiTForImageClassificationWithTeacher(transformers.DeiTConfig(**HF_TINY, intermediate_size=64))
+    elif kind == "dinov2":
+        model = transformers.Dinov2ForImageClassification(transformers.Dinov2Config(**HF_TINY, mlp_ratio=2))
+    else:
+        text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=100,
+                    bos_token_id=0, eos_token_id=1, pad_token_id=1)
+        vision = {k: v for k, v in HF_TINY.items() if k != "num_labels"}
+        model = transformers.CLIPForImageClassification(transformers.CLIPConfig(
+            vision_config=dict(**vision, intermediate_size=64), text_config=text, num_labels=3))
+    return model.eval()
+
+
 @pytest.fixture(scope="session")
 def hf_vit_dir(tmp_path_factory) -> Path:
     """A folder written by ``tiny_hf_vit().save_pretrained``."""

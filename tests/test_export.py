@@ -10,10 +10,13 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 
 import tokenmerge
+from tokenmerge.backends.adapter import adapter_for
 from tokenmerge.cli import main
 from tokenmerge.core.energy import plan_from_pairs
 from tokenmerge.core.ops import add_rows, stable_argsort_descending
 from tokenmerge.export import export_onnx, export_program
+
+from .conftest import HF_TINY, tiny_hf_classifier
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -151,7 +154,7 @@ def test_other_image_size_opset_device_and_models_are_refused(tmp_path):
         export_onnx(model, tmp_path / "m.onnx", opset=13)
     with pytest.raises(ValueError, match=r"float32 model on the CPU.*model.float\(\).cpu\(\)"):
         export_onnx(model.to(torch.float64), tmp_path / "m.onnx")
-    with pytest.raises(TypeError, match="cannot export torch.nn.modules.linear.Linear: the export supports timm"):
+    with pytest.raises(TypeError, match=r"cannot export: .*torch.nn.modules.linear.Linear: supported models are timm.*Hugging Face"):
         export_onnx(torch.nn.Linear(2, 2), tmp_path / "m.onnx")
     assert list(tmp_path.iterdir()) == []
 
@@ -182,3 +185,68 @@ def test_cli_errors(tmp_path, capsys):
     assert main(["export", "--method", "tome", "--r", "8"]) == 2
     assert "give --onnx FILE and/or --program FILE" in capsys.readouterr().err
     assert not out.exists()
+
+
+# --- Hugging Face image classifiers, found by the adapter ------------------------------------
+def hf_logits(model, images: torch.Tensor) -> torch.Tensor:
+    with torch.inference_mode():
+        return model(images).logits
+
+
+@pytest.mark.parametrize("kind, method", [
+    ("vit", "tome"), ("vit", "dtem"), ("vit", "tcvit"), ("deit_teacher", "tome"), ("dinov2", "tome"),
+    ("clip_classifier", "mctf"),
+])
+def test_hugging_face_classifiers_export_and_onnx_runtime_matches(tmp_path, kind, method):
+    model = tokenmerge.patch(tiny_hf_classifier(kind), method=method, r=2)
+    result = export_onnx(model, tmp_path / "m.onnx", check=True)
+    assert result.max_abs_diff <= 1e-5 and result.argmax_agreement == 1.0
+    assert result.input_shape == ("batch", 3, 32, 32)
+    for batch in (1, 3):
+        images = torch.randn(batch, 3, 32, 32)
+        torch.testing.assert_close(onnx_logits(result.path, images), hf_logits(model, images), atol=1e-5, rtol=0)
+    assert not model.training and tokenmerge.is_patched(model)  # left as it was, merging
+    assert adapter_for(model).tokens_per_block()[-1] == adapter_for(model).num_tokens - 4
+
+
+def test_hugging_face_export_program_and_image_sizes(tmp_path):
+    model = tokenmerge.patch(tiny_hf_classifier("vit"), method="tome", r=2)
+    program = export_program(model)
+    for batch in (2, 5):
+        images = torch.randn(batch, 3, 32, 32)
+        torch.testing.assert_close(program.module()(images), hf_logits(model, images), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="image_size 48x48: the model is built for 32x32"):
+        export_onnx(model, tmp_path / "m.onnx", image_size=48)
+    # DINOv2 interpolates its position embeddings: unpatched, it exports at another size too.
+    dinov2 = tiny_hf_classifier("dinov2")
+    path = export_onnx(dinov2, tmp_path / "d.onnx", image_size=48, check=True).path
+    images = torch.randn(2, 3, 48, 48)
+    torch.testing.assert_close(onnx_logits(path, images), hf_logits(dinov2, images), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="image_size 48x48: the model is built for 32x32"):
+        export_onnx(tokenmerge.patch(dinov2, method="tome", r=2), tmp_path / "d.onnx", image_size=48)
+
+
+def test_hugging_face_models_without_logits_or_images_are_refused(tmp_path):
+    import transformers
+
+    trunk = transformers.ViTModel(transformers.ViTConfig(**{k: v for k, v in HF_TINY.items() if k != "num_labels"}))
+    with pytest.raises(TypeError, match="cannot export ViTModel: .*no classification head.*ForImageClassification"):
+        export_onnx(tokenmerge.patch(trunk, method="tome", r=2), tmp_path / "m.onnx")
+    audio = transformers.ASTForAudioClassification(transformers.ASTConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, max_length=32,
+        num_mel_bins=32, num_labels=3))
+    with pytest.raises(TypeError, match="cannot export: ASTModel takes spectrograms, not images"):
+        export_onnx(audio, tmp_path / "m.onnx")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_exports_a_hugging_face_folder(hf_vit_dir, tmp_path, capsys):
+    from tokenmerge.models import load_model
+
+    out = tmp_path / "hf.onnx"
+    assert main(["export", f"hf:{hf_vit_dir}", "--method", "tome", "--r", "2", "--onnx", str(out),
+                 "--batch-size", "2"]) == 0
+    assert "top-1 agreement 100%" in capsys.readouterr().out
+    model = tokenmerge.patch(load_model(f"hf:{hf_vit_dir}"), method="tome", r=2)
+    images = torch.randn(3, 3, 32, 32)
+    torch.testing.assert_close(onnx_logits(out, images), hf_logits(model, images), atol=1e-5, rtol=0)

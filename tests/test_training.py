@@ -579,14 +579,221 @@ def test_cli_distillation_arguments_use_the_finite_number_types():
             parser.parse_args(["--distill"] + bad)
 
 
-def test_training_a_hugging_face_model_is_refused_before_any_work(hf_vit_dir, tiny_image_folder, tmp_path, capsys):
+# --- Hugging Face image classifiers: tokenmerge train hf:DIR -----------------------------------
+# The tiny HF ViT (conftest): 16 patches + 1 class token, 2 layers, 3 classes.
+
+
+def _hf_config(hf_vit_dir: Path, data: Path, out: Path, **overrides) -> TrainConfig:
+    base = dict(method="tome", mode="end2end", data=str(data), model=f"hf:{hf_vit_dir}", r=2, tau=0.2,
+                embed_dim=16, max_steps=3, batch_size=4, lr=1e-2, backbone_lr=1e-2, warmup_steps=1,
+                out=str(out), checkpoint_every=2, progress=False)
+    base.update(overrides)
+    return TrainConfig(**base)
+
+
+def _hf_state(model) -> dict:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _hf_logits(model, images: torch.Tensor) -> torch.Tensor:
+    with torch.inference_mode():
+        return model.eval()(images).logits
+
+
+@pytest.mark.parametrize("method,mode", [("tome", "end2end"), ("tcvit", "end2end"), ("dtem", "modular")])
+def test_hugging_face_classifiers_train_and_keep_their_token_counts(hf_vit_dir, tiny_image_folder, tmp_path,
+                                                                     method, mode):
+    from tokenmerge.models import load_model
+
+    model = load_model(f"hf:{hf_vit_dir}")
+    original = _hf_state(model)
+    seen = []  # (training, tokens) reaching the final norm in each forward
+    model.vit.layernorm.register_forward_hook(lambda module, inputs, output: seen.append((module.training, inputs[0].shape[1])))
+    summary = train(_hf_config(hf_vit_dir, tiny_image_folder, tmp_path, method=method, mode=mode), model=model)
+    assert summary["steps"] == 3
+    if mode == "end2end":
+        # 17 tokens, 2 removed in each of the 2 layers, in every training step.
+        assert seen == [(True, 13)] * 3
+        trained = load_model(f"hf:{tmp_path / 'model'}")  # save_pretrained: loads without tokenmerge
+        assert type(trained).__name__ == "ViTForImageClassification"
+        assert trained.state_dict().keys() == original.keys()  # no parameters of their own
+        for key in ("vit.layers.0.attention.q_proj.weight", "vit.layers.1.mlp.fc2.weight", "classifier.weight"):
+            assert not torch.equal(trained.state_dict()[key], original[key]), key
+        assert not (tmp_path / "model.safetensors").exists()
+    else:
+        # Frozen ViT in eval mode; soft merging keeps every token while training.
+        assert seen == [(False, 17)] * 3
+        ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+        assert ckpt["model"] and all(k.startswith("vit.token_reducer.") for k in ckpt["model"])
+        for key, value in original.items():
+            assert torch.equal(model.state_dict()[key], value), key
+        trained = load_file(str(tmp_path / "dtem_modules.safetensors"))
+        fresh = tokenmerge_patch(load_model(f"hf:{hf_vit_dir}"), method="dtem", r=2, embed_dim=16)
+        initial = fresh.vit.token_reducer.state_dict()
+        assert any(not torch.equal(trained[k], initial[k]) for k in initial)
+        assert not (tmp_path / "model").exists()
+    assert model.vit.token_reducer.name == method and model.vit.tokens_per_block() == [17, 15, 13]
+
+
+def tokenmerge_patch(model, **kwargs):
+    import tokenmerge
+
+    return tokenmerge.patch(model, **kwargs)
+
+
+@pytest.mark.parametrize("kind", ["deit_teacher", "dinov2", "clip_classifier"])
+def test_every_hugging_face_classifier_family_trains_with_distillation(tiny_image_folder, tmp_path, kind):
+    from tokenmerge.backends.adapter import adapter_for
+
+    from .conftest import tiny_hf_classifier
+
+    model = tiny_hf_classifier(kind)
+    original = _hf_state(model)
+    # model= with config.model None: the folder name only matters to a resume's settings check.
+    summary = train(_hf_config("unused", tiny_image_folder, tmp_path, model=None, max_steps=1, distill=True),
+                    model=model)
+    assert summary["steps"] == 1 and summary["config"]["teacher_fingerprint"]
+    adapter = adapter_for(model)
+    assert adapter.tokens_per_block()[-1] == adapter.num_tokens - 4
+    moved = [k for k, v in model.state_dict().items() if not torch.equal(v, original[k])]
+    assert any("classifier" in k for k in moved) and any("layer" in k for k in moved)
+    assert (tmp_path / "model" / "config.json").is_file()
+
+
+def test_hugging_face_end2end_round_trip_reproduces_the_trained_logits(hf_vit_dir, tiny_image_folder, tmp_path):
+    import tokenmerge
+    from tokenmerge.evaluation.sweep import Variant, build_variant
+    from tokenmerge.models import load_model
+
+    model = load_model(f"hf:{hf_vit_dir}")
+    train(_hf_config(hf_vit_dir, tiny_image_folder, tmp_path, method="dtem", max_steps=2), model=model)
+    images = torch.randn(3, 3, 32, 32)
+    expected = _hf_logits(model, images)  # the trained model, patched with its trained modules
+    assert not torch.equal(expected, _hf_logits(tokenmerge.patch(load_model(f"hf:{hf_vit_dir}"), method="dtem",
+                                                                 r=2, embed_dim=16), images))
+    modules = tmp_path / "dtem_modules.safetensors"
+    reloaded = tokenmerge.patch(load_model(f"hf:{tmp_path / 'model'}"), method="dtem", r=2, embed_dim=16)
+    tokenmerge.load_merge_modules(reloaded, modules)
+    torch.testing.assert_close(_hf_logits(reloaded, images), expected, atol=1e-6, rtol=0)
+    # As tokenmerge eval loads them: the folder, and --method-option modules=FILE.
+    variant = build_variant(load_model(f"hf:{tmp_path / 'model'}"), Variant.create("dtem", 2, {"modules": str(modules)}))
+    torch.testing.assert_close(_hf_logits(variant, images), expected, atol=1e-6, rtol=0)
+    # ... and the modules saved again from a Hugging Face model are the same file contents.
+    again = tokenmerge.save_merge_modules(reloaded, tmp_path / "again.safetensors")
+    assert load_file(str(again)).keys() == load_file(str(modules)).keys()
+
+
+@pytest.mark.parametrize("method,mode,distill", [("tcvit", "end2end", False), ("dtem", "modular", True)])
+def test_killed_hugging_face_run_resumes_to_identical_parameters(hf_vit_dir, tiny_image_folder, tmp_path,
+                                                                  method, mode, distill):
+    settings = dict(method=method, mode=mode, distill=distill, max_steps=5)
+    straight = train(_hf_config(hf_vit_dir, tiny_image_folder, tmp_path / "a", **settings))
+    with pytest.raises(Killed):
+        train(_hf_config(hf_vit_dir, tiny_image_folder, tmp_path / "b", **settings), on_step=_kill_at(3))
+    assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["step"] == 2
+    resumed = train(_hf_config(hf_vit_dir, tiny_image_folder, tmp_path / "b", **settings), resume=True)
+    assert straight["steps"] == resumed["steps"] == 5
+    assert _logged_steps(tmp_path / "b") == _logged_steps(tmp_path / "a") == [1, 2, 3, 4, 5]
+    a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)
+    assert a["model"].keys() == b["model"].keys() and b["step"] == 5
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    if mode == "end2end":
+        for key, value in load_file(str(tmp_path / "a" / "model" / "model.safetensors")).items():
+            assert torch.equal(value, load_file(str(tmp_path / "b" / "model" / "model.safetensors"))[key]), key
+
+
+def test_hugging_face_distillation_from_the_student_or_a_folder(hf_vit_dir, tiny_image_folder, tmp_path):
+    import transformers
+
+    from .conftest import HF_VIT
+    from tokenmerge.models import load_model
+
+    model = load_model(f"hf:{hf_vit_dir}")
+    original = _hf_state(model)
+    summary = train(_hf_config(hf_vit_dir, tiny_image_folder, tmp_path / "copy", distill=True, distill_weight=1.0,
+                               distill_temperature=2.0, max_steps=2), model=model)
+    assert summary["config"]["teacher_fingerprint"]
+    log = [json.loads(line) for line in (tmp_path / "copy" / "train_log.jsonl").read_text().splitlines()]
+    # The first step's student is the teacher merging 2 tokens per layer: a small, non-zero KL.
+    assert all(math.isfinite(row["loss"]) and row["loss"] > 0 for row in log)
+    assert not torch.equal(model.state_dict()["classifier.weight"], original["classifier.weight"])
+    # A teacher folder: another Hugging Face classifier of the same classes and input size.
+    torch.manual_seed(1)
+    transformers.ViTForImageClassification(transformers.ViTConfig(**dict(HF_VIT, num_hidden_layers=3))).save_pretrained(
+        tmp_path / "teacher")
+    other = train(_hf_config(hf_vit_dir, tiny_image_folder, tmp_path / "folder", distill=True,
+                             teacher=f"hf:{tmp_path / 'teacher'}", max_steps=2))
+    assert other["config"]["teacher_fingerprint"] != summary["config"]["teacher_fingerprint"]
+    torch.manual_seed(1)
+    transformers.ViTForImageClassification(transformers.ViTConfig(**dict(HF_VIT, num_labels=5))).save_pretrained(
+        tmp_path / "five")
+    with pytest.raises(ValueError, match="teacher predicts 5 classes but the student has 3"):
+        train(_hf_config(hf_vit_dir, tiny_image_folder, tmp_path / "c", distill=True, teacher=f"hf:{tmp_path / 'five'}"))
+    with pytest.raises(ValueError, match=r"checkpoint file, which a Hugging Face student .* --teacher hf:DIR"):
+        train(_hf_config(hf_vit_dir, tiny_image_folder, tmp_path / "d", distill=True,
+                         teacher=str(tmp_path / "teacher" / "model.safetensors")))
+    with pytest.raises(ValueError, match="names its own architecture: drop --teacher-model"):
+        train(_hf_config(hf_vit_dir, tiny_image_folder, tmp_path / "e", distill=True,
+                         teacher=f"hf:{tmp_path / 'teacher'}", teacher_model="vit_tiny_patch16_224"))
+    assert not any((tmp_path / name).exists() for name in "cde")
+
+
+def test_hugging_face_gradient_checkpointing_recomputes_merging_layers(hf_vit_dir, tiny_image_folder, tmp_path):
+    from tokenmerge.models import load_model
+
+    runs = {}
+    for checkpointed in (False, True):
+        model = load_model(f"hf:{hf_vit_dir}")
+        if checkpointed:
+            # gradient_checkpointing_enable before transformers 5 (now a deprecated alias).
+            getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
+        calls = []  # layer 0 merges nothing (its own forward), layer 1 merges 2 tokens
+        for i, layer in enumerate(model.vit.layers):
+            # A pre-hook: the recompute may stop early, after the last tensor backward needs.
+            layer.attention.q_proj.register_forward_pre_hook(lambda module, inputs, i=i: calls.append(i))
+        train(_hf_config(hf_vit_dir, tiny_image_folder, tmp_path / str(checkpointed), r=[0, 2], max_steps=2),
+              model=model)
+        # Each layer runs again in backward when checkpointed, through HF's checkpoint or tokenmerge's.
+        assert sorted(calls) == sorted([0, 0, 1, 1] * (2 if checkpointed else 1))
+        runs[checkpointed] = _hf_state(model)
+    for key, value in runs[False].items():
+        torch.testing.assert_close(runs[True][key], value, atol=1e-6, rtol=0)
+
+
+def test_hugging_face_models_training_cannot_use_are_refused(hf_vit_dir, tiny_image_folder, tiny_setup, tmp_path):
+    import transformers
+
+    from .conftest import HF_VIT
+
+    trunk = transformers.ViTModel(transformers.ViTConfig(**HF_VIT))
+    with pytest.raises(TypeError, match=r"training needs a classifier.*ViTModel has no classification head"):
+        train(_hf_config(hf_vit_dir, tiny_image_folder, tmp_path / "a"), model=trunk, on_step=_never_called)
+    with pytest.raises(ValueError, match=r"head predicts 3 classes .* has 4 class folders.*config.num_labels is 4"):
+        train(_hf_config(hf_vit_dir, tiny_setup / "train", tmp_path / "b"), on_step=_never_called)
+    with pytest.raises(ValueError, match="--checkpoint describe timm models"):
+        train(_hf_config(hf_vit_dir, tiny_image_folder, tmp_path / "c", checkpoint=str(tiny_setup / "tiny.safetensors")),
+              on_step=_never_called)
+    assert not any((tmp_path / name).exists() for name in "abc")
+
+
+def test_cli_trains_a_hugging_face_folder_then_evaluates_the_result(hf_vit_dir, tiny_image_folder, tmp_path, capsys):
     from tokenmerge.cli import main
 
     out = tmp_path / "run"
-    for extra in ([], ["--distill"]):
-        code = main(["train", f"hf:{hf_vit_dir}", "--data", str(tiny_image_folder), "--eval-r",
-                     "--no-progress", "--out", str(out), *extra])
-        assert code == 2
-        err = capsys.readouterr().err
-        assert "training supports timm VisionTransformer models" in err and "not train yet" in err
-        assert not out.exists()
+    args = ["train", f"hf:{hf_vit_dir}", "--method", "tome", "--data", str(tiny_image_folder), "--r", "2",
+            "--max-steps", "2", "--batch-size", "4", "--lr", "1e-3", "--eval-data", str(tiny_image_folder),
+            "--no-progress", "--threads", "1", "--out", str(out)]
+    assert main(args) == 0
+    trained = json.loads((out / "results.json").read_text())
+    assert trained["files"]["model"] == str(out / "model") and set(trained["accuracy"]) == {"2"}
+    assert main(args) == 2  # an existing run
+    assert "pass --resume to continue it" in capsys.readouterr().err
+    assert main(args + ["--overwrite"]) == 0
+    capsys.readouterr()
+    code = main(["eval", f"hf:{out / 'model'}", "--data", str(tiny_image_folder), "--methods", "tome", "--r", "2",
+                 "--out", str(tmp_path / "eval"), "--no-timing", "--threads", "1"])
+    assert code == 0
+    rows = json.loads((tmp_path / "eval" / "results.json").read_text())["rows"]
+    assert rows[1]["schedule"] == "2" and rows[1]["accuracy"] == pytest.approx(trained["accuracy"]["2"])

@@ -11,9 +11,10 @@ ViTs). The loss mixes the label loss with the teacher's softened distribution::
 unlabeled images is enough (:func:`training_images`).
 
 The teacher is the unmodified model (a frozen copy made before patching, so it never
-merges) or another checkpoint; it runs in eval mode without gradients, and it is never
-saved with the student (it is frozen): the trainer records its weights' fingerprint
-instead, so a resume with another teacher is refused.
+merges), another timm checkpoint or a Hugging Face classifier folder (``hf:DIR``); it runs
+in eval mode without gradients, and it is never saved with the student (it is frozen): the
+trainer records its weights' fingerprint instead, so a resume with another teacher is
+refused.
 """
 
 from __future__ import annotations
@@ -89,13 +90,23 @@ def _freeze(model: nn.Module) -> nn.Module:
 
 
 def load_teacher(checkpoint, architecture: str, model_kwargs: Optional[dict] = None) -> nn.Module:
-    """A frozen teacher from a local checkpoint of a timm ``architecture``.
+    """A frozen teacher from a local checkpoint of a timm ``architecture``, or from a Hugging
+    Face classifier folder when ``checkpoint`` is ``"hf:DIR"`` (``architecture`` unused).
 
     Raises a clear error when the checkpoint does not fit the architecture (the fix is
     ``--teacher-model``, the timm name the checkpoint was trained as).
     """
-    from .models import load_model
+    from .models import HF_PREFIX, load_model
 
+    if str(checkpoint).startswith(HF_PREFIX):
+        return _freeze(load_model(str(checkpoint)))
+    if architecture.startswith(HF_PREFIX):
+        # The student is a Hugging Face folder: a state_dict alone names no architecture.
+        raise ValueError(
+            f"--teacher {checkpoint} is a checkpoint file, which a Hugging Face student ({architecture}) "
+            f"cannot describe: pass the teacher as a folder, --teacher {HF_PREFIX}DIR (written by "
+            "save_pretrained), or name its timm architecture with --teacher-model NAME"
+        )
     try:
         teacher = load_model(architecture, checkpoint=checkpoint, **(model_kwargs or {}))
     except ValueError as err:
@@ -109,10 +120,12 @@ def load_teacher(checkpoint, architecture: str, model_kwargs: Optional[dict] = N
 def check_teacher(teacher: nn.Module, num_classes: int, image_size: tuple) -> None:
     """Run the teacher once on a blank batch of the student's input size and compare its
     class count with the student's: a mismatch fails here, before training starts."""
+    from .backends.adapter import logits_of
+
     probe = torch.zeros(1, 3, *image_size, device=next(teacher.parameters()).device)
     try:
         with torch.no_grad():
-            out = teacher(probe)
+            out = logits_of(teacher(probe))
     except Exception as err:  # any failure here is a teacher/student mismatch
         raise ValueError(
             f"the teacher cannot classify the student's {image_size[0]}x{image_size[1]} images ({err}); "
@@ -129,8 +142,10 @@ def check_teacher(teacher: nn.Module, num_classes: int, image_size: tuple) -> No
 
 def teacher_logits(teacher: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """The teacher's logits, without gradients (it stays in eval mode: no dropout)."""
+    from .backends.adapter import logits_of
+
     with torch.no_grad():
-        return teacher(images).float()
+        return logits_of(teacher(images)).float()
 
 
 class UnlabeledImages(torch.utils.data.Dataset):

@@ -1,8 +1,11 @@
-"""Deployment: a patched (or unmodified) timm ViT as an ONNX file or a ``torch.export`` program.
+"""Deployment: a patched (or unmodified) image classifier, a timm ViT or a Hugging Face
+``...ForImageClassification``, as an ONNX file or a ``torch.export`` program.
 
 A patched model's schedule is a function of its token count, hence of the input size; an
-export fixes the input size (the model's ``img_size``), so the schedule, every merge and
-every token count are fixed in the graph. Only the batch dimension may stay dynamic.
+export fixes the input size (the model's ``img_size``, or ``config.image_size``), so the
+schedule, every merge and every token count are fixed in the graph. Only the batch dimension
+may stay dynamic. The graph maps images to logits: a Hugging Face model's
+``ImageClassifierOutput`` is reduced to its ``logits``.
 
 The ONNX file comes from the TorchScript-based exporter (``torch.onnx.export(...,
 dynamo=False)``): the merge's sort, gather and scatter-add export to ``TopK``, ``GatherElements``
@@ -10,7 +13,10 @@ and ``ScatterND(reduction="add")``, which ONNX Runtime runs
 (:mod:`tokenmerge.core.ops` holds the export forms of the ops that need one). With
 ``check=True`` the file is run once by ONNX Runtime and compared with PyTorch.
 
-Refused, with the reason and the fix: models other than timm's ``VisionTransformer`` family,
+The model family is found by :func:`tokenmerge.backends.adapter.adapter_for`, which also
+names what is supported when it refuses. Refused, with the reason and the fix: models no
+adapter supports, models without a classification head (a Hugging Face trunk such as
+``ViTModel``, ``CLIPModel``) or taking other inputs than images (audio, video), timm
 ``dynamic_img_size`` models once patched (their schedule follows the input size), methods
 whose plan is random at inference (:attr:`TokenReducer.export_refusal`), ``torch.compile``
 wrappers, and an ``image_size`` other than the model's.
@@ -53,8 +59,29 @@ class OnnxExport:
     argmax_agreement: Optional[float] = None
 
 
-def _model_image_size(model: nn.Module) -> tuple:
-    return tuple(int(s) for s in model.patch_embed.img_size)
+class _Logits(nn.Module):
+    """A Hugging Face classifier whose output is its logits tensor (the exported graph's one
+    output) rather than an ``ImageClassifierOutput``."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        from .backends.adapter import logits_of
+
+        return logits_of(self.model(images))
+
+
+def _graph_module(model: nn.Module) -> nn.Module:
+    """What is traced: a timm model as it is (it returns logits), a Hugging Face one wrapped."""
+    from .backends.adapter import adapter_for
+
+    if adapter_for(model).family != "transformers":
+        return model
+    # In the model's mode: the exporter sets the traced module back to its own mode afterwards,
+    # and a wrapper left in train mode would put the model in train mode with it.
+    return _Logits(model).train(model.training)
 
 
 def _requested_size(image_size) -> Optional[tuple]:
@@ -70,30 +97,33 @@ def check_exportable(model: nn.Module, image_size=None) -> tuple:
     the input ``(H, W)`` the export uses.
 
     Args:
-        model: a timm ``VisionTransformer``, patched or not.
+        model: a timm ``VisionTransformer`` or a Hugging Face image classifier, patched or not.
         image_size: ``None`` (the model's), an int or ``(H, W)``; a fixed-size model takes
             only its own size.
     """
-    from .api import _refuse_compiled, is_patched
-    from .backends.timm import is_timm_vit
+    from .api import _refuse_compiled
+    from .backends.adapter import adapter_for
 
     _refuse_compiled(model, "export_onnx")
-    if not is_timm_vit(model):
+    try:
+        adapter = adapter_for(model)
+    except TypeError as err:
+        raise TypeError(f"cannot export: {err}") from None
+    try:
+        built_for = adapter.input_size
+    except TypeError as err:  # audio and video encoders
+        raise TypeError(f"cannot export: {err}") from None
+    if adapter.num_classes is None:
         raise TypeError(
-            f"cannot export {type(model).__module__}.{type(model).__qualname__}: the export supports "
-            "timm VisionTransformer/DeiT/DeiT-3 models (Hugging Face encoders are not supported yet)"
+            f"cannot export {type(model).__name__}: the exported graph maps images to logits, and it has "
+            "no classification head; load the model as its ...ForImageClassification class"
         )
-    built_for = _model_image_size(model)
-    patched = is_patched(model)
-    if patched and getattr(model, "dynamic_img_size", False):
-        raise ValueError(
-            "cannot export this patched model: it was built with dynamic_img_size=True, so its "
-            "token count and merge schedule follow the input size, and an ONNX graph fixes one "
-            "schedule. Create the model with dynamic_img_size=False and img_size=<the size to "
-            f"deploy> (it is {built_for[0]}x{built_for[1]} now), patch it, then export"
-        )
+    refusal = adapter.export_refusal()
+    if refusal:
+        raise ValueError(f"cannot export this patched model: {refusal}")
+    patched = adapter.is_patched
     if patched:
-        reducer = model.token_reducer
+        reducer = adapter.reducer
         if reducer.export_refusal:
             raise ValueError(
                 f"cannot export method {reducer.name!r} ({type(reducer).__name__}): "
@@ -101,12 +131,11 @@ def check_exportable(model: nn.Module, image_size=None) -> tuple:
                 "pitome, evit, prune, drop)"
             )
     wanted = _requested_size(image_size)
-    dynamic = getattr(model, "dynamic_img_size", False) or not getattr(model.patch_embed, "strict_img_size", True)
-    if wanted is not None and wanted != built_for and not (dynamic and not patched):
+    if wanted is not None and wanted != built_for and not (adapter.takes_any_image_size and not patched):
         raise ValueError(
             f"image_size {wanted[0]}x{wanted[1]}: the model is built for {built_for[0]}x{built_for[1]} "
             "images and a patched model's schedule is fixed for that size; leave image_size out, "
-            "or create the model with img_size=<the size to deploy>"
+            "or create the model for the size to deploy (timm: img_size=..., Hugging Face: config.image_size)"
         )
     return wanted or built_for
 
@@ -162,11 +191,13 @@ def compare_with_onnxruntime(model: nn.Module, path, batches) -> tuple:
     Returns:
         ``(max_abs_diff, argmax_agreement)`` over all batches.
     """
+    from .backends.adapter import logits_of
+
     session = onnx_session(path)
     worst, same, total = 0.0, 0, 0
     for images in batches:
         with torch.inference_mode():
-            expected = model(images)
+            expected = logits_of(model(images))
         got = torch.from_numpy(session.run([OUTPUT_NAME], {INPUT_NAME: images.numpy()})[0])
         worst = max(worst, float((got - expected).abs().max()))
         same += int((got.argmax(-1) == expected.argmax(-1)).sum())
@@ -187,8 +218,8 @@ def export_onnx(
     """Write ``model`` (in eval mode, on CPU, float32) to an ONNX file, atomically.
 
     Args:
-        model: a timm ViT, patched with a deterministic method or unmodified (see
-            :func:`check_exportable` for what is refused).
+        model: a timm ViT or a Hugging Face image classifier, patched with a deterministic
+            method or unmodified (see :func:`check_exportable` for what is refused).
         path: the ``.onnx`` file to write (replaced only once the export succeeded).
         image_size: ``None`` for the model's input size (the only one a patched model takes).
         batch_size: batch of the example input (the fixed batch when ``dynamic_batch=False``).
@@ -220,7 +251,8 @@ def export_onnx(
     was_training = model.training
     model.eval()
     try:
-        atomic_write(path, lambda temporary: _write_onnx(model, images, temporary, dynamic_batch, opset))
+        graph = _graph_module(model)
+        atomic_write(path, lambda temporary: _write_onnx(graph, images, temporary, dynamic_batch, opset))
         shape = ("batch" if dynamic_batch else batch_size, 3, *size)
         if not check:
             return OnnxExport(path, shape)
@@ -238,7 +270,8 @@ def export_onnx(
 
 def export_program(model: nn.Module, image_size=None, batch_size: int = 2, dynamic_batch: bool = True):
     """``torch.export.export`` of ``model`` at its fixed input size (same refusals as
-    :func:`export_onnx`); returns the ``ExportedProgram`` (save it with ``torch.export.save``).
+    :func:`export_onnx`); returns the ``ExportedProgram`` (save it with ``torch.export.save``),
+    whose module maps images to logits (a Hugging Face model's ``logits`` tensor).
 
     ``batch_size`` is the example batch; keep it >= 2 with ``dynamic_batch`` (torch.export
     specialises a batch of 1).
@@ -249,6 +282,6 @@ def export_program(model: nn.Module, image_size=None, batch_size: int = 2, dynam
     was_training = model.training
     model.eval()
     try:
-        return torch.export.export(model, (images,), dynamic_shapes=dynamic_shapes, strict=False)
+        return torch.export.export(_graph_module(model), (images,), dynamic_shapes=dynamic_shapes, strict=False)
     finally:
         model.train(was_training)

@@ -25,8 +25,17 @@ ToMe, TC-ViT, EViT-style or pruning reduction in its forward; optional distillat
   a separate keep/drop predictor).
 - Distillation (``distill=True``, any method and mode): the loss mixes cross-entropy with
   ``T^2 KL`` to a frozen teacher's softened logits (:mod:`tokenmerge.distillation`); the
-  teacher is the unmodified model (a copy made before patching) or ``teacher=CHECKPOINT``.
+  teacher is the unmodified model (a copy made before patching), ``teacher=CHECKPOINT`` (timm
+  key names) or ``teacher="hf:DIR"`` (a Hugging Face classifier folder).
   With ``distill_weight=1`` no labels are used, and ``data`` may be a flat image folder.
+
+Models: timm ``VisionTransformer`` s and Hugging Face image classifiers (``model="hf:DIR"``:
+ViT, DeiT, DINOv2, CLIP ``...ForImageClassification``), every method and mode; the
+adapter (:mod:`tokenmerge.backends.adapter`) gives the image size, the head's class count,
+the merge policy and the logits. End2end saves a timm model's weights as
+``out/model.safetensors`` (timm key names) and a Hugging Face model with
+``save_pretrained`` into ``out/model/``, without the merge policy (DTEM's modules are in
+``out/dtem_modules.safetensors``), so ``tokenmerge eval hf:OUT/model`` loads it.
 
 Optimisation: AdamW, linear warmup then cosine decay (per step), cross-entropy, bf16
 autocast on CUDA (fp32 on CPU). Augmentation, kept simple: RandomResizedCrop(scale
@@ -69,7 +78,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import nn
 
-from .backends.adapter import adapter_for
+from .backends.adapter import adapter_for, logits_of
 from .core.schedule import Schedule
 
 __all__ = [
@@ -93,8 +102,9 @@ LOG_NAME = "train_log.jsonl"
 RESULTS_NAME = "results.json"
 MODULES_NAME = "dtem_modules.safetensors"
 MODEL_NAME = "model.safetensors"
+HF_MODEL_NAME = "model"  # end2end on a Hugging Face model: a save_pretrained folder
 # What a run writes into its folder: their presence marks the folder as holding a run.
-RUN_FILES = (CHECKPOINT_NAME, LOG_NAME, RESULTS_NAME, MODULES_NAME, MODEL_NAME)
+RUN_FILES = (CHECKPOINT_NAME, LOG_NAME, RESULTS_NAME, MODULES_NAME, MODEL_NAME, HF_MODEL_NAME)
 CHECKPOINT_FORMAT = "tokenmerge-train-checkpoint"
 CHECKPOINT_VERSION = 2  # 1 pickled Python and NumPy objects; 2 holds tensors and JSON only
 MAX_SEED = 1_000_000
@@ -117,7 +127,7 @@ class TrainConfig:
     method: str = "dtem"
     mode: str = "modular"
     data: Optional[str] = None  # ImageFolder root; None: default_train_root()
-    model: Optional[str] = None  # timm name; None: the embedded ViT-Tiny Imagenette model
+    model: Optional[str] = None  # timm name or hf:DIR; None: the embedded ViT-Tiny Imagenette model
     checkpoint: Optional[str] = None
     model_kwargs: dict = dataclasses.field(default_factory=dict)
     num_classes: Optional[int] = None
@@ -147,7 +157,7 @@ class TrainConfig:
     distill: bool = False
     distill_weight: float = 0.5  # share of the distillation term; 1.0: no labels used
     distill_temperature: float = 1.0
-    teacher: Optional[str] = None  # checkpoint; None: the unmodified student (frozen copy)
+    teacher: Optional[str] = None  # checkpoint or hf:DIR; None: the unmodified student (frozen copy)
     teacher_model: Optional[str] = None  # the teacher checkpoint's timm name; None: the student's
     # The teacher weights' fingerprint, filled in by train() and saved in checkpoints so that a
     # resume with another teacher is refused; set it to pin the expected teacher.
@@ -236,6 +246,9 @@ class TrainConfig:
                              f"got {self.distill_temperature!r}")
         if self.teacher_model is not None and self.teacher is None:
             raise ValueError("--teacher-model names the architecture of --teacher CHECKPOINT: give the checkpoint too")
+        if self.teacher_model is not None and str(self.teacher).startswith("hf:"):
+            raise ValueError("--teacher hf:DIR is a Hugging Face folder, which names its own architecture: "
+                             "drop --teacher-model")
 
     @property
     def labels_needed(self) -> bool:
@@ -382,16 +395,18 @@ def _check_schedule_fits(config: TrainConfig, reducer, adapter) -> None:
 
 
 def _check_trainable(model: nn.Module):
-    """The adapter of a trainable model: a patchable timm VisionTransformer (checked before
-    the teacher is copied)."""
+    """The adapter of a trainable model: a patchable image classifier, a timm
+    VisionTransformer or a Hugging Face ...ForImageClassification (checked before the
+    teacher is copied)."""
     from .api import _adapter
 
     adapter = _adapter(model)
-    if adapter.family != "timm":
+    adapter.image_size  # audio and video encoders are refused here, naming what they take
+    if adapter.num_classes is None:
         raise TypeError(
-            f"training supports timm VisionTransformer models; {type(model).__name__} is a "
-            f"{adapter.family} model, which tokenmerge can patch, evaluate, benchmark, visualize and "
-            "tune but not train yet: train a timm model (e.g. tokenmerge train vit_small_patch16_224)"
+            f"training needs a classifier (the loss reads logits); {type(model).__name__} has no "
+            "classification head: load the model as its ...ForImageClassification class (e.g. "
+            "ViTForImageClassification.from_pretrained, then save_pretrained and pass hf:DIR)"
         )
     return adapter
 
@@ -409,6 +424,7 @@ def build_teacher(config: TrainConfig, student: nn.Module) -> nn.Module:
     """
     from .distillation import check_teacher, frozen_copy, load_teacher
 
+    adapter = _check_trainable(student)
     if config.teacher is None:
         teacher = frozen_copy(student)
     else:
@@ -416,8 +432,7 @@ def build_teacher(config: TrainConfig, student: nn.Module) -> nn.Module:
         # The student's timm options describe the teacher only when it is the same architecture.
         kwargs = config.model_kwargs if config.teacher_model is None else {}
         teacher = load_teacher(config.teacher, architecture, kwargs)
-    size = _check_trainable(student).image_size
-    check_teacher(teacher, student.num_classes, (size, size))
+    check_teacher(teacher, adapter.num_classes, adapter.input_size)
     return teacher
 
 
@@ -432,7 +447,7 @@ def _set_train_mode(model: nn.Module, config: TrainConfig) -> list:
     if config.method in PARAMETER_FREE_METHODS:
         model.train()
         return [{"params": [p for p in model.parameters() if p.requires_grad], "lr": config.lr}]
-    reducer = model.token_reducer
+    reducer = adapter_for(model).reducer
     reducer_ids = {id(p) for p in reducer.parameters()}
     backbone = [p for p in model.parameters() if id(p) not in reducer_ids]
     if config.mode == "modular":
@@ -448,9 +463,17 @@ def _set_train_mode(model: nn.Module, config: TrainConfig) -> list:
     ]
 
 
+def _reducer_prefix(model: nn.Module) -> str:
+    """The state_dict prefix of the merge policy: ``token_reducer.`` in a timm ViT,
+    ``vit.token_reducer.`` (the trunk's) in a Hugging Face classifier."""
+    reducer = adapter_for(model).reducer
+    return next(f"{name}." for name, module in model.named_modules() if module is reducer)
+
+
 def _trainable_state(model: nn.Module, config: TrainConfig) -> dict:
     if config.method == "dtem" and config.mode == "modular":
-        return {f"token_reducer.{k}": v for k, v in model.token_reducer.state_dict().items()}
+        prefix = _reducer_prefix(model)
+        return {k: v for k, v in model.state_dict().items() if k.startswith(prefix)}
     return model.state_dict()
 
 
@@ -588,8 +611,13 @@ def _check_run_folder(out: Path, resume: bool, overwrite: bool) -> None:
 
 def _remove_run_files(out: Path) -> None:
     """``overwrite``: the earlier run's files go only once the new run has passed every check."""
+    import shutil
+
     for name in RUN_FILES:
-        (out / name).unlink(missing_ok=True)
+        if (out / name).is_dir() and not (out / name).is_symlink():
+            shutil.rmtree(out / name)
+        else:
+            (out / name).unlink(missing_ok=True)
 
 
 def _trim_log(log: Path, step: int) -> None:
@@ -602,12 +630,14 @@ def _trim_log(log: Path, step: int) -> None:
 
 def _check_classes(model: nn.Module, root: Path, classes: int, what: str) -> None:
     """The data's class folders must match the model's head (checked before step 1)."""
-    head = getattr(model, "num_classes", None)
+    adapter = adapter_for(model)
+    head = adapter.num_classes
     if head is not None and head != classes:
+        other = (f"a Hugging Face model whose config.num_labels is {classes}" if adapter.family == "transformers"
+                 else f"a model with {classes} (--num-classes {classes}, or a --checkpoint trained for {classes})")
         raise ValueError(
             f"the model's head predicts {head} classes but the {what} {root} has {classes} class folders: use "
-            f"data with {head} classes, or a model with {classes} (--num-classes {classes}, or a "
-            f"--checkpoint trained for {classes})"
+            f"data with {head} classes, or {other}"
         )
 
 
@@ -734,7 +764,7 @@ def train(
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
-        schedule = model.tokenmerge_schedule()
+        schedule = adapter_for(model).schedule()
         train_model = DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None,
             find_unused_parameters=not all(schedule),  # a block with r=0 leaves its module unused
@@ -752,7 +782,7 @@ def train(
         for images, labels in loader:
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                logits = train_model(images).float()
+                logits = logits_of(train_model(images)).float()
                 targets = None if teacher is None else teacher_logits(teacher, images)
             loss = training_loss(logits, labels, targets, config.distill_weight, config.distill_temperature)
             loss_value = loss.item()
@@ -824,16 +854,18 @@ def _finish(model: nn.Module, config: TrainConfig, out: Path) -> dict:
     files = {}
     if config.method == "dtem":
         files["merge_modules"] = str(tokenmerge.save_merge_modules(model, out / MODULES_NAME))
-    if config.mode == "end2end":
+    adapter = adapter_for(model)
+    if config.mode == "end2end" and adapter.family == "transformers":
+        files["model"] = str(_save_hf_model(model, out / HF_MODEL_NAME))
+    elif config.mode == "end2end":
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         files["model"] = str(save_safetensors(state, out / MODEL_NAME, what="the trained model"))
     results = {"files": files, "accuracy": {}}
     eval_root = _eval_root(config)
     if eval_root is None:
         return results
-    image_size = adapter_for(model).image_size
-    images, labels, classes = load_images(eval_root, image_size=image_size, limit=config.eval_limit)
-    reducer = model.token_reducer
+    images, labels, classes = load_images(eval_root, image_size=adapter.image_size, limit=config.eval_limit)
+    reducer = adapter.reducer
     device = next(model.parameters()).device
     for r in config.eval_r:
         # The same reducer (trained modules) at every r.
@@ -843,3 +875,36 @@ def _finish(model: nn.Module, config: TrainConfig, out: Path) -> dict:
         results["accuracy"][label] = acc
         print(f"eval {config.method} r={label}: top-1 {acc:.2f}% on {len(labels)} images", flush=True)
     return results
+
+
+def _save_hf_model(model: nn.Module, folder: Path) -> Path:
+    """``save_pretrained`` a trained Hugging Face model into ``folder``, without its merge
+    policy, so that ``tokenmerge eval hf:FOLDER`` (or ``from_pretrained``) loads the unpatched
+    classifier with the trained weights; patch it again to merge (DTEM: with the saved modules).
+
+    Written into a temporary folder beside it and renamed: a kill mid-save leaves the
+    previous folder or none, never a torn one. Non-finite weights are refused.
+    """
+    import shutil
+    import tempfile
+
+    from .io import _UMASK, check_finite
+
+    prefix = _reducer_prefix(model)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if not k.startswith(prefix)}
+    check_finite(state, f"refusing to write the trained model {str(folder)!r}")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    temporary = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
+    try:
+        # mkdtemp makes the folder private (0700); give it the permissions a plain mkdir would.
+        os.chmod(temporary, 0o777 & ~_UMASK)
+        # The patched classes keep their base's __name__, so config.architectures names the
+        # unpatched class and the folder loads without tokenmerge.
+        model.save_pretrained(temporary, state_dict=state)
+        if folder.is_dir() and not folder.is_symlink():
+            shutil.rmtree(folder)
+        os.replace(temporary, folder)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+    return folder

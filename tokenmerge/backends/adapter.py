@@ -7,8 +7,9 @@ prefix tokens, the patch grid, the blocks, the embedding and the head instead of
 ``model.patch_embed`` or ``model.blocks`` themselves, so every command works on every family.
 
 A new family is one small file: a backend whose adapter subclasses :class:`ModelAdapter`
-(``detects``, the geometry properties, ``blocks``, ``embed``, ``logits``, ``_unmerged_tokens``,
-``owner``, ``patch``, ``unpatch`` and ``architecture_name``), named in :data:`FAMILIES`.
+(``detects``, the geometry properties, ``num_classes``, ``blocks``, ``embed``, ``logits``,
+``_unmerged_tokens``, ``owner``, ``patch``, ``unpatch`` and ``architecture_name``), named in
+:data:`FAMILIES`.
 """
 
 from __future__ import annotations
@@ -79,8 +80,9 @@ class ModelAdapter:
     """What tokenmerge needs from one model of a family. Bound to ``model``; cheap to create.
 
     Family subclasses implement ``detects``, ``num_prefix_tokens``, ``image_size``,
-    ``patch_size``, ``num_patches``, ``blocks``, ``embed``, ``logits``, ``_unmerged_tokens``,
-    ``owner``, ``patch``, ``unpatch`` and ``architecture_name``; the rest is shared.
+    ``patch_size``, ``num_patches``, ``num_classes``, ``blocks``, ``embed``, ``logits``,
+    ``_unmerged_tokens``, ``owner``, ``patch``, ``unpatch`` and ``architecture_name``; the rest
+    is shared.
     """
 
     family: str = ""  # a short name: "timm", "transformers"
@@ -120,6 +122,27 @@ class ModelAdapter:
     @property
     def num_patches(self) -> int:
         """Patch tokens at the default image size."""
+        raise NotImplementedError
+
+    @property
+    def input_size(self) -> tuple:
+        """``(height, width)`` of the images the model was built for."""
+        return (self.image_size, self.image_size)
+
+    @property
+    def takes_any_image_size(self) -> bool:
+        """Whether the unpatched model runs images of other sizes than :attr:`input_size`
+        (its token count, hence a patched model's schedule, then follows the input)."""
+        return False
+
+    def export_refusal(self) -> str:
+        """Why this model cannot be exported at a fixed input size (``""`` when it can), with
+        the fix; family-specific (e.g. a patched timm ``dynamic_img_size`` model)."""
+        return ""
+
+    @property
+    def num_classes(self) -> Optional[int]:
+        """Classes the model's head predicts; ``None`` when it has no classification head."""
         raise NotImplementedError
 
     @property

@@ -347,6 +347,30 @@ class TimmAdapter(ModelAdapter):
         return int(self.model.patch_embed.img_size[0])
 
     @property
+    def input_size(self) -> tuple:
+        return tuple(int(s) for s in self.model.patch_embed.img_size)
+
+    @property
+    def takes_any_image_size(self) -> bool:
+        return bool(getattr(self.model, "dynamic_img_size", False)) or \
+            not getattr(self.model.patch_embed, "strict_img_size", True)
+
+    @property
+    def num_classes(self) -> Optional[int]:
+        return int(self.model.num_classes)
+
+    def export_refusal(self) -> str:
+        if not (self.is_patched and getattr(self.model, "dynamic_img_size", False)):
+            return ""
+        height, width = self.input_size
+        return (
+            "it was built with dynamic_img_size=True, so its token count and merge schedule follow "
+            "the input size, and an ONNX graph fixes one schedule. Create the model with "
+            "dynamic_img_size=False and img_size=<the size to deploy> (it is "
+            f"{height}x{width} now), patch it, then export"
+        )
+
+    @property
     def patch_size(self) -> tuple:
         return tuple(self.model.patch_embed.patch_size)
 

@@ -47,8 +47,10 @@ Outputs of a merged model:
 - ``output_attentions`` (the keyword, or ``config.output_attentions=True``) and attention
   masks are rejected (the fused path never forms the attention matrix, and merging changes
   the token set a mask refers to).
-- Layers that merge do not use HF gradient checkpointing (layers with nothing to merge call
-  the layer itself and keep it).
+- HF gradient checkpointing (``model.gradient_checkpointing_enable()``) is honoured in
+  training mode: a layer that merges is recomputed in backward with non-reentrant torch
+  checkpointing (HF's own checkpoint function and its options, such as ``use_reentrant`` or
+  offloading, apply to layers with nothing to merge, which call the layer itself).
 
 Attention follows ``config._attn_implementation``: ``"eager"`` computes
 ``softmax(q k^T * scale + log s) v`` explicitly (softmax in float32), anything else
@@ -73,6 +75,7 @@ import functools
 from typing import NamedTuple, Optional
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from ..core.attention import proportional_attention
@@ -223,6 +226,29 @@ class _MergingLayerMixin(MergingBlockMixin):
 
     def _tm_forward_unchanged(self, x):
         return self(x, None)
+
+    def _tm_checkpointed(self) -> bool:
+        """HF's ``gradient_checkpointing_enable()`` flags each layer (``every_n_layers`` may
+        skip some) and applies in training mode, as HF's layers do."""
+        return bool(getattr(self, "gradient_checkpointing", False)) and self.training and torch.is_grad_enabled()
+
+    # A merging layer is recomputed in backward with non-reentrant torch checkpointing, not
+    # HF's checkpoint function: a reentrant one (use_reentrant=True) would cut the gradient
+    # of the TokenState it takes. A layer that runs unchanged calls the layer itself, which
+    # checkpoints with HF's function, so no layer is checkpointed twice.
+    def forward_tokens(self, state, r, reducer, config, block_index):
+        if not self._tm_checkpointed() or (r == 0 and state.size is None):
+            return super().forward_tokens(state, r, reducer, config, block_index)
+        return torch.utils.checkpoint.checkpoint(
+            super().forward_tokens, state, r, reducer, config, block_index, use_reentrant=False
+        )
+
+    def forward_local(self, x, r, reducer, config, block_index):
+        if not self._tm_checkpointed() or r == 0:
+            return super().forward_local(x, r, reducer, config, block_index)
+        return torch.utils.checkpoint.checkpoint(
+            super().forward_local, x, r, reducer, config, block_index, use_reentrant=False
+        )
 
 
 class _ViTLayerMixin(_MergingLayerMixin):
@@ -933,10 +959,25 @@ class HFAdapter(ModelAdapter):
             feed = "input_values" if inputs == "spectrograms" else "pixel_values [B, T, 3, H, W]"
             raise TypeError(
                 f"{_original_type(self.trunk).__name__} takes {inputs}, not images: the image "
-                "commands (eval, bench, visualize, tune) do not apply to it; patch it with "
-                f"tokenmerge.patch and feed it {feed}"
+                "commands (eval, bench, visualize, tune, train, export) do not apply to it; patch "
+                f"it with tokenmerge.patch and feed it {feed}"
             )
         return int(_pair(self.trunk.config.image_size)[0])
+
+    @property
+    def input_size(self) -> tuple:
+        height = self.image_size  # refuses audio and video encoders, naming what they take
+        return height, int(_pair(self.trunk.config.image_size)[1])
+
+    @property
+    def takes_any_image_size(self) -> bool:
+        return _families()[_original_type(self.trunk)][0].any_image_size
+
+    @property
+    def num_classes(self) -> Optional[int]:
+        if _wrappers().get(_original_type(self.model), (None, None))[1] is None:
+            return None  # a trunk, or CLIPModel and its projection: features, no logits
+        return int(self.model.config.num_labels)
 
     def video_grid(self, frames: Optional[int] = None, height: Optional[int] = None,
                    width: Optional[int] = None) -> tuple:

@@ -60,7 +60,9 @@ def _configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", default=None,
                         help=f"training ImageFolder (default: {default_train_root()})")
     parser.add_argument("model", nargs="?", default=None,
-                        help="timm architecture name (default: the embedded ViT-Tiny Imagenette model)")
+                        help="timm architecture name, or hf:DIR for a Hugging Face image classifier saved "
+                             "with save_pretrained (end2end writes OUT/model/, loadable as hf:OUT/model) "
+                             "(default: the embedded ViT-Tiny Imagenette model)")
     parser.add_argument("--checkpoint", help="local .safetensors or .pth state_dict with timm key names")
     parser.add_argument("--num-classes", type=_positive_int)
     parser.add_argument("--model-kwargs", type=arguments.json_object, default={},
@@ -110,8 +112,8 @@ def _configure(parser: argparse.ArgumentParser) -> None:
     distill.add_argument("--distill-temperature", type=_temperature, default=None,
                          help="softmax temperature T of the distillation term (default 1.0)")
     distill.add_argument("--teacher", default=None, metavar="CHECKPOINT",
-                         help="teacher weights (.safetensors/.pth, timm key names); default: a frozen copy of "
-                              "the model before token reduction")
+                         help="teacher weights (.safetensors/.pth, timm key names) or hf:DIR (a Hugging Face "
+                              "classifier folder); default: a frozen copy of the model before token reduction")
     distill.add_argument("--teacher-model", default=None, metavar="NAME",
                          help="the teacher checkpoint's timm architecture (default: the student's)")
 

@@ -18,8 +18,9 @@ size-weighted merge. Train mode: soft grouping + soft merging
 (:mod:`tokenmerge.core.soft_merge`): the token count stays ``N``, sizes become
 fractional and feed proportional attention.
 
-The modules live in ``model.token_reducer`` (state_dict keys ``token_reducer.embeds.*``)
-and are saved/loaded on their own with :func:`save_merge_modules` /
+The modules live in the patched module's ``token_reducer`` (state_dict keys
+``token_reducer.embeds.*`` in a timm ViT, ``vit.token_reducer.embeds.*`` in a Hugging Face
+``ViTForImageClassification``, whose trunk is patched) and are saved/loaded on their own with :func:`save_merge_modules` /
 :func:`load_merge_modules` (a safetensors file with the architecture in its metadata).
 One module set serves every ``r`` up to the one it was trained with.
 """
@@ -249,9 +250,19 @@ class DTEM(TokenReducer):
 
 
 def _dtem_of(model: nn.Module) -> DTEM:
-    reducer = getattr(model, "token_reducer", None)
     if isinstance(model, DTEM):
         return model
+    reducer = getattr(model, "token_reducer", None)
+    if reducer is None:
+        # A Hugging Face wrapper (ViTForImageClassification...) keeps the policy on its trunk.
+        from ..backends.adapter import adapter_for
+
+        try:
+            adapter = adapter_for(model)
+        except TypeError:
+            adapter = None
+        if adapter is not None and adapter.is_patched:
+            reducer = adapter.reducer
     if not isinstance(reducer, DTEM):
         raise ValueError(
             "the model is not patched with DTEM: call tokenmerge.patch(model, method='dtem', r=...) first"
