@@ -146,6 +146,17 @@ def test_dynamic_img_size_is_refused_once_patched(tmp_path):
     assert_onnx_matches(model, export_onnx(model, tmp_path / "m.onnx").path)  # no schedule: exported
 
 
+def test_a_merging_eva_is_refused_with_the_reason(tmp_path):
+    import timm
+
+    torch.manual_seed(0)
+    eva = timm.create_model("eva02_tiny_patch14_224", pretrained=False, img_size=56, depth=2, num_classes=3).eval()
+    tokenmerge.patch(eva, method="tome", r=2)
+    with pytest.raises(ValueError, match="merging Eva/RoPE model is not supported yet.*tokenmerge.unpatch"):
+        export_onnx(eva, tmp_path / "eva.onnx")
+    assert not (tmp_path / "eva.onnx").exists()
+
+
 def test_other_image_size_opset_device_and_models_are_refused(tmp_path):
     model = tokenmerge.patch(tiny_vit(), method="tome", r=8)
     with pytest.raises(ValueError, match="image_size 64x64: the model is built for 32x32"):

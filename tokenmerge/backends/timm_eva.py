@@ -608,6 +608,15 @@ class TimmEvaAdapter(TimmAdapter):
         x, _ = self.model._pos_embed(x)
         return TokenState(self.model.norm_pre(x))
 
+    def export_refusal(self) -> str:
+        if not self.is_patched:
+            return super().export_refusal()
+        # The rotation is rebuilt per block from carried coordinates; that path has no export
+        # form yet (the TorchScript exporter fails inside it), so refuse rather than crash.
+        return ("ONNX export of a merging Eva/RoPE model is not supported yet (its rotary embedding "
+                "follows the merged tokens); export the unpatched model (tokenmerge.unpatch), or a "
+                "timm VisionTransformer or Hugging Face ViT, which export merged")
+
     def patch(self, reducer: TokenReducer, config: MergeConfig) -> nn.Module:
         return patch_eva(self.model, reducer, config)
 
