@@ -67,6 +67,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--patch", type=int, default=8, help="patch side in pixels")
+    p.add_argument("--tubelet", type=int, default=2, help="frames per tubelet")
     p.add_argument("--limit", type=int, default=None, help="train on the first N clips of every class (pilots)")
     p.add_argument("--max-steps", type=int, default=None, help="stop after N steps (pilots); no model is saved")
     p.add_argument("--seed", type=int, default=0)
@@ -78,7 +80,7 @@ def videomae_config(args, classes):
 
     return VideoMAEConfig(
         hidden_size=args.hidden, num_hidden_layers=args.layers, num_attention_heads=args.heads,
-        intermediate_size=4 * args.hidden, image_size=SIZE, patch_size=8, num_frames=FRAMES, tubelet_size=2,
+        intermediate_size=4 * args.hidden, image_size=SIZE, patch_size=args.patch, num_frames=FRAMES, tubelet_size=args.tubelet,
         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, use_mean_pooling=True,
         num_labels=len(classes), id2label=dict(enumerate(classes)), label2id={c: i for i, c in enumerate(classes)},
     )

@@ -32,6 +32,7 @@ sys.path.insert(0, str(REPO))
 
 import tokenmerge  # noqa: E402
 from ast_merging import accuracy  # noqa: E402
+from tokenmerge.evaluation.flops import count_gflops  # noqa: E402
 from tokenmerge.evaluation.inputs import inputs_for  # noqa: E402
 from tokenmerge.evaluation.throughput import measure_throughput  # noqa: E402
 
@@ -73,6 +74,7 @@ def main() -> None:
     for name, model in models.items():
         tokens = model.videomae.tokens_per_block() if tokenmerge.is_patched(model) else [tokens_in]
         rows.append({"variant": name, "tokens_out": tokens[-1], "val_top1": accuracy(model, x, y),
+                     "gflops": count_gflops(model, images=x[:1]),
                      "clips_per_s": speed[name]["images_per_s"],
                      "speedup": speed[name]["images_per_s"] / speed["unmodified"]["images_per_s"]})
         print(json.dumps(rows[-1]), flush=True)
