@@ -11,12 +11,13 @@ from pathlib import Path
 import torch
 
 from ..core.schedule import parse_schedule
+from ..evaluation.data import EMBEDDED_SUBSET
 from . import arguments
 from .common import add_device_arguments, add_model_arguments, model_from_args, resolve_device_arguments
 
 __all__ = ["add_parser", "run", "DEFAULT_DATA", "variants_from", "method_options"]
 
-DEFAULT_DATA = Path(__file__).resolve().parents[1] / "assets" / "imagenette_val_subset"
+DEFAULT_DATA = EMBEDDED_SUBSET
 DEFAULT_SCHEDULES = ("4", "8", "13", "16")
 
 

@@ -126,9 +126,9 @@ class ImageInputs(Inputs):
         return {"image_size": self.image_size}  # the key of earlier versions: their caches stay valid
 
     def default_data(self) -> Path:
-        from ..commands.eval import DEFAULT_DATA
+        from .data import EMBEDDED_SUBSET
 
-        return DEFAULT_DATA
+        return EMBEDDED_SUBSET
 
     def load(self, root, limit=None, progress=False):
         from .data import load_images
