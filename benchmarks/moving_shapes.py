@@ -8,9 +8,12 @@ is one shape on a textured, noisy background, and its class is *how the shape mo
     rotate_cw, rotate_ccw          rotation at 12-20 degrees/frame about a fixed centre
     grow, shrink                   scaling by 1.08-1.11x (or its inverse) per frame
 
-Shape (triangle, bar, L, arrow, kite), colour (bright, always brighter than the background), size,
-start position, start angle, speed and background are all random and independent of the class, so a single frame says
-nothing about the class: a model has to compare frames (tokens at different times).
+Shape (triangle, bar, L, arrow, kite), colour (bright, always brighter than the background),
+size, start position, start angle, speed and background are random and drawn the same way
+for every class, so that the class is in how frames differ. One frame can still hint at it,
+since the random ranges are fitted to the motion: a shape moving right starts in the left
+part of the frame (its path must fit), and a growing shape starts smaller (radius 6-9 px)
+than a shrinking one (13-19 px; translated and rotated shapes are 9-14 px).
 
 What it is: 8 classes, 8 frames of 64x64 RGB per clip (H.264 ``.mp4``, crf 18, 8 fps, via
 PyAV), ``<out>/{train,val}/<class>/<index>.mp4``; 2,400 train and 480 val clips (balanced), the
