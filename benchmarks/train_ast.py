@@ -32,7 +32,9 @@ the ViT initialisation, so the final run uses it.
 
 Writes ``benchmarks/models/ast_spoken_digits/`` (``save_pretrained``: float16
 ``model.safetensors`` + ``config.json``), ``features.json`` there (the log-mel settings,
-mean/std and class order needed to reproduce the inputs), and a JSON record of the run.
+mean/std and class order needed to reproduce the inputs), ``preprocessor_config.json`` (the
+same settings as ``ASTFeatureExtractor`` writes them, read by ``tokenmerge eval``), and a
+JSON record of the run.
 
     OMP_NUM_THREADS=1 python benchmarks/spoken_words.py
     OMP_NUM_THREADS=1 python benchmarks/train_ast.py
@@ -187,6 +189,15 @@ def _shown(value) -> str:
     return str(value)
 
 
+def save_feature_extractor(folder: Path, mean: float, std: float) -> None:
+    """``preprocessor_config.json``: the sample rate, feature shape and normalisation, where
+    Hugging Face's AST pipeline and ``tokenmerge eval --data WAVS`` read them."""
+    from transformers import ASTFeatureExtractor
+
+    ASTFeatureExtractor(sampling_rate=SAMPLE_RATE, num_mel_bins=NUM_MEL_BINS, max_length=NUM_FRAMES,
+                        mean=mean, std=std).save_pretrained(folder)
+
+
 def main(argv=None) -> None:
     from transformers import ASTForAudioClassification
 
@@ -257,6 +268,7 @@ def main(argv=None) -> None:
         "frame_shift_ms": 10.0, "low_freq": 20.0, "mean": mean, "std": std, "classes": classes,
     }
     (args.out / "features.json").write_text(json.dumps(features, indent=2) + "\n")
+    save_feature_extractor(args.out, mean, std)
     reloaded = ASTForAudioClassification.from_pretrained(args.out, dtype=torch.float32)
     val_acc_fp16 = accuracy(reloaded, val_x, val_y)
     record = {

@@ -110,6 +110,13 @@ class ModelAdapter:
         raise NotImplementedError
 
     @property
+    def inputs(self) -> str:
+        """What the model takes: ``"images"`` ``[B, 3, H, W]``, ``"spectrograms"`` ``[B,
+        frames, mel bins]`` or ``"videos"`` ``[B, T, 3, H, W]`` (picks the data loader of the
+        commands, :func:`tokenmerge.evaluation.inputs.inputs_for`)."""
+        return "images"
+
+    @property
     def image_size(self) -> int:
         """The side of the square images the model was built for."""
         raise NotImplementedError

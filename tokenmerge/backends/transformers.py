@@ -949,18 +949,22 @@ class HFAdapter(ModelAdapter):
         return prefix_tokens(self.model)
 
     @property
-    def _inputs(self) -> str:
+    def inputs(self) -> str:
         return _families()[_original_type(self.trunk)][0].inputs
+
+    _inputs = inputs  # the name the video helpers use
 
     @property
     def image_size(self) -> int:
         inputs = self._inputs
         if inputs != "images":
             feed = "input_values" if inputs == "spectrograms" else "pixel_values [B, T, 3, H, W]"
+            files = "WAV/FLAC" if inputs == "spectrograms" else "video"
             raise TypeError(
-                f"{_original_type(self.trunk).__name__} takes {inputs}, not images: the image "
-                "commands (eval, bench, visualize, tune, train, export) do not apply to it; patch "
-                f"it with tokenmerge.patch and feed it {feed}"
+                f"{_original_type(self.trunk).__name__} takes {inputs}, not images: tokenmerge "
+                f"eval and bench take it with --data, a folder of class sub-folders of {files} "
+                "files; the image-only commands (visualize, tune, train, export) do not apply to it. "
+                f"In Python, patch it with tokenmerge.patch and feed it {feed}"
             )
         return int(_pair(self.trunk.config.image_size)[0])
 

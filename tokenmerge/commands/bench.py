@@ -23,7 +23,8 @@ def add_parser(subparsers) -> None:
             "Time the unmodified model, the merged model and the token-drop bound (the same "
             "schedule with tokens simply cut, no merge work) in one process, interleaved, "
             "median of repeated timings. Random weights unless --pretrained/--checkpoint: "
-            "throughput does not depend on weights."
+            "throughput does not depend on weights. Random inputs of the model's shape: images, "
+            "or for hf: AST / VideoMAE models spectrograms / video clips."
         ),
     )
     add_model_arguments(parser, default_model="vit_small_patch16_224")
@@ -33,7 +34,7 @@ def add_parser(subparsers) -> None:
                         help="one or more schedules: 13, 13:-1, 16,16,8 or keep=0.9 (default: 13)")
     parser.add_argument("--batch-size", type=arguments.positive_int, default=32)
     parser.add_argument("--image-size", type=arguments.positive_int, default=None,
-                        help="default: the model's (another size needs a model built for it)")
+                        help="image models only; default: the model's (another size needs a model built for it)")
     parser.add_argument("--warmup", type=arguments.non_negative_int, default=3)
     parser.add_argument("--repeats", type=arguments.positive_int, default=10)
     parser.add_argument("--compile", action="store_true", help="torch.compile every variant")
@@ -62,8 +63,12 @@ def _variants(base, method, schedules, with_bound, compile_models):
 
 def benchmark(base, method="tome", schedules=(13,), batch_size=32, image_size=224, device="cpu",
               dtype=torch.float32, warmup=3, repeats=10, with_bound=True, compile_models=False,
-              progress=True) -> dict:
-    """Measure every variant; returns a JSON-ready dict (see ``tokenmerge bench --json``)."""
+              progress=True, inputs=None) -> dict:
+    """Measure every variant; returns a JSON-ready dict (see ``tokenmerge bench --json``).
+
+    ``inputs``: a batch to time instead of random ``image_size`` images (spectrograms or
+    videos; then ``batch_size`` and ``image_size`` are ignored).
+    """
     from ..backends.adapter import adapter_for
     from ..evaluation.flops import count_gflops
     from ..evaluation.throughput import measure_throughput
@@ -71,7 +76,7 @@ def benchmark(base, method="tome", schedules=(13,), batch_size=32, image_size=22
     base = base.to(device).eval()
     variants, timed = _variants(base, method, schedules, with_bound, compile_models)
     speed = measure_throughput(timed, batch_size=batch_size, image_size=image_size, device=device,
-                               dtype=dtype, warmup=warmup, repeats=repeats, progress=progress)
+                               dtype=dtype, warmup=warmup, repeats=repeats, progress=progress, inputs=inputs)
     reference = speed["unmodified"]["images_per_s"]
     rows = []
     for key, (model, name, label) in variants.items():
@@ -81,7 +86,8 @@ def benchmark(base, method="tome", schedules=(13,), batch_size=32, image_size=22
             "method": name or "none",
             "schedule": label,
             "tokens_per_block": tokens,
-            "gflops": count_gflops(model, image_size=image_size, device=device),
+            "gflops": count_gflops(model, image_size=image_size, device=device,
+                                   images=None if inputs is None else inputs[:1]),
             "images_per_s": speed[key]["images_per_s"],
             "ms_per_batch": speed[key]["ms_per_batch"],
             "speedup": speed[key]["images_per_s"] / reference,
@@ -91,8 +97,9 @@ def benchmark(base, method="tome", schedules=(13,), batch_size=32, image_size=22
             row["fraction_of_bound"] = speed[key]["images_per_s"] / speed[bound_key]["images_per_s"]
         rows.append(row)
     return {
-        "batch_size": batch_size,
-        "image_size": image_size,
+        "batch_size": batch_size if inputs is None else int(inputs.shape[0]),
+        "image_size": image_size if inputs is None else None,
+        "input_shape": [3, image_size, image_size] if inputs is None else list(inputs.shape[1:]),
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
@@ -112,7 +119,8 @@ def _tokens_label(tokens) -> str:
 
 
 def format_table(result: dict) -> str:
-    header = ["variant", "tokens in->out", "GFLOPs/img", "im/s", "speedup", "of bound"]
+    per = "img" if result.get("image_size") else "clip"
+    header = ["variant", "tokens in->out", f"GFLOPs/{per}", "im/s" if per == "img" else "clips/s", "speedup", "of bound"]
     lines = [header]
     for row in result["rows"]:
         bound = row.get("fraction_of_bound")
@@ -138,17 +146,23 @@ def format_table(result: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..backends.adapter import adapter_for
+    from ..evaluation.inputs import inputs_for
 
     resolve_device_arguments(args)
     model = model_from_args(args)
-    adapter = adapter_for(model)
-    image_size = args.image_size or adapter.image_size
-    adapter.check_image_size(image_size)
+    inputs = inputs_for(model)
+    if inputs.kind == "images":
+        image_size = args.image_size or inputs.image_size
+        inputs.adapter.check_image_size(image_size)
+        example = None  # benchmark draws images of the chosen size
+    elif args.image_size is not None:
+        raise ValueError(f"--image-size applies to image models; this model takes {inputs.describe()}: leave it out")
+    else:
+        image_size, example = None, inputs.example(args.batch_size, args.device)
     result = benchmark(
         model, method=args.method, schedules=args.r, batch_size=args.batch_size,
         image_size=image_size, device=args.device, dtype=args.dtype, warmup=args.warmup,
-        repeats=args.repeats, with_bound=not args.no_bound, compile_models=args.compile,
+        repeats=args.repeats, with_bound=not args.no_bound, compile_models=args.compile, inputs=example,
     )
     result["model"] = args.model
     print(json.dumps(result, indent=2) if args.json else f"{args.model}\n" + format_table(result))

@@ -24,8 +24,9 @@ def parse_dtype(name: str):
 def add_model_arguments(parser: argparse.ArgumentParser, default_model=None) -> None:
     parser.add_argument(
         "model", nargs="?", default=default_model,
-        help="timm architecture name, or hf:DIR for a Hugging Face ViT/DeiT/CLIP/DINOv2 model "
-             "saved with save_pretrained(DIR) (default: the embedded ViT-Tiny Imagenette model)",
+        help="timm architecture name, or hf:DIR for a Hugging Face ViT/DeiT/CLIP/DINOv2 model, AST "
+             "audio or VideoMAE video classifier saved with save_pretrained(DIR) (default: the "
+             "embedded ViT-Tiny Imagenette model)",
     )
     weights = parser.add_mutually_exclusive_group()
     weights.add_argument("--pretrained", action="store_true", help="timm pretrained weights (needs network)")

@@ -11,12 +11,13 @@ from pathlib import Path
 import torch
 
 from ..core.schedule import parse_schedule
+from ..evaluation.data import EMBEDDED_SUBSET
 from . import arguments
 from .common import add_device_arguments, add_model_arguments, model_from_args, resolve_device_arguments
 
 __all__ = ["add_parser", "run", "DEFAULT_DATA", "variants_from", "method_options"]
 
-DEFAULT_DATA = Path(__file__).resolve().parents[1] / "assets" / "imagenette_val_subset"
+DEFAULT_DATA = EMBEDDED_SUBSET
 DEFAULT_SCHEDULES = ("4", "8", "13", "16")
 
 
@@ -26,10 +27,12 @@ _schedule = arguments.schedule  # the name other subcommands import
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "eval",
-        help="accuracy / GFLOPs / speedup for methods x schedules on an image folder",
+        help="accuracy / GFLOPs / speedup for methods x schedules on an image, audio or video folder",
         description=(
-            "Evaluate the unmodified model and every method x schedule on an ImageFolder "
-            "dataset: top-1, GFLOPs per image, and throughput timed interleaved in this run. "
+            "Evaluate the unmodified model and every method x schedule on an ImageFolder-like "
+            "dataset (class sub-folders of images, or of WAV/FLAC files for an hf: AST model, or "
+            "of video files for an hf: VideoMAE model): top-1, GFLOPs per example, and "
+            "throughput timed interleaved in this run. "
             "Writes OUT/results.csv and OUT/results.json; finished rows are cached in "
             "OUT/cache.jsonl, so an interrupted run resumes. Default model and data: the "
             "embedded ViT-Tiny Imagenette checkpoint and its 500-image validation subset."
@@ -37,8 +40,10 @@ def add_parser(subparsers) -> None:
     )
     add_model_arguments(parser)
     parser.add_argument("--data", type=Path, default=None,
-                        help="ImageFolder root (class sub-folders); default: the embedded Imagenette subset")
-    parser.add_argument("--limit", type=arguments.positive_int, help="evaluate only the first N images (sorted order)")
+                        help="data root with one sub-folder per class, holding images (JPEG, PNG...), "
+                             "WAV/FLAC files (AST; needs soundfile) or video files (VideoMAE; needs PyAV), "
+                             "as the model takes; default: the embedded Imagenette subset (image models)")
+    parser.add_argument("--limit", type=arguments.positive_int, help="evaluate only the first N files (sorted order)")
     parser.add_argument("--methods", nargs="+", default=["tome"], metavar="METHOD",
                         help="methods to evaluate (default: tome; see tokenmerge.list_methods())")
     parser.add_argument("--r", nargs="+", type=_schedule, default=None, metavar="SCHEDULE",
@@ -145,11 +150,18 @@ def _title(meta: dict) -> str:
     return f"{model} on {Path(str(meta.get('data', ''))).name} ({meta.get('num_images', '?')} images)"
 
 
-def budget_variants(model, methods, options, args, image_size) -> list:
+def budget_variants(model, methods, options, args, inputs) -> list:
     """One variant per method at the constant r the budget search chose (printing each choice)."""
     from ..evaluation.budget import search_budget
     from ..evaluation.sweep import Variant
 
+    if inputs.kind != "images":
+        raise ValueError(
+            f"--target-speedup/--target-gflops search image models only; this model takes "
+            f"{inputs.kind}: run tokenmerge bench over a few --r values to find the schedule, then "
+            "pass them to eval with --r"
+        )
+    image_size = inputs.image_size
     chosen = []
     for method in methods:
         result = search_budget(
@@ -165,48 +177,47 @@ def budget_variants(model, methods, options, args, image_size) -> list:
 def run(args: argparse.Namespace) -> int:
     if args.from_results is not None:
         return _from_results(args)
-    from ..backends.adapter import adapter_for
-    from ..evaluation.data import load_images
+    from ..evaluation.inputs import inputs_for
     from ..evaluation.pareto import save_pareto_plot
-    from ..evaluation.sweep import (ResultCache, Variant, build_variant, dataset_fingerprint, format_rows, run_sweep,
-                                    weights_fingerprint, write_results)
+    from ..evaluation.sweep import (ResultCache, Variant, build_variant, format_rows, run_sweep, weights_fingerprint,
+                                    write_results)
     from .. import __version__
 
     resolve_device_arguments(args)
-    data = args.data or DEFAULT_DATA
     schedules = args.r if args.r is not None else [parse_schedule(s) for s in DEFAULT_SCHEDULES]
     options = method_options(args.method_option, args.methods)
     variants = variants_from(args.methods, schedules, options)
     variants += [Variant.create(c["method"], c["r"], c["options"]) for c in args.config]
     model = model_from_args(args)
     model_name = args.model or "vit_tiny_patch16_224 (embedded Imagenette checkpoint)"
-    image_size = adapter_for(model).image_size
+    inputs = inputs_for(model)
+    data = args.data or inputs.default_data()
     if args.target_speedup is not None or args.target_gflops is not None:
-        variants += budget_variants(model, args.methods, options, args, image_size)
+        variants += budget_variants(model, args.methods, options, args, inputs)
     for variant in variants:
         # A bad method option or module file fails here, before minutes of image decoding.
         build_variant(model, variant)
 
-    images, labels, classes = load_images(data, image_size=image_size, limit=args.limit, progress=True)
+    images, labels, classes = inputs.load(data, limit=args.limit, progress=True)
     weights = weights_fingerprint(model)
     context = {
         "weights": weights,
         "data": str(Path(data).resolve()),
-        "data_fingerprint": dataset_fingerprint(data, args.limit),
-        "image_size": image_size,
+        "data_fingerprint": inputs.fingerprint(data, args.limit),
+        **inputs.cache_context(),
         "dtype": str(args.dtype),
         "device_type": torch.device(args.device).type,
         "tokenmerge": __version__,
     }
     cache = ResultCache(None if args.no_cache else args.out / "cache.jsonl")
     cached = "no cache" if args.no_cache else f"{len(cache)} rows cached in {cache.path}"
-    print(f"{model_name}: {len(images)} images, {len(classes)} classes from {data}; "
+    print(f"{model_name}: {len(images)} {inputs.noun}, {len(classes)} classes from {data}; "
           f"{len(variants)} variants ({cached})")
     rows = run_sweep(
         model, variants, images, labels, len(classes), cache=cache, context=context,
-        image_size=image_size, eval_batch_size=args.batch_size, device=args.device, dtype=args.dtype,
+        eval_batch_size=args.batch_size, device=args.device, dtype=args.dtype,
         timing=not args.no_timing, timing_batch_size=args.timing_batch_size, warmup=args.warmup,
-        repeats=args.repeats,
+        repeats=args.repeats, example=inputs.example(args.timing_batch_size, args.device),
     )
     meta = _meta(args, model_name, data, len(images), weights)
     paths = write_results(rows, meta, args.out)

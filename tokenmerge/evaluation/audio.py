@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["AUDIO_EXTENSIONS", "load_wav", "mel_frequencies", "mel_filterbank", "log_mel", "load_audio_folder"]
+__all__ = ["AUDIO_EXTENSIONS", "load_wav", "mel_frequencies", "mel_filterbank", "log_mel", "class_files", "load_audio_folder"]
 
 AUDIO_EXTENSIONS = (".wav", ".flac")
 
@@ -127,22 +127,25 @@ def log_mel(
     return features
 
 
-def _class_files(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
+def class_files(root: Path, extensions=AUDIO_EXTENSIONS) -> tuple[list[str], list[tuple[Path, int]]]:
+    """``(classes, [(file, label)])`` of an ImageFolder-like ``<root>/<class>/<file>``: the sorted
+    sub-folder names, and the files with one of ``extensions`` in sorted (class, name) order."""
+    root = Path(root)
     if root.exists() and not root.is_dir():
         raise ValueError(f"dataset folder {str(root)!r} is a file: pass the folder that holds one sub-folder per class")
     if not root.is_dir():
         raise FileNotFoundError(f"dataset folder {str(root)!r} does not exist")
     classes = sorted(p.name for p in root.iterdir() if p.is_dir())
     if not classes:
-        raise ValueError(f"dataset folder {str(root)!r} has no class sub-folders (expected <root>/<class>/<file>.wav)")
+        raise ValueError(f"dataset folder {str(root)!r} has no class sub-folders (expected <root>/<class>/<file>, e.g. {extensions[0]} files)")
     files = [
         (path, label)
         for label, name in enumerate(classes)
         for path in sorted((root / name).iterdir())
-        if path.suffix.lower() in AUDIO_EXTENSIONS
+        if path.suffix.lower() in extensions
     ]
     if not files:
-        raise ValueError(f"dataset folder {str(root)!r} has class sub-folders but no {'/'.join(AUDIO_EXTENSIONS)} files")
+        raise ValueError(f"dataset folder {str(root)!r} has class sub-folders but no {'/'.join(extensions)} files")
     return classes, files
 
 
@@ -163,7 +166,7 @@ def load_audio_folder(
     sorted (class, file name) order; ``limit`` keeps the first ``limit`` of them. Every file
     must be at ``sample_rate``. ``mean``/``std`` normalise as in :func:`log_mel`.
     """
-    classes, files = _class_files(Path(root))
+    classes, files = class_files(Path(root))
     files = files[:limit] if limit is not None else files
     features = torch.stack([
         log_mel(load_wav(path, sample_rate)[0], sample_rate, num_mel_bins, num_frames=num_frames,

@@ -7,7 +7,11 @@ from typing import Optional
 
 import torch
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "image_transform", "image_folder", "image_loader", "load_images"]
+__all__ = ["EMBEDDED_SUBSET", "IMAGENET_MEAN", "IMAGENET_STD", "image_transform", "image_folder", "image_loader", "load_images"]
+
+# The 500-image Imagenette validation subset shipped with the package: the default data of
+# the commands for image models.
+EMBEDDED_SUBSET = Path(__file__).resolve().parents[1] / "assets" / "imagenette_val_subset"
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -230,7 +230,7 @@ class ResultCache:
 
 
 def _measured_row(model, variant, images, labels, num_classes, image_size, eval_batch_size,
-                  device, dtype, progress) -> dict:
+                  device, dtype, progress, example=None) -> dict:
     """Accuracy, GFLOPs and token counts of one variant (the cacheable part of a row)."""
     accuracy = evaluate_accuracy(model, images, labels, num_classes=num_classes,
                                  batch_size=eval_batch_size, device=device, dtype=dtype,
@@ -242,7 +242,8 @@ def _measured_row(model, variant, images, labels, num_classes, image_size, eval_
         "options": dict(variant.options),
         "label": variant.label,
         "accuracy": accuracy,
-        "gflops": count_gflops(model, image_size=image_size, device=device),
+        "gflops": count_gflops(model, image_size=image_size, device=device,
+                               images=None if example is None else example[:1]),
         "tokens_in": None if tokens is None else tokens[0],
         "tokens_out": None if tokens is None else tokens[-1],
         "num_images": int(len(labels)),
@@ -268,19 +269,24 @@ def run_sweep(
     repeats: int = 5,
     progress: bool = True,
     log=print,
+    example: Optional[torch.Tensor] = None,
 ) -> List[dict]:
     """Evaluate every variant; returns one row dict per variant, unmodified first.
 
     Args:
         base: the unmodified model (eval mode).
         variants: the grid; the unmodified variant is added when missing.
-        images: ``[N, 3, S, S]`` preloaded, normalised images; ``labels``: ``[N]``.
+        images: ``[N, 3, S, S]`` preloaded, normalised images (or any input batch the
+            model takes: spectrograms, videos); ``labels``: ``[N]``.
         num_classes: the dataset's class count (checked against the model's head).
         cache: finished rows are looked up here first and stored here when computed.
         context: what besides the variant determines a row (weights, data, dtype, ...),
             hashed into the cache key.
         timing: measure throughput of all variants at the end (interleaved, median of
             ``repeats`` after ``warmup``) on random ``timing_batch_size`` batches.
+        example: a random batch of the model's input shape (``timing_batch_size`` items),
+            timed and FLOP-counted instead of ``image_size`` images: for models that take
+            spectrograms or videos (:meth:`tokenmerge.evaluation.inputs.Inputs.example`).
 
     Rows: method, schedule, options, label, accuracy (%), gflops (per image), tokens_in,
     tokens_out, num_images, cached, and with timing images_per_s, ms_per_batch, speedup.
@@ -301,7 +307,7 @@ def run_sweep(
         row = cache.get(key)
         if row is None:
             row = _measured_row(model, variant, images, labels, num_classes, image_size,
-                                eval_batch_size, device, dtype, progress)
+                                eval_batch_size, device, dtype, progress, example)
             cache.put(key, row)
             row = dict(row, cached=False)
             log(f"  {variant.label:<28} top-1 {row['accuracy']:6.2f}%  {row['gflops']:.3f} GFLOPs")
@@ -312,7 +318,7 @@ def run_sweep(
     if timing:
         speed = measure_throughput(models, batch_size=timing_batch_size, image_size=image_size,
                                    device=device, dtype=dtype, warmup=warmup, repeats=repeats,
-                                   progress=progress)
+                                   progress=progress, inputs=example)
         reference = speed[unmodified.label]["images_per_s"]
         for row in rows:
             measured = speed[row["label"]]

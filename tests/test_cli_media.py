@@ -1,0 +1,202 @@
+"""``tokenmerge eval``/``bench`` on audio (AST) and video (VideoMAE) models saved as ``hf:DIR``,
+with data folders of tiny generated WAV and H.264 files; clear errors for broken files."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from tokenmerge.cli import main  # noqa: E402
+from tokenmerge.evaluation.audio import load_wav, log_mel  # noqa: E402
+from tokenmerge.evaluation.inputs import inputs_for  # noqa: E402
+from tokenmerge.evaluation.video import prepare_clip, read_video, write_video  # noqa: E402
+from tokenmerge.models import load_model  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+RATE = 16000
+# Not ImageNet's or AudioSet's statistics: the test sees whether the saved ones are used.
+VIDEO_MEAN, VIDEO_STD = [0.3, 0.4, 0.5], [0.2, 0.25, 0.3]
+AUDIO_MEAN, AUDIO_STD = -6.0, 3.0
+
+
+def _save(model, folder, preprocessor: dict):
+    model.save_pretrained(folder)
+    (folder / "preprocessor_config.json").write_text(json.dumps(preprocessor))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def videomae_dir(tmp_path_factory):
+    """A random VideoMAE classifier: 4 frames of 32x32, tubelets 2 x 8x8 -> 32 tokens, 3 classes."""
+    config = transformers.VideoMAEConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32,
+        patch_size=8, num_frames=4, tubelet_size=2, num_labels=3, use_mean_pooling=True)
+    torch.manual_seed(0)
+    model = transformers.VideoMAEForVideoClassification(config).eval()
+    with torch.no_grad():
+        model.classifier.weight.normal_(0.0, 2.0)  # spread the predictions over the classes
+    return _save(model, tmp_path_factory.mktemp("videomae"), {"image_mean": VIDEO_MEAN, "image_std": VIDEO_STD})
+
+
+@pytest.fixture(scope="module")
+def video_folder(tmp_path_factory):
+    """3 classes x 2 clips of 6 frames at 40x48 (resized and cropped to 32x32, 4 frames sampled)."""
+    root = tmp_path_factory.mktemp("videos")
+    rng = np.random.default_rng(0)
+    for name in ("a", "b", "c"):
+        (root / name).mkdir()
+        for i in range(2):
+            write_video(root / name / f"{i}.mp4", rng.integers(0, 256, size=(6, 40, 48, 3), dtype=np.uint8))
+    return root
+
+
+@pytest.fixture(scope="module")
+def ast_dir(tmp_path_factory):
+    """A random AST classifier: 48 frames x 32 mel bins -> 8 patches + 2 tokens, 3 classes."""
+    config = transformers.ASTConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, num_mel_bins=32,
+        max_length=48, frequency_stride=10, time_stride=10, num_labels=3)
+    torch.manual_seed(0)
+    model = transformers.ASTForAudioClassification(config).eval()
+    with torch.no_grad():
+        model.classifier.dense.weight.normal_(0.0, 2.0)
+    return _save(model, tmp_path_factory.mktemp("ast"),
+                 {"feature_extractor_type": "ASTFeatureExtractor", "sampling_rate": RATE, "num_mel_bins": 32,
+                  "max_length": 48, "mean": AUDIO_MEAN, "std": AUDIO_STD})
+
+
+@pytest.fixture(scope="module")
+def wav_folder(tmp_path_factory):
+    """3 classes x 2 tones of 0.5 s."""
+    import soundfile as sf
+
+    root = tmp_path_factory.mktemp("wavs")
+    t = np.arange(RATE // 2) / RATE
+    for k, name in enumerate(("low", "mid", "high")):
+        (root / name).mkdir()
+        for i in range(2):
+            tone = 0.5 * np.sin(2 * math.pi * (200 * (k + 1) + 50 * i) * t)
+            sf.write(root / name / f"{i}.wav", tone.astype(np.float32), RATE)
+    return root
+
+
+def _files(root):
+    return [(path, label) for label, folder in enumerate(sorted(p for p in root.iterdir() if p.is_dir()))
+            for path in sorted(folder.iterdir())]
+
+
+def _accuracy(model, inputs, labels) -> float:
+    with torch.inference_mode():
+        predictions = model(inputs).logits.argmax(-1)
+    return 100.0 * float((predictions == torch.tensor(labels)).double().mean())
+
+
+def _eval(folder, data, out, *extra):
+    return main(["eval", f"hf:{folder}", "--data", str(data), "--methods", "tome", "drop", "--r", "2", "4",
+                 "--out", str(out), "--timing-batch-size", "2", "--warmup", "0", "--repeats", "1",
+                 "--device", "cpu", *extra])
+
+
+def test_eval_videomae_on_a_video_folder(videomae_dir, video_folder, tmp_path, capsys):
+    assert _eval(videomae_dir, video_folder, tmp_path / "out") == 0
+    rows = json.loads((tmp_path / "out" / "results.json").read_text())["rows"]
+    assert [(r["method"], r["schedule"]) for r in rows] == [
+        ("none", "-"), ("tome", "2"), ("tome", "4"), ("drop", "2"), ("drop", "4")]
+    assert all(r["num_images"] == 6 and r["speedup"] > 0 and r["gflops"] > 0 for r in rows)
+    assert rows[1]["tokens_in"] == 32 and rows[2]["tokens_out"] == 32 - 2 * 4
+    assert rows[2]["gflops"] < rows[0]["gflops"]
+    assert "6 clips, 3 classes" in capsys.readouterr().out
+    # The unmodified row against a computation without tokenmerge's data loading: frames
+    # 0, 2, 3, 5 of 6, bilinear to 32x38 (shorter side 32), centre crop, the saved statistics.
+    model = transformers.VideoMAEForVideoClassification.from_pretrained(videomae_dir).eval()
+    clips, labels = [], []
+    for path, label in _files(video_folder):
+        with __import__("av").open(str(path)) as container:
+            frames = np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+        x = torch.from_numpy(frames[[0, 2, 3, 5]]).permute(0, 3, 1, 2).float() / 255
+        x = torch.nn.functional.interpolate(x, size=(32, 38), mode="bilinear", antialias=True, align_corners=False)
+        x = x[..., 3:35]
+        clips.append((x - torch.tensor(VIDEO_MEAN)[:, None, None]) / torch.tensor(VIDEO_STD)[:, None, None])
+        labels.append(label)
+    assert rows[0]["accuracy"] == pytest.approx(_accuracy(model, torch.stack(clips), labels))
+    # A rerun reads every row from the cache (the key includes the input settings).
+    assert _eval(videomae_dir, video_folder, tmp_path / "out", "--no-timing") == 0
+    assert all(r["cached"] for r in json.loads((tmp_path / "out" / "results.json").read_text())["rows"])
+
+
+def test_eval_ast_on_a_wav_folder_uses_the_saved_feature_settings(ast_dir, wav_folder, tmp_path):
+    assert _eval(ast_dir, wav_folder, tmp_path / "out", "--no-timing") == 0
+    rows = json.loads((tmp_path / "out" / "results.json").read_text())["rows"]
+    assert len(rows) == 5 and rows[1]["tokens_in"] == 10
+    model = transformers.ASTForAudioClassification.from_pretrained(ast_dir).eval()
+    features, labels = [], []
+    for path, label in _files(wav_folder):
+        features.append(log_mel(load_wav(path)[0], RATE, 32, num_frames=48, mean=AUDIO_MEAN, std=AUDIO_STD))
+        labels.append(label)
+    assert rows[0]["accuracy"] == pytest.approx(_accuracy(model, torch.stack(features), labels))
+    inputs = inputs_for(load_model(f"hf:{ast_dir}"))
+    assert inputs.kind == "spectrograms" and inputs.shape == (48, 32)
+    assert inputs.cache_context()["mean"] == AUDIO_MEAN
+
+
+def test_bench_times_video_and_audio_models(videomae_dir, ast_dir, capsys):
+    for folder, shape in ((videomae_dir, [4, 3, 32, 32]), (ast_dir, [48, 32])):
+        assert main(["bench", f"hf:{folder}", "--r", "2", "--batch-size", "2", "--warmup", "0", "--repeats", "1",
+                     "--device", "cpu", "--json"]) == 0
+        result = json.loads(capsys.readouterr().out)
+        assert result["input_shape"] == shape and result["image_size"] is None and result["batch_size"] == 2
+        assert [row["variant"] for row in result["rows"]] == ["unmodified", "tome 2", "drop 2"]
+    assert main(["bench", f"hf:{videomae_dir}", "--r", "2", "--repeats", "1", "--image-size", "64"]) == 2
+    assert "--image-size applies to image models; this model takes videos 4x3x32x32" in capsys.readouterr().err
+
+
+def test_corrupt_and_short_files_are_named(videomae_dir, ast_dir, video_folder, wav_folder, tmp_path, capsys):
+    import shutil
+
+    videos = shutil.copytree(video_folder, tmp_path / "videos")
+    (videos / "b" / "1.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42 not a video")
+    assert _eval(videomae_dir, videos, tmp_path / "o1", "--no-timing") == 2
+    err = capsys.readouterr().err
+    assert f"{videos / 'b' / '1.mp4'} is not a readable video file" in err and "re-encode it" in err
+    write_video(videos / "b" / "1.mp4", np.zeros((3, 32, 32, 3), dtype=np.uint8))
+    assert _eval(videomae_dir, videos, tmp_path / "o2", "--no-timing") == 2
+    assert f"{videos / 'b' / '1.mp4'} has 3 frames, the model takes 4; use longer clips" in capsys.readouterr().err
+
+    wavs = shutil.copytree(wav_folder, tmp_path / "wavs")
+    (wavs / "mid" / "0.wav").write_bytes(b"RIFF\x10\x00\x00\x00WAVEjunk")
+    assert _eval(ast_dir, wavs, tmp_path / "o3", "--no-timing") == 2
+    assert f"{wavs / 'mid' / '0.wav'} is not a readable audio file" in capsys.readouterr().err
+
+
+def test_media_models_say_what_data_they_need(videomae_dir, ast_dir, wav_folder, tmp_path, capsys):
+    assert main(["eval", f"hf:{videomae_dir}", "--out", str(tmp_path / "o")]) == 2
+    assert "takes videos: pass --data, a folder with one sub-folder per class holding video" in capsys.readouterr().err
+    # A WAV folder given to a video model: no video files in it.
+    assert _eval(videomae_dir, wav_folder, tmp_path / "o") == 2
+    assert "has class sub-folders but no .mp4/.mkv" in capsys.readouterr().err
+    assert _eval(ast_dir, wav_folder, tmp_path / "o", "--target-speedup", "1.5") == 2
+    assert "--target-speedup/--target-gflops search image models only; this model takes spectrograms" in (
+        capsys.readouterr().err)
+
+
+def test_read_video_round_trip_and_prepare_clip(tmp_path):
+    frames = np.zeros((5, 16, 24, 3), dtype=np.uint8)
+    frames[:, :, :12] = 200  # left half bright: survives H.264 up to small errors
+    write_video(tmp_path / "c.mkv", frames)
+    decoded = read_video(tmp_path / "c.mkv")
+    assert decoded.shape == (5, 16, 24, 3) and decoded.dtype == np.uint8
+    assert np.abs(decoded.astype(int) - frames).mean() < 3
+    clip = prepare_clip(decoded, 2, 16, mean=(0, 0, 0), std=(1, 1, 1))
+    assert clip.shape == (2, 3, 16, 16)  # centre crop of the 16x24 frame: columns 4..19
+    assert clip[..., :8].mean() > 0.7 and clip[..., 8:].mean() < 0.1
+    with pytest.raises(ValueError, match="even frame size"):
+        write_video(tmp_path / "odd.mp4", np.zeros((2, 15, 16, 3), dtype=np.uint8))
+    with pytest.raises(FileNotFoundError, match="nothere.mp4"):
+        read_video(tmp_path / "nothere.mp4")

@@ -1,0 +1,234 @@
+"""What a model takes, and how a folder of files becomes it: one loader per modality.
+
+The commands (``eval``, ``bench``) do not branch on the model: :func:`inputs_for` reads what the
+model takes from its adapter (:attr:`~tokenmerge.backends.adapter.ModelAdapter.inputs`) and
+returns the matching :class:`Inputs`, which loads an ImageFolder-like data folder
+(``<root>/<class>/<file>``) into one preloaded tensor, makes random batches of the model's
+input shape for timing and FLOP counts, and fingerprints the files for the result cache.
+
+- images (timm and HF image models): JPEG/PNG..., resized and centre-cropped, ImageNet
+  normalisation (:mod:`tokenmerge.evaluation.data`);
+- spectrograms (AST): WAV/FLAC decoded with soundfile, Kaldi-style log-mel features
+  (:mod:`tokenmerge.evaluation.audio`);
+- videos (VideoMAE): clips decoded with PyAV (:mod:`tokenmerge.evaluation.video`).
+
+Feature and normalisation settings of audio and video models come from the model: its config
+(mel bins, frames, frame size) and, for a model loaded from a folder, the folder's
+``preprocessor_config.json`` as Hugging Face's feature extractor / image processor writes it
+(``sampling_rate``, ``mean``, ``std`` for AST; ``image_mean``, ``image_std`` for VideoMAE);
+without one, the defaults of those Hugging Face classes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..backends.adapter import adapter_for
+
+__all__ = ["Inputs", "ImageInputs", "SpectrogramInputs", "VideoInputs", "inputs_for", "files_fingerprint"]
+
+# ASTFeatureExtractor's defaults (AudioSet statistics), used when a model folder has no
+# preprocessor_config.json, as Hugging Face would.
+AST_DEFAULTS = {"sampling_rate": 16000, "mean": -4.2677393, "std": 4.5689974}
+
+
+def files_fingerprint(root, files) -> str:
+    """SHA-256 of the (relative path, byte size, label) of every file used, in order."""
+    root = Path(root)
+    digest = hashlib.sha256()
+    for path, label in files:
+        path = Path(path)
+        digest.update(f"{path.relative_to(root)}:{path.stat().st_size}:{label}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def _preprocessor_config(model: nn.Module) -> dict:
+    """The ``preprocessor_config.json`` beside a Hugging Face model loaded from a folder, or ``{}``."""
+    folder = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
+    path = Path(folder) / "preprocessor_config.json"
+    if not folder or not path.is_file():
+        return {}
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); fix or remove it (it sets the input normalisation)") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} must hold a JSON object (the feature extractor's settings); fix or remove it")
+    return config
+
+
+class Inputs:
+    """The input modality of one model: data loading, example batches, cache identity."""
+
+    kind = ""  # the adapter's ``inputs``
+    noun = "items"  # what one example is called in messages
+    extensions = ""  # the files a data folder holds, for messages
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.adapter = adapter_for(model)
+
+    @property
+    def shape(self) -> tuple:
+        """The shape of one example (no batch dimension)."""
+        raise NotImplementedError
+
+    def default_data(self) -> Path:
+        """The data folder used when none is given."""
+        raise ValueError(
+            f"{self.adapter.architecture_name()} takes {self.kind}: pass --data, a folder with one "
+            f"sub-folder per class holding {self.extensions} files"
+        )
+
+    def load(self, root, limit: Optional[int] = None, progress: bool = False) -> tuple:
+        """``(inputs [N, *shape] float32, labels [N] int64, classes)`` of a data folder in sorted
+        (class, file) order; ``limit`` keeps the first ``limit`` files."""
+        raise NotImplementedError
+
+    def fingerprint(self, root, limit: Optional[int] = None) -> str:
+        """Identifies the files :meth:`load` reads (names, sizes, labels), for the result cache."""
+        raise NotImplementedError
+
+    def example(self, batch_size: int = 1, device="cpu") -> torch.Tensor:
+        """A random batch of the model's input shape, for timing and FLOP counts (neither
+        depends on the values)."""
+        return torch.randn(batch_size, *self.shape, device=device)
+
+    def describe(self) -> str:
+        return f"{self.kind} {'x'.join(str(n) for n in self.shape)}"
+
+    def cache_context(self) -> dict:
+        """What about the inputs determines a result row, for the result cache's key."""
+        return {"inputs": self.describe(), **self._settings()}
+
+    def _settings(self) -> dict:
+        return {}
+
+
+class ImageInputs(Inputs):
+    kind, noun, extensions = "images", "images", "image (JPEG, PNG...)"
+
+    @property
+    def image_size(self) -> int:
+        return self.adapter.image_size
+
+    @property
+    def shape(self) -> tuple:
+        return (3, self.image_size, self.image_size)
+
+    def cache_context(self) -> dict:
+        return {"image_size": self.image_size}  # the key of earlier versions: their caches stay valid
+
+    def default_data(self) -> Path:
+        from .data import EMBEDDED_SUBSET
+
+        return EMBEDDED_SUBSET
+
+    def load(self, root, limit=None, progress=False):
+        from .data import load_images
+
+        return load_images(root, image_size=self.image_size, limit=limit, progress=progress)
+
+    def fingerprint(self, root, limit=None):
+        from .sweep import dataset_fingerprint
+
+        return dataset_fingerprint(root, limit)
+
+
+class SpectrogramInputs(Inputs):
+    """AST: ``input_values [B, max_length frames, num_mel_bins]``."""
+
+    kind, noun, extensions = "spectrograms", "clips", "WAV/FLAC"
+
+    @property
+    def _features(self) -> dict:
+        config = self.adapter.trunk.config
+        saved = _preprocessor_config(self.model)
+        settings = {key: saved.get(key, default) for key, default in AST_DEFAULTS.items()}
+        # The config fixes the model's input shape; a feature extractor file disagreeing with it
+        # would produce inputs the model cannot take.
+        for key in ("num_mel_bins", "max_length"):
+            if key in saved and saved[key] != getattr(config, key):
+                raise ValueError(
+                    f"preprocessor_config.json says {key}={saved[key]} but the model's config.json "
+                    f"says {getattr(config, key)}; make them agree"
+                )
+        return dict(settings, num_mel_bins=int(config.num_mel_bins), num_frames=int(config.max_length))
+
+    @property
+    def shape(self) -> tuple:
+        features = self._features
+        return (features["num_frames"], features["num_mel_bins"])
+
+    def _settings(self) -> dict:
+        return self._features
+
+    def _files(self, root, limit):
+        from .audio import class_files
+
+        classes, files = class_files(Path(root))
+        return classes, files[:limit] if limit is not None else files
+
+    def load(self, root, limit=None, progress=False):
+        from .audio import load_audio_folder
+
+        f = self._features
+        return load_audio_folder(root, int(f["sampling_rate"]), f["num_mel_bins"], f["num_frames"],
+                                 mean=float(f["mean"]), std=float(f["std"]), limit=limit)
+
+    def fingerprint(self, root, limit=None):
+        return files_fingerprint(root, self._files(root, limit)[1])
+
+
+class VideoInputs(Inputs):
+    """VideoMAE: ``pixel_values [B, num_frames, 3, image_size, image_size]``."""
+
+    kind, noun, extensions = "videos", "clips", "video (MP4, MKV, AVI, MOV, WebM)"
+
+    @property
+    def shape(self) -> tuple:
+        config = self.adapter.trunk.config
+        size = config.image_size if isinstance(config.image_size, int) else config.image_size[0]
+        return (int(config.num_frames), 3, int(size), int(size))
+
+    def _normalisation(self) -> tuple:
+        from .data import IMAGENET_MEAN, IMAGENET_STD
+
+        # VideoMAE checkpoints are trained with ImageNet statistics.
+        saved = _preprocessor_config(self.model)
+        return tuple(saved.get("image_mean", IMAGENET_MEAN)), tuple(saved.get("image_std", IMAGENET_STD))
+
+    def _settings(self) -> dict:
+        mean, std = self._normalisation()
+        return {"mean": list(mean), "std": list(std)}
+
+    def load(self, root, limit=None, progress=False):
+        from .video import load_video_folder
+
+        frames, _, size, _ = self.shape
+        mean, std = self._normalisation()
+        return load_video_folder(root, frames, size, mean=mean, std=std, limit=limit, progress=progress)
+
+    def fingerprint(self, root, limit=None):
+        from .audio import class_files
+        from .video import VIDEO_EXTENSIONS
+
+        files = class_files(Path(root), VIDEO_EXTENSIONS)[1]
+        return files_fingerprint(root, files[:limit] if limit is not None else files)
+
+
+_KINDS = {cls.kind: cls for cls in (ImageInputs, SpectrogramInputs, VideoInputs)}
+
+
+def inputs_for(model: nn.Module) -> Inputs:
+    """The :class:`Inputs` of what ``model`` takes (from its adapter)."""
+    kind = adapter_for(model).inputs
+    if kind not in _KINDS:
+        raise TypeError(f"{type(model).__name__} takes {kind}, which no tokenmerge data loader reads")
+    return _KINDS[kind](model)
