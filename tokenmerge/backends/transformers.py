@@ -243,11 +243,11 @@ class _MergingLayerMixin(MergingBlockMixin):
             super().forward_tokens, state, r, reducer, config, block_index, use_reentrant=False
         )
 
-    def forward_local(self, x, r, reducer, config, block_index):
+    def forward_local(self, x, r, reducer, config, block_index, pos=None):
         if not self._tm_checkpointed() or r == 0:
-            return super().forward_local(x, r, reducer, config, block_index)
+            return super().forward_local(x, r, reducer, config, block_index, pos)
         return torch.utils.checkpoint.checkpoint(
-            super().forward_local, x, r, reducer, config, block_index, use_reentrant=False
+            super().forward_local, x, r, reducer, config, block_index, pos, use_reentrant=False
         )
 
 
