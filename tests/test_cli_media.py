@@ -200,3 +200,79 @@ def test_read_video_round_trip_and_prepare_clip(tmp_path):
         write_video(tmp_path / "odd.mp4", np.zeros((2, 15, 16, 3), dtype=np.uint8))
     with pytest.raises(FileNotFoundError, match="nothere.mp4"):
         read_video(tmp_path / "nothere.mp4")
+
+
+def _png_size(path) -> tuple:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
+def test_visualize_ast_on_a_wav_and_videomae_on_a_clip(ast_dir, videomae_dir, wav_folder, video_folder, tmp_path,
+                                                       capsys):
+    out = tmp_path / "ast.png"
+    assert main(["visualize", str(wav_folder / "low" / "0.wav"), f"hf:{ast_dir}", "--r", "2", "--out", str(out)]) == 0
+    assert "after block 2/2, 10 tokens -> 6" in capsys.readouterr().out
+    assert _png_size(out) == (924, 616)  # 8.4 x 5.6 inches at 110 dpi: spectrogram above groups
+    out = tmp_path / "video.png"
+    assert main(["visualize", str(video_folder / "a" / "0.mp4"), f"hf:{videomae_dir}", "--r", "4", "--block", "1",
+                 "--out", str(out)]) == 0
+    assert "after block 1/2, 32 tokens -> 28" in capsys.readouterr().out
+    assert _png_size(out) == (550, 528)  # 2 tubelet steps: (0.6 + 2 x 2.2) x 4.8 inches
+
+
+def test_group_maps_of_audio_and_video_cover_every_patch_once(ast_dir, videomae_dir, wav_folder, video_folder):
+    import tokenmerge
+    from tokenmerge.backends.adapter import adapter_for
+    from tokenmerge.evaluation.visualize import merge_groups, spectrogram_cells
+
+    for folder, file, grid in ((ast_dir, wav_folder / "mid" / "1.wav", (2, 4)),
+                               (videomae_dir, video_folder / "c" / "1.mp4", (2, 4, 4))):
+        patched = tokenmerge.patch(load_model(f"hf:{folder}"), method="tome", r=2)
+        x = inputs_for(patched).load_file(file)
+        groups = merge_groups(patched, x)
+        protected = adapter_for(patched).config.num_protected
+        assert groups.source.shape == grid  # one token id per patch / tubelet
+        assert groups.num_tokens == adapter_for(patched).tokens_per_block()[-1] < math.prod(grid)
+        assert groups.source.unique().numel() == groups.num_tokens - protected
+        assert groups.source.min() >= protected and groups.source.max() < groups.num_tokens
+        # The same as the traced model's own forward, in token order.
+        traced = tokenmerge.patch(load_model(f"hf:{folder}"), method="tome", r=2, trace_source=True)
+        with torch.inference_mode():
+            state, _ = adapter_for(traced).final_state(x.unsqueeze(0))
+        assert torch.equal(groups.source.reshape(-1), state.source[0])
+        with torch.inference_mode():  # dense maps use the same grid: AST's is (frequency, time) with strides
+            assert tokenmerge.dense_features(traced, x.unsqueeze(0), output="map").shape == (1, 32, *grid)
+    # AST: 32 mel bins x 48 frames, 16x16 patches every 10: each cell goes to the nearest
+    # patch centre, so every patch keeps a tile and covers its own centre.
+    adapter = adapter_for(tokenmerge.patch(load_model(f"hf:{ast_dir}"), method="tome", r=2))
+    assert adapter.spectrogram_strides == (10, 10) and adapter.patch_size == (16, 16)
+    patches = np.arange(8).reshape(2, 4)
+    cells = spectrogram_cells(patches, 32, 48, (16, 16), (10, 10))
+    assert cells.shape == (32, 48) and sorted(np.unique(cells)) == list(range(8))
+    for i in range(2):
+        for j in range(4):
+            assert cells[10 * i + 8, 10 * j + 8] == patches[i, j]
+    assert cells[12, 0] == 0 and cells[13, 0] == 4 and cells[0, 12] == 0 and cells[0, 13] == 1  # ties go low
+    assert (cells[:, 47] == cells[:, 40]).all()  # past the last patch: the last one
+
+
+def test_visualize_names_bad_files_and_says_what_the_model_takes(ast_dir, videomae_dir, hf_vit_dir, wav_folder,
+                                                                   video_folder, tmp_path, capsys):
+    out = str(tmp_path / "v.png")
+    wav, clip = wav_folder / "low" / "0.wav", video_folder / "a" / "0.mp4"
+    cases = [
+        (wav, videomae_dir, "0.wav is an audio file but videomae takes videos: pass a video (MP4"),
+        (clip, ast_dir, "0.mp4 is a video but audio-spectrogram-transformer takes spectrograms: pass a WAV/FLAC file"),
+        (wav, hf_vit_dir, "0.wav is an audio file but vit takes images: pass an image (JPEG, PNG...) file"),
+        (tmp_path / "gone.wav", ast_dir, "gone.wav' does not exist"),
+    ]
+    broken = tmp_path / "broken.wav"
+    broken.write_bytes(b"RIFF\x10\x00\x00\x00WAVEjunk")
+    cases.append((broken, ast_dir, f"{broken} is not a readable audio file"))
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(b"\x00\x00\x00\x18ftypmp42 not a video")
+    cases.append((broken, videomae_dir, f"{broken} is not a readable video file"))
+    for file, folder, message in cases:
+        assert main(["visualize", str(file), f"hf:{folder}", "--r", "2", "--out", out]) == 2
+        assert message in capsys.readouterr().err

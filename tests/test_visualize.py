@@ -10,7 +10,7 @@ import torch
 
 import tokenmerge
 from tokenmerge.cli import main
-from tokenmerge.evaluation.visualize import group_image, load_display_image, merge_groups
+from tokenmerge.evaluation.visualize import fill_groups, group_image, load_display_image, merge_groups
 from tokenmerge.models import load_model
 
 SUBSET = Path(tokenmerge.__file__).parent / "assets" / "imagenette_val_subset"
@@ -101,3 +101,22 @@ def test_groups_of_a_hugging_face_model_match_its_traced_forward(hf_vit_dir, tin
         state, _ = adapter_for(traced).final_state(image.unsqueeze(0))
     assert torch.equal(groups.source.reshape(-1), state.source[0])
     assert groups.source.shape == (4, 4)
+
+
+def test_fill_groups_gives_a_token_one_colour_in_every_panel():
+    # Two video panels (tubelet steps) of 2x2 patches of 2x2 pixels; token 0 merged the
+    # top-left patch of both steps, the other tokens lie in one step each.
+    source = np.array([[[0, 1], [1, 2]], [[0, 3], [3, 3]]])
+    pixels = np.repeat(np.repeat(source, 2, axis=1), 2, axis=2)
+    frames = np.zeros((2, 4, 4, 3), dtype=np.float32)
+    frames[0, :2, :2] = [1.0, 0.0, 0.0]  # red in step 0
+    frames[1, :2, :2] = [0.0, 0.0, 1.0]  # blue in step 1
+    frames[0, 2:, 2:] = [0.0, 1.0, 0.0]
+    out = fill_groups(frames, pixels, num_tokens=4, border=(9, 9, 9))
+    assert np.allclose(out[0, 0, 0], [0.5, 0.0, 0.5]) and np.allclose(out[1, 0, 0], [0.5, 0.0, 0.5])
+    assert np.allclose(out[0, 3, 3], [0.0, 1.0, 0.0])  # token 2, one patch
+    assert np.allclose(out[0, 0, 1], [9, 9, 9])  # token 0 meets token 1 on its right
+    # Borders are drawn within a panel: the last row of step 0 is not compared with step 1.
+    assert np.allclose(out[0, 3, 0], out[0, 2, 2 - 2]) and not np.allclose(out[0, 3, 0], [9, 9, 9])
+    with pytest.raises(ValueError, match="does not match"):
+        fill_groups(frames, pixels[:, :1], num_tokens=4)

@@ -963,7 +963,8 @@ class HFAdapter(ModelAdapter):
             raise TypeError(
                 f"{_original_type(self.trunk).__name__} takes {inputs}, not images: tokenmerge "
                 f"eval and bench take it with --data, a folder of class sub-folders of {files} "
-                "files; the image-only commands (visualize, tune, train, export) do not apply to it. "
+                "files, and visualize takes one such file; the image-only commands (tune, train, export) "
+                "do not apply to it. "
                 f"In Python, patch it with tokenmerge.patch and feed it {feed}"
             )
         return int(_pair(self.trunk.config.image_size)[0])
@@ -1006,7 +1007,24 @@ class HFAdapter(ModelAdapter):
     def input_grid(self, inputs: torch.Tensor) -> tuple:
         if self._inputs == "videos":
             return self.video_grid(inputs.shape[1], *inputs.shape[-2:])
+        if self._inputs == "spectrograms":
+            return self.spectrogram_grid(*inputs.shape[-2:])
         return super().input_grid(inputs)
+
+    def spectrogram_grid(self, frames: int, mel_bins: int) -> tuple:
+        """``(frequency, time)`` patches of AST ``input_values [B, frames, mel_bins]``, in token
+        order (frequency-major). The patches overlap: patch ``(i, j)`` covers mel bins
+        ``i * fs ... i * fs + kf - 1`` and frames ``j * ts ... j * ts + kt - 1`` for the
+        kernel ``(kf, kt)`` and strides ``(fs, ts)`` of :meth:`spectrogram_strides`."""
+        (kf, kt), (fs, ts) = self.patch_size, self.spectrogram_strides
+        return (mel_bins - kf) // fs + 1, (frames - kt) // ts + 1
+
+    @property
+    def spectrogram_strides(self) -> tuple:
+        """``(frequency, time)`` stride of AST's patch embedding, in mel bins and frames."""
+        if self._inputs != "spectrograms":
+            raise TypeError(f"{_original_type(self.trunk).__name__} takes {self._inputs}, not spectrograms")
+        return tuple(self.trunk.embeddings.patch_embeddings.projection.stride)
 
     @property
     def patch_size(self) -> tuple:

@@ -1,4 +1,5 @@
-"""``tokenmerge visualize``: which patches were merged into which token, drawn over the image."""
+"""``tokenmerge visualize``: which patches were merged into which token, drawn over the input:
+an image, an AST model's spectrogram, or a VideoMAE model's frames (one panel per tubelet step)."""
 
 from __future__ import annotations
 
@@ -16,14 +17,20 @@ __all__ = ["add_parser", "run", "render"]
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "visualize",
-        help="draw the merged token groups over an image (the ToMe-paper figure)",
+        help="draw the merged token groups over an image, spectrogram or video (the ToMe-paper figure)",
         description=(
-            "Patch the model, run one image, and draw each group of patches that ended up in "
+            "Patch the model, run one input file, and draw each group of patches that ended up in "
             "the same token (after the last block, or --block K) filled with its mean colour "
-            "and outlined. Dark grey: patches discarded by a pruning method."
+            "and outlined. Dark grey: patches discarded by a pruning method. The file is what "
+            "the model takes: an image, a WAV/FLAC clip for an AST model (drawn on its log-mel "
+            "spectrogram; overlapping patches: each cell goes to the nearest patch centre), or "
+            "a video for a VideoMAE model (the first frame of each tubelet step, one colour per "
+            "token across the frames)."
         ),
     )
-    parser.add_argument("image", type=Path, help="an image file (resized and centre-cropped)")
+    parser.add_argument("file", type=Path, metavar="FILE",
+                        help="an image (resized and centre-cropped), or the audio/video clip an "
+                             "AST/VideoMAE model takes")
     add_model_arguments(parser)
     parser.add_argument("--method", default="tome", help="token reduction method (default: tome)")
     parser.add_argument("--r", type=_schedule, default=_schedule("13"), metavar="SCHEDULE",
@@ -36,8 +43,9 @@ def add_parser(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
-def render(model, image, method: str, schedule, out, block=None, options=None) -> str:
-    """Patch a copy of ``model`` with ``method``/``schedule``, draw ``image``'s merge groups to
+def render(model, path, method: str, schedule, out, block=None, options=None) -> str:
+    """Patch a copy of ``model`` with ``method``/``schedule``, draw the merge groups of the
+    input file ``path`` (an image, or what an audio/video model takes) to
     ``out``; returns a one-line summary."""
     from ..backends.adapter import adapter_for
     from ..evaluation.sweep import Variant, build_variant
@@ -46,7 +54,7 @@ def render(model, image, method: str, schedule, out, block=None, options=None) -
     patched = build_variant(model, Variant.create(method, schedule, options))
     label = f"{method} {format_schedule(schedule)}" if isinstance(schedule, KeepRatio) else (
         f"{method} r={format_schedule(schedule)}")
-    figure, groups = visualize_merging(patched, image, block=block, title=f"{label}: {Path(image).name}")
+    figure, groups = visualize_merging(patched, path, block=block, title=f"{label}: {Path(path).name}")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(out, dpi=110, format="png")
@@ -55,11 +63,11 @@ def render(model, image, method: str, schedule, out, block=None, options=None) -
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.image.is_dir():
-        raise ValueError(f"{str(args.image)!r} is a folder: pass one image file")
-    if not args.image.is_file():
-        raise FileNotFoundError(f"image {str(args.image)!r} does not exist")
+    if args.file.is_dir():
+        raise ValueError(f"{str(args.file)!r} is a folder: pass one input file (an image, or an audio or video clip)")
+    if not args.file.is_file():
+        raise FileNotFoundError(f"file {str(args.file)!r} does not exist")
     options = method_options(args.method_option, [args.method])[args.method]
     model = model_from_args(args)
-    print(render(model, args.image, args.method, args.r, args.out, block=args.block, options=options))
+    print(render(model, args.file, args.method, args.r, args.out, block=args.block, options=options))
     return 0

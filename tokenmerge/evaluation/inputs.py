@@ -69,6 +69,7 @@ class Inputs:
     kind = ""  # the adapter's ``inputs``
     noun = "items"  # what one example is called in messages
     extensions = ""  # the files a data folder holds, for messages
+    file_noun = ""  # what one such file is, for messages
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -95,6 +96,26 @@ class Inputs:
         """Identifies the files :meth:`load` reads (names, sizes, labels), for the result cache."""
         raise NotImplementedError
 
+    def load_file(self, path) -> torch.Tensor:
+        """One file -> one model input ``[*shape]``, prepared as :meth:`load` prepares a folder's."""
+        raise NotImplementedError
+
+    def check_file(self, path) -> Path:
+        """``path`` as a ``Path``; a clear error when it is missing, a folder, or plainly a file
+        of another modality (by its extension) than the model takes."""
+        path = Path(path)
+        if path.is_dir():
+            raise ValueError(f"{str(path)!r} is a folder: pass one {self.extensions} file, not a folder")
+        if not path.is_file():
+            raise FileNotFoundError(f"file {str(path)!r} does not exist")
+        for kind, suffixes in _file_kinds().items():
+            if kind != self.kind and path.suffix.lower() in suffixes:
+                raise ValueError(
+                    f"{path.name} is {_KINDS[kind].file_noun} but {self.adapter.architecture_name()} "
+                    f"takes {self.kind}: pass {'an' if self.extensions[0] in 'aeiou' else 'a'} {self.extensions} file"
+                )
+        return path
+
     def example(self, batch_size: int = 1, device="cpu") -> torch.Tensor:
         """A random batch of the model's input shape, for timing and FLOP counts (neither
         depends on the values)."""
@@ -113,6 +134,7 @@ class Inputs:
 
 class ImageInputs(Inputs):
     kind, noun, extensions = "images", "images", "image (JPEG, PNG...)"
+    file_noun = "an image"
 
     @property
     def image_size(self) -> int:
@@ -140,11 +162,17 @@ class ImageInputs(Inputs):
 
         return dataset_fingerprint(root, limit)
 
+    def load_file(self, path):
+        from .visualize import load_display_image
+
+        return load_display_image(self.check_file(path), self.image_size)[1]
+
 
 class SpectrogramInputs(Inputs):
     """AST: ``input_values [B, max_length frames, num_mel_bins]``."""
 
     kind, noun, extensions = "spectrograms", "clips", "WAV/FLAC"
+    file_noun = "an audio file"
 
     @property
     def _features(self) -> dict:
@@ -185,11 +213,20 @@ class SpectrogramInputs(Inputs):
     def fingerprint(self, root, limit=None):
         return files_fingerprint(root, self._files(root, limit)[1])
 
+    def load_file(self, path):
+        from .audio import load_wav, log_mel
+
+        f = self._features
+        rate = int(f["sampling_rate"])
+        return log_mel(load_wav(self.check_file(path), rate)[0], rate, f["num_mel_bins"], num_frames=f["num_frames"],
+                       mean=float(f["mean"]), std=float(f["std"]))
+
 
 class VideoInputs(Inputs):
     """VideoMAE: ``pixel_values [B, num_frames, 3, image_size, image_size]``."""
 
     kind, noun, extensions = "videos", "clips", "video (MP4, MKV, AVI, MOV, WebM)"
+    file_noun = "a video"
 
     @property
     def shape(self) -> tuple:
@@ -222,8 +259,26 @@ class VideoInputs(Inputs):
         files = class_files(Path(root), VIDEO_EXTENSIONS)[1]
         return files_fingerprint(root, files[:limit] if limit is not None else files)
 
+    def load_file(self, path):
+        from .video import prepare_clip, read_video
+
+        path = self.check_file(path)
+        frames, _, size, _ = self.shape
+        mean, std = self._normalisation()
+        return prepare_clip(read_video(path), frames, size, mean, std, where=str(path))
+
 
 _KINDS = {cls.kind: cls for cls in (ImageInputs, SpectrogramInputs, VideoInputs)}
+
+
+def _file_kinds() -> dict:
+    """The file extensions that plainly belong to each modality, to name a wrong file early
+    (anything else goes to the decoder, whose error names the file)."""
+    from .audio import AUDIO_EXTENSIONS
+    from .video import VIDEO_EXTENSIONS
+
+    images = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+    return {"images": images, "spectrograms": AUDIO_EXTENSIONS, "videos": VIDEO_EXTENSIONS}
 
 
 def inputs_for(model: nn.Module) -> Inputs:

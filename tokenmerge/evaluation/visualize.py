@@ -5,6 +5,16 @@ A model patched with ``trace_source=True`` returns, per image, the compact sourc
 of tokens means the patch was discarded). Every group of patches sharing a token is filled
 with its mean colour and outlined, over the image.
 
+The same figure for the other inputs a model's adapter can take (:mod:`.inputs`):
+
+- spectrograms (AST): the log-mel features (time across, low frequencies at the bottom),
+  then the same with the groups. AST's patches overlap (stride smaller than the patch), so
+  a spectrogram cell belongs to several patches; it is drawn in the group of the patch
+  whose centre is nearest (:func:`spectrogram_cells`), which tiles the spectrogram;
+- videos (VideoMAE): one panel per tubelet time step showing its first frame, the groups
+  below. A group's colour is its mean over all its pixels in every panel, so a token that
+  merged tubelets of different time steps has the same colour in each of them.
+
 To stop at an earlier block ``K`` we re-patch a copy with the model's own resolved schedule
 cut after block ``K`` (zeros afterwards): blocks with ``r = 0`` merge nothing, so the source
 map leaving the last block is the one after block ``K``, computed with public API only.
@@ -13,6 +23,7 @@ map leaving the last block is the one after block ``K``, computed with public AP
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 from pathlib import Path
 from typing import NamedTuple, Optional
@@ -24,14 +35,17 @@ from torch import nn
 from ..backends.adapter import adapter_for
 from ..core.schedule import ScheduleClampedWarning
 
-__all__ = ["MergeGroups", "merge_groups", "group_image", "load_display_image", "visualize_merging"]
+__all__ = ["MergeGroups", "merge_groups", "fill_groups", "group_image", "spectrogram_cells", "load_display_image",
+           "visualize_merging"]
 
 
 class MergeGroups(NamedTuple):
-    """The source map of one image after a block.
+    """The source map of one input after a block.
 
     Attributes:
-        source: ``[gh, gw]`` int64, the token index covering each patch.
+        source: int64, the token index covering each patch, on the model's patch grid in
+            token order: ``[gh, gw]`` for images, ``[frequency, time]`` for spectrograms,
+            ``[t, h, w]`` tubelets for videos.
         num_tokens: tokens after the block (protected ones included); ``source >= num_tokens``
             marks discarded patches.
         block: blocks run (1-based; the model's block count = the last).
@@ -61,8 +75,9 @@ def _truncated_copy(model: nn.Module, block: int) -> nn.Module:
 
 
 @torch.inference_mode()
-def merge_groups(model: nn.Module, image: torch.Tensor, block: Optional[int] = None) -> MergeGroups:
-    """Source map of one normalised ``image [3, H, W]`` after ``block`` (default: the last).
+def merge_groups(model: nn.Module, inputs: torch.Tensor, block: Optional[int] = None) -> MergeGroups:
+    """Source map of one model input (no batch dimension: a normalised image ``[3, H, W]``,
+    spectrogram ``[frames, mel bins]`` or clip ``[T, 3, H, W]``) after ``block`` (default: the last).
 
     ``model`` must be patched (:func:`tokenmerge.patch`); it is not modified.
     """
@@ -73,10 +88,47 @@ def merge_groups(model: nn.Module, image: torch.Tensor, block: Optional[int] = N
     if not 1 <= block <= depth:
         raise ValueError(f"--block must lie in 1..{depth} (the model has {depth} blocks), got {block}")
     traced = adapter_for(_truncated_copy(model, block).eval())
-    state, _ = traced.final_state(image.unsqueeze(0).to(next(traced.model.parameters()).device))
-    grid = traced.grid(*image.shape[-2:])
-    counts = traced.tokens_per_block(traced.num_prefix_tokens + grid[0] * grid[1])
-    return MergeGroups(state.source[0].reshape(grid).cpu(), int(state.x.shape[1]), block, counts[0])
+    batch = inputs.unsqueeze(0).to(next(traced.model.parameters()).device)
+    state, num_protected = traced.final_state(batch)
+    grid = traced.input_grid(batch)
+    prefix = traced.num_prefix_tokens
+    # Sources cover the unprotected tokens only; protected patch tokens (VideoMAE's first
+    # tubelet under num_protected=1) are never merged and keep their own index.
+    kept = torch.arange(prefix, num_protected, dtype=state.source.dtype)
+    source = torch.cat([kept, state.source[0].cpu()]).reshape(grid)
+    counts = traced.tokens_per_block(prefix + math.prod(grid))
+    return MergeGroups(source, int(state.x.shape[1]), block, counts[0])
+
+
+def fill_groups(image: np.ndarray, pixels: np.ndarray, num_tokens: int,
+                border=(1.0, 1.0, 1.0), discarded=(0.12, 0.12, 0.12)) -> np.ndarray:
+    """Fill every group of pixels with its mean colour and outline the groups.
+
+    Args:
+        image: ``[..., H, W, 3]`` float RGB in ``[0, 1]``: one picture, or panels ``[P, H, W, 3]``.
+        pixels: ``[..., H, W]`` the token index of every pixel. Means are taken over all the
+            panels together, so a token covering pixels in several panels gets one colour in
+            all of them; borders are drawn within each panel.
+        num_tokens: indices ``>= num_tokens`` are discarded patches (drawn in ``discarded``).
+
+    Returns:
+        ``[..., H, W, 3]`` float RGB.
+    """
+    if pixels.shape != image.shape[:-1]:
+        raise ValueError(f"the token map {pixels.shape} does not match the image {image.shape[:-1]}")
+    ids = pixels.reshape(-1)
+    flat = image.reshape(-1, 3)
+    count = np.bincount(ids, minlength=max(int(ids.max()) + 1, num_tokens)).astype(np.float64)
+    means = np.stack([np.bincount(ids, weights=flat[:, c], minlength=len(count)) for c in range(3)], axis=1)
+    means /= np.maximum(count, 1)[:, None]
+    means[num_tokens:] = discarded
+    out = means[pixels]
+    # A pixel lies on a border when its right or lower neighbour belongs to another token.
+    edge = np.zeros(pixels.shape, dtype=bool)
+    edge[..., :, :-1] |= pixels[..., :, :-1] != pixels[..., :, 1:]
+    edge[..., :-1, :] |= pixels[..., :-1, :] != pixels[..., 1:, :]
+    out[edge] = border
+    return out.astype(np.float32)
 
 
 def group_image(image: np.ndarray, source: np.ndarray, num_tokens: int,
@@ -95,21 +147,26 @@ def group_image(image: np.ndarray, source: np.ndarray, num_tokens: int,
     gh, gw = source.shape
     if height % gh or width % gw:
         raise ValueError(f"image {height}x{width} is not a whole number of {gh}x{gw} patches")
-    # Token id of every pixel.
     pixels = np.repeat(np.repeat(source, height // gh, axis=0), width // gw, axis=1)
-    ids = pixels.reshape(-1)
-    flat = image.reshape(-1, 3)
-    count = np.bincount(ids, minlength=ids.max() + 1).astype(np.float64)
-    means = np.stack([np.bincount(ids, weights=flat[:, c], minlength=len(count)) for c in range(3)], axis=1)
-    means /= np.maximum(count, 1)[:, None]
-    means[num_tokens:] = discarded
-    out = means[pixels]
-    # A pixel lies on a border when its right or lower neighbour belongs to another token.
-    edge = np.zeros((height, width), dtype=bool)
-    edge[:, :-1] |= pixels[:, :-1] != pixels[:, 1:]
-    edge[:-1, :] |= pixels[:-1, :] != pixels[1:, :]
-    out[edge] = border
-    return out.astype(np.float32)
+    return fill_groups(image, pixels, num_tokens, border, discarded)
+
+
+def spectrogram_cells(source: np.ndarray, mel_bins: int, frames: int, kernel: tuple, stride: tuple) -> np.ndarray:
+    """The token of every spectrogram cell -> ``[mel_bins, frames]``, from an AST source map
+    ``[frequency, time]`` of patches ``kernel = (kf, kt)`` cells apart by ``stride = (fs, ts)``.
+
+    The patches overlap when the stride is smaller than the patch, so a cell lies in several;
+    it takes the token of the patch whose centre is nearest (ties to the lower patch), which
+    cuts the spectrogram into one tile per patch. Cells past the last patch take the last one.
+    """
+    def nearest(cells: int, size: int, step: int, count: int) -> np.ndarray:
+        centre = np.arange(cells) - (size - 1) / 2
+        return np.clip(np.ceil(centre / step - 0.5), 0, count - 1).astype(np.int64)
+
+    frequency, time = source.shape
+    rows = nearest(mel_bins, kernel[0], stride[0], frequency)
+    columns = nearest(frames, kernel[1], stride[1], time)
+    return source[rows[:, None], columns[None, :]]
 
 
 def load_display_image(path, image_size: int = 224):
@@ -130,25 +187,84 @@ def load_display_image(path, image_size: int = 224):
     return tensor.permute(1, 2, 0).numpy(), normalised
 
 
-def visualize_merging(model: nn.Module, image_path, block: Optional[int] = None, title: Optional[str] = None):
-    """A matplotlib ``Figure``: the image beside its merge groups after ``block``.
+def _spectrogram_rgb(features: torch.Tensor) -> np.ndarray:
+    """AST features ``[frames, mel bins]`` -> ``[mel bins, frames, 3]`` RGB (row 0: the lowest
+    band), scaled to the clip's own range."""
+    from matplotlib import colormaps
+
+    values = features.T.double().numpy()
+    span = values.max() - values.min()
+    scaled = (values - values.min()) / span if span > 0 else np.zeros_like(values)
+    return colormaps["magma"](scaled)[..., :3]
+
+
+def _denormalise(x: torch.Tensor, mean, std) -> np.ndarray:
+    """Normalised ``[..., 3, H, W]`` -> displayable ``[..., H, W, 3]`` in ``[0, 1]``."""
+    mean = torch.tensor(mean, dtype=x.dtype)[:, None, None]
+    std = torch.tensor(std, dtype=x.dtype)[:, None, None]
+    return (x * std + mean).clamp(0, 1).movedim(-3, -1).numpy()
+
+
+def visualize_merging(model: nn.Module, path, block: Optional[int] = None, title: Optional[str] = None):
+    """A matplotlib ``Figure``: one input file (what the model takes: an image, a WAV/FLAC clip
+    for AST, a video for VideoMAE) beside its merge groups after ``block``.
 
     Returns ``(figure, MergeGroups)``.
     """
     from matplotlib.figure import Figure
 
+    from .data import IMAGENET_MEAN, IMAGENET_STD
+    from .inputs import inputs_for
+
     adapter = adapter_for(model)
-    display, normalised = load_display_image(image_path, adapter.image_size)
-    groups = merge_groups(model, normalised, block)
-    drawn = group_image(display, groups.source.numpy(), groups.num_tokens)
-    figure = Figure(figsize=(8.4, 4.6), layout="constrained")
-    left, right = figure.subplots(1, 2)
-    left.imshow(display)
-    left.set_title(f"input: {groups.source.numel()} patches")
-    right.imshow(drawn)
-    right.set_title(f"after block {groups.block}/{adapter.num_blocks}: {groups.num_tokens} tokens")
-    for ax in (left, right):
-        ax.set_axis_off()
+    inputs = inputs_for(model)
+    x = inputs.load_file(path)
+    groups = merge_groups(model, x, block)
+    source = groups.source.numpy()
+    after = f"after block {groups.block}/{adapter.num_blocks}: {groups.num_tokens} tokens"
+    if inputs.kind == "spectrograms":
+        display = _spectrogram_rgb(x)
+        pixels = spectrogram_cells(source, display.shape[0], display.shape[1], adapter.patch_size,
+                                   adapter.spectrogram_strides)
+        # A few pixels per cell, so that the one-pixel borders stay thin beside the cells.
+        drawn = fill_groups(*(np.repeat(np.repeat(a, 4, axis=0), 4, axis=1) for a in (display, pixels)),
+                            groups.num_tokens)
+        extent = (-0.5, display.shape[1] - 0.5, -0.5, display.shape[0] - 0.5)  # axes in cells
+        figure = Figure(figsize=(8.4, 5.6), layout="constrained")
+        panels = figure.subplots(2, 1)
+        for ax, picture, name in ((panels[0], display, f"input: {source.size} patches (overlapping)"),
+                                  (panels[1], drawn, after)):
+            ax.imshow(picture, origin="lower", aspect="auto", interpolation="nearest", extent=extent)
+            ax.set_title(name)
+            ax.set_xlabel("frame (10 ms)")
+            ax.set_ylabel("mel bin")
+    elif inputs.kind == "videos":
+        steps, gh, gw = source.shape
+        tubelet = x.shape[0] // steps
+        frames = _denormalise(x[::tubelet][:steps], *inputs._normalisation())  # the first frame of each tubelet
+        height, width = frames.shape[1:3]
+        pixels = np.repeat(np.repeat(source, height // gh, axis=1), width // gw, axis=2)
+        drawn = fill_groups(frames, pixels, groups.num_tokens)
+        figure = Figure(figsize=(0.6 + 2.2 * steps, 4.8), layout="constrained")
+        panels = figure.subplots(2, steps, squeeze=False)
+        for step in range(steps):
+            panels[0, step].imshow(frames[step])
+            panels[0, step].set_title(f"frame {step * tubelet}")
+            panels[1, step].imshow(drawn[step])
+            panels[1, step].set_title(f"tubelets t={step}")
+        for ax in panels.flat:
+            ax.set_axis_off()
+        figure.supxlabel(f"input: {source.size} tubelets; {after} (one colour per token, across frames too)")
+    else:
+        display = _denormalise(x, IMAGENET_MEAN, IMAGENET_STD)
+        figure = Figure(figsize=(8.4, 4.6), layout="constrained")
+        left, right = figure.subplots(1, 2)
+        left.imshow(display)
+        left.set_title(f"input: {source.size} patches")
+        right.imshow(group_image(display, source, groups.num_tokens))
+        right.set_title(after)
+        for ax in (left, right):
+            ax.set_axis_off()
     if title:
         figure.suptitle(title)
     return figure, groups
