@@ -59,7 +59,7 @@ from ..core.attention import proportional_attention, size_bias
 from ..core.merge import initial_sources
 from ..methods.base import AttentionTensors, TokenReducer, TokenState
 from .common import MergeConfig, MergingBlockMixin, MergingModelMixin, patched_class, run_blocks
-from .timm import TimmAdapter, _check_attention_pool, _reject_masks
+from .timm import TimmAdapter, _check_attention_pool, _reject_masks, attach_policy, restore_classes
 
 __all__ = [
     "TimmEvaAdapter",
@@ -559,28 +559,12 @@ def patch_eva(model: nn.Module, reducer: TokenReducer, config: MergeConfig) -> n
         block.__class__ = patched_class(type(block), mixin, __name__)
         block._tm_rope = rope  # a tuple, so nn.Module does not register the RoPE module twice
     model.__class__ = patched_class(type(model), MergingEvaMixin, __name__)
-    model.token_reducer = reducer
-    model.tokenmerge_config = config
-    model._tokenmerge_schedules = {}
-    model.tokenmerge_schedule()  # validate and warn now, for the model's default input size
-    return model
+    return attach_policy(model, reducer, config)
 
 
 def unpatch_eva(model: nn.Module) -> nn.Module:
     """Undo :func:`patch_eva` in place: original classes, no extra attributes."""
-    base = getattr(type(model), "_tokenmerge_base", None)
-    if base is None:
-        return model
-    for block in model.blocks:
-        block_base = getattr(type(block), "_tokenmerge_base", None)
-        if block_base is not None:
-            block.__class__ = block_base
-        block.__dict__.pop("_tm_rope", None)
-    model.__class__ = base
-    del model.token_reducer
-    del model.tokenmerge_config
-    del model._tokenmerge_schedules
-    return model
+    return restore_classes(model, block_attributes=("_tm_rope",))
 
 
 class TimmEvaAdapter(TimmAdapter):
