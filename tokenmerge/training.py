@@ -27,14 +27,15 @@ ToMe, TC-ViT, EViT-style or pruning reduction in its forward; optional distillat
   ``T^2 KL`` to a frozen teacher's softened logits (:mod:`tokenmerge.distillation`); the
   teacher is the unmodified model (a copy made before patching), ``teacher=CHECKPOINT`` (timm
   key names) or ``teacher="hf:DIR"`` (a Hugging Face classifier folder).
-  With ``distill_weight=1`` no labels are used, and ``data`` may be a flat image folder.
+  With ``distill_weight=1`` no labels are used, and ``data`` may be a flat image folder
+  (image models; audio and video data keep their class sub-folders).
 
 Models: timm ``VisionTransformer`` s and Hugging Face classifiers (``model="hf:DIR"``:
 ViT, DeiT, DINOv2, CLIP ``...ForImageClassification``, the Audio Spectrogram Transformer
 ``ASTForAudioClassification``, ``VideoMAEForVideoClassification``), every method and mode;
 the adapter (:mod:`tokenmerge.backends.adapter`) gives what the model takes (images,
-spectrograms, videos), the head's class count, the merge policy and the logits. End2end saves a timm model's weights as
-``out/model.safetensors`` (timm key names) and a Hugging Face model with
+spectrograms, videos), the head's class count, the merge policy and the logits. End2end
+saves a timm model's weights as ``out/model.safetensors`` (timm key names) and a Hugging Face model with
 ``save_pretrained`` into ``out/model/``, without the merge policy (DTEM's modules are in
 ``out/dtem_modules.safetensors``), so ``tokenmerge eval hf:OUT/model`` loads it.
 
