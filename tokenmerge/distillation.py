@@ -117,18 +117,30 @@ def load_teacher(checkpoint, architecture: str, model_kwargs: Optional[dict] = N
     return _freeze(teacher)
 
 
-def check_teacher(teacher: nn.Module, num_classes: int, image_size: tuple) -> None:
+def check_teacher(teacher: nn.Module, num_classes: int, image_size: Optional[tuple] = None,
+                  input_shape: Optional[tuple] = None, what: str = "inputs") -> None:
     """Run the teacher once on a blank batch of the student's input size and compare its
-    class count with the student's: a mismatch fails here, before training starts."""
+    class count with the student's: a mismatch fails here, before training starts.
+
+    ``image_size`` ``(H, W)`` for an image student; for other modalities ``input_shape``, one
+    example's shape (e.g. ``(frames, mel bins)`` of a spectrogram), and ``what`` it is.
+    """
     from .backends.adapter import logits_of
 
-    probe = torch.zeros(1, 3, *image_size, device=next(teacher.parameters()).device)
+    if (image_size is None) == (input_shape is None):
+        raise TypeError("pass the student's image_size or its input_shape (one of them)")
+    if image_size is not None:
+        input_shape, what = (3, *image_size), "images"
+        described = f"{image_size[0]}x{image_size[1]} images"
+    else:
+        described = f"{'x'.join(str(n) for n in input_shape)} {what}"
+    probe = torch.zeros(1, *input_shape, device=next(teacher.parameters()).device)
     try:
         with torch.no_grad():
             out = logits_of(teacher(probe))
     except Exception as err:  # any failure here is a teacher/student mismatch
         raise ValueError(
-            f"the teacher cannot classify the student's {image_size[0]}x{image_size[1]} images ({err}); "
+            f"the teacher cannot classify the student's {described} ({err}); "
             "pass a teacher (--teacher, --teacher-model) trained at the student's input size"
         ) from None
     if out.ndim != 2 or out.shape[1] != num_classes:

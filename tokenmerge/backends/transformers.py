@@ -962,8 +962,8 @@ class HFAdapter(ModelAdapter):
             files = "WAV/FLAC" if inputs == "spectrograms" else "video"
             raise TypeError(
                 f"{_original_type(self.trunk).__name__} takes {inputs}, not images: tokenmerge "
-                f"eval and bench take it with --data, a folder of class sub-folders of {files} "
-                "files, and visualize takes one such file; the image-only commands (tune, train, export) "
+                f"eval, bench and train take it with --data, a folder of class sub-folders of {files} "
+                "files, and visualize takes one such file; the image-only commands (tune, export) "
                 "do not apply to it. "
                 f"In Python, patch it with tokenmerge.patch and feed it {feed}"
             )

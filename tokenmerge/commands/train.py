@@ -58,9 +58,11 @@ def _configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method-option", action="append", default=[], metavar="KEY=VALUE",
                         help="an option of the method, e.g. order=2 or dominance_weight=1.0 for tcvit; repeatable")
     parser.add_argument("--data", default=None,
-                        help=f"training ImageFolder (default: {default_train_root()})")
+                        help="training data: one sub-folder per class of what the model takes (images; WAV/FLAC "
+                             f"for an AST, videos for a VideoMAE) (default: {default_train_root()})")
     parser.add_argument("model", nargs="?", default=None,
-                        help="timm architecture name, or hf:DIR for a Hugging Face image classifier saved "
+                        help="timm architecture name, or hf:DIR for a Hugging Face image, AST audio or VideoMAE "
+                             "video classifier saved "
                              "with save_pretrained (end2end writes OUT/model/, loadable as hf:OUT/model) "
                              "(default: the embedded ViT-Tiny Imagenette model)")
     parser.add_argument("--checkpoint", help="local .safetensors or .pth state_dict with timm key names")
@@ -85,7 +87,7 @@ def _configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backbone-lr", type=arguments.finite_positive_float, default=1e-5, help="the ViT's lr in dtem end2end")
     parser.add_argument("--weight-decay", type=arguments.finite_non_negative_float, default=0.05)
     parser.add_argument("--warmup-steps", type=arguments.non_negative_int, default=20)
-    parser.add_argument("--limit", type=_positive_int, default=None, help="use N training images, evenly spaced over the (class-sorted) folder")
+    parser.add_argument("--limit", type=_positive_int, default=None, help="use N training files, evenly spaced over the (class-sorted) folder")
     parser.add_argument("--seed", type=arguments.non_negative_int, default=0)
     parser.add_argument("--out", type=arguments.output_folder, default="runs/train",
                         help="output folder (checkpoints, modules, results)")
@@ -125,8 +127,8 @@ def add_parser(subparsers) -> None:
         description=(
             "Train DTEM's merge embeddings (modular: frozen ViT; end2end: the ViT too) or "
             "fine-tune a ViT with ToMe, MCTF, PiToMe, TC-ViT, EViT-style or pruning reduction "
-            "(or the configuration tokenmerge tune chose: --config best.json), on an "
-            "ImageFolder, optionally distilling from the unmodified model (--distill); "
+            "(or the configuration tokenmerge tune chose: --config best.json), on a "
+            "folder of images, audio clips or videos (one sub-folder per class), optionally distilling from the unmodified model (--distill); "
             "checkpoints every --checkpoint-every steps, --resume continues a killed run, "
             "torchrun for DDP."
         ),

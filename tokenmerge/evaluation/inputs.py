@@ -96,6 +96,12 @@ class Inputs:
         """Identifies the files :meth:`load` reads (names, sizes, labels), for the result cache."""
         raise NotImplementedError
 
+    def class_files(self, root) -> tuple:
+        """``(classes, [(file, label)])`` of a data folder: the sorted class sub-folders, and
+        the files of this modality in sorted (class, file) order (what :meth:`load` reads).
+        A missing folder, one without class sub-folders or without such files raises."""
+        raise NotImplementedError
+
     def load_file(self, path) -> torch.Tensor:
         """One file -> one model input ``[*shape]``, prepared as :meth:`load` prepares a folder's."""
         raise NotImplementedError
@@ -162,6 +168,12 @@ class ImageInputs(Inputs):
 
         return dataset_fingerprint(root, limit)
 
+    def class_files(self, root):
+        from .data import image_folder
+
+        dataset = image_folder(root, transform=lambda image: image)
+        return list(dataset.classes), [(Path(path), label) for path, label in dataset.samples]
+
     def load_file(self, path):
         from .visualize import load_display_image
 
@@ -197,11 +209,10 @@ class SpectrogramInputs(Inputs):
     def _settings(self) -> dict:
         return self._features
 
-    def _files(self, root, limit):
+    def class_files(self, root):
         from .audio import class_files
 
-        classes, files = class_files(Path(root))
-        return classes, files[:limit] if limit is not None else files
+        return class_files(Path(root))
 
     def load(self, root, limit=None, progress=False):
         from .audio import load_audio_folder
@@ -211,7 +222,8 @@ class SpectrogramInputs(Inputs):
                                  mean=float(f["mean"]), std=float(f["std"]), limit=limit)
 
     def fingerprint(self, root, limit=None):
-        return files_fingerprint(root, self._files(root, limit)[1])
+        files = self.class_files(root)[1]
+        return files_fingerprint(root, files[:limit] if limit is not None else files)
 
     def load_file(self, path):
         from .audio import load_wav, log_mel
@@ -253,11 +265,14 @@ class VideoInputs(Inputs):
         return load_video_folder(root, frames, size, mean=mean, std=std, limit=limit, progress=progress)
 
     def fingerprint(self, root, limit=None):
+        files = self.class_files(root)[1]
+        return files_fingerprint(root, files[:limit] if limit is not None else files)
+
+    def class_files(self, root):
         from .audio import class_files
         from .video import VIDEO_EXTENSIONS
 
-        files = class_files(Path(root), VIDEO_EXTENSIONS)[1]
-        return files_fingerprint(root, files[:limit] if limit is not None else files)
+        return class_files(Path(root), VIDEO_EXTENSIONS)
 
     def load_file(self, path):
         from .video import prepare_clip, read_video
