@@ -1,7 +1,8 @@
-"""VideoMAE (Hugging Face) token merging, on tiny random-weight models built from configs.
+"""VideoMAE and ViViT (Hugging Face) token merging, on tiny random-weight models built from
+configs.
 
 Videos ``[B, 4 frames, 3, 32, 32]``, tubelets of 2 frames x 8x8 pixels: a (2, 4, 4) grid of
-32 tokens, no class token.
+32 tokens; no class token in VideoMAE, one (protected) before them in ViViT.
 """
 
 from __future__ import annotations
@@ -310,3 +311,141 @@ def test_throughput_times_a_video_batch():
     for name in models:
         assert len(speed[name]["times_s"]) == 2
         assert speed[name]["images_per_s"] == pytest.approx(3 / (speed[name]["ms_per_batch"] / 1e3))
+
+
+# --------------------------------------------------------------------------------------
+# ViViT: the same videos, tubelets [2, 8, 8] (a (2, 4, 4) grid of 32 tubelets) after a
+# class token (protected), learned position embeddings, ViT-style layers.
+# --------------------------------------------------------------------------------------
+
+VIVIT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+             image_size=32, num_frames=4, tubelet_size=[2, 8, 8], num_labels=3)
+
+
+def _vivit_classifier(attn="sdpa"):
+    torch.manual_seed(0)
+    model = transformers.VivitForVideoClassification._from_config(
+        transformers.VivitConfig(**VIVIT), attn_implementation=attn
+    ).eval()
+    with torch.no_grad():
+        # HF initialises the class token and position embeddings to zero: make them matter.
+        model.vivit.embeddings.cls_token.normal_(0.0, 1.0)
+        model.vivit.embeddings.position_embeddings.normal_(0.0, 0.5)
+        model.classifier.weight.normal_(0.0, 2.0)  # make merging visible in the logits
+    return model
+
+
+def _vivit_trunk(attn="sdpa"):
+    torch.manual_seed(0)
+    model = transformers.VivitModel._from_config(transformers.VivitConfig(**VIVIT), attn_implementation=attn).eval()
+    with torch.no_grad():
+        model.embeddings.cls_token.normal_(0.0, 1.0)
+        model.embeddings.position_embeddings.normal_(0.0, 0.5)
+    return model
+
+
+VIVIT_BUILDERS = {"model": _vivit_trunk, "classifier": _vivit_classifier}
+
+
+def _vivit_trunk_of(model):
+    return model if isinstance(model, transformers.VivitModel) else model.vivit
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("name", list(VIVIT_BUILDERS))
+def test_vivit_r0_is_identical_merging_changes_it_and_unpatch_restores(name, attn):
+    model = VIVIT_BUILDERS[name](attn)
+    assert hf.vision_trunk(model).config._attn_implementation == attn
+    x = _videos()
+    reference = _run(model, x, output_hidden_states=True)
+    keys = set(model.state_dict())
+    base_class = type(model)
+
+    tokenmerge.patch(model, method="tome", r=0)
+    assert tokenmerge.is_patched(model)
+    _assert_outputs_equal(_run(model, x, output_hidden_states=True), reference)
+
+    tokenmerge.patch(model, method="tome", r=4)
+    merged = _run(model, x)
+    first = "logits" if name == "classifier" else "last_hidden_state"
+    assert torch.isfinite(merged[first]).all() and not torch.equal(merged[first], reference[first])
+
+    tokenmerge.unpatch(model)
+    assert type(model) is base_class and not tokenmerge.is_patched(model)
+    assert type(_vivit_trunk_of(model).layers[0]) is transformers.models.vivit.modeling_vivit.VivitLayer
+    assert set(model.state_dict()) == keys
+    _assert_outputs_equal(_run(model, x, output_hidden_states=True), reference)
+
+
+def test_vivit_eager_and_sdpa_agree_when_merging():
+    x = _videos()
+    logits = [tokenmerge.patch(_vivit_classifier(attn), method="tome", r=4)(x).logits for attn in ("eager", "sdpa")]
+    torch.testing.assert_close(logits[0], logits[1], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["tome", "mctf"])
+def test_vivit_token_counts_class_token_first_and_sources_cover_every_tubelet_once(method):
+    model = _vivit_classifier()
+    tokenmerge.patch(model, method=method, r=5, trace_source=True)
+    trunk = model.vivit
+    assert trunk.tokenmerge_config.num_protected == 1  # the class token
+    assert trunk.tokens_per_block() == [TOKENS + 1, 28, 23]
+    x = _videos()
+    with torch.no_grad():
+        out = trunk(x, output_hidden_states=True)
+        state = trunk.forward_tokens(x)
+        logits = model(x).logits
+        cls_in = trunk.embeddings(x)[:, 0]
+    assert [h.shape[1] for h in out.hidden_states] == [TOKENS + 1, 28, 23]
+    assert out.last_hidden_state.shape == (2, 23, 32) and logits.shape == (2, 3)
+    assert torch.isfinite(logits).all()
+    assert torch.equal(state.x, out.last_hidden_state)
+    # The class token stays first, on its own (size 1), and the head reads it.
+    assert torch.equal(out.hidden_states[0][:, 0], cls_in)
+    assert state.size[:, 0, 0].tolist() == [1.0, 1.0]
+    torch.testing.assert_close(logits, model.classifier(state.x[:, 0]), rtol=1e-5, atol=1e-6)
+    # One source per space-time tubelet, each pointing at one merged tubelet token (1...22),
+    # never at the class token; the tubelets each token covers add up to its size.
+    assert state.source.shape == (2, TOKENS)
+    assert int(state.source.min()) >= 1 and int(state.source.max()) < 23
+    counts = torch.stack([torch.bincount(s, minlength=23) for s in state.source])
+    assert int(counts[:, 1:].min()) >= 1 and counts[:, 1:].sum(dim=1).tolist() == [TOKENS, TOKENS]
+    torch.testing.assert_close(counts[:, 1:].float(), state.size[:, 1:, 0])
+    with torch.no_grad():
+        staged = staged_logits(tokenmerge.adapter_for(model), x)
+    torch.testing.assert_close(staged, logits, rtol=1e-5, atol=1e-6)
+
+
+def test_vivit_tubelet_grid_is_time_then_rows_then_columns():
+    model = _vivit_trunk()
+    adapter = tokenmerge.adapter_for(model)
+    assert adapter.num_prefix_tokens == 1 and adapter.num_patches == TOKENS
+    assert adapter.video_grid() == GRID
+    assert adapter.video_grid(8, 64, 32) == (4, 8, 4)
+    x = _videos(batch=1)
+    assert adapter.input_grid(x) == GRID
+    # Change one tubelet (frames 2-3, pixel rows 8-15, columns 16-23): only token
+    # 1 + (t, h, w) = (1, 1, 2) moves (after the class token).
+    changed = x.clone()
+    changed[:, 2:4, :, 8:16, 16:24] += 1.0
+    with torch.no_grad():
+        delta = adapter.embed(changed) - adapter.embed(x)
+    moved = delta.abs().sum(dim=-1)[0].nonzero().flatten().tolist()
+    assert moved == [1 + 1 * 16 + 1 * 4 + 2]
+
+
+def test_vivit_dense_features_unmerge_onto_the_tubelet_grid():
+    model = _vivit_trunk()
+    x = _videos()
+    with torch.no_grad():
+        plain = model(x).last_hidden_state[:, 1:]
+        tokenmerge.patch(model, method="tome", r=0, trace_source=True)
+        assert torch.equal(tokenmerge.dense_features(model, x), plain)  # unmerged: bit for bit
+        tokenmerge.patch(model, method="tome", r=5, trace_source=True)
+        state = model.forward_tokens(x)
+        tokens = tokenmerge.dense_features(model, x)
+        volume = tokenmerge.dense_features(model, x, output="map")
+    assert tokens.shape == (2, TOKENS, 32) and volume.shape == (2, 32, *GRID)
+    expected = torch.stack([state.x[b, state.source[b]] for b in range(2)])
+    assert torch.equal(tokens, expected)
+    assert torch.equal(volume, tokens.transpose(1, 2).reshape(2, 32, *GRID))

@@ -20,7 +20,12 @@ Supported (transformers 5.x module layout):
   token 0, an ordinary tubelet, so merging it is refused unless ``num_protected=1`` keeps it
   in place; ``bool_masked_pos`` (pre-training masking) is refused when the model merges.
   ``HFAdapter.video_grid()`` gives the ``(t, h, w)`` grid that source maps index, and
-  :func:`tokenmerge.dense_features` unmerges onto it (``[B, C, t, h, w]`` maps).
+  :func:`tokenmerge.dense_features` unmerges onto it (``[B, C, t, h, w]`` maps);
+- ``VivitModel``, ``VivitForVideoClassification`` (ViViT: video ``pixel_values [B, T, 3, H,
+  W]``, Conv3d tubelets of ``tubelet_size = [t, h, w]`` ordered (t, h, w) after a class
+  token, learned position embeddings, ViT-style layers). The class token is protected and
+  every tubelet merges across space and time; the classifier reads the class token, so it
+  is an exact consumer. ``video_grid()`` and dense features work as for VideoMAE.
 
 How it works. As in the timm backend, patching swaps classes for cached, importable
 subclasses: the *trunk* (the module holding embeddings and layers, e.g. ``ViTModel``), its
@@ -42,7 +47,8 @@ Outputs of a merged model:
   :func:`tokenmerge.dense_features` for a full ``[B, H*W, C]`` map.
 - ``hidden_states`` (``output_hidden_states=True``): the input of the first layer, then each
   layer's output, with shrinking token counts.
-- VideoMAE's trunk returns ``BaseModelOutput`` (no pooler), as the unmodified one does.
+- VideoMAE's trunk returns ``BaseModelOutput`` (no pooler), as the unmodified one does;
+  ViViT's returns ``BaseModelOutputWithPooling`` (its pooler reads the class token).
 - Mean-pooling heads (DINOv2, CLIP image and VideoMAE video classification) are size-weighted.
 - ``output_attentions`` (the keyword, or ``config.output_attentions=True``) and attention
   masks are rejected (the fused path never forms the attention matrix, and merging changes
@@ -123,7 +129,7 @@ class _AttentionParts(NamedTuple):
 def _attention_parts(attn: nn.Module) -> _AttentionParts:
     """The projections, head width, scale and dropout of an HF attention module.
 
-    Two layouts: ViT/DeiT/DINOv2/AST/CLIP (transformers 5.x) keep everything in one module
+    Two layouts: ViT/DeiT/DINOv2/AST/CLIP/ViViT (transformers 5.x) keep everything in one module
     (``q_proj``/``k_proj``/``v_proj`` and ``o_proj`` or ``out_proj``); VideoMAE keeps the BERT
     layout, where ``VideoMAEAttention`` holds the self-attention (``query``/``key``/``value``)
     and, beside it, the output projection (``output.dense``).
@@ -170,7 +176,8 @@ def hf_attention(
     """An HF self-attention module's forward with proportional attention; also returns q, k.
 
     Args:
-        attn: ``ViTAttention``/``DeiTAttention``/``Dinov2Attention``/``CLIPAttention``, or
+        attn: ``ViTAttention``/``DeiTAttention``/``Dinov2Attention``/``CLIPAttention``/
+            ``VivitAttention``, or
             ``VideoMAEAttention`` (self-attention and output projection).
         x: ``[B, N, C]`` normalised tokens.
         log_size: ``[B, N]`` log token sizes, or ``None``.
@@ -615,6 +622,44 @@ class _VideoMAETrunkMixin(_MergingTrunkMixin):
         return self._tm_forward(pixel_values, None, kwargs, bool_masked_pos=bool_masked_pos)
 
 
+class _VivitTrunkMixin(_MergingTrunkMixin):
+    """``VivitModel``: ``pixel_values [B, T, 3, H, W]`` cut by a Conv3d into tubelets of
+    ``tubelet_size = [t, h, w]`` (frames, pixel rows, pixel columns), ordered (t, h, w) after a
+    class token; learned position embeddings are added in the embeddings. The class token is
+    protected; every tubelet merges (across space and time). ViT-style layers."""
+
+    inputs = "videos"
+
+    @property
+    def _tm_layers(self):
+        return self.layers
+
+    @property
+    def tokenmerge_patch_size(self) -> tuple:
+        return tuple(int(v) for v in self.config.tubelet_size[1:])
+
+    @property
+    def tokenmerge_tubelet_size(self) -> int:
+        return int(self.config.tubelet_size[0])
+
+    def _tm_patch_count(self) -> int:
+        return self.embeddings.patch_embeddings.num_patches
+
+    def _tm_embed(self, pixel_values, interpolate_pos_encoding=False):
+        return self.embeddings(pixel_values, interpolate_pos_encoding=bool(interpolate_pos_encoding))
+
+    def _tm_final(self, x):
+        return self.layernorm(x)
+
+    def _tm_pool(self, x):
+        return self.pooler(x) if self.pooler is not None else None
+
+    def forward(self, pixel_values=None, interpolate_pos_encoding=False, attention_mask=None, **kwargs):
+        return self._tm_forward(
+            pixel_values, attention_mask, kwargs, interpolate_pos_encoding=interpolate_pos_encoding
+        )
+
+
 def _pair(value) -> tuple:
     return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
 
@@ -708,6 +753,7 @@ def _families() -> dict:
     import transformers.models.dinov2.modeling_dinov2 as dinov2
     import transformers.models.videomae.modeling_videomae as videomae
     import transformers.models.vit.modeling_vit as vit
+    import transformers.models.vivit.modeling_vivit as vivit
 
     families = {
         ast.ASTModel: (_ASTTrunkMixin, ast.ASTLayer, _ViTLayerMixin, ast.ASTAttention),
@@ -720,6 +766,9 @@ def _families() -> dict:
         videomae.VideoMAEModel: (
             _VideoMAETrunkMixin, videomae.VideoMAELayer, _VideoMAELayerMixin, videomae.VideoMAEAttention
         ),
+        # ViViT's layer is ViT's (layernorm_before/after, attention, mlp, dropout); its attention
+        # keeps q_proj/k_proj/v_proj/o_proj in one module, as CLIP's does.
+        vivit.VivitModel: (_VivitTrunkMixin, vivit.VivitLayer, _ViTLayerMixin, vivit.VivitAttention),
     }
     try:
         import transformers.models.dinov2_with_registers.modeling_dinov2_with_registers as dreg
@@ -744,6 +793,7 @@ def _wrappers() -> dict:
     import transformers.models.dinov2.modeling_dinov2 as dinov2
     import transformers.models.videomae.modeling_videomae as videomae
     import transformers.models.vit.modeling_vit as vit
+    import transformers.models.vivit.modeling_vivit as vivit
 
     wrappers = {
         ast.ASTForAudioClassification: ("audio_spectrogram_transformer", _ast_head, False),
@@ -755,6 +805,7 @@ def _wrappers() -> dict:
         clip.CLIPForImageClassification: ("vision_model", _clip_head, True),
         dinov2.Dinov2ForImageClassification: ("dinov2", _dinov2_head, True),
         videomae.VideoMAEForVideoClassification: ("videomae", _videomae_head, True),
+        vivit.VivitForVideoClassification: ("vivit", _class_token_head, False),
     }
     try:
         import transformers.models.dinov2_with_registers.modeling_dinov2_with_registers as dreg
@@ -793,14 +844,14 @@ def vision_trunk(model: nn.Module) -> nn.Module:
         return getattr(model, wrappers[kind][0])
     raise TypeError(
         f"{type(model).__module__}.{type(model).__qualname__} is not a supported Hugging Face "
-        "vision encoder (ViT, DeiT, CLIP vision, DINOv2), AST audio encoder or VideoMAE "
+        "vision encoder (ViT, DeiT, CLIP vision, DINOv2), AST audio encoder or VideoMAE/ViViT "
         "video encoder"
     )
 
 
 def prefix_tokens(model: nn.Module) -> int:
     """Leading non-patch tokens: 1 class token, DeiT's and AST's distillation token, DINOv2
-    registers; none in VideoMAE."""
+    registers; none in VideoMAE (ViViT has its class token)."""
     import transformers.models.audio_spectrogram_transformer.modeling_audio_spectrogram_transformer as ast
     import transformers.models.deit.modeling_deit as deit
     import transformers.models.videomae.modeling_videomae as videomae
@@ -934,7 +985,7 @@ class HFAdapter(ModelAdapter):
     """Hugging Face vision encoders: a trunk (``ViTModel``...) or a supported wrapper."""
 
     family = "transformers"
-    supported = "Hugging Face ViT/DeiT/CLIP/DINOv2 vision encoders, AST audio encoders and VideoMAE video encoders"
+    supported = "Hugging Face ViT/DeiT/CLIP/DINOv2 vision encoders, AST audio encoders and VideoMAE/ViViT video encoders"
 
     @classmethod
     def detects(cls, model: nn.Module) -> bool:
