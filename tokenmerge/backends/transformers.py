@@ -985,7 +985,10 @@ class HFAdapter(ModelAdapter):
     """Hugging Face vision encoders: a trunk (``ViTModel``...) or a supported wrapper."""
 
     family = "transformers"
-    supported = "Hugging Face ViT/DeiT/CLIP/DINOv2 vision encoders, AST audio encoders and VideoMAE/ViViT video encoders"
+    supported = (
+        "Hugging Face ViT/DeiT/CLIP/DINOv2 vision encoders, AST audio encoders and VideoMAE/ViViT "
+        "video encoders"
+    )
 
     @classmethod
     def detects(cls, model: nn.Module) -> bool:
