@@ -151,6 +151,18 @@ def param_groups(model: nn.Module, weight_decay: float):
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def warmup_cosine_schedule(optimizer, total: int):
+    """Linear warm-up over the first tenth of ``total`` steps, then cosine decay to 0."""
+    warmup = max(1, total // 10)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
 def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """SpecAugment-style masks and a time roll on normalised features [B, frames, mel] -> same shape.
 
@@ -229,9 +241,7 @@ def main(argv=None) -> None:
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr)
     steps_per_epoch = math.ceil(len(train_y) / args.batch_size)
     total = steps_per_epoch * args.epochs
-    warmup = max(1, total // 10)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * min(1.0, (s - warmup) / max(1, total - warmup)))))
+    scheduler = warmup_cosine_schedule(optimizer, total)
     criterion = nn.CrossEntropyLoss(label_smoothing=0.1)
     generator = torch.Generator().manual_seed(args.seed)
     train_start = time.perf_counter()

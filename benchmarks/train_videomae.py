@@ -55,7 +55,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from moving_shapes import CLASSES, FRAMES, SIZE  # noqa: E402
-from train_ast import _shown, log, param_groups  # noqa: E402
+from train_ast import _shown, log, param_groups, warmup_cosine_schedule  # noqa: E402
 
 from tokenmerge.evaluation.data import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from tokenmerge.evaluation.video import load_video_folder  # noqa: E402
@@ -152,9 +152,7 @@ def main(argv=None) -> None:
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr)
     steps_per_epoch = math.ceil(len(train_y) / args.batch_size)
     total = steps_per_epoch * args.epochs
-    warmup = max(1, total // 10)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * min(1.0, (s - warmup) / max(1, total - warmup)))))
+    scheduler = warmup_cosine_schedule(optimizer, total)
     criterion = nn.CrossEntropyLoss(label_smoothing=0.1)
     maps = [label_map(m, classes) for m in (H_FLIP, V_FLIP, REVERSE)]
     generator = torch.Generator().manual_seed(args.seed)

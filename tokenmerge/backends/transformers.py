@@ -324,24 +324,13 @@ class _CLIPLayerMixin(_MergingLayerMixin):
         return self.mlp(x)
 
 
-class _VideoMAELayerMixin(_MergingLayerMixin):
-    """``VideoMAELayer``: pre-norm, BERT-style modules (``attention.output`` and ``output``
-    carry the output projections and their dropouts; ``output`` would also add the
-    residual, so the MLP branch is taken apart here)."""
-
-    @property
-    def _tm_attention(self):
-        return self.attention
-
-    @property
-    def _tm_norm1_module(self):
-        return self.layernorm_before
+class _VideoMAELayerMixin(_ViTLayerMixin):
+    """``VideoMAELayer``: ViT's layout and names, with BERT-style modules (``attention.output``
+    and ``output`` carry the output projections and their dropouts; ``output`` would also add
+    the residual, so the MLP branch is taken apart here)."""
 
     def _tm_after_attn(self, h):
         return self.attention.output.dropout(h)
-
-    def _tm_norm2(self, x):
-        return self.layernorm_after(x)
 
     def _tm_mlp(self, x):
         return self.output.dense(self.intermediate(x))
