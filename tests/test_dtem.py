@@ -112,6 +112,32 @@ def test_module_file_for_another_model_is_refused(tmp_path):
         tokenmerge.load_merge_modules(model, tmp_path / "plain.safetensors")
 
 
+def test_patch_with_a_module_file_in_one_call(tmp_path):
+    trained = tiny_vit()
+    tokenmerge.patch(trained, method="dtem", r=8, embed_dim=16, hidden_dim=8, init="random")
+    path = tokenmerge.save_merge_modules(trained, tmp_path / "m.safetensors")
+    x = torch.randn(2, 3, 32, 32)
+    # embed_dim/hidden_dim come from the file; the form best.json uses (options=) works too
+    one_call = tokenmerge.patch(tiny_vit(), method="dtem", r=8, options={"modules": str(path)})
+    assert (one_call.token_reducer.embed_dim, one_call.token_reducer.hidden_dim) == (16, 8)
+    assert torch.equal(one_call(x), trained(x))
+    # a reducer built with dim/depth loads at once, and keeps its (further trained) weights when bound
+    reducer = DTEM(modules=path, dim=32, depth=3)
+    with torch.no_grad():
+        reducer.embeds[0].norm.weight.add_(1.0)
+    changed = reducer.embeds[0].norm.weight.clone()
+    tokenmerge.patch(tiny_vit(), method=reducer, r=8)
+    assert torch.equal(reducer.embeds[0].norm.weight, changed)
+    with pytest.raises(ValueError, match="embed_dim=32 disagrees with the module file"):
+        tokenmerge.patch(tiny_vit(), method="dtem", r=8, modules=str(path), embed_dim=32)
+    with pytest.raises(ValueError, match="width 48"):
+        tokenmerge.patch(tiny_vit(embed_dim=48), method="dtem", r=8, modules=str(path))
+    with pytest.raises(FileNotFoundError, match="missing.safetensors"):
+        tokenmerge.patch(tiny_vit(), method="dtem", r=8, modules=str(tmp_path / "missing.safetensors"))
+    with pytest.raises(TypeError, match="modules"):
+        tokenmerge.patch(tiny_vit(), method="tome", r=8, modules=str(path))
+
+
 def test_damaged_module_files_are_named_and_change_nothing(tmp_path):
     model = tokenmerge.patch(tiny_vit(), method="dtem", r=4, embed_dim=16)
     path = tokenmerge.save_merge_modules(model, tmp_path / "m.safetensors")

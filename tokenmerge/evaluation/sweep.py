@@ -57,7 +57,7 @@ class Variant:
         schedule: a schedule label as :func:`~tokenmerge.core.schedule.format_schedule`
             writes it (``"13"``, ``"13:-1"``, ``"keep=0.9"``); ``"-"`` when unmodified.
         options: the method's options as sorted ``(key, value)`` pairs (hashable). The
-            option ``modules=FILE`` loads trained DTEM merge modules (see :func:`build_variant`).
+            option ``modules=FILE`` of DTEM loads trained merge modules.
     """
 
     method: str
@@ -125,35 +125,13 @@ def build_variant(base: nn.Module, variant: Variant) -> nn.Module:
     if variant.method == UNMODIFIED:
         return base
     schedule = parse_schedule(variant.schedule)
-    options = dict(variant.options)
-    modules = options.pop("modules", None)
-    if modules is not None:
-        options = dict(_module_file_options(variant.method, modules), **options)
     model = _shared_copy(base)
     # A clamped schedule is reported in the row (tokens per block); the warning would only
     # repeat for every variant of the grid.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ScheduleClampedWarning)
-        model = tokenmerge.patch(model, method=variant.method, r=schedule, **options)
-    if modules is not None:
-        from ..methods.dtem import load_merge_modules
-
-        load_merge_modules(model, modules)
+        model = tokenmerge.patch(model, method=variant.method, r=schedule, **dict(variant.options))
     return model.eval()
-
-
-def _module_file_options(method: str, path) -> dict:
-    """The option ``modules=FILE`` (trained DTEM merge modules): the embedding shape the file
-    needs, read from its metadata, so the user gives only the path."""
-    if method != "dtem":
-        raise ValueError(f"the option modules=FILE loads trained DTEM merge modules; method {method!r} has none")
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"DTEM module file {str(path)!r} does not exist")
-    from ..methods.dtem import read_merge_module_metadata
-
-    meta = read_merge_module_metadata(path)
-    hidden = meta.get("hidden_dim")
-    return {"embed_dim": int(meta["embed_dim"]), "hidden_dim": int(hidden) if hidden else None}
 
 
 def weights_fingerprint(model: nn.Module) -> str:

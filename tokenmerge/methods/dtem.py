@@ -112,21 +112,30 @@ class DTEM(TokenReducer):
             no MLP).
         dim, depth: model width and block count. Normally left out:
             :func:`tokenmerge.patch` binds the reducer to the model (:meth:`bind_blocks`).
+        modules: a merge-module file (:func:`save_merge_modules`) loaded when the reducer is
+            bound to a model, so ``tokenmerge.patch(model, method="dtem", r=16,
+            modules="dtem.safetensors")`` (or a ``best.json`` from ``tokenmerge tune``) gives
+            the trained DTEM in one call. ``embed_dim`` and ``hidden_dim`` come from the file.
     """
 
     name = "dtem"
 
     def __init__(
         self,
-        embed_dim: int = 64,
+        embed_dim: Optional[int] = None,
         hidden_dim: Optional[int] = None,
         tau: float = 0.1,
         train_r: Optional[int] = None,
         init: str = "auto",
         dim: Optional[int] = None,
         depth: Optional[int] = None,
+        modules: Optional[str] = None,
     ):
         super().__init__()
+        self.module_file = None if modules is None else str(modules)
+        if modules is not None:
+            embed_dim, hidden_dim = _shape_from_file(modules, embed_dim, hidden_dim)
+        embed_dim = 64 if embed_dim is None else embed_dim
         if isinstance(embed_dim, bool) or not isinstance(embed_dim, int) or embed_dim <= 0:
             raise ValueError(f"embed_dim must be a positive int, got {embed_dim!r}")
         if hidden_dim is not None and (not isinstance(hidden_dim, int) or hidden_dim <= 0):
@@ -146,6 +155,8 @@ class DTEM(TokenReducer):
             raise ValueError("give both dim= and depth= (or neither, and let patch() bind the model)")
         if dim is not None:
             self._build(dim, depth)
+            if self.module_file is not None:
+                load_merge_modules(self, self.module_file)
 
     # -- construction ---------------------------------------------------------------
     @property
@@ -165,7 +176,8 @@ class DTEM(TokenReducer):
         ``blocks`` are a patched model's blocks; they expose ``_tm_key_projection()`` and
         ``_tm_norm1_module`` whatever the backend. A reducer that already has modules
         (trained, loaded, or built with ``dim``/``depth``) keeps them if they fit the model
-        and raises otherwise.
+        and raises otherwise; one created with ``modules=FILE`` loads the file's (once: a
+        reducer trained further keeps its weights when it patches another model).
         """
         weight, _, _, head_dim = blocks[0]._tm_key_projection()
         width, depth = int(weight.shape[1]), len(blocks)
@@ -177,7 +189,12 @@ class DTEM(TokenReducer):
                 )
             self.architecture = self.architecture or architecture
             return
+        self.architecture = architecture
         self._build(width, depth)
+        if self.module_file is not None:
+            load_merge_modules(self, self.module_file)  # refuses a file for another width or depth
+            self.to(device=weight.device)
+            return
         keys_fit = self.hidden_dim is None and head_dim == self.embed_dim
         if self.init == "keys" and not keys_fit:
             raise ValueError(
@@ -187,7 +204,6 @@ class DTEM(TokenReducer):
         if self.init == "keys" or (self.init == "auto" and keys_fit):
             for embed, block in zip(self.embeds, blocks):
                 embed.init_from_keys(block)
-        self.architecture = architecture
         self.to(device=weight.device)
 
     def _embedding(self, x: torch.Tensor, block_index: int) -> torch.Tensor:
@@ -247,6 +263,20 @@ class DTEM(TokenReducer):
             "hidden_dim": "" if self.hidden_dim is None else str(self.hidden_dim),
             "tau": repr(self.tau),
         }
+
+
+def _shape_from_file(path, embed_dim, hidden_dim) -> tuple:
+    """``(embed_dim, hidden_dim)`` of a merge-module file; explicit values must agree with it."""
+    meta = read_merge_module_metadata(path)
+    file_embed = int(meta["embed_dim"])
+    file_hidden = int(meta["hidden_dim"]) if meta.get("hidden_dim") else None
+    for name, given, saved in (("embed_dim", embed_dim, file_embed), ("hidden_dim", hidden_dim, file_hidden)):
+        if given is not None and given != saved:
+            raise ValueError(
+                f"{name}={given} disagrees with the module file {str(path)!r} ({name}={saved}); "
+                f"leave {name} out: it is read from the file"
+            )
+    return file_embed, file_hidden
 
 
 def _dtem_of(model: nn.Module) -> DTEM:
