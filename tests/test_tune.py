@@ -135,6 +135,28 @@ def test_search_never_returns_worse_than_its_constant_start(result):
         assert result.best.loss <= constant.loss
 
 
+def test_option_search_keeps_the_best_value_of_each_option(model, images):
+    from tokenmerge.methods.mctf import MCTF
+
+    result = tune(model, images, gflops_fraction=0.55, methods=[("mctf", {"tau_size": 40.0})], rounds=0,
+                  progress=False, measure_speed=False)
+    tried = [c for c in result.candidates if c.stage.startswith("options:")]
+    moved = {c.stage.split(": ")[1].split("=")[0] for c in tried}
+    assert moved == set(MCTF.option_grid) - {"tau_size"}  # the caller's option stays as given
+    assert all(c.options["tau_size"] == 40.0 for c in result.candidates)
+    start = [c for c in result.candidates if c.stage.startswith("constant")]
+    assert all(c.r == min(start, key=lambda c: c.loss).r for c in tried)  # scored at the method's start
+    best_before_search = min(start + tried, key=lambda c: c.loss)
+    assert result.best.options == best_before_search.options  # rounds=0: the options stage decides
+    assert result.best.loss == best_before_search.loss
+    # the chosen options round-trip through patch and give the scored logits' KL
+    patched = tokenmerge.patch(small_vit(), **result.config())
+    assert patched.token_reducer.tau_sim == result.best.options.get("tau_sim", 1.0)
+    off = tune(model, images, gflops_fraction=0.55, methods=["mctf"], rounds=0, search_options=False,
+               progress=False, measure_speed=False)
+    assert not any(c.stage.startswith("options:") for c in off.candidates) and off.best.options == {}
+
+
 def test_model_is_left_unmodified(model, images, result):
     assert not tokenmerge.is_patched(model)
 

@@ -67,6 +67,9 @@ def add_parser(subparsers) -> None:
                              "accuracy: top-1 on the labels")
     parser.add_argument("--search-methods", type=arguments.non_negative_int, default=1,
                         help="how many of the best constant-r methods get the per-block search (default 1)")
+    parser.add_argument("--no-option-search", action="store_true",
+                        help="keep the methods' default options (by default tune also chooses the options a "
+                             "method lists as tunable, e.g. MCTF's temperatures, on the calibration images)")
     parser.add_argument("--rounds", type=arguments.non_negative_int, default=3, help="search rounds (default 3)")
     parser.add_argument("--probe-images", type=arguments.positive_int, default=250,
                         help="calibration images each per-block probe runs on (default 250; proposals use all)")
@@ -118,7 +121,7 @@ def run(args) -> int:
         model, (images, labels),
         target_gflops=args.target_gflops, target_speedup=args.target_speedup, gflops_fraction=args.gflops_fraction,
         methods=args.methods or list(DEFAULT_METHODS), objective=args.objective,
-        search_methods=args.search_methods, rounds=args.rounds, probe_images=args.probe_images,
+        search_methods=args.search_methods, search_options=not args.no_option_search, rounds=args.rounds, probe_images=args.probe_images,
         batch_size=args.batch_size,
         measure_speed=not args.no_timing,
     )

@@ -10,7 +10,11 @@ keeps the merged model closest to the unmodified one. Two stages:
    images; the better of the two is the method's start. GFLOPs are
    *counted* (:func:`~tokenmerge.evaluation.flops.count_gflops`, scoring work included, so a
    method whose score costs FLOPs pays for them out of the same budget), never estimated.
-2. **Schedule.** For the best ``search_methods`` methods, a per-block ``r`` search under the
+2. **Options.** For the best ``search_methods`` methods, the options their class lists in
+   ``option_grid`` (e.g. MCTF's temperatures), one at a time at the method's start schedule:
+   each value is scored on the calibration images and the best kept (options the caller set
+   stay as given). Options that change GFLOPs are held to the same budget.
+3. **Schedule.** For the same methods, a per-block ``r`` search under the
    same budget, in rounds. Each round probes every block alone at ``r_i +- delta`` (the rest
    of the schedule fixed; ``delta`` starts at an eighth of the largest ``r``), which gives
    each block's loss and exact GFLOPs change. Treating those changes as additive, a
@@ -509,6 +513,36 @@ def _search(scorer: _Scorer, start: tuple, reference, probe_reference, labels, o
         delta = max(1, delta // 2)
 
 
+def _search_options(scorer: _Scorer, make_scorer, schedule: tuple, metrics: dict, reference, labels,
+                    objective: str, target: float, fixed: set, record, progress) -> _Scorer:
+    """The scorer with the best options of the method's ``option_grid`` at ``schedule``.
+
+    One option at a time, in the grid's order (coordinate descent, one pass): every listed
+    value is scored on all calibration images, the rest of the options held, and the best
+    kept. Options in ``fixed`` (set by the caller) are not moved.
+    """
+    from ..methods import get_method_class
+
+    grid = get_method_class(scorer.method).option_grid
+    best, best_loss = scorer, metrics["loss"]
+    for option, values in grid.items():
+        if option in fixed:
+            continue
+        current = best.options.get(option, values[0])
+        for value in values:
+            if value == current:
+                continue
+            trial = make_scorer({**best.options, option: value})
+            if trial.gflops(schedule) > target:
+                continue
+            trial_metrics = _metrics(trial.logits(schedule), reference, labels, objective)
+            record(trial)(schedule, trial_metrics, f"options: {option}={value}")
+            progress.update(1)
+            if trial_metrics["loss"] < best_loss:
+                best, best_loss = trial, trial_metrics["loss"]
+    return best
+
+
 def tune(
     model: nn.Module,
     data,
@@ -519,6 +553,7 @@ def tune(
     methods: Sequence = DEFAULT_METHODS,
     objective: str = "kl",
     search_methods: int = 1,
+    search_options: bool = True,
     rounds: int = 3,
     probe_images: int = 250,
     batch_size: int = 125,
@@ -539,6 +574,8 @@ def tune(
             ``prop_attn``).
         objective: ``"kl"``, ``"agreement"`` (both label-free) or ``"accuracy"`` (needs labels).
         search_methods: how many of the best constant-``r`` methods get a per-block search.
+        search_options: first choose those methods' options from their ``option_grid``
+            (e.g. MCTF's temperatures) on the calibration images.
         rounds: search rounds per method (each ``2 L`` probes).
         probe_images: calibration images the probes run on (an evenly spaced subset; the
             proposals and every reported figure use all of them).
@@ -594,14 +631,12 @@ def tune(
     scorers: Dict[int, _Scorer] = {}
     bar = tqdm(desc="tune", unit="probe", disable=not progress, leave=False)
 
-    def recorder(index):
-        method, options = candidates_spec[index]
-
+    def recorder(scorer):
         def record(schedule, metrics, stage):
-            candidate = Candidate(method, dict(options), tuple(schedule),
-                                  scorers[index].gflops(tuple(schedule)), stage=stage, **metrics)
+            candidate = Candidate(scorer.method, dict(scorer.options), tuple(schedule),
+                                  scorer.gflops(tuple(schedule)), stage=stage, **metrics)
             candidates.append(candidate)
-            bar.set_postfix_str(f"{method} {stage}: {objective}={metrics['loss']:.4f}")
+            bar.set_postfix_str(f"{scorer.method} {stage}: {objective}={metrics['loss']:.4f}")
             return candidate
         return record
 
@@ -615,24 +650,30 @@ def tune(
             unreachable.append(f"{method} ({scorer.gflops(scorer.effective([scorer.num_tokens] * scorer.num_blocks)):.3f})")
             continue
         metrics = _metrics(scorer.logits(start), reference, labels, objective)
-        recorder(index)(start, metrics, "constant")
+        recorder(scorer)(start, metrics, "constant")
         bar.update(1)
         filled = _fill_budget(scorer, start, target)
         if filled != start:
             filled_metrics = _metrics(scorer.logits(filled), reference, labels, objective)
-            recorder(index)(filled, filled_metrics, "constant, budget filled")
+            recorder(scorer)(filled, filled_metrics, "constant, budget filled")
             bar.update(1)
             if filled_metrics["loss"] < metrics["loss"]:
                 start, metrics = filled, filled_metrics
-        starts.append((metrics["loss"], index, start))
+        starts.append((metrics["loss"], index, start, metrics))
     if not starts:
         raise ValueError(
             f"the budget of {target:.3f} GFLOPs (unmodified: {base_gflops:.3f}) cannot be met: the most "
             f"each method can remove still costs {', '.join(unreachable)} GFLOPs; relax the target"
         )
-    for _, index, start in sorted(starts)[:search_methods]:
-        _search(scorers[index], start, reference, probe_reference, labels, objective, target, rounds,
-                recorder(index), bar)
+    for _, index, start, metrics in sorted(starts, key=lambda s: s[:2])[:search_methods]:
+        method, options = candidates_spec[index]
+        scorer = scorers[index]
+        if search_options:
+            make = lambda opts: _Scorer(model, method, opts, images, batch_size, probe_every, base_gflops)  # noqa: E731
+            scorer = _search_options(scorer, make, start, metrics, reference, labels, objective, target,
+                                     fixed=set(options), record=recorder, progress=bar)
+        _search(scorer, start, reference, probe_reference, labels, objective, target, rounds,
+                recorder(scorer), bar)
     bar.close()
 
     best = min(candidates, key=lambda c: (c.loss, c.gflops))

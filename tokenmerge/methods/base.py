@@ -10,7 +10,7 @@ so a patched model is re-entrant and traces under ``torch.compile(fullgraph=True
 
 from __future__ import annotations
 
-from typing import ClassVar, NamedTuple, Optional
+from typing import ClassVar, Dict, NamedTuple, Optional
 
 import torch
 from torch import nn
@@ -68,12 +68,16 @@ class TokenReducer(nn.Module):
         export_refusal: why an ONNX export of the method could not reproduce it (e.g. it
             draws random numbers at inference), or ``None`` when it exports exactly
             (:func:`tokenmerge.export_onnx` refuses with this text).
+        option_grid: ``{option: values}`` that :func:`tokenmerge.tune` may choose between on
+            calibration images (one option at a time, the first value being the default);
+            empty for a method whose defaults are not model-dependent.
     """
 
     name: ClassVar[str] = ""
     tracks_size: ClassVar[bool] = True
     default_prop_attn: ClassVar[bool] = True
     export_refusal: ClassVar[Optional[str]] = None
+    option_grid: ClassVar[Dict[str, tuple]] = {}
 
     def max_reduction(self, num_tokens: int, num_protected: int) -> int:
         """The most tokens one block may remove (default: bipartite, half the mergeable)."""

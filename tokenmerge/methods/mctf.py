@@ -34,9 +34,15 @@ class MCTF(TokenReducer):
         fusion: ``"size"`` (ToMe's size-weighted average) or ``"attention"`` (weighted by
             size x attention received: the official ``pooling_type=1``).
         chunk_size: query rows scored at once.
+
+    :func:`tokenmerge.tune` may move each temperature by a factor of 2 either way on
+    calibration images (``option_grid``): the paper set them for DeiT trained with MCTF, and
+    how much informativeness and size should bend similarity without training depends on the
+    model (BENCHMARKS.md section 6 has the measurements on two models).
     """
 
     name = "mctf"
+    option_grid = {"tau_sim": (1.0, 0.5, 2.0), "tau_info": (20.0, 10.0, 40.0), "tau_size": (40.0, 20.0, 80.0)}
 
     def __init__(self, tau_sim: float = 1.0, tau_info: float = 20.0, tau_size: float = 40.0,
                  bidirectional: bool = False, fusion: str = "size", chunk_size: int = DEFAULT_CHUNK_SIZE):
