@@ -1,5 +1,6 @@
-"""``tokenmerge eval``/``bench`` on audio (AST) and video (VideoMAE) models saved as ``hf:DIR``,
-with data folders of tiny generated WAV and H.264 files; clear errors for broken files."""
+"""``tokenmerge eval``/``bench``/``visualize`` on audio (AST) and video (VideoMAE, ViViT) models
+saved as ``hf:DIR``, with data folders of tiny generated WAV and H.264 files; clear errors for
+broken files."""
 
 from __future__ import annotations
 
@@ -43,6 +44,34 @@ def videomae_dir(tmp_path_factory):
     with torch.no_grad():
         model.classifier.weight.normal_(0.0, 2.0)  # spread the predictions over the classes
     return _save(model, tmp_path_factory.mktemp("videomae"), {"image_mean": VIDEO_MEAN, "image_std": VIDEO_STD})
+
+
+@pytest.fixture(scope="module")
+def vivit_dir(tmp_path_factory):
+    """A random ViViT classifier: 4 frames of 32x32, tubelets 2 x 8x8 -> class token + 32, 3
+    classes; its preprocessor_config.json written by VivitImageProcessor (shorter side 36)."""
+    config = transformers.VivitConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32,
+        num_frames=4, tubelet_size=[2, 8, 8], num_labels=3)
+    torch.manual_seed(0)
+    model = transformers.VivitForVideoClassification(config).eval()
+    with torch.no_grad():
+        # HF initialises the class token and position embeddings to zero: make them matter.
+        model.vivit.embeddings.cls_token.normal_(0.0, 1.0)
+        model.vivit.embeddings.position_embeddings.normal_(0.0, 0.5)
+        model.classifier.weight.normal_(0.0, 2.0)
+    folder = tmp_path_factory.mktemp("vivit")
+    model.save_pretrained(folder)
+    transformers.VivitImageProcessor(image_mean=VIDEO_MEAN, image_std=VIDEO_STD, size={"shortest_edge": 36},
+                                     crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+    return folder
+
+
+# Per video model: (model fixture, tokens into the first block, its image processor class).
+VIDEO_MODELS = {
+    "videomae": ("videomae_dir", 32, "VideoMAEImageProcessor"),  # 2 x 4 x 4 tubelets
+    "vivit": ("vivit_dir", 33, "VivitImageProcessor"),  # the class token too
+}
 
 
 @pytest.fixture(scope="module")
@@ -104,31 +133,72 @@ def _eval(folder, data, out, *extra):
                  "--device", "cpu", *extra])
 
 
-def test_eval_videomae_on_a_video_folder(videomae_dir, video_folder, tmp_path, capsys):
-    assert _eval(videomae_dir, video_folder, tmp_path / "out") == 0
+def _reference_clip(path, family: str) -> torch.Tensor:
+    """A clip of ``video_folder`` as each model's saved processor settings make it, computed
+    without tokenmerge's data loading: frames 0, 2, 3, 5 of 6, bilinear on the shorter side,
+    centre crop to 32x32, the processor's rescale, then the saved statistics."""
+    import av
+
+    with av.open(str(path)) as container:
+        frames = np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+    x = torch.from_numpy(frames[[0, 2, 3, 5]]).permute(0, 3, 1, 2).float()
+
+    def resize(size):
+        return torch.nn.functional.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
+
+    if family == "videomae":  # shorter side 32 (= the crop): 32x38, columns 3..34; x / 255
+        x = resize((32, 38))[..., 3:35] / 255
+    else:  # ViViT: the saved shortest_edge 36: 36x43, rows 2..33, columns 5..36; x / 127.5 - 1
+        x = resize((36, 43))[..., 2:34, 5:37] / 127.5 - 1
+    return (x - torch.tensor(VIDEO_MEAN)[:, None, None]) / torch.tensor(VIDEO_STD)[:, None, None]
+
+
+@pytest.mark.parametrize("family", sorted(VIDEO_MODELS))
+def test_eval_video_models_on_a_video_folder(request, family, video_folder, tmp_path, capsys):
+    fixture, tokens, _ = VIDEO_MODELS[family]
+    model_dir = request.getfixturevalue(fixture)
+    assert _eval(model_dir, video_folder, tmp_path / "out") == 0
     rows = json.loads((tmp_path / "out" / "results.json").read_text())["rows"]
     assert [(r["method"], r["schedule"]) for r in rows] == [
         ("none", "-"), ("tome", "2"), ("tome", "4"), ("drop", "2"), ("drop", "4")]
     assert all(r["num_images"] == 6 and r["speedup"] > 0 and r["gflops"] > 0 for r in rows)
-    assert rows[1]["tokens_in"] == 32 and rows[2]["tokens_out"] == 32 - 2 * 4
+    assert rows[1]["tokens_in"] == tokens and rows[2]["tokens_out"] == tokens - 2 * 4
     assert rows[2]["gflops"] < rows[0]["gflops"]
     assert "6 clips, 3 classes" in capsys.readouterr().out
-    # The unmodified row against a computation without tokenmerge's data loading: frames
-    # 0, 2, 3, 5 of 6, bilinear to 32x38 (shorter side 32), centre crop, the saved statistics.
-    model = transformers.VideoMAEForVideoClassification.from_pretrained(videomae_dir).eval()
-    clips, labels = [], []
-    for path, label in _files(video_folder):
-        with __import__("av").open(str(path)) as container:
-            frames = np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
-        x = torch.from_numpy(frames[[0, 2, 3, 5]]).permute(0, 3, 1, 2).float() / 255
-        x = torch.nn.functional.interpolate(x, size=(32, 38), mode="bilinear", antialias=True, align_corners=False)
-        x = x[..., 3:35]
-        clips.append((x - torch.tensor(VIDEO_MEAN)[:, None, None]) / torch.tensor(VIDEO_STD)[:, None, None])
-        labels.append(label)
-    assert rows[0]["accuracy"] == pytest.approx(_accuracy(model, torch.stack(clips), labels))
+    # The loaded clips and the unmodified row against a computation without tokenmerge's data
+    # loading, with the saved (non-default) statistics: another normalisation fails here.
+    model = load_model(f"hf:{model_dir}")
+    clips = torch.stack([_reference_clip(path, family) for path, _ in _files(video_folder)])
+    labels = [label for _, label in _files(video_folder)]
+    torch.testing.assert_close(inputs_for(model).load(video_folder)[0], clips, rtol=1e-4, atol=1e-4)
+    assert rows[0]["accuracy"] == pytest.approx(_accuracy(model.eval(), clips, labels))
     # A rerun reads every row from the cache (the key includes the input settings).
-    assert _eval(videomae_dir, video_folder, tmp_path / "out", "--no-timing") == 0
+    assert _eval(model_dir, video_folder, tmp_path / "out", "--no-timing") == 0
     assert all(r["cached"] for r in json.loads((tmp_path / "out" / "results.json").read_text())["rows"])
+
+
+@pytest.mark.parametrize("family,saved", [("videomae", True), ("vivit", True), ("vivit", False)])
+def test_video_pixels_are_normalised_as_the_hugging_face_processor_does(request, family, saved, tmp_path):
+    """The statistics tokenmerge applies to [0, 1] pixels against the model's own Hugging Face
+    image processor (rescale + normalise, frames already at size): the saved settings, and
+    without preprocessor_config.json ViViT's defaults (x / 127.5 - 1, then mean/std 0.5)."""
+    fixture, _, processor_class = VIDEO_MODELS[family]
+    folder = request.getfixturevalue(fixture)
+    if not saved:  # the same model without its preprocessor_config.json
+        folder = tmp_path / "plain"
+        load_model(f"hf:{request.getfixturevalue(fixture)}").save_pretrained(folder)
+    processor = getattr(transformers, processor_class)
+    processor = processor.from_pretrained(folder) if saved else processor()
+    frames = np.random.default_rng(0).integers(0, 256, size=(4, 32, 32, 3), dtype=np.uint8)
+    expected = processor(list(frames), do_resize=False, do_center_crop=False, return_tensors="pt").pixel_values[0]
+    inputs = inputs_for(load_model(f"hf:{folder}"))
+    mean, std = (torch.tensor(v)[:, None, None] for v in inputs._normalisation())
+    pixels = torch.from_numpy(frames).permute(0, 3, 1, 2) / 255
+    torch.testing.assert_close((pixels - mean) / std, expected, rtol=1e-5, atol=1e-5)
+    # Frame count and size from the model's config; the shorter side from the processor's
+    # size (saved), or its default ratio of resize to crop (256 / 224) at the model's 32.
+    assert inputs.shape == (4, 3, 32, 32)
+    assert inputs.processor()["resize"] == {"videomae": 32, "vivit": 36 if saved else 37}[family]
 
 
 def test_eval_ast_on_a_wav_folder_uses_the_saved_feature_settings(ast_dir, wav_folder, tmp_path):
@@ -146,8 +216,8 @@ def test_eval_ast_on_a_wav_folder_uses_the_saved_feature_settings(ast_dir, wav_f
     assert inputs.cache_context()["mean"] == AUDIO_MEAN
 
 
-def test_bench_times_video_and_audio_models(videomae_dir, ast_dir, capsys):
-    for folder, shape in ((videomae_dir, [4, 3, 32, 32]), (ast_dir, [48, 32])):
+def test_bench_times_video_and_audio_models(videomae_dir, vivit_dir, ast_dir, capsys):
+    for folder, shape in ((videomae_dir, [4, 3, 32, 32]), (vivit_dir, [4, 3, 32, 32]), (ast_dir, [48, 32])):
         assert main(["bench", f"hf:{folder}", "--r", "2", "--batch-size", "2", "--warmup", "0", "--repeats", "1",
                      "--device", "cpu", "--json"]) == 0
         result = json.loads(capsys.readouterr().out)
@@ -167,7 +237,8 @@ def test_corrupt_and_short_files_are_named(videomae_dir, ast_dir, video_folder, 
     assert f"{videos / 'b' / '1.mp4'} is not a readable video file" in err and "re-encode it" in err
     write_video(videos / "b" / "1.mp4", np.zeros((3, 32, 32, 3), dtype=np.uint8))
     assert _eval(videomae_dir, videos, tmp_path / "o2", "--no-timing") == 2
-    assert f"{videos / 'b' / '1.mp4'} has 3 frames, the model takes 4; use longer clips" in capsys.readouterr().err
+    assert (f"{videos / 'b' / '1.mp4'} has 3 frames, the model takes 4 (num_frames in its config.json); use clips "
+            "of at least 4 frames") in capsys.readouterr().err
 
     wavs = shutil.copytree(wav_folder, tmp_path / "wavs")
     (wavs / "mid" / "0.wav").write_bytes(b"RIFF\x10\x00\x00\x00WAVEjunk")
@@ -208,26 +279,50 @@ def _png_size(path) -> tuple:
     return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
 
 
-def test_visualize_ast_on_a_wav_and_videomae_on_a_clip(ast_dir, videomae_dir, wav_folder, video_folder, tmp_path,
-                                                       capsys):
+def test_visualize_ast_on_a_wav(ast_dir, wav_folder, tmp_path, capsys):
     out = tmp_path / "ast.png"
     assert main(["visualize", str(wav_folder / "low" / "0.wav"), f"hf:{ast_dir}", "--r", "2", "--out", str(out)]) == 0
     assert "after block 2/2, 10 tokens -> 6" in capsys.readouterr().out
     assert _png_size(out) == (924, 616)  # 8.4 x 5.6 inches at 110 dpi: spectrogram above groups
+
+
+@pytest.mark.parametrize("family", sorted(VIDEO_MODELS))
+def test_visualize_a_clip_as_a_png_and_an_animated_gif(request, family, video_folder, tmp_path, capsys):
+    from PIL import Image
+
+    fixture, tokens, _ = VIDEO_MODELS[family]
+    model = f"hf:{request.getfixturevalue(fixture)}"
+    clip = str(video_folder / "a" / "0.mp4")
     out = tmp_path / "video.png"
-    assert main(["visualize", str(video_folder / "a" / "0.mp4"), f"hf:{videomae_dir}", "--r", "4", "--block", "1",
-                 "--out", str(out)]) == 0
-    assert "after block 1/2, 32 tokens -> 28" in capsys.readouterr().out
+    assert main(["visualize", clip, model, "--r", "4", "--block", "1", "--out", str(out)]) == 0
+    assert f"after block 1/2, {tokens} tokens -> {tokens - 4}" in capsys.readouterr().out
     assert _png_size(out) == (550, 528)  # 2 tubelet steps: (0.6 + 2 x 2.2) x 4.8 inches
+    out = tmp_path / "video.GIF"
+    assert main(["visualize", clip, model, "--r", "4", "--out", str(out)]) == 0
+    assert f"after block 2/2, {tokens} tokens -> {tokens - 8}; wrote {out}" in capsys.readouterr().out
+    with Image.open(out) as gif:
+        # One picture per frame the model takes (4 of the clip's 6): the 32x32 frame and its
+        # groups, each enlarged 7x to 224, 8 pixels apart, under a 20-pixel caption.
+        assert gif.format == "GIF" and gif.n_frames == 4 and gif.info["loop"] == 0
+        assert gif.size == (2 * 224 + 8, 20 + 224)
+        gif.seek(3)
+        picture = np.asarray(gif.convert("RGB"), dtype=np.int64)
+    # Frame 4 lies in tubelet step 1; its groups panel (right) is filled with group means and
+    # outlined, so it has far fewer colours than the frame beside it (left, random pixels).
+    left, right = picture[20:, :224], picture[20:, 232:]
+    colours = [len(np.unique(p.reshape(-1, 3), axis=0)) for p in (left, right)]
+    assert colours[1] < tokens < colours[0]
 
 
-def test_group_maps_of_audio_and_video_cover_every_patch_once(ast_dir, videomae_dir, wav_folder, video_folder):
+def test_group_maps_of_audio_and_video_cover_every_patch_once(ast_dir, videomae_dir, vivit_dir, wav_folder,
+                                                              video_folder):
     import tokenmerge
     from tokenmerge.backends.adapter import adapter_for
     from tokenmerge.evaluation.visualize import merge_groups, spectrogram_cells
 
     for folder, file, grid in ((ast_dir, wav_folder / "mid" / "1.wav", (2, 4)),
-                               (videomae_dir, video_folder / "c" / "1.mp4", (2, 4, 4))):
+                               (videomae_dir, video_folder / "c" / "1.mp4", (2, 4, 4)),
+                               (vivit_dir, video_folder / "c" / "1.mp4", (2, 4, 4))):
         patched = tokenmerge.patch(load_model(f"hf:{folder}"), method="tome", r=2)
         x = inputs_for(patched).load_file(file)
         groups = merge_groups(patched, x)
@@ -276,3 +371,43 @@ def test_visualize_names_bad_files_and_says_what_the_model_takes(ast_dir, videom
     for file, folder, message in cases:
         assert main(["visualize", str(file), f"hf:{folder}", "--r", "2", "--out", out]) == 2
         assert message in capsys.readouterr().err
+
+
+def test_visualize_refuses_short_clips_and_gifs_of_other_inputs(ast_dir, vivit_dir, hf_vit_dir, wav_folder,
+                                                                 tiny_image_folder, tmp_path, capsys):
+    short = tmp_path / "short.mp4"
+    write_video(short, np.zeros((3, 32, 32, 3), dtype=np.uint8))
+    image = next(p for p in sorted(tiny_image_folder.rglob("*")) if p.is_file())
+    cases = [
+        (short, vivit_dir, "v.gif", f"{short} has 3 frames, the model takes 4 (num_frames in its config.json); "
+                                    "use clips of at least 4 frames"),
+        (image, hf_vit_dir, "v.gif", "an animated GIF shows a video's frames, but vit takes images: write a PNG "
+                                     "instead (--out NAME.png)"),
+        (wav_folder / "low" / "0.wav", ast_dir, "v.gif", "but audio-spectrogram-transformer takes spectrograms: "
+                                                         "write a PNG instead"),
+    ]
+    for file, folder, name, message in cases:
+        assert main(["visualize", str(file), f"hf:{folder}", "--r", "2", "--out", str(tmp_path / name)]) == 2
+        assert message in capsys.readouterr().err
+        assert not (tmp_path / name).exists()
+
+
+@pytest.mark.parametrize("setting,message", [
+    ({"crop_size": {"height": 48, "width": 48}},
+     "preprocessor_config.json says crop_size={'height': 48, 'width': 48} but the model's config.json says "
+     "image_size=32; make them agree"),
+    ({"size": {"height": 36, "width": 40}},
+     "size={'height': 36, 'width': 40} is not a size tokenmerge reads"),
+    ({"size": {"shortest_edge": 24}}, "set size.shortest_edge >= 32 in preprocessor_config.json"),
+    ({"image_std": [0.5, 0.5]}, "image_std=[0.5, 0.5] must be a number or 3 numbers (RGB)"),
+    ({"offset": True, "do_rescale": False}, "sets offset without do_rescale"),
+])
+def test_a_video_preprocessor_config_the_model_cannot_use_is_named(vivit_dir, video_folder, setting, message,
+                                                                      tmp_path, capsys):
+    import shutil
+
+    folder = shutil.copytree(vivit_dir, tmp_path / "model")
+    config = json.loads((folder / "preprocessor_config.json").read_text())
+    (folder / "preprocessor_config.json").write_text(json.dumps(dict(config, **setting)))
+    assert _eval(folder, video_folder, tmp_path / "out", "--no-timing") == 2
+    assert message in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""``tokenmerge train`` on audio (AST, spectrograms) and video (VideoMAE) classifiers: the data
+"""``tokenmerge train`` on audio (AST, spectrograms) and video (VideoMAE, ViViT) classifiers: the data
 comes from the modality the model's adapter names, read by the evaluation loaders; the tiny
 random models and generated WAV/mp4 folders of ``test_cli_media``."""
 
@@ -16,7 +16,7 @@ transformers = pytest.importorskip("transformers")
 from tokenmerge.models import load_model  # noqa: E402
 from tokenmerge.training import TrainConfig, train  # noqa: E402
 
-from .test_cli_media import ast_dir, video_folder, videomae_dir, wav_folder  # noqa: E402,F401 (fixtures)
+from .test_cli_media import ast_dir, video_folder, videomae_dir, vivit_dir, wav_folder  # noqa: E402,F401 (fixtures)
 from .test_training import Killed, _kill_at, _logged_steps  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -25,6 +25,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 MODELS = {
     "ast": ("ast_dir", "wav_folder", "audio_spectrogram_transformer", 10, 2),  # 8 patches + 2
     "videomae": ("videomae_dir", "video_folder", "videomae", 32, 4),  # 2 x 4 x 4 tubelets
+    "vivit": ("vivit_dir", "video_folder", "vivit", 33, 4),  # the class token too
 }
 
 
@@ -93,7 +94,8 @@ def test_tome_end2_end_fine_tunes_media_models(request, kind, tmp_path):
     assert type(trained).__name__ == type(model).__name__
     assert trained.state_dict().keys() == original.keys()
     changed = [k for k in original if not torch.equal(trained.state_dict()[k], original[k])]
-    # The layers' weights (AST's are renamed to layers.N by the loader, VideoMAE's keep encoder.layer.N).
+    # The layers' weights (AST's are renamed to layers.N by the loader, as ViViT's are; VideoMAE's
+    # keep encoder.layer.N).
     assert any(re.match(rf"{trunk}\.(layers|encoder\.layer)\.\d+\.", k) for k in changed)
     assert any(k.startswith("classifier.") for k in changed)
 
@@ -151,11 +153,13 @@ def test_an_audio_encoder_without_a_head_is_refused(ast_dir, wav_folder, tmp_pat
     assert not (tmp_path / "a").exists()
 
 
-def test_cli_trains_an_audio_classifier(ast_dir, wav_folder, tmp_path):  # noqa: F811
+@pytest.mark.parametrize("kind", ["ast", "vivit"])
+def test_cli_trains_a_media_classifier(request, kind, tmp_path):
     from tokenmerge.cli import main
 
+    model_dir, data, _, _, _ = _setup(request, kind)
     out = tmp_path / "run"
-    assert main(["train", f"hf:{ast_dir}", "--data", str(wav_folder), "--eval-data", str(wav_folder),
+    assert main(["train", f"hf:{model_dir}", "--data", str(data), "--eval-data", str(data),
                  "--r", "2", "--embed-dim", "16", "--max-steps", "2", "--batch-size", "2", "--limit", "4",
                  "--distill", "--distill-weight", "1.0", "--no-progress", "--threads", "1",
                  "--out", str(out)]) == 0

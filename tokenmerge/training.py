@@ -32,7 +32,8 @@ ToMe, TC-ViT, EViT-style or pruning reduction in its forward; optional distillat
 
 Models: timm ``VisionTransformer`` s and Hugging Face classifiers (``model="hf:DIR"``:
 ViT, DeiT, DINOv2, CLIP ``...ForImageClassification``, the Audio Spectrogram Transformer
-``ASTForAudioClassification``, ``VideoMAEForVideoClassification``), every method and mode;
+``ASTForAudioClassification``, ``VideoMAEForVideoClassification``,
+``VivitForVideoClassification``), every method and mode;
 the adapter (:mod:`tokenmerge.backends.adapter`) gives what the model takes (images,
 spectrograms, videos), the head's class count, the merge policy and the logits. End2end
 saves a timm model's weights as ``out/model.safetensors`` (timm key names) and a Hugging Face model with
@@ -462,8 +463,8 @@ def _check_schedule_fits(config: TrainConfig, reducer, adapter) -> None:
 def _check_trainable(model: nn.Module):
     """The adapter of a trainable model: a patchable classifier whose inputs a data loader
     reads, a timm VisionTransformer or a Hugging Face ...ForImageClassification,
-    ASTForAudioClassification or VideoMAEForVideoClassification (checked before the
-    teacher is copied)."""
+    ASTForAudioClassification, VideoMAEForVideoClassification or VivitForVideoClassification
+    (checked before the teacher is copied)."""
     from .api import _adapter
     from .evaluation.inputs import inputs_for
 

@@ -25,7 +25,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, default_model=None) -> 
     parser.add_argument(
         "model", nargs="?", default=default_model,
         help="timm architecture name, or hf:DIR for a Hugging Face ViT/DeiT/CLIP/DINOv2 model, AST "
-             "audio or VideoMAE video classifier saved with save_pretrained(DIR) (default: the "
+             "audio or VideoMAE/ViViT video classifier saved with save_pretrained(DIR) (default: the "
              "embedded ViT-Tiny Imagenette model)",
     )
     weights = parser.add_mutually_exclusive_group()

@@ -31,7 +31,7 @@ def add_parser(subparsers) -> None:
         description=(
             "Evaluate the unmodified model and every method x schedule on an ImageFolder-like "
             "dataset (class sub-folders of images, or of WAV/FLAC files for an hf: AST model, or "
-            "of video files for an hf: VideoMAE model): top-1, GFLOPs per example, and "
+            "of video files for an hf: VideoMAE or ViViT model): top-1, GFLOPs per example, and "
             "throughput timed interleaved in this run. "
             "Writes OUT/results.csv and OUT/results.json; finished rows are cached in "
             "OUT/cache.jsonl, so an interrupted run resumes. Default model and data: the "
@@ -41,7 +41,7 @@ def add_parser(subparsers) -> None:
     add_model_arguments(parser)
     parser.add_argument("--data", type=Path, default=None,
                         help="data root with one sub-folder per class, holding images (JPEG, PNG...), "
-                             "WAV/FLAC files (AST; needs soundfile) or video files (VideoMAE; needs PyAV), "
+                             "WAV/FLAC files (AST; needs soundfile) or video files (VideoMAE/ViViT; needs PyAV), "
                              "as the model takes; default: the embedded Imagenette subset (image models)")
     parser.add_argument("--limit", type=arguments.positive_int, help="evaluate only the first N files (sorted order)")
     parser.add_argument("--methods", nargs="+", default=["tome"], metavar="METHOD",

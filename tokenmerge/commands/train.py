@@ -59,9 +59,9 @@ def _configure(parser: argparse.ArgumentParser) -> None:
                         help="an option of the method, e.g. order=2 or dominance_weight=1.0 for tcvit; repeatable")
     parser.add_argument("--data", default=None,
                         help="training data: one sub-folder per class of what the model takes (images; WAV/FLAC "
-                             f"for an AST, videos for a VideoMAE) (default: {default_train_root()})")
+                             f"for an AST, videos for a VideoMAE/ViViT) (default: {default_train_root()})")
     parser.add_argument("model", nargs="?", default=None,
-                        help="timm architecture name, or hf:DIR for a Hugging Face image, AST audio or VideoMAE "
+                        help="timm architecture name, or hf:DIR for a Hugging Face image, AST audio or VideoMAE/ViViT "
                              "video classifier saved "
                              "with save_pretrained (end2end writes OUT/model/, loadable as hf:OUT/model) "
                              "(default: the embedded ViT-Tiny Imagenette model)")

@@ -1,5 +1,6 @@
 """``tokenmerge visualize``: which patches were merged into which token, drawn over the input:
-an image, an AST model's spectrogram, or a VideoMAE model's frames (one panel per tubelet step)."""
+an image, an AST model's spectrogram, or a VideoMAE/ViViT model's frames (one panel per tubelet
+step, or an animated GIF with every frame when ``--out`` ends in ``.gif``)."""
 
 from __future__ import annotations
 
@@ -24,13 +25,14 @@ def add_parser(subparsers) -> None:
             "and outlined. Dark grey: patches discarded by a pruning method. The file is what "
             "the model takes: an image, a WAV/FLAC clip for an AST model (drawn on its log-mel "
             "spectrogram; overlapping patches: each cell goes to the nearest patch centre), or "
-            "a video for a VideoMAE model (the first frame of each tubelet step, one colour per "
-            "token across the frames)."
+            "a video for a VideoMAE or ViViT model (the first frame of each tubelet step, one "
+            "colour per token across the frames; with --out NAME.gif an animated GIF instead, "
+            "every input frame beside the groups of its tubelet step)."
         ),
     )
     parser.add_argument("file", type=Path, metavar="FILE",
                         help="an image (resized and centre-cropped), or the audio/video clip an "
-                             "AST/VideoMAE model takes")
+                             "AST/VideoMAE/ViViT model takes")
     add_model_arguments(parser)
     parser.add_argument("--method", default="tome", help="token reduction method (default: tome)")
     parser.add_argument("--r", type=_schedule, default=_schedule("13"), metavar="SCHEDULE",
@@ -39,25 +41,32 @@ def add_parser(subparsers) -> None:
                         help="a method option, e.g. order=2; repeatable")
     parser.add_argument("--block", type=arguments.positive_int, default=None,
                         help="show the groups after this block (1-based; default: the last)")
-    parser.add_argument("--out", type=arguments.output_file, default=Path("tokenmerge-visualize.png"), help="output PNG")
+    parser.add_argument("--out", type=arguments.output_file, default=Path("tokenmerge-visualize.png"),
+                        help="output PNG; for a video model a name ending in .gif writes an animated GIF, "
+                             "one frame per input frame")
     parser.set_defaults(func=run)
 
 
 def render(model, path, method: str, schedule, out, block=None, options=None) -> str:
     """Patch a copy of ``model`` with ``method``/``schedule``, draw the merge groups of the
-    input file ``path`` (an image, or what an audio/video model takes) to
-    ``out``; returns a one-line summary."""
+    input file ``path`` (an image, or what an audio/video model takes) to ``out`` (a PNG, or
+    an animated GIF when it ends in ``.gif``); returns a one-line summary."""
     from ..backends.adapter import adapter_for
     from ..evaluation.sweep import Variant, build_variant
-    from ..evaluation.visualize import visualize_merging
+    from ..evaluation.visualize import merge_animation, save_gif, visualize_merging
 
+    out = Path(out)
+    gif = out.suffix.lower() == ".gif"
     patched = build_variant(model, Variant.create(method, schedule, options))
     label = f"{method} {format_schedule(schedule)}" if isinstance(schedule, KeepRatio) else (
         f"{method} r={format_schedule(schedule)}")
-    figure, groups = visualize_merging(patched, path, block=block, title=f"{label}: {Path(path).name}")
-    out = Path(out)
+    title = f"{label}: {Path(path).name}"
+    drawing, groups = (merge_animation if gif else visualize_merging)(patched, path, block=block, title=title)
     out.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(out, dpi=110, format="png")
+    if gif:
+        save_gif(drawing, out)
+    else:
+        drawing.savefig(out, dpi=110, format="png")
     return (f"{label}: after block {groups.block}/{adapter_for(patched).num_blocks}, {groups.tokens_in} tokens -> "
             f"{groups.num_tokens}; wrote {out}")
 

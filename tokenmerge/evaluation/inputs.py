@@ -10,13 +10,14 @@ input shape for timing and FLOP counts, and fingerprints the files for the resul
   normalisation (:mod:`tokenmerge.evaluation.data`);
 - spectrograms (AST): WAV/FLAC decoded with soundfile, Kaldi-style log-mel features
   (:mod:`tokenmerge.evaluation.audio`);
-- videos (VideoMAE): clips decoded with PyAV (:mod:`tokenmerge.evaluation.video`).
+- videos (VideoMAE, ViViT): clips decoded with PyAV (:mod:`tokenmerge.evaluation.video`).
 
 Feature and normalisation settings of audio and video models come from the model: its config
 (mel bins, frames, frame size) and, for a model loaded from a folder, the folder's
 ``preprocessor_config.json`` as Hugging Face's feature extractor / image processor writes it
-(``sampling_rate``, ``mean``, ``std`` for AST; ``image_mean``, ``image_std`` for VideoMAE);
-without one, the defaults of those Hugging Face classes.
+(``sampling_rate``, ``mean``, ``std`` for AST; ``image_mean``, ``image_std``,
+``rescale_factor``, ``offset``, ``do_normalize``, ``size`` for VideoMAE and ViViT); without one,
+the defaults of those Hugging Face classes (:data:`VIDEO_DEFAULTS`).
 """
 
 from __future__ import annotations
@@ -36,6 +37,21 @@ __all__ = ["Inputs", "ImageInputs", "SpectrogramInputs", "VideoInputs", "inputs_
 # ASTFeatureExtractor's defaults (AudioSet statistics), used when a model folder has no
 # preprocessor_config.json, as Hugging Face would.
 AST_DEFAULTS = {"sampling_rate": 16000, "mean": -4.2677393, "std": 4.5689974}
+
+# The video image processors' settings that tokenmerge reads, by the config's model_type, used
+# when a model folder has no preprocessor_config.json. ViViT: VivitImageProcessor's defaults
+# (transformers 5.x): x / 127.5 - 1 (the offset), then (x - 0.5) / 0.5 (do_normalize), so
+# pixels lie in [-3, 1]; shorter side 256, crop 224. VideoMAE: ImageNet statistics, what the
+# MCG-NJU checkpoints ship (VideoMAEImageProcessor's own default is 0.5 / 0.5); shorter side =
+# crop. A model of another frame size keeps the processor's ratio of resize to crop.
+VIDEO_DEFAULTS = {
+    "videomae": {"do_rescale": True, "rescale_factor": 1 / 255, "offset": False, "do_normalize": True,
+                 "image_mean": (0.485, 0.456, 0.406), "image_std": (0.229, 0.224, 0.225),
+                 "size": {"shortest_edge": 224}, "crop_size": {"height": 224, "width": 224}},
+    "vivit": {"do_rescale": True, "rescale_factor": 1 / 127.5, "offset": True, "do_normalize": True,
+              "image_mean": (0.5, 0.5, 0.5), "image_std": (0.5, 0.5, 0.5),
+              "size": {"shortest_edge": 256}, "crop_size": {"height": 224, "width": 224}},
+}
 
 
 def files_fingerprint(root, files) -> str:
@@ -235,7 +251,11 @@ class SpectrogramInputs(Inputs):
 
 
 class VideoInputs(Inputs):
-    """VideoMAE: ``pixel_values [B, num_frames, 3, image_size, image_size]``."""
+    """VideoMAE and ViViT: ``pixel_values [B, num_frames, 3, image_size, image_size]``.
+
+    Frame count and size come from the model's config; resizing and pixel statistics from
+    its image processor's settings (:meth:`processor`).
+    """
 
     kind, noun, extensions = "videos", "clips", "video (MP4, MKV, AVI, MOV, WebM)"
     file_noun = "a video"
@@ -246,23 +266,47 @@ class VideoInputs(Inputs):
         size = config.image_size if isinstance(config.image_size, int) else config.image_size[0]
         return (int(config.num_frames), 3, int(size), int(size))
 
-    def _normalisation(self) -> tuple:
-        from .data import IMAGENET_MEAN, IMAGENET_STD
-
-        # VideoMAE checkpoints are trained with ImageNet statistics.
+    def processor(self) -> dict:
+        """The image processor's settings: the model folder's ``preprocessor_config.json`` over
+        the defaults of the model's processor class (:data:`VIDEO_DEFAULTS`)."""
+        defaults = VIDEO_DEFAULTS.get(self.adapter.architecture_name(), VIDEO_DEFAULTS["videomae"])
         saved = _preprocessor_config(self.model)
-        return tuple(saved.get("image_mean", IMAGENET_MEAN)), tuple(saved.get("image_std", IMAGENET_STD))
+        settings = {key: saved.get(key, default) for key, default in defaults.items()}
+        crop = _edge(saved["crop_size"], "crop_size") if "crop_size" in saved else None
+        size = self.shape[-1]
+        # The config fixes the frame size the position embeddings were made for.
+        if crop is not None and crop != size:
+            raise ValueError(
+                f"preprocessor_config.json says crop_size={saved['crop_size']} but the model's config.json "
+                f"says image_size={size}; make them agree"
+            )
+        if "size" in saved:
+            settings["resize"] = _edge(saved["size"], "size")
+        else:  # the processor's own ratio of resize to crop, at the model's frame size
+            settings["resize"] = round(size * defaults["size"]["shortest_edge"] / defaults["crop_size"]["height"])
+        return settings
+
+    def _normalisation(self) -> tuple:
+        """``(mean, std)`` per channel on [0, 1] pixels, doing what the processor's rescale and
+        normalise do (:func:`~tokenmerge.evaluation.video.pixel_statistics`)."""
+        from .video import pixel_statistics
+
+        return pixel_statistics(self.processor())
 
     def _settings(self) -> dict:
-        mean, std = self._normalisation()
-        return {"mean": list(mean), "std": list(std)}
+        from .video import pixel_statistics
+
+        settings = self.processor()
+        mean, std = pixel_statistics(settings)
+        return {"mean": list(mean), "std": list(std), "resize": settings["resize"]}
 
     def load(self, root, limit=None, progress=False):
         from .video import load_video_folder
 
         frames, _, size, _ = self.shape
         mean, std = self._normalisation()
-        return load_video_folder(root, frames, size, mean=mean, std=std, limit=limit, progress=progress)
+        return load_video_folder(root, frames, size, mean=mean, std=std, resize=self.processor()["resize"],
+                                 limit=limit, progress=progress)
 
     def fingerprint(self, root, limit=None):
         files = self.class_files(root)[1]
@@ -280,7 +324,25 @@ class VideoInputs(Inputs):
         path = self.check_file(path)
         frames, _, size, _ = self.shape
         mean, std = self._normalisation()
-        return prepare_clip(read_video(path), frames, size, mean, std, where=str(path))
+        return prepare_clip(read_video(path), frames, size, mean, std, resize=self.processor()["resize"],
+                            where=str(path))
+
+
+def _edge(value, key: str) -> int:
+    """The shorter side a processor's ``size``/``crop_size`` setting asks for: ``N``,
+    ``{"shortest_edge": N}`` or a square ``{"height": N, "width": N}``."""
+    if isinstance(value, int):
+        return value
+    if isinstance(value, dict):
+        if "shortest_edge" in value:
+            return int(value["shortest_edge"])
+        if value.get("height") is not None and value.get("height") == value.get("width"):
+            return int(value["height"])
+    raise ValueError(
+        f"preprocessor_config.json: {key}={value} is not a size tokenmerge reads (frames are resized on "
+        f'the shorter side and centre-cropped to a square): give {{"shortest_edge": N}} or a square '
+        f'{{"height": N, "width": N}}'
+    )
 
 
 _KINDS = {cls.kind: cls for cls in (ImageInputs, SpectrogramInputs, VideoInputs)}

@@ -1,11 +1,13 @@
-"""Video inputs for VideoMAE-style models: decoding clips and turning them into ``pixel_values``.
+"""Video inputs for VideoMAE and ViViT models: decoding clips and turning them into ``pixel_values``.
 
 Decoding uses PyAV (the optional ``video`` extra: ``pip install tokenmerge[video]``), the
 FFmpeg binding torchvision's own video reader is built on; it reads the usual containers
-(MP4, MKV, AVI, MOV, WebM). A clip becomes ``[T, 3, S, S]`` float32 the way VideoMAE's image
-processor prepares one: ``T`` frames spaced evenly over the clip, shorter side resized to
-``S`` and centre-cropped, scaled to [0, 1] and normalised per channel (ImageNet statistics
-unless the model folder's ``preprocessor_config.json`` says otherwise).
+(MP4, MKV, AVI, MOV, WebM). A clip becomes ``[T, 3, S, S]`` float32 the way the models' image
+processors prepare one: ``T`` frames spaced evenly over the clip, shorter side resized (to
+``S``, or more for ViViT) and centre-cropped to ``S``, then rescaled and normalised per
+channel. Both processor steps are affine per channel, so they are folded into one mean and
+standard deviation on [0, 1] pixels (:func:`pixel_statistics`); the model's settings are
+read by :class:`~tokenmerge.evaluation.inputs.VideoInputs`.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ import torch
 from .audio import class_files
 from .data import IMAGENET_MEAN, IMAGENET_STD
 
-__all__ = ["VIDEO_EXTENSIONS", "read_video", "write_video", "sample_frames", "prepare_clip", "load_video_folder"]
+__all__ = ["VIDEO_EXTENSIONS", "read_video", "write_video", "sample_frames", "pixel_statistics", "prepare_clip",
+           "load_video_folder"]
 
 VIDEO_EXTENSIONS = (".mp4", ".mkv", ".avi", ".mov", ".webm", ".m4v")
 
@@ -80,19 +83,64 @@ def write_video(path, frames: np.ndarray, fps: int = 8, crf: int = 18) -> None:
 def sample_frames(num_available: int, num_frames: int, where: str = "the clip") -> torch.Tensor:
     """Indices of ``num_frames`` frames spread evenly over ``num_available`` (first and last included)."""
     if num_available < num_frames:
-        raise ValueError(f"{where} has {num_available} frames, the model takes {num_frames}; use longer clips")
+        raise ValueError(
+            f"{where} has {num_available} frames, the model takes {num_frames} (num_frames in its config.json); "
+            f"use clips of at least {num_frames} frames"
+        )
     return torch.linspace(0, num_available - 1, num_frames).round().long()
 
 
+def pixel_statistics(settings: dict) -> tuple:
+    """``(mean, std)`` on [0, 1] pixels that do what a Hugging Face video image processor does
+    to 0..255 pixels ``x``: rescale ``x * rescale_factor`` (``- 1`` with ``offset``, ViViT's
+    [-1, 1]), then normalise ``(v - image_mean) / image_std`` when ``do_normalize``.
+
+    With ``p = x / 255`` and ``k = 255 * rescale_factor`` that is
+    ``(p - (offset + image_mean) / k) / (image_std / k)``.
+    """
+    offset = 1.0 if settings.get("offset") else 0.0
+    if offset and not settings.get("do_rescale", True):
+        raise ValueError("preprocessor_config.json sets offset without do_rescale (Hugging Face refuses it too); "
+                         "set do_rescale to true or offset to false")
+    k = 255.0 * float(settings["rescale_factor"]) if settings.get("do_rescale", True) else 255.0
+    if settings.get("do_normalize", True):
+        mean = _per_channel(settings["image_mean"], "image_mean")
+        std = _per_channel(settings["image_std"], "image_std")
+    else:
+        mean, std = (0.0,) * 3, (1.0,) * 3
+    return tuple((offset + m) / k for m in mean), tuple(s / k for s in std)
+
+
+def _per_channel(value, key: str) -> tuple:
+    """A processor statistic as one float per RGB channel (Hugging Face allows one for all)."""
+    if isinstance(value, (int, float)):
+        values = (value,) * 3
+    elif isinstance(value, (list, tuple)):
+        values = tuple(value)
+    else:
+        values = ()
+    if len(values) != 3 or not all(isinstance(v, (int, float)) for v in values):
+        raise ValueError(f"preprocessor_config.json: {key}={value} must be a number or 3 numbers (RGB)")
+    if key == "image_std" and min(values) <= 0:
+        raise ValueError(f"preprocessor_config.json: {key}={value} must be positive")
+    return tuple(float(v) for v in values)
+
+
 def prepare_clip(frames: np.ndarray, num_frames: int, image_size: int, mean: Sequence[float] = IMAGENET_MEAN,
-                 std: Sequence[float] = IMAGENET_STD, where: str = "the clip") -> torch.Tensor:
-    """uint8 ``[T, H, W, 3]`` -> normalised float32 ``[num_frames, 3, image_size, image_size]``."""
+                 std: Sequence[float] = IMAGENET_STD, resize: Optional[int] = None,
+                 where: str = "the clip") -> torch.Tensor:
+    """uint8 ``[T, H, W, 3]`` -> normalised float32 ``[num_frames, 3, image_size, image_size]``:
+    the shorter side resized to ``resize`` (default ``image_size``), then the centre crop."""
+    resize = image_size if resize is None else int(resize)
+    if resize < image_size:
+        raise ValueError(f"resizing the shorter side to {resize} leaves too little for a {image_size}-pixel crop; "
+                         f"set size.shortest_edge >= {image_size} in preprocessor_config.json")
     clip = torch.from_numpy(np.ascontiguousarray(frames))[sample_frames(len(frames), num_frames, where)]
     clip = clip.permute(0, 3, 1, 2).float() / 255.0
     height, width = clip.shape[-2:]
-    if min(height, width) != image_size:
-        scale = image_size / min(height, width)
-        size = (max(image_size, round(height * scale)), max(image_size, round(width * scale)))
+    if min(height, width) != resize:
+        scale = resize / min(height, width)
+        size = (max(resize, round(height * scale)), max(resize, round(width * scale)))
         clip = torch.nn.functional.interpolate(clip, size=size, mode="bilinear", antialias=True, align_corners=False)
         height, width = size
     top, left = (height - image_size) // 2, (width - image_size) // 2
@@ -108,6 +156,7 @@ def load_video_folder(
     image_size: int,
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
+    resize: Optional[int] = None,
     limit: Optional[int] = None,
     progress: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
@@ -122,7 +171,7 @@ def load_video_folder(
     classes, files = class_files(Path(root), VIDEO_EXTENSIONS)
     files = files[:limit] if limit is not None else files
     videos = torch.stack([
-        prepare_clip(read_video(path), num_frames, image_size, mean, std, where=str(path))
+        prepare_clip(read_video(path), num_frames, image_size, mean, std, resize=resize, where=str(path))
         for path, _ in tqdm(files, desc="decoding videos", disable=not progress, leave=False)
     ])
     labels = torch.tensor([label for _, label in files], dtype=torch.int64)

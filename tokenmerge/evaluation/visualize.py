@@ -11,9 +11,11 @@ The same figure for the other inputs a model's adapter can take (:mod:`.inputs`)
   then the same with the groups. AST's patches overlap (stride smaller than the patch), so
   a spectrogram cell belongs to several patches; it is drawn in the group of the patch
   whose centre is nearest (:func:`spectrogram_cells`), which tiles the spectrogram;
-- videos (VideoMAE): one panel per tubelet time step showing its first frame, the groups
-  below. A group's colour is its mean over all its pixels in every panel, so a token that
-  merged tubelets of different time steps has the same colour in each of them.
+- videos (VideoMAE, ViViT): one panel per tubelet time step showing its first frame, the
+  groups below. A group's colour is its mean over all its pixels in every panel, so a token
+  that merged tubelets of different time steps has the same colour in each of them. Or an
+  animation (:func:`merge_animation`, written as a GIF): every frame of the model's input
+  beside the groups of its tubelet step.
 
 To stop at an earlier block ``K`` we re-patch a copy with the model's own resolved schedule
 cut after block ``K`` (zeros afterwards): blocks with ``r = 0`` merge nothing, so the source
@@ -36,7 +38,12 @@ from ..backends.adapter import adapter_for
 from ..core.schedule import ScheduleClampedWarning
 
 __all__ = ["MergeGroups", "merge_groups", "fill_groups", "group_image", "spectrogram_cells", "load_display_image",
-           "visualize_merging"]
+           "visualize_merging", "merge_animation", "save_gif"]
+
+# The animation: panels enlarged (whole pixels) to about this width, so that a small model's
+# frames stay visible; the gap between frame and groups, the caption strip above, and the
+# time each frame shows (the sampled frames span the whole clip: real timing is lost anyway).
+GIF_PANEL, GIF_GAP, GIF_CAPTION, GIF_FRAME_MS = 224, 8, 20, 250
 
 
 class MergeGroups(NamedTuple):
@@ -239,12 +246,10 @@ def visualize_merging(model: nn.Module, path, block: Optional[int] = None, title
             ax.set_xlabel("frame (10 ms)")
             ax.set_ylabel("mel bin")
     elif inputs.kind == "videos":
-        steps, gh, gw = source.shape
+        steps = source.shape[0]
         tubelet = x.shape[0] // steps
         frames = _denormalise(x[::tubelet][:steps], *inputs._normalisation())  # the first frame of each tubelet
-        height, width = frames.shape[1:3]
-        pixels = np.repeat(np.repeat(source, height // gh, axis=1), width // gw, axis=2)
-        drawn = fill_groups(frames, pixels, groups.num_tokens)
+        drawn = fill_groups(frames, _tubelet_pixels(source, *frames.shape[:3]), groups.num_tokens)
         figure = Figure(figsize=(0.6 + 2.2 * steps, 4.8), layout="constrained")
         panels = figure.subplots(2, steps, squeeze=False)
         for step in range(steps):
@@ -268,3 +273,58 @@ def visualize_merging(model: nn.Module, path, block: Optional[int] = None, title
     if title:
         figure.suptitle(title)
     return figure, groups
+
+
+def _tubelet_pixels(source: np.ndarray, frames: int, height: int, width: int) -> np.ndarray:
+    """The token of every pixel of ``frames`` frames -> ``[frames, height, width]``, from a
+    tubelet source map ``[t, gh, gw]``: each time step covers ``frames // t`` frames in a row
+    (frames past the last whole tubelet, which the model's Conv3d drops, show the last step)."""
+    steps, gh, gw = source.shape
+    step = np.minimum(np.arange(frames) // (frames // steps), steps - 1)
+    return np.repeat(np.repeat(source[step], height // gh, axis=1), width // gw, axis=2)
+
+
+def merge_animation(model: nn.Module, path, block: Optional[int] = None, title: Optional[str] = None):
+    """The merge groups of one video file as an animation: one RGB ``PIL.Image`` per frame of
+    the model's input ``[T, 3, S, S]``, the frame (left) beside the groups of its tubelet step
+    (right, coloured as in :func:`visualize_merging` but averaged over every frame), under a
+    caption. Each picture is ``(GIF_CAPTION + S * k) x (2 * S * k + GIF_GAP)`` pixels (height x
+    width), enlarged ``k = max(1, GIF_PANEL // S)`` times.
+
+    Returns ``(pictures, MergeGroups)``; a model that does not take videos raises.
+    """
+    from PIL import Image, ImageDraw
+
+    from .inputs import inputs_for
+
+    adapter = adapter_for(model)
+    inputs = inputs_for(model)
+    if inputs.kind != "videos":
+        raise ValueError(f"an animated GIF shows a video's frames, but {adapter.architecture_name()} takes "
+                         f"{inputs.kind}: write a PNG instead (--out NAME.png)")
+    x = inputs.load_file(path)
+    groups = merge_groups(model, x, block)
+    source = groups.source.numpy()
+    scale = max(1, GIF_PANEL // x.shape[-1])
+    frames = _denormalise(x, *inputs._normalisation()).repeat(scale, axis=1).repeat(scale, axis=2)
+    count, height, width = frames.shape[:3]
+    drawn = fill_groups(frames, _tubelet_pixels(source, count, height, width), groups.num_tokens)
+    tubelet = count // source.shape[0]
+    after = f"after block {groups.block}/{adapter.num_blocks}: {groups.num_tokens} tokens"
+    pictures = []
+    for t in range(count):
+        canvas = np.ones((GIF_CAPTION + height, 2 * width + GIF_GAP, 3), dtype=np.float32)
+        canvas[GIF_CAPTION:, :width] = frames[t]
+        canvas[GIF_CAPTION:, width + GIF_GAP:] = drawn[t]
+        picture = Image.fromarray((canvas * 255).round().astype(np.uint8))
+        # The frame number also keeps every picture distinct: Pillow folds identical
+        # consecutive GIF frames into one, which would lose the frame count of a still clip.
+        caption = f"frame {t + 1}/{count}, tubelets t={t // tubelet}; {after}"
+        ImageDraw.Draw(picture).text((4, 4), f"{title} | {caption}" if title else caption, fill=(0, 0, 0))
+        pictures.append(picture)
+    return pictures, groups
+
+
+def save_gif(pictures: list, out) -> None:
+    """Write ``pictures`` (``PIL.Image``s of one size) as a looping animated GIF."""
+    pictures[0].save(out, format="GIF", save_all=True, append_images=pictures[1:], duration=GIF_FRAME_MS, loop=0)
