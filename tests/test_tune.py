@@ -102,6 +102,21 @@ def test_best_round_trips_through_patch_and_json(model, images, result, tmp_path
     assert len(rows) == len(result.candidates) and sum(row["best"] for row in rows) == 1
 
 
+def test_trained_dtem_modules_are_a_candidate_and_round_trip(model, images, tmp_path):
+    trained = tokenmerge.patch(small_vit(), method="dtem", r=4, embed_dim=8, init="random")
+    modules = tokenmerge.save_merge_modules(trained, tmp_path / "modules.safetensors")
+    result = tune(model, images, gflops_fraction=0.6, methods=[("dtem", {"modules": str(modules)})], rounds=1,
+                  progress=False, measure_speed=False)
+    config = read_config(result.save(tmp_path / "out") / "best.json")
+    assert config["method"] == "dtem" and config["options"] == {"modules": str(modules)}
+    patched = tokenmerge.patch(small_vit(), **config)
+    assert torch.equal(patched.token_reducer.embeds[0].proj.weight, trained.token_reducer.embeds[0].proj.weight)
+    with torch.inference_mode():
+        kl = torch.nn.functional.kl_div(patched(images[0]).log_softmax(-1), model(images[0]).log_softmax(-1),
+                                        log_target=True, reduction="batchmean").item()
+    assert kl == pytest.approx(result.best.kl, rel=1e-4, abs=1e-7)
+
+
 def test_read_config_returns_what_tune_saved(result, tmp_path):
     out = result.save(tmp_path)
     assert read_config(out / "best.json") == result.config()
