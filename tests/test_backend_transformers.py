@@ -325,6 +325,24 @@ def test_replaced_layer_is_rejected_with_its_name():
     assert not tokenmerge.is_patched(model) and type(model.layers[0]).__name__ == "ViTLayer"
 
 
+@pytest.mark.parametrize(
+    "spec, match",
+    [
+        (hf.LayerSpec("attention", "layernorm_before", "layernorm_missing"),
+         r"layer 0 \(ViTLayer\).*norm2='layernorm_missing'.*ViTLayer has no attribute 'layernorm_missing'"),
+        (hf.LayerSpec("attention", "layernorm_before", "layernorm_after", after_attn="attention.output.dropout"),
+         r"layer 0 \(ViTLayer\).*ViTLayer\.attention has no attribute 'output'"),
+    ],
+)
+def test_layer_spec_naming_a_missing_attribute_fails_at_patch_time(monkeypatch, spec, match):
+    model = _build("vit_model")
+    family = hf._families()[transformers.ViTModel]
+    monkeypatch.setattr(hf, "_families", lambda: {transformers.ViTModel: family._replace(layer_spec=spec)})
+    with pytest.raises(TypeError, match=match):
+        tokenmerge.patch(model, method="tome", r=2)
+    assert not tokenmerge.is_patched(model) and type(model.layers[0]).__name__ == "ViTLayer"
+
+
 def test_masks_and_attention_outputs_are_rejected():
     model = tokenmerge.patch(_build("vit_model"), method="tome", r=2)
     x = _images()

@@ -78,6 +78,8 @@ itself is a size-weighted average.
 from __future__ import annotations
 
 import functools
+import operator
+from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
 import torch
@@ -216,10 +218,86 @@ def _query_key(attn: nn.Module, x: torch.Tensor) -> AttentionTensors:
 # --------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class LayerSpec:
+    """Where a pre-norm HF layer keeps the pieces of its two residual branches.
+
+    Such a layer computes ``x = x + after_attn(attention(norm1(x)))`` and then
+    ``x = x + after_mlp(mlp(norm2(x)))``. Each field names an attribute of the layer, dotted
+    for a nested module (``"attention.output.dropout"``), so a plain pre-norm family is one
+    ``LayerSpec(...)`` in :func:`_families`; :func:`_check_layers` resolves every name when a
+    model is patched, so a wrong one fails there rather than in a forward.
+
+    Attributes:
+        attention: the self-attention module. How it lays out q/k/v and the output projection
+            (one module with ``q_proj``/``k_proj``/``v_proj``, or BERT's ``attention.query``...
+            beside ``output.dense``) is read by :func:`_attention_parts`, not named here.
+        norm1: the norm before attention (methods with per-block parameters, DTEM, read it).
+        norm2: the norm before the MLP.
+        mlp: the MLP, or the modules making it up, applied in order (a tuple).
+        after_attn: modules applied in order to the attention branch before the residual add
+            (dropout, layer scale, drop path); a single name may be given as a string.
+        after_mlp: the same for the MLP branch.
+        forward_takes_mask: the layer's ``forward`` takes an attention mask after the hidden
+            states (CLIP's requires one); used to run the unmodified layer.
+    """
+
+    attention: str
+    norm1: str
+    norm2: str
+    mlp: tuple = ("mlp",)
+    after_attn: tuple = ()
+    after_mlp: tuple = ()
+    forward_takes_mask: bool = True
+
+    def __post_init__(self):
+        for name in ("mlp", "after_attn", "after_mlp"):
+            if isinstance(getattr(self, name), str):
+                object.__setattr__(self, name, (getattr(self, name),))
+
+    def named_paths(self) -> list:
+        """``(field, attribute path)`` for every module the spec names."""
+        single = [(name, getattr(self, name)) for name in ("attention", "norm1", "norm2")]
+        chains = [(name, path) for name in ("mlp", "after_attn", "after_mlp") for path in getattr(self, name)]
+        return single + chains
+
+
+def _module(layer: nn.Module, path: str):
+    return operator.attrgetter(path)(layer)
+
+
+def _apply_in_order(layer: nn.Module, paths: tuple, h: torch.Tensor) -> torch.Tensor:
+    for path in paths:
+        h = _module(layer, path)(h)
+    return h
+
+
 class _MergingLayerMixin(MergingBlockMixin):
-    """Hooks shared by HF layers: attention through :func:`hf_attention`, the layer's own
-    ``forward`` when nothing is merged. Family mixins name the norms, MLP and residual
-    branches, and ``_tm_attention`` (the self-attention module)."""
+    """The hooks of an HF layer: the pieces its family's :class:`LayerSpec` (``_tm_spec``, set
+    by :func:`_layer_mixin`) names, attention through :func:`hf_attention`, and the layer's own
+    ``forward`` when nothing is merged."""
+
+    _tm_spec: LayerSpec
+
+    @property
+    def _tm_attention(self):
+        return _module(self, self._tm_spec.attention)
+
+    @property
+    def _tm_norm1_module(self):
+        return _module(self, self._tm_spec.norm1)
+
+    def _tm_norm2(self, x):
+        return _module(self, self._tm_spec.norm2)(x)
+
+    def _tm_mlp(self, x):
+        return _apply_in_order(self, self._tm_spec.mlp, x)
+
+    def _tm_after_attn(self, h):
+        return _apply_in_order(self, self._tm_spec.after_attn, h)
+
+    def _tm_after_mlp(self, h):
+        return _apply_in_order(self, self._tm_spec.after_mlp, h)
 
     def _tm_attend(self, h, log_size, impl):
         return hf_attention(self._tm_attention, h, log_size, impl)
@@ -232,7 +310,7 @@ class _MergingLayerMixin(MergingBlockMixin):
         return parts.k.weight, parts.k.bias, parts.k.out_features // parts.head_dim, parts.head_dim
 
     def _tm_forward_unchanged(self, x):
-        return self(x, None)
+        return self(x, None) if self._tm_spec.forward_takes_mask else self(x)
 
     def _tm_checkpointed(self) -> bool:
         """HF's ``gradient_checkpointing_enable()`` flags each layer (``every_n_layers`` may
@@ -258,88 +336,33 @@ class _MergingLayerMixin(MergingBlockMixin):
         )
 
 
-class _ViTLayerMixin(_MergingLayerMixin):
-    """``ViTLayer`` / ``DeiTLayer``: pre-norm, dropout on both branches."""
-
-    @property
-    def _tm_attention(self):
-        return self.attention
-
-    @property
-    def _tm_norm1_module(self):
-        return self.layernorm_before
-
-    def _tm_after_attn(self, h):
-        return self.dropout(h)
-
-    def _tm_norm2(self, x):
-        return self.layernorm_after(x)
-
-    def _tm_mlp(self, x):
-        return self.mlp(x)
-
-    def _tm_after_mlp(self, h):
-        return self.dropout(h)
+@functools.lru_cache(maxsize=None)  # one mixin per spec, so patched layer classes are reused
+def _layer_mixin(spec: LayerSpec) -> type:
+    """:class:`_MergingLayerMixin` reading ``spec``. It need not be importable: a patched
+    layer pickles as its patched class, which :func:`patched_class` registers."""
+    return type("_SpecLayerMixin", (_MergingLayerMixin,), {"_tm_spec": spec, "__module__": __name__})
 
 
-class _Dinov2LayerMixin(_MergingLayerMixin):
-    """``Dinov2Layer``: layer scale and drop path on both branches."""
-
-    @property
-    def _tm_attention(self):
-        return self.attention
-
-    @property
-    def _tm_norm1_module(self):
-        return self.norm1
-
-    def _tm_after_attn(self, h):
-        return self.drop_path(self.layer_scale1(h))
-
-    def _tm_norm2(self, x):
-        return self.norm2(x)
-
-    def _tm_mlp(self, x):
-        return self.mlp(x)
-
-    def _tm_after_mlp(self, h):
-        return self.drop_path(self.layer_scale2(h))
-
-
-class _CLIPLayerMixin(_MergingLayerMixin):
-    """``CLIPEncoderLayer``: plain pre-norm residual branches."""
-
-    @property
-    def _tm_attention(self):
-        return self.self_attn
-
-    @property
-    def _tm_norm1_module(self):
-        return self.layer_norm1
-
-    def _tm_norm2(self, x):
-        return self.layer_norm2(x)
-
-    def _tm_mlp(self, x):
-        return self.mlp(x)
-
-
-class _VideoMAELayerMixin(_ViTLayerMixin):
-    """``VideoMAELayer``: ViT's layout and names, with BERT-style modules (``attention.output``
-    and ``output`` carry the output projections and their dropouts; ``output`` would also add
-    the residual, so the MLP branch is taken apart here)."""
-
-    def _tm_after_attn(self, h):
-        return self.attention.output.dropout(h)
-
-    def _tm_mlp(self, x):
-        return self.output.dense(self.intermediate(x))
-
-    def _tm_after_mlp(self, h):
-        return self.output.dropout(h)
-
-    def _tm_forward_unchanged(self, x):
-        return self(x)  # no attention-mask argument, unlike the ViT-style layers
+# The layer specs of the supported families.
+# ViT/DeiT/AST/ViViT: pre-norm, the same dropout on both branches.
+_VIT_LAYER = LayerSpec("attention", "layernorm_before", "layernorm_after", after_attn="dropout", after_mlp="dropout")
+# DINOv2 (with or without registers): layer scale, then drop path, on both branches.
+_DINOV2_LAYER = LayerSpec(
+    "attention", "norm1", "norm2",
+    after_attn=("layer_scale1", "drop_path"), after_mlp=("layer_scale2", "drop_path"),
+)
+# CLIP: plain pre-norm residual branches.
+_CLIP_LAYER = LayerSpec("self_attn", "layer_norm1", "layer_norm2")
+# VideoMAE: ViT's names with BERT-style modules. ``attention.output`` and ``output`` carry the
+# output projections and their dropouts, and ``output`` would also add the residual, so the
+# MLP is taken apart: ``intermediate`` then ``output.dense``, with ``output.dropout`` after.
+_VIDEOMAE_LAYER = LayerSpec(
+    "attention", "layernorm_before", "layernorm_after",
+    mlp=("intermediate", "output.dense"),
+    after_attn="attention.output.dropout",
+    after_mlp="output.dropout",
+    forward_takes_mask=False,
+)
 
 
 def _reject_unsupported(attention_mask, kwargs, config) -> tuple:
@@ -733,9 +756,19 @@ class _MeanPoolClassifierMixin:
 # --------------------------------------------------------------------------------------
 
 
+class _Family(NamedTuple):
+    """A supported trunk class's patch: its trunk mixin, the class each of its layers must be,
+    how those layers are laid out, and the self-attention class each must hold."""
+
+    trunk_mixin: type
+    layer: type
+    layer_spec: LayerSpec
+    attention: type
+
+
 @functools.lru_cache(maxsize=None)  # fixed once transformers is imported; read on every forward
 def _families() -> dict:
-    """``trunk class -> (trunk mixin, layer class, layer mixin, attention class)``."""
+    """``trunk class -> _Family``."""
     import transformers.models.audio_spectrogram_transformer.modeling_audio_spectrogram_transformer as ast
     import transformers.models.clip.modeling_clip as clip
     import transformers.models.deit.modeling_deit as deit
@@ -745,30 +778,25 @@ def _families() -> dict:
     import transformers.models.vivit.modeling_vivit as vivit
 
     families = {
-        ast.ASTModel: (_ASTTrunkMixin, ast.ASTLayer, _ViTLayerMixin, ast.ASTAttention),
-        vit.ViTModel: (_ViTTrunkMixin, vit.ViTLayer, _ViTLayerMixin, vit.ViTAttention),
-        deit.DeiTModel: (_ViTTrunkMixin, deit.DeiTLayer, _ViTLayerMixin, deit.DeiTAttention),
-        dinov2.Dinov2Model: (_Dinov2TrunkMixin, dinov2.Dinov2Layer, _Dinov2LayerMixin, dinov2.Dinov2Attention),
-        clip.CLIPVisionModel: (
-            _CLIPVisionTrunkMixin, clip.CLIPEncoderLayer, _CLIPLayerMixin, clip.CLIPAttention
-        ),
-        videomae.VideoMAEModel: (
-            _VideoMAETrunkMixin, videomae.VideoMAELayer, _VideoMAELayerMixin, videomae.VideoMAEAttention
+        ast.ASTModel: _Family(_ASTTrunkMixin, ast.ASTLayer, _VIT_LAYER, ast.ASTAttention),
+        vit.ViTModel: _Family(_ViTTrunkMixin, vit.ViTLayer, _VIT_LAYER, vit.ViTAttention),
+        deit.DeiTModel: _Family(_ViTTrunkMixin, deit.DeiTLayer, _VIT_LAYER, deit.DeiTAttention),
+        dinov2.Dinov2Model: _Family(_Dinov2TrunkMixin, dinov2.Dinov2Layer, _DINOV2_LAYER, dinov2.Dinov2Attention),
+        clip.CLIPVisionModel: _Family(_CLIPVisionTrunkMixin, clip.CLIPEncoderLayer, _CLIP_LAYER, clip.CLIPAttention),
+        videomae.VideoMAEModel: _Family(
+            _VideoMAETrunkMixin, videomae.VideoMAELayer, _VIDEOMAE_LAYER, videomae.VideoMAEAttention
         ),
         # ViViT's layer is ViT's (layernorm_before/after, attention, mlp, dropout); its attention
         # keeps q_proj/k_proj/v_proj/o_proj in one module, as CLIP's does.
-        vivit.VivitModel: (_VivitTrunkMixin, vivit.VivitLayer, _ViTLayerMixin, vivit.VivitAttention),
+        vivit.VivitModel: _Family(_VivitTrunkMixin, vivit.VivitLayer, _VIT_LAYER, vivit.VivitAttention),
     }
     try:
         import transformers.models.dinov2_with_registers.modeling_dinov2_with_registers as dreg
     except ImportError:  # older transformers
         pass
     else:
-        families[dreg.Dinov2WithRegistersModel] = (
-            _Dinov2TrunkMixin,
-            dreg.Dinov2WithRegistersLayer,
-            _Dinov2LayerMixin,
-            dreg.Dinov2WithRegistersAttention,
+        families[dreg.Dinov2WithRegistersModel] = _Family(
+            _Dinov2TrunkMixin, dreg.Dinov2WithRegistersLayer, _DINOV2_LAYER, dreg.Dinov2WithRegistersAttention
         )
     return families
 
@@ -856,7 +884,7 @@ def prefix_tokens(model: nn.Module) -> int:
 def _hook(trunk: nn.Module, name: str):
     """The family mixin's ``name`` bound to ``trunk``, patched or not (a property's value, a
     bound method)."""
-    return getattr(_families()[_original_type(trunk)][0], name).__get__(trunk)
+    return getattr(_families()[_original_type(trunk)].trunk_mixin, name).__get__(trunk)
 
 
 def patch_size(model: nn.Module) -> tuple:
@@ -873,8 +901,27 @@ def _patched_class(base: type, mixin: type) -> type:
     return patched_class(base, mixin, __name__, keep_name=True)
 
 
-def _check_layers(trunk: nn.Module, layer_cls: type, attention_cls: type, where: str) -> None:
-    trunk_cls = _original_type(trunk)
+def _check_spec(layer: nn.Module, spec: LayerSpec, here: str) -> None:
+    """Every module ``spec`` names exists on ``layer``: a wrong name fails at patch time,
+    naming the layer and the attribute, not halfway through a forward."""
+    for field, path in spec.named_paths():
+        found, reached = layer, type(layer).__name__
+        for name in path.split("."):
+            if not hasattr(found, name):
+                raise TypeError(
+                    f"cannot patch {here}: its LayerSpec names {field}={path!r}, but {reached} "
+                    f"has no attribute {name!r}"
+                )
+            found, reached = getattr(found, name), f"{reached}.{name}"
+        if not callable(found):
+            raise TypeError(
+                f"cannot patch {here}: its LayerSpec names {field}={path!r}, but {reached} is "
+                f"{type(found).__name__}, not a module"
+            )
+
+
+def _check_layers(trunk: nn.Module, family: _Family, where: str) -> None:
+    trunk_cls, layer_cls, attention_cls = _original_type(trunk), family.layer, family.attention
     for i, layer in enumerate(_hook(trunk, "_tm_layers")):
         here = f"{where}layer {i} ({type(layer).__qualname__})"
         base = _original_type(layer)
@@ -883,10 +930,11 @@ def _check_layers(trunk: nn.Module, layer_cls: type, attention_cls: type, where:
                 f"cannot patch {here} of {trunk_cls.__name__}: tokenmerge supports "
                 f"{layer_cls.__name__}; {base.__module__}.{base.__qualname__} is not one"
             )
-        attention = getattr(layer, "self_attn", None) or layer.attention
+        _check_spec(layer, family.layer_spec, f"{here} of {trunk_cls.__name__}")
+        attention = _module(layer, family.layer_spec.attention)
         if type(attention) is not attention_cls:
             raise TypeError(
-                f"cannot patch {here}.attention ({type(attention).__name__}) of "
+                f"cannot patch {here}.{family.layer_spec.attention} ({type(attention).__name__}) of "
                 f"{trunk_cls.__name__}: tokenmerge supports its global self-attention "
                 f"{attention_cls.__name__} (windowed or relative-position attention is not supported)"
             )
@@ -933,13 +981,14 @@ def patch_hf(model: nn.Module, reducer: TokenReducer, config: MergeConfig) -> nn
         vision_trunk(model)  # raises the TypeError naming the class
     unpatch_hf(model)
     trunk = vision_trunk(model)
-    trunk_mixin, layer_cls, layer_mixin, attention_cls = _families()[type(trunk)]
+    family = _families()[type(trunk)]
     where = "" if trunk is model else f"{type(model).__name__}: "
-    _check_layers(trunk, layer_cls, attention_cls, where)
+    _check_layers(trunk, family, where)
     _check_token_zero_head(model, reducer, config)
+    layer_mixin = _layer_mixin(family.layer_spec)
     for layer in _hook(trunk, "_tm_layers"):
         layer.__class__ = _patched_class(type(layer), layer_mixin)
-    trunk.__class__ = _patched_class(type(trunk), trunk_mixin)
+    trunk.__class__ = _patched_class(type(trunk), family.trunk_mixin)
     if trunk is not model:
         if _wrappers()[type(model)][2]:
             model.__class__ = _patched_class(type(model), _MeanPoolClassifierMixin)
@@ -993,7 +1042,7 @@ class HFAdapter(ModelAdapter):
 
     @property
     def inputs(self) -> str:
-        return _families()[_original_type(self.trunk)][0].inputs
+        return _families()[_original_type(self.trunk)].trunk_mixin.inputs
 
     _inputs = inputs  # the name the video helpers use
 
@@ -1019,7 +1068,7 @@ class HFAdapter(ModelAdapter):
 
     @property
     def takes_any_image_size(self) -> bool:
-        return _families()[_original_type(self.trunk)][0].any_image_size
+        return _families()[_original_type(self.trunk)].trunk_mixin.any_image_size
 
     @property
     def num_classes(self) -> Optional[int]:
@@ -1078,7 +1127,7 @@ class HFAdapter(ModelAdapter):
         return int(_hook(self.trunk, "_tm_patch_count")())
 
     def check_image_size(self, size: int) -> None:
-        if not _families()[_original_type(self.trunk)][0].any_image_size:
+        if not _families()[_original_type(self.trunk)].trunk_mixin.any_image_size:
             super().check_image_size(size)
 
     @property
