@@ -317,3 +317,24 @@ def test_dense_features_unmerge_onto_the_patch_grid():
     assert merged.shape == unmerged.shape and torch.isfinite(merged).all()
     tokenmerge.patch(model, r=0)
     assert torch.equal(tokenmerge.dense_features(model, x, output="map"), unmerged)
+
+
+@torch.no_grad()
+def test_whole_coca_model_merges_before_its_attentional_pooler():
+    torch.manual_seed(0)
+    vision = dict(image_size=32, patch_size=8, width=32, layers=2, head_width=16, mlp_ratio=2,
+                  attentional_pool=True, attn_pooler_heads=2, attn_pooler_queries=5, output_tokens=True)
+    text = dict(context_length=8, vocab_size=64, width=32, heads=2, layers=1, embed_cls=True, output_tokens=True)
+    decoder = dict(context_length=8, vocab_size=64, width=32, heads=2, layers=1)
+    model = open_clip.CoCa(embed_dim=32, multimodal_cfg=decoder, text_cfg=text, vision_cfg=vision).eval()
+    x = images()
+    text_ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(2))
+    reference = model.encode_image(x)
+    tokenmerge.patch(model, r=3)
+    assert adapter_for(model).tokens_per_block()[-1] == TOKENS - 6
+    merged = model.encode_image(x)
+    assert merged.shape == reference.shape and not torch.allclose(merged, reference, atol=1e-4)
+    out = model(x, text_ids)  # the decoder reads the pooler's 4 query tokens, whatever was merged
+    assert out["logits"].shape == (2, 7, 64) and torch.isfinite(out["logits"]).all()
+    tokenmerge.unpatch(model)
+    assert torch.equal(model.encode_image(x), reference)
