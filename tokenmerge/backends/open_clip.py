@@ -317,7 +317,7 @@ class MergingOpenClipViTMixin(MergingModelMixin):
 
     def _tm_embed(self, x: torch.Tensor) -> torch.Tensor:
         """Images ``[B, 3, H, W]`` -> the tokens entering the first block (class token first)."""
-        if hasattr(self, "_embeds"):  # open_clip >= 3.0
+        if hasattr(self, "_embeds"):  # newer open_clip releases (3.x); the same steps as below
             return self._embeds(x)
         x = self.conv1(x)
         x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)
