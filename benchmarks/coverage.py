@@ -5,6 +5,8 @@ Not a test: run by hand, results go to benchmarks/results/coverage/ and BENCHMAR
     OMP_NUM_THREADS=1 python benchmarks/coverage.py --out benchmarks/results/coverage
     # one timm model module only (here the Eva class: EVA, EVA-02, ViT-RoPE, DINOv3, PE, ...)
     OMP_NUM_THREADS=1 python benchmarks/coverage.py --timm-module eva --skip-hf --skip-open-clip --out /tmp/cov_eva
+    # open_clip only (its own VisionTransformer towers and the timm trunks of the others)
+    OMP_NUM_THREADS=1 python benchmarks/coverage.py --skip-timm --skip-hf --out runs/cov_open_clip
 
 Every model is built with random weights (``pretrained=False``, nothing is downloaded) and
 shrunk through kwargs: ``depth=2`` and, where the name gives the patch size, an 8x8 patch
@@ -18,9 +20,13 @@ kwargs used are recorded). Then:
    last block (``forward_tokens``, ``tokens_per_block()[-1]``) must be the tokens entering
    the first block minus ``2 * depth``;
 4. ``unpatch`` must restore the original classes and the unpatched output exactly;
-5. (timm) with ``set_grad_checkpointing(True)``, a merged training step must recompute the
-   blocks in backward (checkpointing honoured) and give the gradients of the same step
-   without it.
+5. (timm, open_clip) with ``set_grad_checkpointing(True)``, a merged training step must
+   recompute the blocks in backward (checkpointing honoured) and give the gradients of the
+   same step without it.
+
+A model whose forward returns a tuple (an open_clip tower with ``output_tokens=True``:
+``(embedding, tokens)``) is checked on its first output in steps 3 and 5 (its tokens are the
+merged ones by design) and on every output in steps 2 and 4.
 
 Each model is then ``patched`` (all checks pass), ``refused`` (step 1), ``build_failed`` (timm
 or transformers could not build or run it small: not tokenmerge's doing) or ``crash`` (any
@@ -161,6 +167,8 @@ def _too_large(name: str) -> bool:
 
 def timm_input(model) -> torch.Tensor:
     size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if size is None and tokenmerge.adapter_for(model).family == "open_clip":
+        size = tokenmerge.adapter_for(model).input_size
     if size is None:
         size = model.pretrained_cfg["input_size"][1:]
     size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
@@ -179,7 +187,10 @@ def _expect(ok: bool, message: str) -> None:
 
 
 def _same(a, b, what: str) -> None:
-    _expect(a.shape == b.shape and torch.equal(a, b), f"{what}: output differs from the unpatched model's")
+    """Equal outputs: tensors, or tuples of them."""
+    a, b = (a if isinstance(a, tuple) else (a,)), (b if isinstance(b, tuple) else (b,))
+    _expect(len(a) == len(b) and all(x.shape == y.shape and torch.equal(x, y) for x, y in zip(a, b)),
+            f"{what}: output differs from the unpatched model's")
 
 
 def _check_merged(out, reference, tokens, entering, depth, tokens_per_block) -> int:
@@ -191,10 +202,15 @@ def _check_merged(out, reference, tokens, entering, depth, tokens_per_block) -> 
     return tokens
 
 
+def _first(out) -> torch.Tensor:
+    """A model's output, or the first of a tuple (open_clip ``output_tokens=True``)."""
+    return out[0] if isinstance(out, tuple) else out
+
+
 def _gradients(model, x):
     model.zero_grad(set_to_none=True)
     torch.manual_seed(2)  # the same dropout draws in both steps
-    model(x).square().mean().backward()
+    _first(model(x)).square().mean().backward()
     return [p.grad.clone() for p in model.parameters() if p.grad is not None]
 
 
@@ -202,7 +218,7 @@ def check_grad_checkpointing(model, x) -> str:
     """Merged training step with and without timm's grad checkpointing: same gradients, and
     with it the first MLP runs again in backward (it was recomputed, not stored)."""
     calls = []
-    hook = model.blocks[0].mlp.register_forward_pre_hook(lambda *_: calls.append(1))
+    hook = tokenmerge.adapter_for(model).blocks[0].mlp.register_forward_pre_hook(lambda *_: calls.append(1))
     model.train()
     try:
         plain = _gradients(model, x)
@@ -222,13 +238,20 @@ def check_grad_checkpointing(model, x) -> str:
 
 
 @torch.no_grad()
-def _timm_outputs(model, x):
-    return model(x)
+def _timm_outputs(model, x) -> tuple:
+    """Every output tensor of ``model(x)``, as a tuple."""
+    out = model(x)
+    return out if isinstance(out, tuple) else (out,)
+
+
+def _blocks(model) -> list:
+    """The merging blocks (``model.blocks`` in timm, ``transformer.resblocks`` in open_clip)."""
+    return tokenmerge.adapter_for(model).blocks
 
 
 def check_timm(model, x) -> dict:
     """Steps 2-5 on a model that patched; raises :class:`Finding` on a wrong result."""
-    cls, block_classes = type(model), [type(b) for b in model.blocks]
+    cls, block_classes = type(model), [type(b) for b in _blocks(model)]
     reference = _timm_outputs(model, x)
     tokenmerge.patch(model, r=0)
     _same(_timm_outputs(model, x), reference, "r=0")
@@ -236,10 +259,10 @@ def check_timm(model, x) -> dict:
     with torch.no_grad():
         state = model.forward_tokens(x)
     entering = _tokens_entering(model, x)
-    tokens = _check_merged(_timm_outputs(model, x), reference, state.x.shape[1], entering,
-                           len(model.blocks), model.tokens_per_block(entering))
+    tokens = _check_merged(_timm_outputs(model, x)[0], reference[0], state.x.shape[1], entering,
+                           len(_blocks(model)), model.tokens_per_block(entering))
     tokenmerge.unpatch(model)
-    _expect(type(model) is cls and [type(b) for b in model.blocks] == block_classes, "unpatch: classes not restored")
+    _expect(type(model) is cls and [type(b) for b in _blocks(model)] == block_classes, "unpatch: classes not restored")
     _same(_timm_outputs(model, x), reference, "after unpatch")
     # Last: training steps update BatchNorm statistics (hybrid stems), which would change the
     # outputs compared above.
@@ -575,6 +598,7 @@ def main(argv=None) -> None:
     parser.add_argument("--exclude", nargs="*", default=[], help="fnmatch patterns of timm names to leave out")
     parser.add_argument("--timm-module", default="", help="only the names timm defines in timm.models.<this> "
                         "(e.g. eva: EVA, EVA-02, ViT-RoPE, DINOv3, PE)")
+    parser.add_argument("--skip-timm", action="store_true", help="leave out the timm names (e.g. to run open_clip only)")
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--skip-open-clip", action="store_true")
     parser.add_argument("--machine", default="the project's 2-core x86_64 CPU box, 1 thread, fp32")
@@ -587,7 +611,7 @@ def main(argv=None) -> None:
 
     start = time.perf_counter()
     timm_rows = []
-    for name in timm_names(args.select, args.timm_module, tuple(args.exclude)):
+    for name in [] if args.skip_timm else timm_names(args.select, args.timm_module, tuple(args.exclude)):
         timm_rows.append(run_timm(name))
         _print(timm_rows[-1])
     hf_rows = []

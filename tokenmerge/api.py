@@ -98,8 +98,9 @@ def patch(
     """Make ``model`` merge tokens inside its blocks (in place; returns the model).
 
     Args:
-        model: a timm ``VisionTransformer`` (ViT, DeiT, DeiT-3, ...) or a supported
-            Hugging Face vision encoder.
+        model: a timm ``VisionTransformer`` (ViT, DeiT, DeiT-3, ...), a supported
+            Hugging Face vision encoder, or open_clip's own ``VisionTransformer`` (alone, or an
+            open_clip ``CLIP``/``CoCa`` model, whose ``visual`` is patched).
         method: ``"tome"``, ``"dtem"``, ``"tcvit"`` or a baseline (``tokenmerge.list_methods()``).
         r: tokens removed per block: an int, ``(r, inflection)``, a per-block list, or a
             :class:`~tokenmerge.KeepRatio` (any form :func:`tokenmerge.core.parse_schedule` returns).

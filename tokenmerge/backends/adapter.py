@@ -30,6 +30,7 @@ FAMILIES = (
     "tokenmerge.backends.timm:TimmAdapter",
     "tokenmerge.backends.timm_eva:TimmEvaAdapter",
     "tokenmerge.backends.transformers:HFAdapter",
+    "tokenmerge.backends.open_clip:OpenClipAdapter",
 )
 
 

@@ -44,6 +44,8 @@ __all__ = [
     "resolve_block_schedule",
     "block_token_counts",
     "patched_class",
+    "attach_policy",
+    "restore_classes",
 ]
 
 LAYOUTS = ("global", "local")
@@ -276,3 +278,33 @@ def patched_class(base: type, mixin: type, module_name: str, keep_name: bool = F
         setattr(module, qualname, cls)
         _PATCHED_CLASSES[key] = cls
     return _PATCHED_CLASSES[key]
+
+
+def attach_policy(owner, reducer: TokenReducer, config: MergeConfig):
+    """Give a patched model (the module whose class got :class:`MergingModelMixin`) its policy
+    and config, and resolve its schedule once for the default input size (validates, warns)."""
+    owner.token_reducer = reducer
+    owner.tokenmerge_config = config
+    owner._tokenmerge_schedules = {}
+    owner.tokenmerge_schedule()
+    return owner
+
+
+def restore_classes(owner, block_attributes: tuple = ()):
+    """Undo a class-swapping patch in place: the owner's and its blocks' (``_tm_blocks``)
+    original classes, without the attributes patching added (``block_attributes``: extra
+    per-block ones)."""
+    base = getattr(type(owner), "_tokenmerge_base", None)
+    if base is None:
+        return owner
+    for block in list(owner._tm_blocks):
+        block_base = getattr(type(block), "_tokenmerge_base", None)
+        if block_base is not None:
+            block.__class__ = block_base
+        for name in block_attributes:
+            block.__dict__.pop(name, None)
+    owner.__class__ = base
+    del owner.token_reducer
+    del owner.tokenmerge_config
+    del owner._tokenmerge_schedules
+    return owner

@@ -32,7 +32,9 @@ from .common import (
     MergeConfig,
     MergingBlockMixin,
     MergingModelMixin,
+    attach_policy,
     patched_class,
+    restore_classes,
     run_blocks,
 )
 
@@ -302,34 +304,6 @@ def patch_timm(model: nn.Module, reducer: TokenReducer, config: MergeConfig) -> 
         block.__class__ = patched_class(type(block), TimmBlockMixin, __name__)
     model.__class__ = patched_class(type(model), MergingVisionTransformerMixin, __name__)
     return attach_policy(model, reducer, config)
-
-
-def attach_policy(model: nn.Module, reducer: TokenReducer, config: MergeConfig) -> nn.Module:
-    """Give a patched timm model (blocks in ``model.blocks``) its policy and config."""
-    model.token_reducer = reducer
-    model.tokenmerge_config = config
-    model._tokenmerge_schedules = {}
-    model.tokenmerge_schedule()  # validate and warn now, for the model's default input size
-    return model
-
-
-def restore_classes(model: nn.Module, block_attributes: tuple = ()) -> nn.Module:
-    """Undo a timm-style patch in place: the model's and blocks' original classes, without
-    the attributes patching added (``block_attributes``: extra per-block ones)."""
-    base = getattr(type(model), "_tokenmerge_base", None)
-    if base is None:
-        return model
-    for block in model.blocks:
-        block_base = getattr(type(block), "_tokenmerge_base", None)
-        if block_base is not None:
-            block.__class__ = block_base
-        for name in block_attributes:
-            block.__dict__.pop(name, None)
-    model.__class__ = base
-    del model.token_reducer
-    del model.tokenmerge_config
-    del model._tokenmerge_schedules
-    return model
 
 
 def unpatch_timm(model: nn.Module) -> nn.Module:

@@ -58,8 +58,16 @@ from torch import nn
 from ..core.attention import proportional_attention, size_bias
 from ..core.merge import initial_sources
 from ..methods.base import AttentionTensors, TokenReducer, TokenState
-from .common import MergeConfig, MergingBlockMixin, MergingModelMixin, patched_class, run_blocks
-from .timm import TimmAdapter, _check_attention_pool, _reject_masks, attach_policy, restore_classes
+from .common import (
+    MergeConfig,
+    MergingBlockMixin,
+    MergingModelMixin,
+    attach_policy,
+    patched_class,
+    restore_classes,
+    run_blocks,
+)
+from .timm import TimmAdapter, _check_attention_pool, _reject_masks
 
 __all__ = [
     "TimmEvaAdapter",
