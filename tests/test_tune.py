@@ -167,9 +167,20 @@ def test_option_search_keeps_the_best_value_of_each_option(model, images):
     # the chosen options round-trip through patch and give the scored logits' KL
     patched = tokenmerge.patch(small_vit(), **result.config())
     assert patched.token_reducer.tau_sim == result.best.options.get("tau_sim", 1.0)
-    off = tune(model, images, gflops_fraction=0.55, methods=["mctf"], rounds=0, search_options=False,
-               progress=False, measure_speed=False)
+
+
+def test_option_search_comes_after_the_schedule_search_and_never_loses(model, images):
+    settings = dict(gflops_fraction=0.55, methods=["mctf"], rounds=2, progress=False, measure_speed=False)
+    off = tune(model, images, search_options=False, **settings)
     assert not any(c.stage.startswith("options:") for c in off.candidates) and off.best.options == {}
+    on = tune(model, images, **settings)
+    searched = [c for c in on.candidates if c.stage.startswith("search")]
+    tried = [c for c in on.candidates if c.stage.startswith("options:")]
+    assert tried and on.candidates.index(tried[0]) > on.candidates.index(searched[-1])
+    # options are scored at the schedule search's result (the best of the default options' candidates)
+    (schedule,) = {c.r for c in tried}
+    assert min(c.loss for c in on.candidates if c.r == schedule and not c.options) == off.best.loss
+    assert on.best.loss <= off.best.loss
 
 
 def test_model_is_left_unmodified(model, images, result):

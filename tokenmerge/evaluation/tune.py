@@ -10,11 +10,7 @@ keeps the merged model closest to the unmodified one. Two stages:
    images; the better of the two is the method's start. GFLOPs are
    *counted* (:func:`~tokenmerge.evaluation.flops.count_gflops`, scoring work included, so a
    method whose score costs FLOPs pays for them out of the same budget), never estimated.
-2. **Options.** For the best ``search_methods`` methods, the options their class lists in
-   ``option_grid`` (e.g. MCTF's temperatures), one at a time at the method's start schedule:
-   each value is scored on the calibration images and the best kept (options the caller set
-   stay as given). Options that change GFLOPs are held to the same budget.
-3. **Schedule.** For the same methods, a per-block ``r`` search under the
+2. **Schedule.** For the best ``search_methods`` methods, a per-block ``r`` search under the
    same budget, in rounds. Each round probes every block alone at ``r_i +- delta`` (the rest
    of the schedule fixed; ``delta`` starts at an eighth of the largest ``r``), which gives
    each block's loss and exact GFLOPs change. Treating those changes as additive, a
@@ -22,6 +18,12 @@ keeps the merged model closest to the unmodified one. Two stages:
    proposes a new schedule; it is evaluated for real and kept only if it beats the
    incumbent, else ``delta`` halves. A round costs ``2 L`` partial forward passes for ``L``
    blocks (on average half a full pass each), so the search scales linearly with depth.
+3. **Options.** For the same methods, the options their class lists in ``option_grid`` (e.g.
+   MCTF's temperatures), one at a time at the searched schedule: each value is scored on all
+   calibration images and kept only if it lowers the loss (options the caller set stay as
+   given; options that change GFLOPs are held to the budget). Coming last, this stage can
+   only improve on the schedule search's result; chosen first, at the constant start, it
+   led the search to a worse end than the default options did (BENCHMARKS.md section 6).
 
 Caching. A probe that changes block ``i`` leaves blocks ``0..i-1`` as they were, so the
 incumbent's token states at every block input are cached and a probe only runs blocks
@@ -484,7 +486,8 @@ def _levels(r: int, delta: int) -> list:
 
 
 def _search(scorer: _Scorer, start: tuple, reference, probe_reference, labels, objective: str, target: float,
-            rounds: int, record, progress) -> None:
+            rounds: int, record, progress) -> tuple:
+    """The per-block search from ``start``; returns ``(best schedule, its metrics)``."""
     incumbent = start
     current = _metrics(scorer.logits(incumbent), reference, labels, objective)
     probe_labels = None if labels is None else labels[::scorer.probe_every]
@@ -511,11 +514,13 @@ def _search(scorer: _Scorer, start: tuple, reference, probe_reference, labels, o
         if delta == 1:
             break
         delta = max(1, delta // 2)
+    return incumbent, current
 
 
 def _search_options(scorer: _Scorer, make_scorer, schedule: tuple, metrics: dict, reference, labels,
                     objective: str, target: float, fixed: set, record, progress) -> _Scorer:
-    """The scorer with the best options of the method's ``option_grid`` at ``schedule``.
+    """The scorer with the best options of the method's ``option_grid`` at ``schedule`` (every
+    trial is recorded as a candidate).
 
     One option at a time, in the grid's order (coordinate descent, one pass): every listed
     value is scored on all calibration images, the rest of the options held, and the best
@@ -574,8 +579,8 @@ def tune(
             ``prop_attn``).
         objective: ``"kl"``, ``"agreement"`` (both label-free) or ``"accuracy"`` (needs labels).
         search_methods: how many of the best constant-``r`` methods get a per-block search.
-        search_options: first choose those methods' options from their ``option_grid``
-            (e.g. MCTF's temperatures) on the calibration images.
+        search_options: then choose those methods' options from their ``option_grid``
+            (e.g. MCTF's temperatures) at the searched schedule, on the calibration images.
         rounds: search rounds per method (each ``2 L`` probes).
         probe_images: calibration images the probes run on (an evenly spaced subset; the
             proposals and every reported figure use all of them).
@@ -659,21 +664,21 @@ def tune(
             bar.update(1)
             if filled_metrics["loss"] < metrics["loss"]:
                 start, metrics = filled, filled_metrics
-        starts.append((metrics["loss"], index, start, metrics))
+        starts.append((metrics["loss"], index, start))
     if not starts:
         raise ValueError(
             f"the budget of {target:.3f} GFLOPs (unmodified: {base_gflops:.3f}) cannot be met: the most "
             f"each method can remove still costs {', '.join(unreachable)} GFLOPs; relax the target"
         )
-    for _, index, start, metrics in sorted(starts, key=lambda s: s[:2])[:search_methods]:
+    for _, index, start in sorted(starts)[:search_methods]:
         method, options = candidates_spec[index]
         scorer = scorers[index]
+        schedule, metrics = _search(scorer, start, reference, probe_reference, labels, objective, target, rounds,
+                                    recorder(scorer), bar)
         if search_options:
             make = lambda opts: _Scorer(model, method, opts, images, batch_size, probe_every, base_gflops)  # noqa: E731
-            scorer = _search_options(scorer, make, start, metrics, reference, labels, objective, target,
-                                     fixed=set(options), record=recorder, progress=bar)
-        _search(scorer, start, reference, probe_reference, labels, objective, target, rounds,
-                recorder(scorer), bar)
+            _search_options(scorer, make, schedule, metrics, reference, labels, objective, target,
+                            fixed=set(options), record=recorder, progress=bar)
     bar.close()
 
     best = min(candidates, key=lambda c: (c.loss, c.gflops))
