@@ -146,14 +146,49 @@ def test_dynamic_img_size_is_refused_once_patched(tmp_path):
     assert_onnx_matches(model, export_onnx(model, tmp_path / "m.onnx").path)  # no schedule: exported
 
 
-def test_a_merging_eva_is_refused_with_the_reason(tmp_path):
-    import timm
+def tiny_eva(**kwargs):
+    """A timm ``Eva`` (default: EVA-02's RoPE 'cat', SwiGLU, q/v bias) with logits of order one."""
+    from timm.models.eva import Eva
 
     torch.manual_seed(0)
-    eva = timm.create_model("eva02_tiny_patch14_224", pretrained=False, img_size=56, depth=2, num_classes=3).eval()
-    tokenmerge.patch(eva, method="tome", r=2)
-    with pytest.raises(ValueError, match="merging Eva/RoPE model is not supported yet.*tokenmerge.unpatch"):
-        export_onnx(eva, tmp_path / "eva.onnx")
+    config = dict(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2, num_classes=5,
+                  mlp_ratio=4 * 2 / 3, swiglu_mlp=True, scale_mlp=True, use_rot_pos_emb=True, ref_feat_shape=(2, 2))
+    model = Eva(**{**config, **kwargs}).eval()
+    with torch.no_grad():
+        model.head.weight.normal_()  # timm's init gives logits too small for atol to mean anything
+    return model
+
+
+EVA_VARIANTS = {
+    "eva02": {},
+    # ViT-RoPE mixed: learnt per-block frequencies, AttentionRope
+    "rope_mixed": dict(rope_type="mixed", attn_type="rope", use_abs_pos_emb=False, rope_grid_indexing="xy",
+                       init_values=1e-2, global_pool="token", swiglu_mlp=False, scale_mlp=False, mlp_ratio=4),
+    # DINOv3-like: centred coordinates, registers, grouped-query k/v, qk-norm
+    "dinov3_gqa": dict(num_heads=4, num_kv_heads=2, qkv_fused=False, attn_type="rope", qk_norm=True,
+                       rope_type="dinov3", use_abs_pos_emb=False, num_reg_tokens=4, init_values=1e-2),
+}
+
+
+@pytest.mark.parametrize("variant, method, r", [
+    ("eva02", "tome", 2), ("eva02", "mctf", 2), ("rope_mixed", "tome", 2), ("dinov3_gqa", "tome", 2),
+    ("rope_mixed", "tome", 0),
+])
+def test_a_merging_eva_exports_and_onnx_runtime_matches(tmp_path, variant, method, r):
+    # Each block rebuilds the rotation from the merged tokens' coordinates; it exports as Sin/Cos.
+    model = tokenmerge.patch(tiny_eva(**EVA_VARIANTS[variant]), method=method, r=r)
+    result = export_onnx(model, tmp_path / "eva.onnx", check=True)
+    assert result.max_abs_diff <= 1e-4 and result.argmax_agreement == 1.0
+    assert result.input_shape == ("batch", 3, 32, 32)
+    assert_onnx_matches(model, result.path, batch_sizes=(1, 3))
+    assert model.tokenmerge_schedule() == (r,) * 3
+    assert not model.training and tokenmerge.is_patched(model)
+
+
+def test_a_merging_eva_with_dynamic_img_size_is_refused(tmp_path):
+    model = tokenmerge.patch(tiny_eva(dynamic_img_size=True), method="tome", r=2)
+    with pytest.raises(ValueError, match="dynamic_img_size=True.*schedule.*dynamic_img_size=False"):
+        export_onnx(model, tmp_path / "eva.onnx")
     assert not (tmp_path / "eva.onnx").exists()
 
 

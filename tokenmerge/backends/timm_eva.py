@@ -155,7 +155,10 @@ def _pair_layout(values: torch.Tensor, rotate_half: bool) -> torch.Tensor:
     ``[f0, f1, .., f0, f1, ..]`` (rotate-half) or ``[f0, f0, f1, f1, ..]`` (interleaved)."""
     if rotate_half:
         return torch.cat([values, values], dim=-1)
-    return values.repeat_interleave(2, dim=-1)
+    # ``values.repeat_interleave(2, dim=-1)``, the same copy, written so that the TorchScript
+    # ONNX exporter keeps its rank (its repeat_interleave loses it with a dynamic batch, and the
+    # ``cat`` of sin and cos then fails with "All tensors must have the same rank").
+    return torch.stack([values, values], dim=-1).flatten(-2)
 
 
 def _table_dtype(rope: nn.Module, kind: str) -> torch.dtype:
@@ -185,9 +188,13 @@ def rope_embedding(rope: nn.Module, kind: str, coords: torch.Tensor, block_index
         timm's ``apply_rot_embed_cat`` reads them for ``[B, H, P, D]`` queries.
     """
     if kind == "mixed":
-        from timm.layers import get_mixed_freqs
-
-        return get_mixed_freqs(rope.freqs[:, block_index], coords[..., 0].unsqueeze(1), coords[..., 1].unsqueeze(1))
+        # timm's get_mixed_freqs, op for op, with the exportable layout (see _pair_layout).
+        freqs = rope.freqs[:, block_index]
+        dtype, freqs = freqs.dtype, freqs.float()
+        t_x, t_y = coords[..., 0].unsqueeze(1).float(), coords[..., 1].unsqueeze(1).float()
+        angles = t_x.unsqueeze(-1) * freqs[0].unsqueeze(-2) + t_y.unsqueeze(-1) * freqs[1].unsqueeze(-2)
+        sin, cos = _pair_layout(angles.sin(), False), _pair_layout(angles.cos(), False)
+        return torch.cat([sin, cos], dim=-1).to(dtype)
     dtype = _table_dtype(rope, kind)
     if kind == "cat":
         angles = coords.unsqueeze(-1) * rope.bands  # [B, P, 2, D/4]
@@ -232,6 +239,13 @@ def _eva_qkv(attn: nn.Module, x: torch.Tensor) -> tuple:
     return q, k, v
 
 
+def _repeat_heads(t: torch.Tensor, groups: int) -> torch.Tensor:
+    """``t.repeat_interleave(groups, dim=1)`` for ``[B, Hkv, N, D]``, as an expand and a reshape
+    (the same copy), which the TorchScript ONNX exporter writes with a dynamic batch."""
+    B, heads, N, D = t.shape
+    return t.unsqueeze(2).expand(B, heads, groups, N, D).reshape(B, heads * groups, N, D)
+
+
 def _query_key_value(attn: nn.Module, x: torch.Tensor, rope: Optional[torch.Tensor]) -> tuple:
     """q, k (normalised, rotated, k/v expanded to every query head) and v, each ``[B, H, N, D]``."""
     q, k, v = _eva_qkv(attn, x)
@@ -242,8 +256,7 @@ def _query_key_value(attn: nn.Module, x: torch.Tensor, rope: Optional[torch.Tens
         k = torch.cat([k[:, :, :npt], _rotate(k[:, :, npt:], rope, half)], dim=2).type_as(v)
     groups = getattr(attn, "num_kv_groups", 1)
     if groups > 1:
-        k = k.repeat_interleave(groups, dim=1)
-        v = v.repeat_interleave(groups, dim=1)
+        k, v = _repeat_heads(k, groups), _repeat_heads(v, groups)
     return q, k, v
 
 
@@ -415,9 +428,11 @@ class MergingEvaMixin(MergingModelMixin):
         """Images ``[B, 3, H, W]`` -> final :class:`TokenState` (after the final norm)."""
         config = self.tokenmerge_config
         schedule = self.tokenmerge_schedule(self._tm_num_tokens(images))
-        if not any(schedule):
+        if not any(schedule) and not (self.rope is not None and torch.onnx.is_in_onnx_export()):
             # Nothing merges: timm's own forward with its cached rotary table, bit for bit (a
             # table rebuilt from coordinates on another device can differ in the last ulp).
+            # An ONNX export of a RoPE model takes the rebuilt rotation instead, the one the
+            # TorchScript exporter writes (timm's "mixed" table exports to an invalid Expand).
             x = self._tokenmerge_base.forward_features(self, images)
             B, N, _ = x.shape
             source = initial_sources(B, N, config.num_protected, x.device) if config.trace_source else None
@@ -601,13 +616,10 @@ class TimmEvaAdapter(TimmAdapter):
         return TokenState(self.model.norm_pre(x))
 
     def export_refusal(self) -> str:
-        if not self.is_patched:
-            return super().export_refusal()
-        # The rotation is rebuilt per block from carried coordinates; that path has no export
-        # form yet (the TorchScript exporter fails inside it), so refuse rather than crash.
-        return ("ONNX export of a merging Eva/RoPE model is not supported yet (its rotary embedding "
-                "follows the merged tokens); export the unpatched model (tokenmerge.unpatch), or a "
-                "timm VisionTransformer or Hugging Face ViT, which export merged")
+        # A merging Eva exports like a VisionTransformer: the rotation each block rebuilds from
+        # the carried coordinates is traced into the graph (Sin/Cos of the merged coordinates).
+        # Only a patched dynamic_img_size model is refused (its schedule follows the input size).
+        return super().export_refusal()
 
     def patch(self, reducer: TokenReducer, config: MergeConfig) -> nn.Module:
         return patch_eva(self.model, reducer, config)
