@@ -247,6 +247,17 @@ def test_size_weighted_average_pooling():
         model.forward_head(state.x)
 
 
+@pytest.mark.parametrize("method", ["prune", "drop"])
+def test_average_pooling_after_pruning_is_the_plain_mean(method):
+    torch.manual_seed(0)
+    model = tokenmerge.patch(VARIANTS["eva02"](), method=method, r=[4, 3, 2])
+    x = images()
+    state = model.forward_tokens(x)
+    expected = model.head(model.fc_norm(state.x[:, 1:].mean(dim=1)))  # every kept token is one patch
+    assert torch.allclose(model(x), expected, atol=1e-6)
+    assert torch.allclose(model.forward_head(state.x), expected, atol=1e-6)
+
+
 @torch.no_grad()
 def test_dynamic_img_size_follows_the_input_grid():
     torch.manual_seed(0)

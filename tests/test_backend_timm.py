@@ -108,7 +108,18 @@ def test_average_pooling_is_size_weighted():
         model.forward_head(state.x)  # an unweighted mean of merged tokens would be wrong
 
 
-@torch.no_grad()
+@pytest.mark.parametrize("method", ["prune", "drop"])
+def test_average_pooling_after_pruning_is_the_plain_mean(method):
+    # Pruned tokens are gone and every kept one still stands for one patch: the plain mean is right.
+    model = tokenmerge.patch(vit(global_pool="avg", fc_norm=True), method=method, r=8)
+    x = images()
+    state = model.forward_tokens(x)
+    assert state.x.shape[1] < model.patch_embed.num_patches + 1
+    expected = model.head(model.fc_norm(state.x[:, 1:].mean(1)))
+    torch.testing.assert_close(model(x), expected)
+    torch.testing.assert_close(model.forward_head(state.x), expected)
+
+
 @torch.no_grad()
 def test_attention_pool_weighs_a_merged_token_as_its_copies():
     model = tokenmerge.patch(vit(global_pool="map", class_token=False), r=8)

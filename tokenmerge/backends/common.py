@@ -290,6 +290,20 @@ def attach_policy(owner, reducer: TokenReducer, config: MergeConfig):
     return owner
 
 
+def refuse_unweighted_pool(owner, num_tokens: int, default_tokens: int) -> None:
+    """Raise when a size-weighted pool is asked to pool merged tokens without their sizes.
+
+    Only a method that tracks sizes makes tokens of unequal weight; after pruning (``prune``,
+    ``drop``) every kept token still stands for one patch, so the plain mean is the right pool.
+    """
+    if num_tokens != default_tokens and any(owner.tokenmerge_schedule()) and owner.token_reducer.tracks_size:
+        raise ValueError(
+            f"this model pools with global_pool={owner.global_pool!r}, which weighs tokens by "
+            f"their sizes, and its {num_tokens} tokens were merged: unweighted pooling would "
+            "be wrong. Call model(x), or pass token_sizes=model.forward_tokens(x).size to forward_head"
+        )
+
+
 def restore_classes(owner, block_attributes: tuple = ()):
     """Undo a class-swapping patch in place: the owner's and its blocks' (``_tm_blocks``)
     original classes, without the attributes patching added (``block_attributes``: extra

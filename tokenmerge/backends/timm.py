@@ -34,6 +34,7 @@ from .common import (
     MergingModelMixin,
     attach_policy,
     patched_class,
+    refuse_unweighted_pool,
     restore_classes,
     run_blocks,
 )
@@ -208,12 +209,7 @@ class MergingVisionTransformerMixin(MergingModelMixin):
         if not attention_pool and self.global_pool not in _SIZE_WEIGHTED_POOLS:
             return super().forward_head(x, pre_logits=pre_logits)
         if token_sizes is None:
-            if x.shape[1] != _default_num_tokens(self) and any(self.tokenmerge_schedule()):
-                raise ValueError(
-                    f"this model pools with global_pool={self.global_pool!r}, which weighs tokens by "
-                    f"their sizes, and its {x.shape[1]} tokens were merged: unweighted pooling would "
-                    "be wrong. Call model(x), or pass token_sizes=model.forward_tokens(x).size to forward_head"
-                )
+            refuse_unweighted_pool(self, x.shape[1], _default_num_tokens(self))
             return super().forward_head(x, pre_logits=pre_logits)
         start = 0 if self.pool_include_prefix else self.num_prefix_tokens
         tokens, sizes = x[:, start:], token_sizes[:, start:].to(x.dtype)

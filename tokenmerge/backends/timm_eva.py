@@ -64,6 +64,7 @@ from .common import (
     MergingModelMixin,
     attach_policy,
     patched_class,
+    refuse_unweighted_pool,
     restore_classes,
     run_blocks,
 )
@@ -452,12 +453,7 @@ class MergingEvaMixin(MergingModelMixin):
         if not attention_pool and self.global_pool not in _SIZE_WEIGHTED_POOLS:
             return super().forward_head(x, pre_logits=pre_logits)
         if token_sizes is None:
-            if x.shape[1] != self._tm_default_tokens() and any(self.tokenmerge_schedule()):
-                raise ValueError(
-                    f"this model pools with global_pool={self.global_pool!r}, which weighs tokens by "
-                    f"their sizes, and its {x.shape[1]} tokens were merged: unweighted pooling would "
-                    "be wrong. Call model(x), or pass token_sizes=model.forward_tokens(x).size to forward_head"
-                )
+            refuse_unweighted_pool(self, x.shape[1], self._tm_default_tokens())
             return super().forward_head(x, pre_logits=pre_logits)
         sizes = token_sizes.to(x.dtype)
         if attention_pool:
