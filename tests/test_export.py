@@ -192,6 +192,16 @@ def test_a_merging_eva_with_dynamic_img_size_is_refused(tmp_path):
     assert not (tmp_path / "eva.onnx").exists()
 
 
+def test_an_unpatched_eva_is_refused_with_the_r0_fix(tmp_path):
+    # timm's own Eva attention fails inside the exporter; the named fix (r=0) exports it exactly.
+    model = tiny_eva()
+    with pytest.raises(ValueError, match=r"unpatched Eva.*tokenmerge.patch\(model, r=0\)"):
+        export_onnx(model, tmp_path / "eva.onnx")
+    assert not (tmp_path / "eva.onnx").exists()
+    result = export_onnx(tokenmerge.patch(model, r=0), tmp_path / "eva.onnx", check=True)
+    assert result.max_abs_diff <= 1e-4 and result.argmax_agreement == 1.0
+
+
 def test_other_image_size_opset_device_and_models_are_refused(tmp_path):
     model = tokenmerge.patch(tiny_vit(), method="tome", r=8)
     with pytest.raises(ValueError, match="image_size 64x64: the model is built for 32x32"):

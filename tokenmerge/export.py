@@ -120,7 +120,7 @@ def check_exportable(model: nn.Module, image_size=None) -> tuple:
         )
     refusal = adapter.export_refusal()
     if refusal:
-        raise ValueError(f"cannot export this patched model: {refusal}")
+        raise ValueError(f"cannot export this {'patched ' if adapter.is_patched else ''}model: {refusal}")
     patched = adapter.is_patched
     if patched:
         reducer = adapter.reducer

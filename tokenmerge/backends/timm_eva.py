@@ -615,6 +615,12 @@ class TimmEvaAdapter(TimmAdapter):
         # A merging Eva exports like a VisionTransformer: the rotation each block rebuilds from
         # the carried coordinates is traced into the graph (Sin/Cos of the merged coordinates).
         # Only a patched dynamic_img_size model is refused (its schedule follows the input size).
+        if not self.is_patched:
+            # timm's own Eva attention fails inside the TorchScript exporter (is_causal arrives as
+            # a tensor); the patched forward at r=0 is bit-identical and exports.
+            return ("timm's unpatched Eva does not go through the ONNX exporter (its attention "
+                    "receives is_causal as a tensor); export tokenmerge.patch(model, r=0), which is "
+                    "bit-identical to the unmodified model")
         return super().export_refusal()
 
     def patch(self, reducer: TokenReducer, config: MergeConfig) -> nn.Module:
