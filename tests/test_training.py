@@ -71,19 +71,17 @@ def _kill_at(step_to_die: int):
     return on_step
 
 
-@pytest.mark.parametrize("method,mode,distill", [
-    ("dtem", "modular", False), ("tome", "end2end", False), ("tcvit", "end2end", True), ("dtem", "modular", True),
-])
-def test_killed_run_resumes_to_identical_parameters(tiny_setup, tmp_path, method, mode, distill):
-    settings = dict(method=method, mode=mode, distill=distill)
-    straight = train(_config(tiny_setup, tmp_path / "a", **settings))
+def assert_killed_run_resumes_identically(config_for, tmp_path: Path) -> None:
+    """A 5-step run straight through (``a/``) and one killed after step 3 then resumed (``b/``)
+    end with the same steps, log and parameters. ``config_for(out)`` builds the TrainConfig."""
+    straight = train(config_for(tmp_path / "a"))
     # Killed after step 3: the last checkpoint is step 2, step 3 is lost and replayed.
     with pytest.raises(Killed):
-        train(_config(tiny_setup, tmp_path / "b", **settings), on_step=_kill_at(3))
+        train(config_for(tmp_path / "b"), on_step=_kill_at(3))
     # Checkpoints are data: they load with weights_only=True.
     assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["step"] == 2
     assert _logged_steps(tmp_path / "b") == [1, 2, 3]
-    resumed = train(_config(tiny_setup, tmp_path / "b", **settings), resume=True)
+    resumed = train(config_for(tmp_path / "b"), resume=True)
     assert straight["steps"] == resumed["steps"] == 5
     # The log was cut back to the checkpoint's step: step 3, replayed, appears once.
     assert _logged_steps(tmp_path / "b") == _logged_steps(tmp_path / "a") == [1, 2, 3, 4, 5]
@@ -92,9 +90,17 @@ def test_killed_run_resumes_to_identical_parameters(tiny_setup, tmp_path, method
     assert a["model"].keys() == b["model"].keys()
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
-    # ... and the run did learn something (a kill that silently restarted from scratch
-    # would also give equal weights only by accident; the step count says it resumed).
+    # A kill that silently restarted from scratch would also end at equal weights; the step
+    # count says it resumed.
     assert b["step"] == 5
+
+
+@pytest.mark.parametrize("method,mode,distill", [
+    ("dtem", "modular", False), ("tome", "end2end", False), ("tcvit", "end2end", True), ("dtem", "modular", True),
+])
+def test_killed_run_resumes_to_identical_parameters(tiny_setup, tmp_path, method, mode, distill):
+    settings = dict(method=method, mode=mode, distill=distill)
+    assert_killed_run_resumes_identically(lambda out: _config(tiny_setup, out, **settings), tmp_path)
     # Without --resume the same folder would start over; resuming with other settings is refused.
     with pytest.raises(ValueError, match="different settings"):
         train(_config(tiny_setup, tmp_path / "b", **dict(settings, lr=0.5)), resume=True)
@@ -687,18 +693,8 @@ def test_hugging_face_end2end_round_trip_reproduces_the_trained_logits(hf_vit_di
 def test_killed_hugging_face_run_resumes_to_identical_parameters(hf_vit_dir, tiny_image_folder, tmp_path,
                                                                   method, mode, distill):
     settings = dict(method=method, mode=mode, distill=distill, max_steps=5)
-    straight = train(_hf_config(hf_vit_dir, tiny_image_folder, tmp_path / "a", **settings))
-    with pytest.raises(Killed):
-        train(_hf_config(hf_vit_dir, tiny_image_folder, tmp_path / "b", **settings), on_step=_kill_at(3))
-    assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["step"] == 2
-    resumed = train(_hf_config(hf_vit_dir, tiny_image_folder, tmp_path / "b", **settings), resume=True)
-    assert straight["steps"] == resumed["steps"] == 5
-    assert _logged_steps(tmp_path / "b") == _logged_steps(tmp_path / "a") == [1, 2, 3, 4, 5]
-    a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)
-    b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)
-    assert a["model"].keys() == b["model"].keys() and b["step"] == 5
-    for key in a["model"]:
-        assert torch.equal(a["model"][key], b["model"][key]), key
+    assert_killed_run_resumes_identically(
+        lambda out: _hf_config(hf_vit_dir, tiny_image_folder, out, **settings), tmp_path)
     if mode == "end2end":
         for key, value in load_file(str(tmp_path / "a" / "model" / "model.safetensors")).items():
             assert torch.equal(value, load_file(str(tmp_path / "b" / "model" / "model.safetensors"))[key]), key

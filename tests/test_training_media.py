@@ -17,7 +17,7 @@ from tokenmerge.models import load_model  # noqa: E402
 from tokenmerge.training import TrainConfig, train  # noqa: E402
 
 from .test_cli_media import ast_dir, video_folder, videomae_dir, vivit_dir, wav_folder  # noqa: E402,F401 (fixtures)
-from .test_training import Killed, _kill_at, _logged_steps  # noqa: E402
+from .test_training import assert_killed_run_resumes_identically  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -102,18 +102,7 @@ def test_tome_end2_end_fine_tunes_media_models(request, kind, tmp_path):
 
 def test_killed_audio_run_resumes_to_identical_parameters(ast_dir, wav_folder, tmp_path):  # noqa: F811
     settings = dict(method="dtem", mode="end2end", distill=True, max_steps=5)
-    straight = train(_config(ast_dir, wav_folder, tmp_path / "a", **settings))
-    with pytest.raises(Killed):
-        train(_config(ast_dir, wav_folder, tmp_path / "b", **settings), on_step=_kill_at(3))
-    assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["step"] == 2
-    resumed = train(_config(ast_dir, wav_folder, tmp_path / "b", **settings), resume=True)
-    assert straight["steps"] == resumed["steps"] == 5
-    assert _logged_steps(tmp_path / "b") == _logged_steps(tmp_path / "a") == [1, 2, 3, 4, 5]
-    a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)
-    b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)
-    assert a["model"].keys() == b["model"].keys() and b["step"] == 5
-    for key in a["model"]:
-        assert torch.equal(a["model"][key], b["model"][key]), key
+    assert_killed_run_resumes_identically(lambda out: _config(ast_dir, wav_folder, out, **settings), tmp_path)
 
 
 def test_a_data_folder_of_another_modality_is_refused_naming_what_the_model_takes(
