@@ -183,22 +183,25 @@ def test_mean_pooling_is_size_weighted():
     assert not torch.allclose(logits, unweighted, atol=1e-4)
 
 
-def test_tubelet_grid_is_time_then_rows_then_columns():
-    model = _trunk()
+@pytest.mark.parametrize("trunk, prefix", [(lambda: _trunk(), 0), (lambda: _vivit_trunk(), 1)],
+                         ids=["videomae", "vivit"])
+def test_tubelet_grid_is_time_then_rows_then_columns(trunk, prefix):
+    model = trunk()
     adapter = tokenmerge.adapter_for(model)
+    assert adapter.num_prefix_tokens == prefix and adapter.num_patches == TOKENS
     assert adapter.video_grid() == GRID
     assert adapter.video_grid(8, 64, 32) == (4, 8, 4)
     x = _videos(batch=1)
     assert adapter.input_grid(x) == GRID
     # Change one tubelet (frames 2-3, pixel rows 8-15, columns 16-23): only token
-    # (t, h, w) = (1, 1, 2) moves, and the map puts it at [..., 1, 1, 2].
+    # (t, h, w) = (1, 1, 2) after the prefix tokens moves, and the map puts it at [..., 1, 1, 2].
     changed = x.clone()
     changed[:, 2:4, :, 8:16, 16:24] += 1.0
     with torch.no_grad():
         delta = adapter.embed(changed) - adapter.embed(x)
     moved = delta.abs().sum(dim=-1)[0].nonzero().flatten().tolist()
-    assert moved == [1 * 16 + 1 * 4 + 2]
-    grid_delta = tokenmerge.unmerge_to_grid(delta, None, 0, 0, GRID, output="map")
+    assert moved == [prefix + 1 * 16 + 1 * 4 + 2]
+    grid_delta = tokenmerge.unmerge_to_grid(delta[:, prefix:], None, 0, 0, GRID, output="map")
     assert grid_delta.shape == (1, 32, 2, 4, 4)
     assert grid_delta.abs().sum(dim=1)[0].nonzero().tolist() == [[1, 1, 2]]
 
@@ -390,24 +393,6 @@ def test_vivit_token_counts_class_token_first_and_sources_cover_every_tubelet_on
     with torch.no_grad():
         staged = staged_logits(tokenmerge.adapter_for(model), x)
     torch.testing.assert_close(staged, logits, rtol=1e-5, atol=1e-6)
-
-
-def test_vivit_tubelet_grid_is_time_then_rows_then_columns():
-    model = _vivit_trunk()
-    adapter = tokenmerge.adapter_for(model)
-    assert adapter.num_prefix_tokens == 1 and adapter.num_patches == TOKENS
-    assert adapter.video_grid() == GRID
-    assert adapter.video_grid(8, 64, 32) == (4, 8, 4)
-    x = _videos(batch=1)
-    assert adapter.input_grid(x) == GRID
-    # Change one tubelet (frames 2-3, pixel rows 8-15, columns 16-23): only token
-    # 1 + (t, h, w) = (1, 1, 2) moves (after the class token).
-    changed = x.clone()
-    changed[:, 2:4, :, 8:16, 16:24] += 1.0
-    with torch.no_grad():
-        delta = adapter.embed(changed) - adapter.embed(x)
-    moved = delta.abs().sum(dim=-1)[0].nonzero().flatten().tolist()
-    assert moved == [1 + 1 * 16 + 1 * 4 + 2]
 
 
 def test_vivit_dense_features_unmerge_onto_the_tubelet_grid():
