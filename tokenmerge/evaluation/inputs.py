@@ -289,11 +289,11 @@ class VideoInputs(Inputs):
     def _normalisation(self) -> tuple:
         """``(mean, std)`` per channel on [0, 1] pixels, doing what the processor's rescale and
         normalise do (:func:`~tokenmerge.evaluation.video.pixel_statistics`)."""
-        from .video import pixel_statistics
-
-        return pixel_statistics(self.processor())
+        settings = self._settings()
+        return settings["mean"], settings["std"]
 
     def _settings(self) -> dict:
+        """Mean, std and resize edge, from one read of the processor's settings."""
         from .video import pixel_statistics
 
         settings = self.processor()
@@ -304,9 +304,9 @@ class VideoInputs(Inputs):
         from .video import load_video_folder
 
         frames, _, size, _ = self.shape
-        mean, std = self._normalisation()
-        return load_video_folder(root, frames, size, mean=mean, std=std, resize=self.processor()["resize"],
-                                 limit=limit, progress=progress)
+        settings = self._settings()
+        return load_video_folder(root, frames, size, mean=settings["mean"], std=settings["std"],
+                                 resize=settings["resize"], limit=limit, progress=progress)
 
     def fingerprint(self, root, limit=None):
         files = self.class_files(root)[1]
@@ -323,9 +323,9 @@ class VideoInputs(Inputs):
 
         path = self.check_file(path)
         frames, _, size, _ = self.shape
-        mean, std = self._normalisation()
-        return prepare_clip(read_video(path), frames, size, mean, std, resize=self.processor()["resize"],
-                            where=str(path))
+        settings = self._settings()
+        return prepare_clip(read_video(path), frames, size, settings["mean"], settings["std"],
+                            resize=settings["resize"], where=str(path))
 
 
 def _edge(value, key: str) -> int:
