@@ -1,0 +1,54 @@
+"""KL to the unmodified model on train images that are NOT in tune's calibration set (issue 9).
+
+Checks whether a lower calibration KL carries over to other images of the same split: the
+1,000 calibration images are tune's (`--limit 1000`, spread over the classes); the holdout
+is 600 of the remaining train images, evenly spaced. Compares MCTF at tune's -50% schedule
+with its default temperatures and with the `tau_sim=0.5` that tune's option stage chose.
+
+    OMP_NUM_THREADS=1 python benchmarks/holdout_kl.py
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import tokenmerge
+from tokenmerge.evaluation.data import image_folder
+from tokenmerge.models import load_model
+
+TRAIN = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenette" / "train"
+SCHEDULE = [20, 22, 15, 13, 17, 17, 17, 17, 13, 12, 7, 7]  # tune's -50% MCTF schedule (BENCHMARKS section 6)
+CONFIGS = {"default temperatures": {}, "tau_sim=0.5": {"tau_sim": 0.5}}
+
+
+def holdout_images(count: int = 600) -> torch.Tensor:
+    calibration = set(image_folder(TRAIN, limit=1000, spread=True).indices)
+    full = image_folder(TRAIN)
+    rest = [i for i in range(len(full.samples)) if i not in calibration]
+    picked = rest[3::len(rest) // count][:count]
+    return torch.stack([full[i][0] for i in picked])
+
+
+def main() -> None:
+    warnings.simplefilter("ignore")
+    torch.set_num_threads(1)
+    x = holdout_images()
+    base = load_model()
+    with torch.inference_mode():
+        reference = torch.cat([base(x[i:i + 100]) for i in range(0, len(x), 100)])
+    print(f"{len(x)} train images outside the calibration set")
+    for name, options in CONFIGS.items():
+        model = tokenmerge.patch(load_model(), method="mctf", r=SCHEDULE, **options).eval()
+        with torch.inference_mode():
+            out = torch.cat([model(x[i:i + 100]) for i in range(0, len(x), 100)])
+        kl = F.kl_div(out.log_softmax(-1), reference.log_softmax(-1), log_target=True, reduction="batchmean").item()
+        agreement = (out.argmax(-1) == reference.argmax(-1)).float().mean().item() * 100
+        print(f"{name:22s} KL {kl:.4f}  top-1 agreement {agreement:.1f}%")
+
+
+if __name__ == "__main__":
+    main()
