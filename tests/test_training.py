@@ -106,6 +106,24 @@ def test_killed_run_resumes_to_identical_parameters(tiny_setup, tmp_path, method
         train(_config(tiny_setup, tmp_path / "b", **dict(settings, lr=0.5)), resume=True)
 
 
+def test_mixed_batches_resume_identically_and_are_really_mixed(tiny_setup, tmp_path):
+    from tokenmerge.training import _same_run_fields
+
+    mixing = dict(method="tome", mode="end2end", distill=True, mixup=0.8, cutmix=1.0)
+    assert_killed_run_resumes_identically(lambda out: _config(tiny_setup, out, **mixing), tmp_path)
+    with pytest.raises(ValueError, match="mixup: 0.8 .checkpoint. vs 0.2 .now."):
+        train(_config(tiny_setup, tmp_path / "b", **dict(mixing, mixup=0.2)), resume=True)
+    plain = train(_config(tiny_setup, tmp_path / "plain", **dict(mixing, mixup=0.0, cutmix=0.0)))
+    assert plain["steps"] == 5
+    a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "plain" / "checkpoint.pt", weights_only=True)["model"]
+    assert any(not torch.equal(a[key], b[key]) for key in a)
+    # Runs without mixing record no mixing settings, so checkpoints written before the
+    # settings existed still resume.
+    assert "mixup" not in _same_run_fields(_config(tiny_setup, tmp_path))
+    assert _same_run_fields(_config(tiny_setup, tmp_path, cutmix=1.0))["cutmix"] == 1.0
+
+
 def test_modular_training_moves_only_the_embeddings(tiny_setup, tmp_path):
     summary = train(_config(tiny_setup, tmp_path, max_steps=4, eval_r=[1, 3]))
     trained = load_file(str(tmp_path / "dtem_modules.safetensors"))
@@ -367,6 +385,9 @@ def test_cli_arguments_reach_the_config():
     assert (config.distill, config.distill_weight, config.distill_temperature, config.teacher) == (
         True, 1.0, 2.0, "t.safetensors")
     assert config_from_args(parser.parse_args(["--distill"])).distill_weight == 0.5
+    assert (config.mixup, config.cutmix) == (0.0, 0.0)
+    mixing = config_from_args(parser.parse_args(["--mixup", "0.8", "--cutmix", "1"]))
+    assert (mixing.mixup, mixing.cutmix) == (0.8, 1.0)
     with pytest.raises(ValueError, match="add --distill"):
         config_from_args(parser.parse_args(["--distill-weight", "0.3"]))
     with pytest.raises(ValueError, match="names method 'dtem'"):
@@ -527,6 +548,8 @@ def test_class_counts_and_eval_data_are_checked_before_step_1(tiny_setup, tmp_pa
     ("epochs", float("inf"), "--epochs must be a finite number > 0"),
     ("warmup_steps", -1, "--warmup-steps must be an integer >= 0"),
     ("weight_decay", float("nan"), "--weight-decay must be a finite number >= 0"),
+    ("mixup", -0.5, "--mixup must be a finite number >= 0"),
+    ("cutmix", float("inf"), "--cutmix must be a finite number >= 0"),
     ("r", True, "--r must be an integer >= 1"),
     ("seed", 10**9, "--seed must be at most"),
     ("model_kwargs", [1], "--model-kwargs must be a JSON object"),

@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .mixing import Mix, mixed_cross_entropy
+
 __all__ = [
     "distillation_loss",
     "training_loss",
@@ -58,6 +60,7 @@ def training_loss(
     teacher_logits: Optional[torch.Tensor] = None,
     weight: float = 0.0,
     temperature: float = 1.0,
+    mix: Optional[Mix] = None,
 ) -> torch.Tensor:
     """Cross-entropy on the labels, mixed with distillation when a teacher is given.
 
@@ -67,14 +70,16 @@ def training_loss(
         teacher_logits: ``[B, K]`` or ``None`` (plain cross-entropy).
         weight: ``w`` in ``[0, 1]``, the share of the distillation term.
         temperature: ``T > 0``.
+        mix: how the batch was mixed (:func:`tokenmerge.mixing.mix_batch`): the label term
+            is then the mixed labels' cross-entropy; the teacher saw the mixed inputs too.
     """
     if teacher_logits is None:
-        return F.cross_entropy(student_logits.float(), labels)
+        return mixed_cross_entropy(student_logits, labels, mix)
     soft = distillation_loss(student_logits, teacher_logits, temperature)
     if weight == 1.0:
         # Not multiplied by zero but skipped: the labels may be placeholders.
         return soft
-    return (1.0 - weight) * F.cross_entropy(student_logits.float(), labels) + weight * soft
+    return (1.0 - weight) * mixed_cross_entropy(student_logits, labels, mix) + weight * soft
 
 
 def frozen_copy(model: nn.Module) -> nn.Module:

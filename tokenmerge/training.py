@@ -43,7 +43,10 @@ saves a timm model's weights as ``out/model.safetensors`` (timm key names) and a
 Data (:func:`training_set`): one sub-folder per class of the files the model takes, read
 by that modality's loader (:mod:`tokenmerge.evaluation.inputs`), the same one that reads
 the evaluation data. Images are augmented, kept simple: RandomResizedCrop(scale 0.35-1) +
-horizontal flip + ImageNet normalisation. Spectrograms and video clips are not augmented:
+horizontal flip + ImageNet normalisation, and optionally Mixup / CutMix of whole batches
+(``mixup``, ``cutmix``: :mod:`tokenmerge.mixing`; they mix any modality's inputs, and are
+what gives a distillation teacher something to say on images its checkpoint has fitted).
+Spectrograms and video clips are not otherwise augmented:
 they are decoded once, prepared exactly as for evaluation (log-mel features; sampled,
 resized, centre-cropped frames) and held in memory, so an epoch costs no decoding (a
 spoken-digit train split of 2,400 clips at 100x64 features is 61 MB; 2,400 VideoMAE
@@ -86,6 +89,7 @@ import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+import numpy
 import torch
 from torch import nn
 
@@ -165,6 +169,9 @@ class TrainConfig:
     eval_limit: Optional[int] = None
     progress: bool = True
     method_options: dict = dataclasses.field(default_factory=dict)  # e.g. {"order": 2} for tcvit
+    # Mixup / CutMix Beta parameters (0: off; timm's ViT recipe uses 0.8 / 1.0): see tokenmerge.mixing.
+    mixup: float = 0.0
+    cutmix: float = 0.0
     distill: bool = False
     distill_weight: float = 0.5  # share of the distillation term; 1.0: no labels used
     distill_temperature: float = 1.0
@@ -214,8 +221,9 @@ class TrainConfig:
         _require_positive("--backbone-lr", self.backbone_lr)
         _require_positive("--tau", self.tau)
         _require_positive("--epochs", self.epochs)
-        if not (_is_real(self.weight_decay) and math.isfinite(self.weight_decay) and self.weight_decay >= 0):
-            raise ValueError(f"--weight-decay must be a finite number >= 0, got {self.weight_decay!r}")
+        for flag, value in (("--weight-decay", self.weight_decay), ("--mixup", self.mixup), ("--cutmix", self.cutmix)):
+            if not (_is_real(value) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"{flag} must be a finite number >= 0, got {value!r}")
         if not isinstance(self.model_kwargs, dict):
             raise TypeError(f"--model-kwargs must be a JSON object such as '{{\"img_size\": 32}}', got {self.model_kwargs!r}")
         self._check_distillation()
@@ -589,6 +597,11 @@ def _same_run_fields(config: TrainConfig) -> dict:
     for volatile in ("progress", "checkpoint_every", "num_workers", "device", "eval_data", "eval_r",
                      "eval_limit", "out"):
         fields.pop(volatile)
+    # Settings added after checkpoint version 2 are recorded only when used, so a checkpoint
+    # written before them resumes (they were off).
+    for added in ("mixup", "cutmix"):
+        if not fields[added]:
+            fields.pop(added)
     fields["model_kwargs"] = json.dumps(fields["model_kwargs"], sort_keys=True)
     fields["method_options"] = json.dumps(fields["method_options"], sort_keys=True)
     return json.loads(json.dumps(fields, sort_keys=True))
@@ -766,6 +779,7 @@ def train(
     from .evaluation.data import _class_names
     from .evaluation.inputs import inputs_for
     from .io import append_jsonl, atomic_write_json
+    from .mixing import mix_batch
 
     config.check()
     device = parse_device(config.device) if config.device is not None else None
@@ -855,10 +869,13 @@ def train(
         )
         for images, labels in loader:
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            # Seeded by the step (and rank), so a resumed run mixes its batches as the first did.
+            images, mix = mix_batch(images, numpy.random.default_rng([config.seed, step, rank]),
+                                    config.mixup, config.cutmix)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 logits = logits_of(train_model(images)).float()
                 targets = None if teacher is None else teacher_logits(teacher, images)
-            loss = training_loss(logits, labels, targets, config.distill_weight, config.distill_temperature)
+            loss = training_loss(logits, labels, targets, config.distill_weight, config.distill_temperature, mix)
             loss_value = loss.item()
             if not math.isfinite(loss_value):
                 # Stop before the optimizer step: nothing non-finite reaches the weights or a file.

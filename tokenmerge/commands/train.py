@@ -87,6 +87,11 @@ def _configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backbone-lr", type=arguments.finite_positive_float, default=1e-5, help="the ViT's lr in dtem end2end")
     parser.add_argument("--weight-decay", type=arguments.finite_non_negative_float, default=0.05)
     parser.add_argument("--warmup-steps", type=arguments.non_negative_int, default=20)
+    parser.add_argument("--mixup", type=arguments.finite_non_negative_float, default=0.0, metavar="ALPHA",
+                        help="Mixup's Beta parameter (default 0: off; timm's ViT recipe: 0.8)")
+    parser.add_argument("--cutmix", type=arguments.finite_non_negative_float, default=0.0, metavar="ALPHA",
+                        help="CutMix's Beta parameter (default 0: off; timm's ViT recipe: 1.0); with --mixup "
+                             "too, each batch uses one of them at even odds")
     parser.add_argument("--limit", type=_positive_int, default=None, help="use N training files, evenly spaced over the (class-sorted) folder")
     parser.add_argument("--seed", type=arguments.non_negative_int, default=0)
     parser.add_argument("--out", type=arguments.output_folder, default="runs/train",
@@ -174,7 +179,7 @@ def config_from_args(args):
         seed=args.seed, out=str(args.out), checkpoint_every=args.checkpoint_every,
         num_workers=args.num_workers, device=args.device, eval_data=args.eval_data,
         eval_r=eval_r, eval_limit=args.eval_limit, progress=not args.no_progress,
-        method_options=options, distill=args.distill,
+        method_options=options, mixup=args.mixup, cutmix=args.cutmix, distill=args.distill,
         distill_weight=0.5 if args.distill_weight is None else args.distill_weight,
         distill_temperature=1.0 if args.distill_temperature is None else args.distill_temperature,
         teacher=args.teacher, teacher_model=args.teacher_model,
