@@ -19,6 +19,7 @@ import time
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import tokenmerge
@@ -27,9 +28,23 @@ from tokenmerge.evaluation.data import load_images
 from tokenmerge.evaluation.flops import count_gflops
 from tokenmerge.evaluation.sweep import _shared_copy
 from tokenmerge.evaluation.tune import tune
+from tokenmerge.mixing import mix_batch
 from tokenmerge.models import load_model
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenette"
+
+
+def mixed_pairs(images: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """Each image blended with a random other one (Mixup 0.8 or CutMix 1.0 at even odds,
+    one draw per pair): images the checkpoint has not fitted, on which the unmodified
+    model's outputs are soft (see tokenmerge.mixing)."""
+    rng = np.random.default_rng(seed)
+    order = torch.from_numpy(rng.permutation(len(images)))
+    mixed = images.clone()
+    for start in range(0, len(order) - 1, 2):
+        pair = order[start:start + 2]
+        mixed[pair] = mix_batch(images[pair], rng, mixup_alpha=0.8, cutmix_alpha=1.0)[0]
+    return mixed
 
 
 def main() -> None:
@@ -46,6 +61,9 @@ def main() -> None:
     parser.add_argument("--skip-baselines", action="store_true",
                         help="evaluate only tune's result on val (not the unmodified model or the constant-r rows)")
     parser.add_argument("--rounds", type=int, default=3, help="search rounds (tokenmerge.tune's rounds)")
+    parser.add_argument("--calibration-mix", action="store_true",
+                        help="calibrate on Mixup/CutMix blends of the calibration images (random pairs, "
+                             "alphas 0.8/1.0, seed 0) instead of the images themselves; label-free")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
@@ -57,6 +75,8 @@ def main() -> None:
         model = load_model(args.model, checkpoint=args.checkpoint, num_classes=10, **args.model_kwargs)
     args.out.mkdir(parents=True, exist_ok=True)
     cal_x, cal_y, _ = load_images(args.train, limit=args.calibration_images, spread=True)
+    if args.calibration_mix:
+        cal_x, cal_y = mixed_pairs(cal_x), None
     val_x, val_y, _ = load_images(args.val)
     base_gflops = count_gflops(model)
     rows = []
@@ -92,7 +112,8 @@ def main() -> None:
             report(budget, f"{name} constant r (smallest within budget)", constant.config())
         report(budget, "tune (default: tome, mctf, pitome; search on the best)", best.config(), best)
     meta = {"machine": f"{platform.machine()} CPU, {args.threads} threads", "torch": torch.__version__,
-            "date": time.strftime("%Y-%m-%d"), "calibration_images": args.calibration_images, "rows": rows}
+            "date": time.strftime("%Y-%m-%d"), "calibration_images": args.calibration_images,
+            "calibration_mix": args.calibration_mix, "rows": rows}
     (args.out / "results.json").write_text(json.dumps(meta, indent=2) + "\n")
 
 

@@ -209,6 +209,8 @@ def test_unreachable_budget_names_the_best_reachable(model, images):
 def test_bad_arguments(model, images):
     with pytest.raises(ValueError, match="needs labels"):
         tune(model, images[0], gflops_fraction=0.5, objective="accuracy", progress=False)
+    with pytest.raises(ValueError, match="needs labels"):  # an (images, None) pair is unlabelled data
+        tune(model, (images[0], None), gflops_fraction=0.5, objective="accuracy", progress=False)
     with pytest.raises(ValueError, match="objective must be one of"):
         tune(model, images, gflops_fraction=0.5, objective="top5", progress=False)
     with pytest.raises(ValueError, match="unknown method"):
@@ -223,6 +225,9 @@ def test_label_free_objective_from_a_loader(model, images):
     result = tune(model, loader, gflops_fraction=0.6, methods=["tome"], rounds=1, objective="agreement",
                   progress=False, measure_speed=False)
     assert result.best.accuracy is None and result.num_images == 12
+    unlabelled = tune(model, (images[0], None), gflops_fraction=0.6, methods=["tome"], rounds=1,
+                      objective="agreement", progress=False, measure_speed=False)
+    assert unlabelled.best.config() == result.best.config() and unlabelled.best.accuracy is None
     assert result.best.loss == pytest.approx(1 - result.best.agreement / 100)
 
 

@@ -243,11 +243,13 @@ def resolve_budget(base_gflops: float, target_gflops=None, target_speedup=None, 
 
 
 def calibration_images(data) -> tuple:
-    """``(images [N,3,H,W], labels [N] or None)`` from a tensor, a ``(images, labels)`` pair,
+    """``(images [N,3,H,W], labels [N] or None)`` from a tensor, an ``(images, labels)`` pair
+    (``labels`` may be ``None``),
     or an iterable of batches (``images`` or ``(images, labels, ...)``, e.g. a DataLoader)."""
     if isinstance(data, torch.Tensor):
         return data, None
-    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
+    if (isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], torch.Tensor)
+            and (data[1] is None or isinstance(data[1], torch.Tensor))):
         return data[0], data[1]
     images, labels = [], []
     for batch in data:
