@@ -90,6 +90,25 @@ def test_unmodified_accuracy_matches_independent_loop(eval_run, val_subset):
         100.0 * (predictions == labels).double().mean().item(), abs=1e-9)
 
 
+def test_rows_carry_per_image_results_and_the_paired_difference(val_subset, eval_run):
+    from tokenmerge.evaluation.statistics import accuracy_standard_error, unpack_correct
+
+    _, results = eval_run
+    rows = {(r["method"], r["schedule"]): r for r in results["rows"]}
+    base, r13 = rows[("none", "-")], rows[("tome", "13")]
+    merged = tokenmerge.patch(plain_timm_model(), method="tome", r=13)
+    predictions, labels = independent_predictions(val_subset, merged)
+    assert torch.equal(unpack_correct(r13["correct"], r13["num_images"]), predictions == labels)
+    # The paired difference, from the two rows' per-image results by hand.
+    d = (unpack_correct(r13["correct"], 10 * PER_CLASS).double()
+         - unpack_correct(base["correct"], 10 * PER_CLASS).double())
+    assert r13["delta"] == pytest.approx(r13["accuracy"] - base["accuracy"])
+    assert r13["delta_se"] == pytest.approx(100 * d.std().item() / len(d) ** 0.5)
+    assert base["delta"] is None and base["accuracy_se"] == accuracy_standard_error(base["accuracy"], len(d))
+    table = sweep.format_rows(results["rows"])
+    assert f"{r13['delta']:+.2f} +- " in table and "vs unmodified (95% CI)" in table
+
+
 def test_rows_have_flops_tokens_and_same_run_speedup(eval_run):
     out, results = eval_run
     rows = {(r["method"], r["schedule"]): r for r in results["rows"]}
@@ -104,14 +123,14 @@ def test_rows_have_flops_tokens_and_same_run_speedup(eval_run):
     assert decreasing["tokens_out"] == 197 - sum(removed)
     assert decreasing["gflops"] < r13["gflops"]
     csv_lines = (out / "results.csv").read_text().splitlines()
-    assert csv_lines[0].startswith("method,schedule,options,accuracy,gflops")
+    assert csv_lines[0].startswith("method,schedule,options,accuracy,accuracy_se,delta,delta_se,gflops")
     assert len(csv_lines) == 1 + 3
     assert (out / "pareto.png").read_bytes()[:8] == PNG_SIGNATURE
 
 
 def test_cache_resumes_after_interruption(val_subset, tmp_path, monkeypatch):
     calls = []
-    real = sweep.evaluate_accuracy
+    real = sweep.evaluate_correct
 
     def counting(*args, **kwargs):
         calls.append(1)
@@ -119,7 +138,7 @@ def test_cache_resumes_after_interruption(val_subset, tmp_path, monkeypatch):
             raise KeyboardInterrupt  # killed during the third row
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(sweep, "evaluate_accuracy", counting)
+    monkeypatch.setattr(sweep, "evaluate_correct", counting)
     argv = ["eval", "--data", str(val_subset), "--limit", "12", "--methods", "tome", "--r", "8", "16",
             "--out", str(tmp_path), "--no-timing"]
     interrupt_after = 2

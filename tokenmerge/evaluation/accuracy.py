@@ -8,7 +8,7 @@ from torch import nn
 from ..backends.adapter import logits_of
 from .throughput import autocast_for
 
-__all__ = ["evaluate_accuracy", "predict"]
+__all__ = ["evaluate_accuracy", "evaluate_correct", "predict"]
 
 
 @torch.inference_mode()
@@ -28,9 +28,10 @@ def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 128, devic
     return torch.cat(out)
 
 
-def evaluate_accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
-                      num_classes: int = None, **kwargs) -> float:
-    """Top-1 accuracy in percent on preloaded ``images``/``labels``.
+def evaluate_correct(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                     num_classes: int = None, **kwargs) -> torch.Tensor:
+    """Which images ``model`` classifies correctly: ``[N]`` booleans on preloaded
+    ``images``/``labels`` (``kwargs`` as for :func:`predict`).
 
     ``num_classes`` (the dataset's class count) is checked against the model's output so
     a wrong head fails loudly instead of scoring silently.
@@ -43,5 +44,10 @@ def evaluate_accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tens
                 f"the model predicts {width} classes but the dataset has {num_classes}; "
                 f"load the model with num_classes={num_classes} (CLI: --num-classes {num_classes})"
             )
-    predictions = predict(model, images, **kwargs)
-    return 100.0 * (predictions == labels).double().mean().item()
+    return predict(model, images, **kwargs) == labels.cpu()
+
+
+def evaluate_accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                      num_classes: int = None, **kwargs) -> float:
+    """Top-1 accuracy in percent on preloaded ``images``/``labels`` (see :func:`evaluate_correct`)."""
+    return 100.0 * evaluate_correct(model, images, labels, num_classes, **kwargs).double().mean().item()

@@ -26,8 +26,9 @@ from torch import nn
 
 from ..backends.adapter import adapter_for
 from ..core.schedule import ScheduleClampedWarning, format_schedule, parse_schedule
-from .accuracy import evaluate_accuracy
+from .accuracy import evaluate_correct
 from .flops import count_gflops
+from .statistics import Z95, accuracy_standard_error, pack_correct, paired_difference, unpack_correct
 from .throughput import measure_throughput
 
 __all__ = [
@@ -42,6 +43,7 @@ __all__ = [
     "write_results",
     "read_results",
     "format_rows",
+    "add_paired_statistics",
     "CSV_COLUMNS",
 ]
 
@@ -210,21 +212,22 @@ class ResultCache:
 def _measured_row(model, variant, images, labels, num_classes, image_size, eval_batch_size,
                   device, dtype, progress, example=None) -> dict:
     """Accuracy, GFLOPs and token counts of one variant (the cacheable part of a row)."""
-    accuracy = evaluate_accuracy(model, images, labels, num_classes=num_classes,
-                                 batch_size=eval_batch_size, device=device, dtype=dtype,
-                                 progress=progress)
+    correct = evaluate_correct(model, images, labels, num_classes=num_classes,
+                               batch_size=eval_batch_size, device=device, dtype=dtype,
+                               progress=progress)
     tokens = adapter_for(model).tokens_per_block() if variant.method != UNMODIFIED else None
     return {
         "method": variant.method,
         "schedule": variant.schedule,
         "options": dict(variant.options),
         "label": variant.label,
-        "accuracy": accuracy,
+        "accuracy": 100.0 * correct.double().mean().item(),
         "gflops": count_gflops(model, image_size=image_size, device=device,
                                images=None if example is None else example[:1]),
         "tokens_in": None if tokens is None else tokens[0],
         "tokens_out": None if tokens is None else tokens[-1],
         "num_images": int(len(labels)),
+        "correct": pack_correct(correct),  # per image, for paired comparisons (evaluation.statistics)
     }
 
 
@@ -293,6 +296,7 @@ def run_sweep(
             row = dict(row, cached=True)
             log(f"  {variant.label:<28} top-1 {row['accuracy']:6.2f}%  {row['gflops']:.3f} GFLOPs (cached)")
         rows.append(row)
+    add_paired_statistics(rows)
     if timing:
         speed = measure_throughput(models, batch_size=timing_batch_size, image_size=image_size,
                                    device=device, dtype=dtype, warmup=warmup, repeats=repeats,
@@ -306,8 +310,23 @@ def run_sweep(
     return rows
 
 
-CSV_COLUMNS = ["method", "schedule", "options", "accuracy", "gflops", "tokens_in", "tokens_out",
-               "images_per_s", "speedup", "num_images"]
+def add_paired_statistics(rows: Sequence[dict]) -> None:
+    """Give each row ``accuracy_se`` and, where the row and the unmodified one (``rows[0]``)
+    kept per-image results, ``delta`` (its accuracy minus the unmodified one's, points) and
+    ``delta_se`` (the paired standard error of that difference); ``None`` otherwise (e.g.
+    rows cached by an older tokenmerge)."""
+    base = rows[0] if rows and rows[0]["method"] == UNMODIFIED else None
+    for row in rows:
+        row["accuracy_se"] = accuracy_standard_error(row["accuracy"], row["num_images"])
+        row["delta"] = row["delta_se"] = None
+        if base is not None and row is not base and row.get("correct") and base.get("correct"):
+            row["delta"], row["delta_se"] = paired_difference(
+                unpack_correct(row["correct"], row["num_images"]),
+                unpack_correct(base["correct"], base["num_images"]))
+
+
+CSV_COLUMNS = ["method", "schedule", "options", "accuracy", "accuracy_se", "delta", "delta_se", "gflops",
+               "tokens_in", "tokens_out", "images_per_s", "speedup", "num_images"]
 
 
 def write_results(rows: Iterable[dict], meta: dict, out_dir) -> dict:
@@ -354,9 +373,17 @@ def _cell(value, spec: str, suffix: str = "") -> str:
     return "-" if value is None else f"{value:{spec}}{suffix}"
 
 
+def _delta_cell(row: dict) -> str:
+    if row.get("delta") is None or row.get("delta_se") is None:
+        return "-"
+    return f"{row['delta']:+.2f} +- {Z95 * row['delta_se']:.2f}"
+
+
 def format_rows(rows: Sequence[dict]) -> str:
-    """A plain-text table of sweep rows."""
-    header = ["method", "schedule", "options", "tokens", "top-1 %", "GFLOPs/img", "im/s", "speedup"]
+    """A plain-text table of sweep rows; "vs unmodified" is the accuracy difference to the
+    unmodified model with its paired 95% interval (:mod:`tokenmerge.evaluation.statistics`)."""
+    header = ["method", "schedule", "options", "tokens", "top-1 %", "vs unmodified (95% CI)", "GFLOPs/img",
+              "im/s", "speedup"]
     lines = [header]
     for row in rows:
         tokens = "-" if row.get("tokens_in") is None else f"{row['tokens_in']}->{row['tokens_out']}"
@@ -366,6 +393,7 @@ def format_rows(rows: Sequence[dict]) -> str:
             options_label(row.get("options", {})) or "-",
             tokens,
             _cell(row.get("accuracy"), ".2f"),
+            _delta_cell(row),
             _cell(row.get("gflops"), ".3f"),
             _cell(row.get("images_per_s"), ".1f"),
             _cell(row.get("speedup"), ".2f", "x"),
