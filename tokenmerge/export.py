@@ -1,11 +1,16 @@
 """Deployment: a patched (or unmodified) image classifier, a timm ViT or a Hugging Face
-``...ForImageClassification``, as an ONNX file or a ``torch.export`` program.
+``...ForImageClassification``, or an open_clip image encoder, as an ONNX file or a
+``torch.export`` program.
 
 A patched model's schedule is a function of its token count, hence of the input size; an
 export fixes the input size (the model's ``img_size``, or ``config.image_size``), so the
 schedule, every merge and every token count are fixed in the graph. Only the batch dimension
 may stay dynamic. The graph maps images to logits: a Hugging Face model's
-``ImageClassifierOutput`` is reduced to its ``logits``.
+``ImageClassifierOutput`` is reduced to its ``logits``. An open_clip model (its
+``VisionTransformer`` tower, or a whole ``CLIP``/``CoCa``) has no classification head: its graph
+maps images to the image embedding (output ``embeddings``: the tower's pooled output,
+``encode_image(normalize=False)``); a :class:`~tokenmerge.zero_shot.ZeroShotClassifier` around
+one maps images to its zero-shot logits (the class embeddings are constants of the graph).
 
 The ONNX file comes from the TorchScript-based exporter (``torch.onnx.export(...,
 dynamo=False)``): the merge's sort, gather and scatter-add export to ``TopK``, ``GatherElements``
@@ -16,10 +21,11 @@ and ``ScatterND(reduction="add")``, which ONNX Runtime runs
 The model family is found by :func:`tokenmerge.backends.adapter.adapter_for`, which also
 names what is supported when it refuses. Refused, with the reason and the fix: models no
 adapter supports, models without a classification head (a Hugging Face trunk such as
-``ViTModel``, ``CLIPModel``) or taking other inputs than images (audio, video), timm
-``dynamic_img_size`` models once patched (their schedule follows the input size), methods
-whose plan is random at inference (:attr:`TokenReducer.export_refusal`), ``torch.compile``
-wrappers, and an ``image_size`` other than the model's.
+``ViTModel``, ``CLIPModel``; open_clip models excepted, see above) or taking other inputs
+than images (audio, video), timm ``dynamic_img_size`` models once patched (their schedule
+follows the input size), methods whose plan is random at inference
+(:attr:`TokenReducer.export_refusal`), ``torch.compile`` wrappers, and an ``image_size``
+other than the model's.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ __all__ = ["DEFAULT_OPSET", "OnnxExport", "check_exportable", "export_onnx", "ex
 MIN_OPSET, MAX_OPSET = 16, 20
 DEFAULT_OPSET = 17
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
+EMBEDDINGS_NAME = "embeddings"  # the output of an open_clip image encoder without zero-shot classes
 
 
 @dataclass(frozen=True)
@@ -49,14 +56,18 @@ class OnnxExport:
         path: the ``.onnx`` file.
         input_shape: ``(batch, 3, H, W)`` of the example input; the batch is ``"batch"``
             when it is dynamic.
-        max_abs_diff: largest ``|logits_onnxruntime - logits_torch|`` over the check batches.
-        argmax_agreement: fraction of check images with the same top-1 class.
+        max_abs_diff: largest ``|output_onnxruntime - output_torch|`` over the check batches.
+        argmax_agreement: fraction of check images with the same top-1 class (``None`` for
+            image embeddings, which have no classes).
+        output: the graph's output, ``"logits"``, or ``"embeddings"`` for an open_clip image
+            encoder.
     """
 
     path: Path
     input_shape: tuple
     max_abs_diff: Optional[float] = None
     argmax_agreement: Optional[float] = None
+    output: str = OUTPUT_NAME
 
 
 class _Logits(nn.Module):
@@ -73,11 +84,43 @@ class _Logits(nn.Module):
         return logits_of(self.model(images))
 
 
-def _graph_module(model: nn.Module) -> nn.Module:
-    """What is traced: a timm model as it is (it returns logits), a Hugging Face one wrapped."""
+class _ImageEmbeddings(nn.Module):
+    """An open_clip model without zero-shot classes as images -> image embedding ``[B, D]``:
+    its tower's pooled output (``encode_image(normalize=False)``; the pooled half of an
+    ``output_tokens=True`` tower's pair)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        from .backends.open_clip import vision_tower
+
+        out = vision_tower(self.model)(images)
+        return out[0] if isinstance(out, tuple) else out
+
+
+def _embeds_images(adapter) -> bool:
+    """Whether the export is an open_clip image encoder (no classes): its output is the image
+    embedding, not logits."""
+    return adapter.family == "open_clip" and adapter.num_classes is None
+
+
+def _output_name(model: nn.Module) -> str:
     from .backends.adapter import adapter_for
 
-    if adapter_for(model).family != "transformers":
+    return EMBEDDINGS_NAME if _embeds_images(adapter_for(model)) else OUTPUT_NAME
+
+
+def _graph_module(model: nn.Module) -> nn.Module:
+    """What is traced: a timm model as it is (it returns logits), a Hugging Face one and an
+    open_clip image encoder wrapped (a ZeroShotClassifier returns logits itself)."""
+    from .backends.adapter import adapter_for
+
+    adapter = adapter_for(model)
+    if _embeds_images(adapter):
+        return _ImageEmbeddings(model).train(model.training)
+    if adapter.family != "transformers":
         return model
     # In the model's mode: the exporter sets the traced module back to its own mode afterwards,
     # and a wrapper left in train mode would put the model in train mode with it.
@@ -113,7 +156,7 @@ def check_exportable(model: nn.Module, image_size=None) -> tuple:
         built_for = adapter.input_size
     except TypeError as err:  # audio and video encoders
         raise TypeError(f"cannot export: {err}") from None
-    if adapter.num_classes is None:
+    if adapter.num_classes is None and not _embeds_images(adapter):
         raise TypeError(
             f"cannot export {type(model).__name__}: the exported graph maps images to logits, and it has "
             "no classification head; load the model as its ...ForImageClassification class"
@@ -155,8 +198,9 @@ def _check_opset(opset: int) -> None:
         )
 
 
-def _write_onnx(model: nn.Module, images: torch.Tensor, path: Path, dynamic_batch: bool, opset: int) -> None:
-    dynamic_axes = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}} if dynamic_batch else None
+def _write_onnx(model: nn.Module, images: torch.Tensor, path: Path, dynamic_batch: bool, opset: int,
+                output: str = OUTPUT_NAME) -> None:
+    dynamic_axes = {INPUT_NAME: {0: "batch"}, output: {0: "batch"}} if dynamic_batch else None
     with warnings.catch_warnings():
         # The tracer warns that sizes become constants: for a fixed schedule that is the intent.
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
@@ -165,7 +209,7 @@ def _write_onnx(model: nn.Module, images: torch.Tensor, path: Path, dynamic_batc
         for message in ("You are using the legacy TorchScript-based ONNX export", "The feature will be removed"):
             warnings.filterwarnings("ignore", message=message, category=DeprecationWarning)
         torch.onnx.export(
-            model, (images,), str(path), dynamo=False, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+            model, (images,), str(path), dynamo=False, input_names=[INPUT_NAME], output_names=[output],
             opset_version=opset, dynamic_axes=dynamic_axes, do_constant_folding=True,
         )
 
@@ -189,20 +233,20 @@ def compare_with_onnxruntime(model: nn.Module, path, batches) -> tuple:
     """Run ``path`` in ONNX Runtime and ``model`` in PyTorch on each ``[B, 3, H, W]`` batch.
 
     Returns:
-        ``(max_abs_diff, argmax_agreement)`` over all batches.
+        ``(max_abs_diff, argmax_agreement)`` over all batches; the agreement is ``None`` for an
+        open_clip image encoder (embeddings have no classes).
     """
-    from .backends.adapter import logits_of
-
     session = onnx_session(path)
+    graph, output = _graph_module(model), _output_name(model)
     worst, same, total = 0.0, 0, 0
     for images in batches:
         with torch.inference_mode():
-            expected = logits_of(model(images))
-        got = torch.from_numpy(session.run([OUTPUT_NAME], {INPUT_NAME: images.numpy()})[0])
+            expected = graph(images)
+        got = torch.from_numpy(session.run([output], {INPUT_NAME: images.numpy()})[0])
         worst = max(worst, float((got - expected).abs().max()))
         same += int((got.argmax(-1) == expected.argmax(-1)).sum())
         total += images.shape[0]
-    return worst, same / total
+    return worst, (None if output == EMBEDDINGS_NAME else same / total)
 
 
 def export_onnx(
@@ -251,27 +295,29 @@ def export_onnx(
     was_training = model.training
     model.eval()
     try:
-        graph = _graph_module(model)
-        atomic_write(path, lambda temporary: _write_onnx(graph, images, temporary, dynamic_batch, opset))
+        graph, output = _graph_module(model), _output_name(model)
+        atomic_write(path, lambda temporary: _write_onnx(graph, images, temporary, dynamic_batch, opset, output))
         shape = ("batch" if dynamic_batch else batch_size, 3, *size)
         if not check:
-            return OnnxExport(path, shape)
+            return OnnxExport(path, shape, output=output)
         batches = [images] + ([_example_images(batch_size + 1, size, seed=1)] if dynamic_batch else [])
         worst, agreement = compare_with_onnxruntime(model, path, batches)
     finally:
         model.train(was_training)
     if not worst <= atol:
+        same = "" if agreement is None else f"; top-1 agreement {agreement:.1%}"
         raise ValueError(
-            f"{path}: ONNX Runtime's logits differ from PyTorch's by up to {worst:.3g} (> atol {atol:g}; "
-            f"top-1 agreement {agreement:.1%}); the file was written but does not reproduce the model"
+            f"{path}: ONNX Runtime's {output} differ from PyTorch's by up to {worst:.3g} (> atol {atol:g}"
+            f"{same}); the file was written but does not reproduce the model"
         )
-    return OnnxExport(path, shape, worst, agreement)
+    return OnnxExport(path, shape, worst, agreement, output)
 
 
 def export_program(model: nn.Module, image_size=None, batch_size: int = 2, dynamic_batch: bool = True):
     """``torch.export.export`` of ``model`` at its fixed input size (same refusals as
     :func:`export_onnx`); returns the ``ExportedProgram`` (save it with ``torch.export.save``),
-    whose module maps images to logits (a Hugging Face model's ``logits`` tensor).
+    whose module maps images to logits (a Hugging Face model's ``logits`` tensor), or to the
+    image embedding for an open_clip model without zero-shot classes.
 
     ``batch_size`` is the example batch; keep it >= 2 with ``dynamic_batch`` (torch.export
     specialises a batch of 1).

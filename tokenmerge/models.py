@@ -1,26 +1,41 @@
 """Model loading: timm names (random, pretrained or local checkpoint), Hugging Face folders
-(``hf:DIR``, written by ``save_pretrained``) and the embedded default.
+(``hf:DIR``, written by ``save_pretrained``), open_clip models (``open_clip:ARCH``) and the
+embedded default.
 
 The embedded default is a ViT-Tiny/16 trained on Imagenette (10 classes), shipped in the
 package so that the demo and the tests run offline.
+
+``open_clip:ARCH`` is a whole open_clip model (``CLIP``, ``CustomTextCLIP`` or ``CoCa``: image
+and text towers), ``ARCH`` an open_clip model config name (``ViT-B-32``; see
+``open_clip.list_models()``) or a ``.json`` model config file in the format of open_clip's
+``model_configs`` (registered under its file stem, as ``open_clip.add_model_config`` does).
+Weights: random, a local state_dict (``checkpoint``, read with ``weights_only=True``: never
+unpickled code) or an open_clip pretrained tag (``pretrained="laion2b_s34b_b79k"``,
+downloaded by open_clip on first use). The model keeps open_clip's image preprocessing
+settings (``model.visual.preprocess_cfg``: mean, std, size, resize mode), which the commands
+read (:meth:`tokenmerge.backends.open_clip.OpenClipAdapter.image_preprocessing`).
 """
 
 from __future__ import annotations
 
+import inspect
+import json
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import nn
 
 from .io import load_safetensors, load_tensor_file
 
-__all__ = ["DEFAULT_MODEL", "DEFAULT_CHECKPOINT", "HF_PREFIX", "load_model", "load_hf_model", "load_checkpoint"]
+__all__ = ["DEFAULT_MODEL", "DEFAULT_CHECKPOINT", "HF_PREFIX", "OPEN_CLIP_PREFIX", "load_model", "load_hf_model",
+           "load_open_clip_model", "open_clip_config_name", "load_checkpoint"]
 
 DEFAULT_MODEL = "vit_tiny_patch16_224"
 DEFAULT_NUM_CLASSES = 10
 DEFAULT_CHECKPOINT = Path(__file__).parent / "assets" / "vit_tiny_patch16_224.imagenette.safetensors"
 HF_PREFIX = "hf:"  # model names starting with it are Hugging Face folders
+OPEN_CLIP_PREFIX = "open_clip:"  # model names starting with it are open_clip model configs
 _FIX = ("pass a .safetensors file or a .pth holding only a state_dict of tensors "
         "(torch.save(model.state_dict(), path))")
 
@@ -101,23 +116,147 @@ def load_hf_model(path, num_classes: Optional[int] = None) -> nn.Module:
     return model.float().eval()
 
 
+def open_clip_config_name(arch: str) -> str:
+    """The open_clip model config name of ``arch``: a registered config name as it is, or a
+    ``.json`` model config file, registered under its file stem (``open_clip.add_model_config``).
+
+    Raises:
+        ValueError: an unknown name (naming the nearest ones), or a file that is not an open_clip
+            model config.
+    """
+    import difflib
+
+    import open_clip
+
+    if arch.endswith(".json"):
+        path = Path(arch)
+        if not path.is_file():
+            raise FileNotFoundError(f"open_clip model config {arch!r} does not exist")
+        try:
+            config = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{arch} is not valid JSON ({err}): pass an open_clip model config file") from None
+        keys = ("embed_dim", "vision_cfg", "text_cfg")
+        missing = [key for key in keys if not isinstance(config, dict) or key not in config]
+        if missing:
+            raise ValueError(
+                f"{arch} is not an open_clip model config: it lacks {', '.join(missing)} (the format of "
+                "open_clip's model_configs/*.json)"
+            )
+        open_clip.add_model_config(path)
+        return path.stem
+    if ":" in arch:
+        # open_clip's hf-hub:/local-dir: schemas would download or read weights with open_clip's own loader.
+        raise ValueError(
+            f"{OPEN_CLIP_PREFIX}{arch}: give an open_clip model config name (e.g. {OPEN_CLIP_PREFIX}ViT-B-32) or a "
+            ".json model config file, and the weights with --pretrained TAG or --checkpoint FILE (for a "
+            "Hugging Face hub snapshot: its config name and --checkpoint open_clip_model.safetensors)"
+        )
+    name = arch.replace("/", "-")  # ViT-B/32 is ViT-B-32, as open_clip.create_model reads it
+    if open_clip.get_model_config(name) is None:
+        close = difflib.get_close_matches(name, open_clip.list_models(), n=5)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise ValueError(f"unknown open_clip model {arch!r} (see open_clip.list_models()){hint}")
+    return name
+
+
+def _fit_open_clip_state(model: nn.Module, state: dict) -> dict:
+    """A state_dict as open_clip's ``load_checkpoint`` massages one before loading it (without
+    reading the file itself): DDP's ``module.`` prefix dropped, the old text-tower layout of a
+    ``CustomTextCLIP`` converted, a missing ``logit_bias`` zero, position embeddings resized."""
+    from open_clip.model import convert_to_custom_text_state_dict, resize_pos_embed, resize_text_pos_embed
+
+    if state and all(key.startswith("module.") for key in state):  # saved from DistributedDataParallel
+        state = {key[len("module."):]: value for key, value in state.items()}
+    if "positional_embedding" in state and not hasattr(model, "positional_embedding"):
+        state = convert_to_custom_text_state_dict(state)
+    for key in ("logit_scale", "logit_bias"):
+        own = getattr(model, key, None)
+        if key in state and own is not None and own.ndim != state[key].ndim:
+            state[key] = state[key].reshape(own.shape)
+    if "logit_bias" not in state and getattr(model, "logit_bias", None) is not None and "logit_scale" in state:
+        state["logit_bias"] = torch.zeros_like(state["logit_scale"])
+    state.pop("text.transformer.embeddings.position_ids", None)  # dropped by transformers >= 4.31
+    resize_pos_embed(state, model)
+    resize_text_pos_embed(state, model)
+    return state
+
+
+def _open_clip_tag(name: str, pretrained: str) -> None:
+    """Refuse a pretrained tag open_clip does not know for ``name``, listing the ones it does
+    (open_clip's metadata: no network)."""
+    import open_clip
+
+    if not open_clip.get_pretrained_cfg(name, pretrained):
+        tags = open_clip.list_pretrained_tags_by_model(name)
+        known = f"its tags: {', '.join(tags)}" if tags else "it has no pretrained tags: pass --checkpoint FILE"
+        raise ValueError(f"open_clip has no pretrained tag {pretrained!r} for {name} ({known})")
+
+
+def load_open_clip_model(arch: str, checkpoint=None, pretrained: Optional[str] = None) -> nn.Module:
+    """A whole open_clip model (image and text towers) in eval mode and float32.
+
+    Args:
+        arch: an open_clip model config name, or a ``.json`` model config file (see
+            :func:`open_clip_config_name`).
+        checkpoint: a local ``.safetensors``/``.pth``/``.pt``/``.bin`` open_clip state_dict (a
+            training checkpoint's ``{"state_dict": ...}`` is unwrapped), read with
+            ``weights_only=True``.
+        pretrained: an open_clip pretrained tag (``laion2b_s34b_b79k``); open_clip downloads
+            the weights on first use (network access or a warm cache needed).
+
+    The preprocessing settings open_clip attaches (``model.visual.preprocess_cfg``) come with
+    the model: a tag's own mean and std, else open_clip's defaults (OpenAI CLIP statistics).
+    """
+    import open_clip
+
+    name = open_clip_config_name(arch)
+    if checkpoint is not None and pretrained:
+        raise ValueError("give either --pretrained TAG or --checkpoint FILE, not both")
+    if pretrained:
+        _open_clip_tag(name, pretrained)
+    options = {"pretrained_hf": False}  # the CLIP weights (tag or checkpoint) hold the text tower too
+    if "weights_only" in inspect.signature(open_clip.create_model).parameters:  # open_clip >= 3.0
+        options["weights_only"] = True  # a tag's file is read as tensors, never as code
+    try:
+        model = open_clip.create_model(name, pretrained=pretrained or None, **options)
+    except RuntimeError as err:
+        if pretrained:
+            raise ValueError(
+                f"open_clip could not load {name} {pretrained!r} ({err}): the weights are downloaded on first "
+                "use, which needs network access or a warm Hugging Face cache; or pass --checkpoint FILE"
+            ) from None
+        raise
+    if checkpoint is not None:
+        state = _fit_open_clip_state(model, load_checkpoint(checkpoint))
+        state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as err:
+            raise ValueError(f"checkpoint {checkpoint} does not fit open_clip {name}: {err}") from None
+    return model.float().eval()
+
+
 def load_model(
     name: Optional[str] = None,
     *,
     checkpoint=None,
     num_classes: Optional[int] = None,
-    pretrained: bool = False,
+    pretrained: Union[bool, str] = False,
     **timm_kwargs,
 ) -> nn.Module:
-    """Create a timm model, or load a Hugging Face one, in eval mode and float32.
+    """Create a timm model, or load a Hugging Face or open_clip one, in eval mode and float32.
 
     Args:
         name: timm architecture name; ``"hf:DIR"`` a Hugging Face model folder (see
-            :func:`load_hf_model`); ``None`` is the embedded ViT-Tiny Imagenette model.
-        checkpoint: a local ``.safetensors`` or ``.pth`` state_dict with timm key names.
+            :func:`load_hf_model`); ``"open_clip:ARCH"`` an open_clip model (see
+            :func:`load_open_clip_model`); ``None`` is the embedded ViT-Tiny Imagenette model.
+        checkpoint: a local ``.safetensors`` or ``.pth`` state_dict with timm key names (open_clip
+            key names for ``open_clip:ARCH``).
         num_classes: classifier size; with a checkpoint it must match the checkpoint's head
             (defaults to it).
-        pretrained: load timm's pretrained weights (needs network access or a warm cache).
+        pretrained: ``True``: timm's pretrained weights; a tag string: open_clip's pretrained
+            weights (``open_clip:ARCH`` only). Both need network access or a warm cache.
     """
     if name is not None and name.startswith(HF_PREFIX):
         given = [flag for flag, value in (("--checkpoint", checkpoint), ("--pretrained", pretrained),
@@ -128,6 +267,14 @@ def load_model(
                 "architecture and weights from the folder: leave them out"
             )
         return load_hf_model(name[len(HF_PREFIX):], num_classes=num_classes)
+    if name is not None and name.startswith(OPEN_CLIP_PREFIX):
+        return _load_open_clip(name[len(OPEN_CLIP_PREFIX):], checkpoint, num_classes, pretrained, timm_kwargs)
+    if isinstance(pretrained, str):
+        raise ValueError(
+            f"--pretrained {pretrained}: a pretrained tag names open_clip weights ({OPEN_CLIP_PREFIX}ARCH models); "
+            "for timm give --pretrained alone, after the model name (timm's tag is part of the name, e.g. "
+            "vit_base_patch16_224.augreg_in21k)"
+        )
     import timm
 
     if name is None:
@@ -167,3 +314,27 @@ def load_model(
         except RuntimeError as err:
             raise ValueError(f"checkpoint {checkpoint} does not fit {name}: {err}") from None
     return model.float().eval()
+
+
+def _load_open_clip(arch: str, checkpoint, num_classes, pretrained, timm_kwargs) -> nn.Module:
+    """``load_model("open_clip:ARCH", ...)``: the flags that do not apply refused, naming the fix."""
+    if num_classes is not None:
+        raise ValueError(
+            f"--num-classes: an open_clip model has no classification head to size; it classifies "
+            "zero-shot over class names (--class-names FILE): leave --num-classes out"
+        )
+    if timm_kwargs:
+        raise ValueError(
+            f"--model-kwargs are timm.create_model arguments; {OPEN_CLIP_PREFIX}{arch} is built from its "
+            "open_clip config: leave them out (for another architecture pass a .json model config file "
+            f"as {OPEN_CLIP_PREFIX}PATH.json)"
+        )
+    if pretrained is True:
+        import open_clip
+
+        tags = open_clip.list_pretrained_tags_by_model(arch) if not arch.endswith(".json") else []
+        example = f" (e.g. --pretrained {tags[0]}; its tags: {', '.join(tags)})" if tags else ""
+        raise ValueError(
+            f"{OPEN_CLIP_PREFIX}{arch}: --pretrained needs open_clip's pretrained tag, --pretrained TAG{example}"
+        )
+    return load_open_clip_model(arch, checkpoint=checkpoint, pretrained=pretrained or None)

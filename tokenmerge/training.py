@@ -184,7 +184,17 @@ class TrainConfig:
     def check(self) -> None:
         """Raise on any setting the run cannot use (before anything is loaded or written)."""
         from .core.schedule import validate_schedule
+        from .models import OPEN_CLIP_PREFIX
 
+        if str(self.model or "").startswith(OPEN_CLIP_PREFIX):
+            # The loss reads a classifier's logits; a zero-shot head (text embeddings of class names)
+            # is not what the tower was trained against, and open_clip's contrastive training is its own.
+            raise ValueError(
+                f"tokenmerge train fine-tunes classifiers against labels; {self.model} has no classification "
+                "head (it is evaluated zero-shot from class names): use the training-free commands, "
+                "tokenmerge tune/eval with --class-names FILE, or patch it in Python (tokenmerge.patch) and "
+                "train it with open_clip's own training code"
+            )
         if self.method not in METHODS:
             raise ValueError(f"--method must be one of {METHODS} for training, got {self.method!r}")
         if self.mode not in MODES:

@@ -143,6 +143,25 @@ class ModelAdapter:
         (its token count, hence a patched model's schedule, then follows the input)."""
         return False
 
+    def image_preprocessing(self) -> dict:
+        """How an image file becomes this model's input (image models): ``size``, ``mean``,
+        ``std`` (per channel, on [0, 1] pixels), ``interpolation`` and ``resize_mode``. The
+        default (timm and Hugging Face image models): ImageNet statistics, the shorter side
+        resized (bilinear) to the model's size and centre-cropped; open_clip models give
+        their own (:mod:`tokenmerge.backends.open_clip`)."""
+        from ..evaluation.data import IMAGENET_MEAN, IMAGENET_STD
+
+        return {"size": self.image_size, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
+                "interpolation": "bilinear", "resize_mode": "shortest"}
+
+    def image_transform(self):
+        """PIL image -> normalised model input ``[3, H, W]``, as :meth:`image_preprocessing`
+        says (a torchvision transform)."""
+        from ..evaluation.data import image_transform
+
+        settings = self.image_preprocessing()
+        return image_transform(self.image_size, settings["mean"], settings["std"])
+
     def export_refusal(self) -> str:
         """Why this model cannot be exported at a fixed input size (``""`` when it can), with
         the fix; family-specific (e.g. a patched timm ``dynamic_img_size`` model)."""

@@ -4,7 +4,11 @@ The image tower of OpenAI/LAION CLIP (ViT-B/32, ViT-L/14, ...), CLIPA, CoCa and 
 open_clip configs without a timm trunk. Patch the tower (``model.visual``) or the whole model
 (``open_clip.CLIP``, ``CustomTextCLIP``, ``CoCa``): a whole model has its ``visual`` patched and
 is marked patched itself, so ``model.encode_image`` merges image tokens (the text tower is
-left alone). Towers that are a timm trunk (``model.visual.trunk``, SigLIP, ViTamin...) are timm
+left alone). A :class:`~tokenmerge.zero_shot.ZeroShotClassifier` around such a model patches
+the same way and is a classifier to the adapter (``num_classes``, ``logits``), which is how
+``eval`` and ``tune`` run open_clip models. The adapter also gives the model's own image
+preprocessing (``image_preprocessing``, ``image_transform``: open_clip's ``preprocess_cfg``,
+CLIP's mean and std, not ImageNet's). Towers that are a timm trunk (``model.visual.trunk``, SigLIP, ViTamin...) are timm
 models: patch the trunk, which the timm backend covers.
 
 As in the timm backend, patching swaps the classes of the tower and of its residual blocks
@@ -97,10 +101,11 @@ def _classes():
 
 
 def _wrapper_classes() -> tuple:
-    """The open_clip models that hold an image tower in ``visual``."""
+    """The models that hold an open_clip image tower in ``visual``: open_clip's, and
+    tokenmerge's :class:`~tokenmerge.zero_shot.ZeroShotClassifier` around one of them."""
     wrappers = []
     for module, name in (("open_clip.model", "CLIP"), ("open_clip.model", "CustomTextCLIP"),
-                         ("open_clip.coca_model", "CoCa")):
+                         ("open_clip.coca_model", "CoCa"), ("tokenmerge.zero_shot", "ZeroShotClassifier")):
         cls = getattr(sys.modules.get(module), name, None)
         if cls is not None:
             wrappers.append(cls)
@@ -113,7 +118,7 @@ def _is_tower(module) -> bool:
 
 def vision_tower(model: nn.Module) -> Optional[nn.Module]:
     """The open_clip ``VisionTransformer`` of ``model`` (the tower itself, or the ``visual`` of
-    an open_clip CLIP/CustomTextCLIP/CoCa), or ``None``."""
+    an open_clip CLIP/CustomTextCLIP/CoCa or of a ZeroShotClassifier), or ``None``."""
     if not _loaded():
         return None
     if _is_tower(model):
@@ -128,8 +133,16 @@ def is_open_clip_vit(model: nn.Module) -> bool:
     return vision_tower(model) is not None
 
 
+def _zero_shot(model: nn.Module) -> Optional[nn.Module]:
+    """``model`` when it is a :class:`~tokenmerge.zero_shot.ZeroShotClassifier`, else ``None``."""
+    cls = getattr(sys.modules.get("tokenmerge.zero_shot"), "ZeroShotClassifier", None)
+    return model if cls is not None and isinstance(model, cls) else None
+
+
 def refusal_reason(model: nn.Module) -> str:
     """Why an open_clip model without its own ``VisionTransformer`` tower is refused."""
+    if _zero_shot(model) is not None:
+        model = model.clip
     if not _loaded() or not type(model).__module__.startswith("open_clip"):
         return ""
     visual = getattr(model, "visual", None)
@@ -602,7 +615,34 @@ class OpenClipAdapter(ModelAdapter):
 
     @property
     def num_classes(self) -> Optional[int]:
-        return None  # image embeddings, no classification head
+        """The zero-shot classes of a ZeroShotClassifier; ``None`` otherwise (image embeddings,
+        no classification head)."""
+        zero_shot = _zero_shot(self.model)
+        return None if zero_shot is None else zero_shot.num_classes
+
+    def image_preprocessing(self) -> dict:
+        """open_clip's preprocessing settings of the model: ``model.visual.preprocess_cfg`` as
+        ``open_clip.create_model`` sets it (a pretrained tag's mean and std), over open_clip's
+        defaults (OpenAI CLIP mean and std, bicubic, shorter side + centre crop); the size is
+        the tower's own."""
+        from dataclasses import asdict
+
+        from open_clip.model import get_model_preprocess_cfg
+        from open_clip.transform import PreprocessCfg
+
+        tower = self.tower
+        saved = get_model_preprocess_cfg(tower)
+        settings = {key: saved.get(key, default) for key, default in asdict(PreprocessCfg()).items()}
+        settings["size"] = self.image_size if tower.image_size[0] == tower.image_size[1] else self.input_size
+        # JSON-ready (the result cache's key): tuples as lists.
+        return {key: list(value) if isinstance(value, tuple) else value for key, value in settings.items()}
+
+    def image_transform(self):
+        """open_clip's own inference transform for :meth:`image_preprocessing` (what
+        ``open_clip.create_model_and_transforms`` returns as its validation preprocess)."""
+        from open_clip.transform import PreprocessCfg, image_transform_v2
+
+        return image_transform_v2(PreprocessCfg(**self.image_preprocessing()), is_train=False)
 
     @property
     def blocks(self) -> list:
@@ -612,10 +652,16 @@ class OpenClipAdapter(ModelAdapter):
         return MergingOpenClipViTMixin._tm_embed(self.tower, images)
 
     def logits(self, state: TokenState) -> torch.Tensor:
-        raise TypeError(
-            f"{_original_type(self.tower).__name__} has no classification head, so it gives no logits: it "
-            "gives image embeddings (model.encode_image, or the tower's forward)"
-        )
+        """The zero-shot logits of a ZeroShotClassifier (the image embedding against its class
+        embeddings); other open_clip models give image embeddings, not logits."""
+        zero_shot = _zero_shot(self.model)
+        if zero_shot is None:
+            raise TypeError(
+                f"{_original_type(self.tower).__name__} has no classification head, so it gives no logits: it "
+                "gives image embeddings (model.encode_image, or the tower's forward); for zero-shot logits "
+                "wrap the model: tokenmerge.zero_shot.zero_shot_classifier(model, class_names, tokenizer)"
+            )
+        return zero_shot.classify(self.features(state))
 
     def features(self, state: TokenState) -> torch.Tensor:
         """The last block's :class:`TokenState` -> the tower's image embedding (final norm,

@@ -24,7 +24,8 @@ def add_parser(subparsers) -> None:
             "schedule with tokens simply cut, no merge work) in one process, interleaved, "
             "median of repeated timings. Random weights unless --pretrained/--checkpoint: "
             "throughput does not depend on weights. Random inputs of the model's shape: images, "
-            "or for hf: AST / VideoMAE / ViViT models spectrograms / video clips."
+            "or for hf: AST / VideoMAE / ViViT models spectrograms / video clips. An open_clip:ARCH "
+            "model times its image tower (encode_image)."
         ),
     )
     add_model_arguments(parser, default_model="vit_small_patch16_224")

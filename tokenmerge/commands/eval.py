@@ -13,7 +13,8 @@ import torch
 from ..core.schedule import parse_schedule
 from ..evaluation.data import EMBEDDED_SUBSET
 from . import arguments
-from .common import add_device_arguments, add_model_arguments, model_from_args, resolve_device_arguments
+from .common import (add_device_arguments, add_model_arguments, add_zero_shot_arguments, model_from_args,
+                     resolve_device_arguments, zero_shot_from_args)
 
 __all__ = ["add_parser", "run", "DEFAULT_DATA", "variants_from", "method_options"]
 
@@ -32,13 +33,15 @@ def add_parser(subparsers) -> None:
             "Evaluate the unmodified model and every method x schedule on an ImageFolder-like "
             "dataset (class sub-folders of images, or of WAV/FLAC files for an hf: AST model, or "
             "of video files for an hf: VideoMAE or ViViT model): top-1, GFLOPs per example, and "
-            "throughput timed interleaved in this run. "
+            "throughput timed interleaved in this run. An open_clip:ARCH model is evaluated "
+            "zero-shot (--class-names; its own image preprocessing). "
             "Writes OUT/results.csv and OUT/results.json; finished rows are cached in "
             "OUT/cache.jsonl, so an interrupted run resumes. Default model and data: the "
             "embedded ViT-Tiny Imagenette checkpoint and its 500-image validation subset."
         ),
     )
     add_model_arguments(parser)
+    add_zero_shot_arguments(parser)
     parser.add_argument("--data", type=Path, default=None,
                         help="data root with one sub-folder per class, holding images (JPEG, PNG...), "
                              "WAV/FLAC files (AST; needs soundfile) or video files (VideoMAE/ViViT; needs PyAV), "
@@ -110,7 +113,9 @@ def _meta(args, model_name, data, num_images, weights) -> dict:
     return {
         "model": model_name,
         "checkpoint": str(args.checkpoint) if args.checkpoint else None,
-        "pretrained": bool(args.pretrained),
+        "pretrained": args.pretrained,  # True (timm), False, or an open_clip tag
+        "class_names": str(args.class_names) if args.class_names else None,
+        "prompt_templates": args.prompt_template,
         "weights_sha256_16": weights,
         "data": str(data),
         "limit": args.limit,
@@ -190,8 +195,9 @@ def run(args: argparse.Namespace) -> int:
     variants += [Variant.create(c["method"], c["r"], c["options"]) for c in args.config]
     model = model_from_args(args)
     model_name = args.model or "vit_tiny_patch16_224 (embedded Imagenette checkpoint)"
+    data = args.data or inputs_for(model).default_data()
+    model = zero_shot_from_args(model, args, data)  # open_clip: zero-shot over --class-names
     inputs = inputs_for(model)
-    data = args.data or inputs.default_data()
     if args.target_speedup is not None or args.target_gflops is not None:
         variants += budget_variants(model, args.methods, options, args, inputs)
     for variant in variants:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 
 from . import arguments
-from .common import add_model_arguments, model_from_args
+from .common import add_model_arguments, add_zero_shot_arguments, model_from_args, zero_shot_from_args
 
 __all__ = ["add_parser", "run"]
 
@@ -20,10 +20,13 @@ def add_parser(subparsers) -> None:
             "size, where the schedule is fixed: --onnx writes an ONNX file (batch dimension "
             "dynamic unless --static-batch) and checks ONNX Runtime's logits against PyTorch's "
             "on random images; --program writes a torch.export program (.pt2). Files are "
-            "replaced only once complete. Default model: the embedded ViT-Tiny Imagenette checkpoint."
+            "replaced only once complete. An open_clip:ARCH model exports its image encoder (output: "
+            "the image embedding), or with --class-names its zero-shot classifier (output: logits). "
+            "Default model: the embedded ViT-Tiny Imagenette checkpoint."
         ),
     )
     add_model_arguments(parser)
+    add_zero_shot_arguments(parser, required=False)
     parser.add_argument("--method", default="tome",
                         help="token reduction method, or 'none' for the unmodified model (default: tome)")
     parser.add_argument("--r", type=arguments.schedule, default=None, metavar="SCHEDULE",
@@ -40,7 +43,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--static-batch", action="store_true", help="fix the batch dimension to --batch-size")
     parser.add_argument("--opset", type=arguments.positive_int, default=None, help="ONNX opset (16..20, default 17)")
     parser.add_argument("--atol", type=arguments.finite_positive_float, default=1e-4,
-                        help="largest logit difference the ONNX Runtime check accepts (default 1e-4)")
+                        help="largest logit (or embedding) difference the ONNX Runtime check accepts (default 1e-4)")
     parser.add_argument("--no-check", action="store_true", help="skip the ONNX Runtime check")
     parser.set_defaults(func=run)
 
@@ -67,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
     if args.onnx is None and args.program is None:
         raise ValueError("nothing to write: give --onnx FILE and/or --program FILE")
     variant = _variant(args)
-    model = build_variant(model_from_args(args), variant)
+    model = build_variant(zero_shot_from_args(model_from_args(args), args, required=False), variant)
     check_exportable(model, args.image_size)  # refuse before any file is touched
     name = f"{args.model or 'embedded ViT-Tiny'}, {variant.label}"
     if args.onnx is not None:
@@ -81,7 +84,9 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"{err}; or pass --no-check to export without checking") from None
         shape = "x".join(str(s) for s in result.input_shape)
         print(f"wrote {result.path} ({name}; input {shape})")
-        if result.max_abs_diff is not None:
+        if result.max_abs_diff is not None and result.argmax_agreement is None:  # open_clip image embeddings
+            print(f"ONNX Runtime vs PyTorch: max |embedding difference| {result.max_abs_diff:.2e}")
+        elif result.max_abs_diff is not None:
             print(f"ONNX Runtime vs PyTorch: max |logit difference| {result.max_abs_diff:.2e}, "
                   f"top-1 agreement {result.argmax_agreement:.0%}")
     if args.program is not None:

@@ -8,7 +8,8 @@ import math
 from pathlib import Path
 
 from . import arguments
-from .common import add_device_arguments, add_model_arguments, model_from_args, resolve_device_arguments
+from .common import (add_device_arguments, add_model_arguments, add_zero_shot_arguments, model_from_args,
+                     resolve_device_arguments, zero_shot_from_args)
 
 __all__ = ["add_parser", "run", "parse_candidate"]
 
@@ -45,10 +46,13 @@ def add_parser(subparsers) -> None:
             "candidate method, the smallest constant r within the budget, then a per-block "
             "schedule search for the best, minimising the divergence from the unmodified model "
             "(label-free by default). Writes OUT/best.json (tokenmerge.patch(model, "
-            "**json.load(f)) applies it), OUT/candidates.csv/.json and OUT/pareto.png."
+            "**json.load(f)) applies it), OUT/candidates.csv/.json and OUT/pareto.png. An "
+            "open_clip:ARCH model is tuned as a zero-shot classifier (--class-names); best.json "
+            "then patches the open_clip model itself."
         ),
     )
     add_model_arguments(parser)
+    add_zero_shot_arguments(parser)
     parser.add_argument("--data", type=Path, required=True,
                         help="calibration ImageFolder (use the train split); labels are optional")
     parser.add_argument("--limit", type=arguments.positive_int, default=1000,
@@ -113,9 +117,10 @@ def run(args) -> int:
     from ..evaluation.tune import DEFAULT_METHODS, tune
 
     resolve_device_arguments(args)
-    model = model_from_args(args).to(args.device)
-    images, labels, _ = load_images(args.data, image_size=adapter_for(model).image_size, limit=args.limit,
-                                    batch_size=args.batch_size, spread=True)
+    model = zero_shot_from_args(model_from_args(args), args, args.data).to(args.device)
+    adapter = adapter_for(model)
+    images, labels, _ = load_images(args.data, image_size=adapter.image_size, limit=args.limit,
+                                    batch_size=args.batch_size, spread=True, transform=adapter.image_transform())
     images, labels = images.to(args.device), labels.to(args.device)
     result = tune(
         model, (images, labels),

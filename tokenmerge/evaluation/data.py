@@ -1,4 +1,5 @@
-"""ImageFolder data with ImageNet normalisation, in sorted (class, file) order."""
+"""ImageFolder data in sorted (class, file) order, with ImageNet normalisation unless a model's
+own transform is given (open_clip models: see ``ModelAdapter.image_transform``)."""
 
 from __future__ import annotations
 
@@ -98,16 +99,18 @@ def image_loader(dataset, batch_size: int = 64, num_workers: int = 0):
 
 
 def load_images(root, image_size: int = 224, limit: Optional[int] = None, batch_size: int = 256,
-                num_workers: int = 0, progress: bool = False, spread: bool = False):
+                num_workers: int = 0, progress: bool = False, spread: bool = False, transform=None):
     """Decode a whole folder once into ``(images [N,3,S,S] float32, labels [N] int64, classes)``.
 
     Sweeps evaluate many configurations on the same images; decoding once and reusing
     the tensors keeps JPEG decoding out of every measurement. ``limit``/``spread`` as in
     :func:`image_folder` (``spread=True`` for a calibration subset over every class).
+    ``transform``: PIL image -> ``[3, S, S]`` (default: :func:`image_transform`, ImageNet
+    normalisation; a model's own is its adapter's ``image_transform()``).
     """
     from tqdm.auto import tqdm
 
-    dataset = image_folder(root, image_size=image_size, limit=limit, spread=spread)
+    dataset = image_folder(root, image_size=image_size, limit=limit, transform=transform, spread=spread)
     images, labels = [], []
     batches = image_loader(dataset, batch_size=batch_size, num_workers=num_workers)
     for x, y in tqdm(batches, desc="loading images", disable=not progress, leave=False):

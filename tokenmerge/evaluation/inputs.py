@@ -6,8 +6,11 @@ returns the matching :class:`Inputs`, which loads an ImageFolder-like data folde
 (``<root>/<class>/<file>``) into one preloaded tensor, makes random batches of the model's
 input shape for timing and FLOP counts, and fingerprints the files for the result cache.
 
-- images (timm and HF image models): JPEG/PNG..., resized and centre-cropped, ImageNet
-  normalisation (:mod:`tokenmerge.evaluation.data`);
+- images (timm, HF and open_clip image models): JPEG/PNG..., resized and centre-cropped,
+  normalised as the model's adapter says (:meth:`~tokenmerge.backends.adapter.ModelAdapter.
+  image_preprocessing`): ImageNet statistics for timm and Hugging Face models, open_clip's own
+  ``preprocess_cfg`` (CLIP's mean and std, bicubic) and transform for open_clip models
+  (:mod:`tokenmerge.evaluation.data`);
 - spectrograms (AST): WAV/FLAC decoded with soundfile, Kaldi-style log-mel features
   (:mod:`tokenmerge.evaluation.audio`);
 - videos (VideoMAE, ViViT): clips decoded with PyAV (:mod:`tokenmerge.evaluation.video`).
@@ -30,7 +33,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..backends.adapter import adapter_for
+from ..backends.adapter import ModelAdapter, adapter_for
 
 __all__ = ["Inputs", "ImageInputs", "SpectrogramInputs", "VideoInputs", "inputs_for", "files_fingerprint"]
 
@@ -166,8 +169,22 @@ class ImageInputs(Inputs):
     def shape(self) -> tuple:
         return (3, self.image_size, self.image_size)
 
+    def preprocessing(self) -> dict:
+        """The model's image preprocessing settings (its adapter's
+        :meth:`~tokenmerge.backends.adapter.ModelAdapter.image_preprocessing`)."""
+        return self.adapter.image_preprocessing()
+
+    def _normalisation(self) -> tuple:
+        """``(mean, std)`` per channel on [0, 1] pixels."""
+        settings = self.preprocessing()
+        return settings["mean"], settings["std"]
+
     def cache_context(self) -> dict:
-        return {"image_size": self.image_size}  # the key of earlier versions: their caches stay valid
+        context = {"image_size": self.image_size}  # the key of earlier versions: their caches stay valid
+        settings = self.preprocessing()
+        if settings != ModelAdapter.image_preprocessing(self.adapter):  # open_clip: its own statistics
+            context["preprocessing"] = settings
+        return context
 
     def default_data(self) -> Path:
         from .data import EMBEDDED_SUBSET
@@ -177,7 +194,8 @@ class ImageInputs(Inputs):
     def load(self, root, limit=None, progress=False):
         from .data import load_images
 
-        return load_images(root, image_size=self.image_size, limit=limit, progress=progress)
+        return load_images(root, image_size=self.image_size, limit=limit, progress=progress,
+                           transform=self.adapter.image_transform())
 
     def fingerprint(self, root, limit=None):
         from .sweep import dataset_fingerprint
@@ -193,7 +211,9 @@ class ImageInputs(Inputs):
     def load_file(self, path):
         from .visualize import load_display_image
 
-        return load_display_image(self.check_file(path), self.image_size)[1]
+        mean, std = self._normalisation()
+        return load_display_image(self.check_file(path), self.image_size, transform=self.adapter.image_transform(),
+                                  mean=mean, std=std)[1]
 
 
 class SpectrogramInputs(Inputs):

@@ -176,9 +176,13 @@ def spectrogram_cells(source: np.ndarray, mel_bins: int, frames: int, kernel: tu
     return source[rows[:, None], columns[None, :]]
 
 
-def load_display_image(path, image_size: int = 224):
+def load_display_image(path, image_size: int = 224, transform=None, mean=None, std=None):
     """``(display [H, W, 3] float in [0, 1], normalised model input [3, H, W])`` of one image
-    file, resized and centre-cropped as for evaluation."""
+    file, resized and centre-cropped as for evaluation.
+
+    ``transform`` (PIL image -> normalised input, e.g. an open_clip model's) replaces the
+    default ImageNet one; the display is then its output denormalised with ``mean``/``std``.
+    """
     from torchvision import transforms
 
     from .data import IMAGENET_MEAN, IMAGENET_STD, _checked_loader
@@ -187,6 +191,9 @@ def load_display_image(path, image_size: int = 224):
     if not path.is_file():
         raise FileNotFoundError(f"image {str(path)!r} does not exist")
     picture = _checked_loader(str(path))
+    if transform is not None:
+        normalised = transform(picture)
+        return _denormalise(normalised, mean or IMAGENET_MEAN, std or IMAGENET_STD), normalised
     tensor = transforms.Compose([
         transforms.Resize(image_size), transforms.CenterCrop(image_size), transforms.ToTensor(),
     ])(picture)
@@ -220,7 +227,6 @@ def visualize_merging(model: nn.Module, path, block: Optional[int] = None, title
     """
     from matplotlib.figure import Figure
 
-    from .data import IMAGENET_MEAN, IMAGENET_STD
     from .inputs import inputs_for
 
     adapter = adapter_for(model)
@@ -261,7 +267,7 @@ def visualize_merging(model: nn.Module, path, block: Optional[int] = None, title
             ax.set_axis_off()
         figure.supxlabel(f"input: {source.size} tubelets; {after} (one colour per token, across frames too)")
     else:
-        display = _denormalise(x, IMAGENET_MEAN, IMAGENET_STD)
+        display = _denormalise(x, *inputs._normalisation())
         figure = Figure(figsize=(8.4, 4.6), layout="constrained")
         left, right = figure.subplots(1, 2)
         left.imshow(display)
