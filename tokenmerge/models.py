@@ -228,13 +228,19 @@ def load_open_clip_model(arch: str, checkpoint=None, pretrained: Optional[str] =
             ) from None
         raise
     if checkpoint is not None:
-        state = _fit_open_clip_state(model, load_checkpoint(checkpoint))
-        state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as err:
-            raise ValueError(f"checkpoint {checkpoint} does not fit open_clip {name}: {err}") from None
+        _load_float_state(model, _fit_open_clip_state(model, load_checkpoint(checkpoint)),
+                          f"checkpoint {checkpoint} does not fit open_clip {name}")
     return model.float().eval()
+
+
+def _load_float_state(model: nn.Module, state: dict, mismatch: str) -> None:
+    """Load ``state`` (floating tensors cast to float32, as the model runs) strictly; a state
+    that does not fit raises ``ValueError(mismatch: why)``."""
+    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        raise ValueError(f"{mismatch}: {err}") from None
 
 
 def load_model(
@@ -308,11 +314,7 @@ def load_model(
             raise ValueError(f"unknown timm model {name!r} (see timm.list_models())") from None
         raise
     if state is not None:
-        state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as err:
-            raise ValueError(f"checkpoint {checkpoint} does not fit {name}: {err}") from None
+        _load_float_state(model, state, f"checkpoint {checkpoint} does not fit {name}")
     return model.float().eval()
 
 
