@@ -30,6 +30,16 @@ def test_subcommands_registered(capsys):
         assert command in text
 
 
+def test_python_dash_m_tokenmerge_is_the_command_line():
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "tokenmerge", "eval", "--help"], capture_output=True, text=True)
+    assert done.returncode == 0 and "--target-speedup" in done.stdout
+    done = subprocess.run([sys.executable, "-m", "tokenmerge", "nope"], capture_output=True, text=True)
+    assert done.returncode == 2 and "invalid choice" in done.stderr
+
+
 def test_demo_methods_skips_dtem_without_modules(tmp_path):
     methods, options, skipped = demo_methods(assets=tmp_path)
     assert "drop" not in methods and "tome" in methods
