@@ -28,8 +28,8 @@ from torch import nn
 
 from .io import load_safetensors, load_tensor_file
 
-__all__ = ["DEFAULT_MODEL", "DEFAULT_CHECKPOINT", "HF_PREFIX", "OPEN_CLIP_PREFIX", "load_model", "load_hf_model",
-           "load_open_clip_model", "open_clip_config_name", "load_checkpoint"]
+__all__ = ["DEFAULT_MODEL", "DEFAULT_CHECKPOINT", "HF_PREFIX", "OPEN_CLIP_PREFIX", "is_open_clip_model", "load_model",
+           "load_hf_model", "load_open_clip_model", "open_clip_config_name", "load_checkpoint"]
 
 DEFAULT_MODEL = "vit_tiny_patch16_224"
 DEFAULT_NUM_CLASSES = 10
@@ -243,6 +243,11 @@ def _load_float_state(model: nn.Module, state: dict, mismatch: str) -> None:
         raise ValueError(f"{mismatch}: {err}") from None
 
 
+def is_open_clip_model(name) -> bool:
+    """Whether a model name names an open_clip model (``open_clip:ARCH``)."""
+    return name is not None and str(name).startswith(OPEN_CLIP_PREFIX)
+
+
 def load_model(
     name: Optional[str] = None,
     *,
@@ -273,7 +278,7 @@ def load_model(
                 "architecture and weights from the folder: leave them out"
             )
         return load_hf_model(name[len(HF_PREFIX):], num_classes=num_classes)
-    if name is not None and name.startswith(OPEN_CLIP_PREFIX):
+    if is_open_clip_model(name):
         return _load_open_clip(name[len(OPEN_CLIP_PREFIX):], checkpoint, num_classes, pretrained, timm_kwargs)
     if isinstance(pretrained, str):
         raise ValueError(

@@ -184,9 +184,9 @@ class TrainConfig:
     def check(self) -> None:
         """Raise on any setting the run cannot use (before anything is loaded or written)."""
         from .core.schedule import validate_schedule
-        from .models import OPEN_CLIP_PREFIX
+        from .models import is_open_clip_model
 
-        if str(self.model or "").startswith(OPEN_CLIP_PREFIX):
+        if is_open_clip_model(self.model):
             # The loss reads a classifier's logits; a zero-shot head (text embeddings of class names)
             # is not what the tower was trained against, and open_clip's contrastive training is its own.
             raise ValueError(

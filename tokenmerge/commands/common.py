@@ -7,11 +7,12 @@ from pathlib import Path
 
 import torch
 
+from ..models import is_open_clip_model
 from ..zero_shot import DEFAULT_TEMPLATE
 from . import arguments
 
 __all__ = ["add_model_arguments", "add_zero_shot_arguments", "model_from_args", "zero_shot_from_args",
-           "is_open_clip_model", "parse_dtype", "add_device_arguments"]
+           "parse_dtype", "add_device_arguments"]
 
 _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
            "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
@@ -100,13 +101,6 @@ def model_from_args(args):
         _check_open_clip_tower(model, args.model)
     check_patchable(model)
     return model
-
-
-def is_open_clip_model(name) -> bool:
-    """Whether a model argument names an open_clip model (``open_clip:ARCH``)."""
-    from ..models import OPEN_CLIP_PREFIX
-
-    return name is not None and str(name).startswith(OPEN_CLIP_PREFIX)
 
 
 def _check_open_clip_tower(model, name: str) -> None:
