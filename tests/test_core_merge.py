@@ -171,3 +171,48 @@ def test_positions_are_size_weighted_centroids_whatever_the_fusion_weight():
     expected = torch.tensor([[[1.5, 0.0], [0.0, 4.0]]])  # (0*1 + 2*3) / 4
     torch.testing.assert_close(merge_positions(pos, size, plan), expected)
     torch.testing.assert_close(merge_positions(pos, size, weighted), expected)
+
+
+def reference_norm_keeping_merge(x, weight, assign, num_out):
+    """Each slot: the weighted average's direction at the weighted mean of its members' norms."""
+    out = torch.zeros(x.shape[0], num_out, x.shape[-1], dtype=x.dtype)
+    for b in range(x.shape[0]):
+        for slot in range(num_out):
+            members = [i for i in range(x.shape[1]) if assign[b, i] == slot]
+            w = torch.stack([weight[b, i, 0] for i in members])
+            average = sum(weight[b, i, 0] * x[b, i] for i in members) / w.sum()
+            mean_norm = sum(weight[b, i, 0] * x[b, i].norm() for i in members) / w.sum()
+            out[b, slot] = average / average.norm() * mean_norm
+    return out
+
+
+@pytest.mark.parametrize("fusion_weight", [False, True])
+def test_keep_norm_matches_a_loop_reference(fusion_weight):
+    torch.manual_seed(3)
+    x = torch.randn(2, 9, 5, dtype=torch.float64)
+    size = torch.rand(2, 9, 1, dtype=torch.float64) + 0.5
+    assign = torch.tensor([[0, 1, 1, 2, 3, 3, 3, 4, 5], [0, 1, 2, 2, 2, 3, 4, 5, 4]])
+    weight = torch.rand(2, 9, 1, dtype=torch.float64) + 0.1 if fusion_weight else None
+    plan = MergePlan(assign, 5, weight)  # slot 5 discards
+    out, size_out = merge_tokens(x, size, plan, keep_norm=True)
+    expected = reference_norm_keeping_merge(x, size if weight is None else weight, assign, 5)
+    torch.testing.assert_close(out, expected)
+    # the size still counts patches, whatever averages the features
+    torch.testing.assert_close(size_out, merge_tokens(x, size, plan)[1])
+    # a token merged with nothing is unchanged, and a merged one is longer than the plain average
+    torch.testing.assert_close(out[:, 0], x[:, 0])
+    assert torch.all(out[0, 3].norm() > merge_tokens(x, size, plan)[0][0, 3].norm())
+
+
+def test_keep_norm_changes_only_the_length():
+    torch.manual_seed(4)
+    x = torch.randn(3, 30, 8, dtype=torch.float64)
+    plan = bipartite_soft_matching(torch.randn(3, 30, 4, dtype=torch.float64), 12, 1)
+    plain, size = merge_tokens(x, None, plan)
+    kept, kept_size = merge_tokens(x, None, plan, keep_norm=True)
+    assert torch.equal(size, kept_size)
+    cosine = torch.nn.functional.cosine_similarity(plain, kept, dim=-1)
+    torch.testing.assert_close(cosine, torch.ones_like(cosine))
+    # every output's norm is its members' mean norm, so the norms' sum over patches is conserved
+    torch.testing.assert_close((kept.norm(dim=-1, keepdim=True) * size).sum(1),
+                               x.norm(dim=-1, keepdim=True).sum(1))

@@ -60,6 +60,17 @@ def test_training_with_small_tau_matches_hard_inference():
         assert not torch.allclose(model.train()(x), hard, atol=2e-3)
 
 
+def test_keep_norm_is_refused_by_the_soft_training_merge_and_works_at_inference():
+    model = tokenmerge.patch(tiny_vit(), method="dtem", r=8, embed_dim=16, keep_norm=True)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        kept = model.eval()(x)
+        plain = tokenmerge.patch(tiny_vit(), method="dtem", r=8, embed_dim=16).eval()(x)
+    assert not torch.allclose(kept, plain)
+    with pytest.raises(ValueError, match="train with keep_norm=False"):
+        model.train()(x)
+
+
 def test_keys_init_starts_from_tomes_metric():
     model = tiny_vit()
     tokenmerge.patch(model, method="dtem", r=4)  # embed_dim 64 != head width 16: random init

@@ -93,6 +93,50 @@ def test_prop_attn_defaults_per_method_and_option_forms():
         tokenmerge.patch(vit(), method="mctf", r=2, options={"tau_info": 1.0}, tau_info=2.0)
 
 
+@pytest.mark.parametrize("method", ["tome", "mctf", "pitome", "tcvit"])
+@torch.no_grad()
+def test_keep_norm_is_an_option_of_every_method(method):
+    model, x = vit(), torch.randn(2, 3, 64, 64)
+    reference = model(x)
+    assert torch.equal(tokenmerge.patch(model, method=method, r=0, keep_norm=True)(x), reference)
+    plain = tokenmerge.patch(vit(), method=method, r=6)
+    assert plain.token_reducer.keep_norm is False  # off unless asked: ToMe stays the published algorithm
+    tokenmerge.patch(model, method=method, r=6, options={"keep_norm": True})
+    assert model.token_reducer.keep_norm is True
+    assert not torch.allclose(model(x), plain(x))
+    tokenmerge.unpatch(model)
+    assert torch.equal(model(x), reference)
+
+
+@torch.no_grad()
+def test_keep_norm_reaches_the_merge_in_both_layouts():
+    from tokenmerge.core.merge import merge_tokens
+    from tokenmerge.methods import create_reducer
+    from tokenmerge.methods.base import AttentionTensors
+
+    torch.manual_seed(5)
+    x, q, k = torch.randn(2, 17, 12), torch.randn(2, 3, 17, 4), torch.randn(2, 3, 17, 4)
+    attn = AttentionTensors(q, k, None, 0.5)
+    reducer = create_reducer("tome")
+    reducer.keep_norm = True
+    plan = reducer.plan(x, attn, 5, 1, 0)
+    torch.testing.assert_close(reducer.reduce(TokenState(x), attn, 5, 1, 0).x,
+                               merge_tokens(x, None, plan, keep_norm=True)[0])
+    # the local layout merges each branch's input by the same rule
+    image = torch.randn(2, 3, 64, 64)
+    local = {keep: tokenmerge.patch(vit(), r=6, layout="local", keep_norm=keep)(image) for keep in (False, True)}
+    assert not torch.allclose(local[False], local[True])
+
+
+@pytest.mark.parametrize("options,error,message", [
+    (dict(keep_norm="yes"), TypeError, "keep_norm must be True, False or None"),
+    (dict(keep_norm=True, options={"keep_norm": False}), ValueError, "keep_norm given twice"),
+])
+def test_bad_keep_norm(options, error, message):
+    with pytest.raises(error, match=message):
+        tokenmerge.patch(vit(), r=2, **options)
+
+
 @torch.no_grad()
 def test_prop_attn_off_changes_only_attention_not_pooling():
     # Average pooling stays size-weighted without proportional attention: with r>0 and

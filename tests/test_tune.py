@@ -10,7 +10,7 @@ import torch
 import tokenmerge
 from tokenmerge.cli import main
 from tokenmerge.evaluation.flops import count_gflops
-from tokenmerge.evaluation.tune import _fill_budget, read_config, resolve_budget, tune
+from tokenmerge.evaluation.tune import _fill_budget, option_grid, read_config, resolve_budget, tune
 
 
 def small_vit(**kwargs):
@@ -151,13 +151,17 @@ def test_search_never_returns_worse_than_its_constant_start(result):
 
 
 def test_option_search_keeps_the_best_value_of_each_option(model, images):
+    from tokenmerge.methods import create_reducer
     from tokenmerge.methods.mctf import MCTF
 
     result = tune(model, images, gflops_fraction=0.55, methods=[("mctf", {"tau_size": 40.0})], rounds=0,
                   progress=False, measure_speed=False)
     tried = [c for c in result.candidates if c.stage.startswith("options:")]
     moved = {c.stage.split(": ")[1].split("=")[0] for c in tried}
-    assert moved == set(MCTF.option_grid) - {"tau_size"}  # the caller's option stays as given
+    assert moved == set(option_grid(MCTF())) - {"tau_size"}  # the caller's option stays as given
+    assert set(option_grid(MCTF())) == {"keep_norm", *MCTF.option_grid}
+    for method in ("prune", "drop"):  # nothing fused, no norm to keep
+        assert option_grid(create_reducer(method)) == {}
     assert all(c.options["tau_size"] == 40.0 for c in result.candidates)
     start = [c for c in result.candidates if c.stage.startswith("constant")]
     assert all(c.r == min(start, key=lambda c: c.loss).r for c in tried)  # scored at the method's start
@@ -167,6 +171,7 @@ def test_option_search_keeps_the_best_value_of_each_option(model, images):
     # the chosen options round-trip through patch and give the scored logits' KL
     patched = tokenmerge.patch(small_vit(), **result.config())
     assert patched.token_reducer.tau_sim == result.best.options.get("tau_sim", 1.0)
+    assert patched.token_reducer.keep_norm is result.best.options.get("keep_norm", False)
 
 
 def test_option_search_comes_after_the_schedule_search_and_never_loses(model, images):

@@ -81,6 +81,17 @@ def _restore(snapshot: list) -> None:
             setattr(module, name, value)
 
 
+def _common_option(method_options: dict, name: str, value: Optional[bool]) -> Optional[bool]:
+    """``value``, or the same option taken out of ``method_options``; checked to be a bool."""
+    if name in method_options:
+        if value is not None:
+            raise ValueError(f"{name} given twice (as a keyword and inside options); give it once")
+        value = method_options.pop(name)
+    if value is not None and not isinstance(value, bool):
+        raise TypeError(f"{name} must be True, False or None, got {value!r}")
+    return value
+
+
 def patch(
     model: nn.Module,
     method: str = "tome",
@@ -92,6 +103,7 @@ def patch(
     num_protected: Optional[int] = None,
     layout: str = "global",
     prop_attn: Optional[bool] = None,
+    keep_norm: Optional[bool] = None,
     options: Optional[dict] = None,
     **method_options,
 ) -> nn.Module:
@@ -115,6 +127,11 @@ def patch(
         prop_attn: proportional attention on (``True``) or off; ``None`` takes the method's
             default (on for the merging methods, off for select-and-fuse ones, whose few
             large representatives it over-weights; BENCHMARKS.md sections 4 and 6 have the measurements).
+        keep_norm: merged tokens keep the mean norm of the tokens they fuse instead of the
+            shorter norm of their average (ToFu's norm-preserving merge; see
+            :func:`tokenmerge.core.merge.merge_tokens`). ``None`` keeps the policy's setting
+            (off for a new one, so ToMe stays the published algorithm); ``tokenmerge tune``
+            chooses it on calibration images.
         options: the method's options as a dict (the form ``tokenmerge tune`` writes in
             ``best.json``, so ``patch(model, **json.load(f))`` works); merged with
             ``**method_options``.
@@ -137,13 +154,14 @@ def patch(
         if clash:
             raise ValueError(f"method option(s) {clash} given both in options= and as keywords; give each once")
         method_options = {**options, **method_options}
-    if "prop_attn" in method_options:  # an option of every method, also accepted inside options=
-        if prop_attn is not None:
-            raise ValueError("prop_attn given twice (as a keyword and inside options); give it once")
-        prop_attn = method_options.pop("prop_attn")
+    # Options of every method, also accepted inside options= (the form best.json holds).
+    prop_attn = _common_option(method_options, "prop_attn", prop_attn)
+    keep_norm = _common_option(method_options, "keep_norm", keep_norm)
     reducer = _reducer_for(method, method_options)
     if prop_attn is None:
         prop_attn = reducer.default_prop_attn
+    if keep_norm is not None:
+        reducer.keep_norm = keep_norm
     if num_protected is None:
         num_protected = adapter.num_prefix_tokens
     config = MergeConfig(schedule, num_protected, attention_impl, trace_source, layout, prop_attn)

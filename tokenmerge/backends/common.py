@@ -172,14 +172,14 @@ class MergingBlockMixin:
             block_index,
         )
         plan = plan_from_sources(decided.source, protected, decided.x.shape[1])
-        merged, size = merge_tokens(h, None, plan)
+        merged, size = merge_tokens(h, None, plan, reducer.keep_norm)
         merged_pos = None if pos is None else merge_positions(pos, None, plan)
         log_size = size_bias(size) if reducer.tracks_size and config.prop_attn else None
         attn_out, _ = self._tm_attend_pos(merged, merged_pos, log_size, config.attention_impl, block_index)
         # Unmerging copies each merged output to all its tokens; discarded tokens get zeros,
         # i.e. they skip the branch and keep their residual.
         x = x + unmerge_tokens(self._tm_after_attn(attn_out), plan.assign)
-        merged, _ = merge_tokens(self._tm_norm2(x), None, plan)
+        merged, _ = merge_tokens(self._tm_norm2(x), None, plan, reducer.keep_norm)
         return x + unmerge_tokens(self._tm_after_mlp(self._tm_mlp(merged)), plan.assign)
 
 

@@ -48,7 +48,7 @@ class MergePlan(NamedTuple):
 
 
 def merge_tokens(
-    x: torch.Tensor, size: Optional[torch.Tensor], plan: MergePlan
+    x: torch.Tensor, size: Optional[torch.Tensor], plan: MergePlan, keep_norm: bool = False
 ) -> tuple:
     """Apply a plan with size-weighted averaging, in one scatter pass.
 
@@ -60,6 +60,13 @@ def merge_tokens(
         size: ``[B, N, 1]`` patches per token, or ``None`` for all ones.
         plan: a :class:`MergePlan` over the ``N`` tokens (with ``plan.weight``, tokens are
             averaged by that weight instead of their size).
+        keep_norm: rescale each merged token to the weighted mean of its members' norms
+            (the weights of the average). An average of vectors that point different ways is
+            shorter than they are, so plain averaging shrinks merged tokens and shifts the
+            residual stream's norm distribution; keeping the norm is the idea of ToFu's MLERP
+            merge (Kim et al., "Token Fusion: Bridging the Gap between Token Pruning and Token
+            Merging", WACV 2024), here with the mean norm where MLERP takes the largest.
+            A token merged with nothing is unchanged (up to rounding).
 
     Returns:
         ``(x_out [B, num_out, C], size_out [B, num_out, 1])``. A slot that receives no token
@@ -69,11 +76,15 @@ def merge_tokens(
     num_out = plan.num_out
     if size is None:
         size = x.new_ones(B, N, 1)
-    if plan.weight is None:
-        weighted = torch.cat([x * size, size], dim=-1)  # [B, N, C + 1]
-    else:  # the weight averages, the size still counts patches
-        weight = plan.weight.to(x.dtype)
-        weighted = torch.cat([x * weight, weight, size], dim=-1)  # [B, N, C + 2]
+    # The size counts patches; the weight averages (the size itself unless the plan has one,
+    # as MCTF's attention fusion does).
+    weight = size if plan.weight is None else plan.weight.to(x.dtype)
+    channels = [x * weight, weight]
+    if keep_norm:
+        channels.append(weight * x.norm(dim=-1, keepdim=True))
+    if plan.weight is not None:
+        channels.append(size)
+    weighted = torch.cat(channels, dim=-1)  # [B, N, C + 1..3]
     width = weighted.shape[-1]
     # Flatten the batch so one index_add covers every image; row num_out of each image is
     # the discard slot.
@@ -81,8 +92,13 @@ def merge_tokens(
     index = (plan.assign + offsets).reshape(-1)
     out = add_rows(weighted.new_zeros(B * (num_out + 1), width), index, weighted.reshape(B * N, width))
     out = out.view(B, num_out + 1, width)[:, :num_out]
-    size_out = out[..., width - 1:]
-    x_out = out[..., :C] / out[..., C:C + 1].clamp_min(torch.finfo(out.dtype).tiny)
+    size_out = out[..., C:C + 1] if plan.weight is None else out[..., width - 1:]
+    tiny = torch.finfo(out.dtype).tiny
+    total_weight = out[..., C:C + 1].clamp_min(tiny)
+    x_out = out[..., :C] / total_weight
+    if keep_norm:
+        mean_norm = out[..., C + 1:C + 2] / total_weight
+        x_out = x_out * (mean_norm / x_out.norm(dim=-1, keepdim=True).clamp_min(tiny))
     return x_out, size_out
 
 

@@ -18,10 +18,11 @@ keeps the merged model closest to the unmodified one. Two stages:
    proposes a new schedule; it is evaluated for real and kept only if it beats the
    incumbent, else ``delta`` halves. A round costs ``2 L`` partial forward passes for ``L``
    blocks (on average half a full pass each), so the search scales linearly with depth.
-3. **Options.** For the same methods, the options their class lists in ``option_grid`` (e.g.
-   MCTF's temperatures), one at a time at the searched schedule: each value is scored on all
-   calibration images and kept only if it lowers the loss (options the caller set stay as
-   given; options that change GFLOPs are held to the budget). Coming last, this stage can
+3. **Options.** For the same methods, ``keep_norm`` (for methods that fuse tokens) and the
+   options their class lists in ``option_grid`` (e.g. MCTF's temperatures), one at a time at
+   the searched schedule: each value is scored on all calibration images and kept only if it
+   lowers the loss (options the caller set stay as given; options that change GFLOPs are held
+   to the budget). Coming last, this stage can
    only improve on the schedule search's result; chosen first, at the constant start, it
    led the search to a worse end than the default options did (BENCHMARKS.md section 6).
 
@@ -519,6 +520,14 @@ def _search(scorer: _Scorer, start: tuple, reference, probe_reference, labels, o
     return incumbent, current
 
 
+def option_grid(reducer) -> dict:
+    """The options ``tune`` chooses for a policy: ``keep_norm`` if it fuses tokens (whether
+    fused tokens should keep their members' norm depends on the model's residual stream, so it
+    is measured, not assumed), then its class's own ``option_grid``."""
+    common = {"keep_norm": (False, True)} if reducer.tracks_size else {}
+    return {**common, **reducer.option_grid}
+
+
 def _search_options(scorer: _Scorer, make_scorer, schedule: tuple, metrics: dict, reference, labels,
                     objective: str, target: float, fixed: set, record, progress) -> _Scorer:
     """The scorer with the best options of the method's ``option_grid`` at ``schedule`` (every
@@ -528,9 +537,7 @@ def _search_options(scorer: _Scorer, make_scorer, schedule: tuple, metrics: dict
     value is scored on all calibration images, the rest of the options held, and the best
     kept. Options in ``fixed`` (set by the caller) are not moved.
     """
-    from ..methods import get_method_class
-
-    grid = get_method_class(scorer.method).option_grid
+    grid = option_grid(scorer.reducer)
     best, best_loss = scorer, metrics["loss"]
     for option, values in grid.items():
         if option in fixed:

@@ -70,7 +70,13 @@ class TokenReducer(nn.Module):
             (:func:`tokenmerge.export_onnx` refuses with this text).
         option_grid: ``{option: values}`` that :func:`tokenmerge.tune` may choose between on
             calibration images (one option at a time, the first value being the default);
-            empty for a method whose defaults are not model-dependent.
+            empty for a method whose defaults are not model-dependent. ``tune`` adds
+            ``keep_norm`` for every method that fuses tokens.
+
+    Instance attribute ``keep_norm`` (default ``False``, set by ``tokenmerge.patch(...,
+    keep_norm=True)``): merged tokens keep their members' mean norm instead of the shorter
+    norm of their average (:func:`~tokenmerge.core.merge.merge_tokens`). An option of every
+    method, like proportional attention, because it changes how tokens are fused, not which.
     """
 
     name: ClassVar[str] = ""
@@ -78,6 +84,7 @@ class TokenReducer(nn.Module):
     default_prop_attn: ClassVar[bool] = True
     export_refusal: ClassVar[Optional[str]] = None
     option_grid: ClassVar[Dict[str, tuple]] = {}
+    keep_norm: bool = False
 
     def max_reduction(self, num_tokens: int, num_protected: int) -> int:
         """The most tokens one block may remove (default: bipartite, half the mergeable)."""
@@ -111,7 +118,7 @@ class TokenReducer(nn.Module):
 
     def apply_plan(self, state: TokenState, plan: MergePlan) -> TokenState:
         """Merge ``state`` by ``plan`` (size-weighted), follow its sources and positions."""
-        x, size = merge_tokens(state.x, state.size, plan)
+        x, size = merge_tokens(state.x, state.size, plan, self.keep_norm)
         source = None if state.source is None else track_sources(state.source, plan)
         pos = None if state.pos is None else merge_positions(state.pos, state.size, plan)
         return TokenState(x, size if self.tracks_size else None, source, pos)

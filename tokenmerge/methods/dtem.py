@@ -225,6 +225,12 @@ class DTEM(TokenReducer):
                block_index: int):
         if not self.training:
             return super().reduce(state, attn, r, num_protected, block_index)
+        if self.keep_norm:
+            raise ValueError(
+                "keep_norm applies to hard merges; DTEM's soft (training) merge has no "
+                "norm-keeping form: train with keep_norm=False, then patch the trained modules "
+                "with keep_norm=True for evaluation"
+            )
         if state.source is not None:
             raise ValueError(
                 "DTEM's soft (training) merge keeps every token with a fractional size; source "
