@@ -121,3 +121,24 @@ def test_nothing_in_the_package_unpickles_arbitrary_objects():
                         r"\bUnpickler\(", r"numpy\.load\(.*allow_pickle=True", r"np\.load\(.*allow_pickle=True"):
             offenders += [f"{source.name}: {m.group(0)}" for m in re.finditer(pattern, text)]
     assert offenders == []
+
+
+def test_read_json_names_the_file_what_it_should_be_and_where_it_comes_from(tmp_path):
+    good = tmp_path / "best.json"
+    good.write_text('{"method": "tome"}')
+    assert io.read_json(good, "configuration file") == {"method": "tome"}
+    hint = " (tokenmerge tune writes OUT/best.json)"
+    cases = [
+        (tmp_path / "missing.json", FileNotFoundError, "configuration file '{}' does not exist"),
+        (tmp_path, ValueError, "'{}' is a folder, not a configuration file: pass the file"),
+    ]
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"method": ')
+    binary = tmp_path / "binary.json"
+    binary.write_bytes(b"\xff\xfe\x00")
+    cases += [(broken, ValueError, "configuration file '{}' is not valid JSON"),
+              (binary, ValueError, "configuration file '{}' is not valid JSON")]
+    for path, error, message in cases:
+        with pytest.raises(error) as err:
+            io.read_json(path, "configuration file", hint)
+        assert message.format(path) in str(err.value) and str(err.value).endswith(hint)

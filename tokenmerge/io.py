@@ -9,6 +9,8 @@
   and plain containers only: a pickle cannot run code) and :func:`load_safetensors` reads
   safetensors files; both turn a corrupt or truncated file into an error naming it.
 - :func:`check_finite` refuses NaN/inf tensors before they reach a file.
+- :func:`read_json` reads a JSON file a user named, with one error wording for a missing
+  file, a folder and broken JSON.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ __all__ = [
     "save_safetensors",
     "check_finite",
     "NonFiniteError",
+    "read_json",
 ]
 
 
@@ -214,3 +217,25 @@ def check_finite(state: Mapping[str, torch.Tensor], context: str) -> None:
         shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
         raise NonFiniteError(f"{context}: non-finite values (NaN or inf) in {shown}")
 
+
+
+def read_json(path, what: str, hint: str = ""):
+    """The JSON value stored in ``path``.
+
+    Args:
+        path: the file.
+        what: what the file should be, for messages (e.g. ``"results file"``).
+        hint: appended to every error: where such a file comes from or what it should hold.
+
+    Raises:
+        FileNotFoundError: no such file. ValueError: a folder, or not UTF-8 JSON.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{str(path)!r} is a folder, not a {what}: pass the file{hint}")
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {str(path)!r} does not exist{hint}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{what} {str(path)!r} is not valid JSON ({err}){hint}") from None

@@ -19,14 +19,13 @@ read (:meth:`tokenmerge.backends.open_clip.OpenClipAdapter.image_preprocessing`)
 from __future__ import annotations
 
 import inspect
-import json
 from pathlib import Path
 from typing import Optional, Union
 
 import torch
 from torch import nn
 
-from .io import load_safetensors, load_tensor_file
+from .io import load_safetensors, load_tensor_file, read_json
 
 __all__ = ["DEFAULT_MODEL", "DEFAULT_CHECKPOINT", "HF_PREFIX", "OPEN_CLIP_PREFIX", "is_open_clip_model", "load_model",
            "load_hf_model", "load_open_clip_model", "open_clip_config_name", "load_checkpoint"]
@@ -130,12 +129,7 @@ def open_clip_config_name(arch: str) -> str:
 
     if arch.endswith(".json"):
         path = Path(arch)
-        if not path.is_file():
-            raise FileNotFoundError(f"open_clip model config {arch!r} does not exist")
-        try:
-            config = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{arch} is not valid JSON ({err}): pass an open_clip model config file") from None
+        config = read_json(path, "open_clip model config", " (the format of open_clip's model_configs/*.json)")
         keys = ("embed_dim", "vision_cfg", "text_cfg")
         missing = [key for key in keys if not isinstance(config, dict) or key not in config]
         if missing:
@@ -327,7 +321,7 @@ def _load_open_clip(arch: str, checkpoint, num_classes, pretrained, timm_kwargs)
     """``load_model("open_clip:ARCH", ...)``: the flags that do not apply refused, naming the fix."""
     if num_classes is not None:
         raise ValueError(
-            f"--num-classes: an open_clip model has no classification head to size; it classifies "
+            "--num-classes: an open_clip model has no classification head to size; it classifies "
             "zero-shot over class names (--class-names FILE): leave --num-classes out"
         )
     if timm_kwargs:

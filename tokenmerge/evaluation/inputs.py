@@ -26,7 +26,6 @@ the defaults of those Hugging Face classes (:data:`VIDEO_DEFAULTS`).
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 from typing import Optional
 
@@ -34,6 +33,7 @@ import torch
 from torch import nn
 
 from ..backends.adapter import ModelAdapter, adapter_for
+from ..io import read_json
 
 __all__ = ["Inputs", "ImageInputs", "SpectrogramInputs", "VideoInputs", "inputs_for", "files_fingerprint"]
 
@@ -73,10 +73,7 @@ def _preprocessor_config(model: nn.Module) -> dict:
     path = Path(folder) / "preprocessor_config.json"
     if not folder or not path.is_file():
         return {}
-    try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON ({err}); fix or remove it (it sets the input normalisation)") from None
+    config = read_json(path, "preprocessor config", "; fix or remove it (it sets the input normalisation)")
     if not isinstance(config, dict):
         raise ValueError(f"{path} must hold a JSON object (the feature extractor's settings); fix or remove it")
     return config

@@ -26,6 +26,7 @@ from torch import nn
 
 from ..backends.adapter import adapter_for
 from ..core.schedule import ScheduleClampedWarning, format_schedule, parse_schedule
+from ..io import read_json
 from .accuracy import evaluate_correct
 from .flops import count_gflops
 from .statistics import Z95, accuracy_standard_error, pack_correct, paired_difference, unpack_correct
@@ -355,15 +356,7 @@ def _csv_text(rows: Sequence[dict]) -> str:
 
 def read_results(path) -> dict:
     """Load a ``results.json`` written by :func:`write_results` (clear error otherwise)."""
-    path = Path(path)
-    if path.is_dir():
-        raise ValueError(f"{str(path)!r} is a folder: pass the results.json file in it")
-    if not path.is_file():
-        raise FileNotFoundError(f"results file {str(path)!r} does not exist (tokenmerge eval writes OUT/results.json)")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{str(path)!r} is not valid JSON ({err})") from None
+    data = read_json(path, "results file", " (tokenmerge eval writes OUT/results.json)")
     if not isinstance(data, dict) or not isinstance(data.get("rows"), list):
         raise ValueError(f"{str(path)!r} is not a tokenmerge results file (no 'rows' list)")
     return data

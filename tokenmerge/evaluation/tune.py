@@ -52,6 +52,7 @@ from torch import nn
 
 from ..backends.adapter import adapter_for, logits_of
 from ..core.schedule import ScheduleClampedWarning, resolve_schedule
+from ..io import read_json
 from .budget import smallest_meeting
 from .flops import count_gflops
 from .sweep import _shared_copy
@@ -186,14 +187,8 @@ def read_config(path) -> dict:
     from ..core.schedule import validate_schedule
     from ..methods import list_methods
 
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"configuration file {str(path)!r} does not exist (tokenmerge tune writes OUT/best.json)")
-    try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path} is not valid JSON ({err}); expected "
-                         '{"method": "tome", "r": [16, 16, ...], "options": {}}') from None
+    config = read_json(path, "configuration file", ' (tokenmerge tune writes OUT/best.json: '
+                       '{"method": "tome", "r": [16, 16, ...], "options": {}})')
     if not isinstance(config, dict):
         raise ValueError(f"{path} must hold a JSON object with keys {CONFIG_KEYS}, got {type(config).__name__}")
     unknown = sorted(set(config) - set(CONFIG_KEYS))
@@ -385,8 +380,6 @@ class _Scorer:
         return self._logits(states)
 
     def _embed(self, batch):
-        from ..methods.base import TokenState
-
         return self.adapter.initial_state(batch)
 
     def _logits(self, states) -> torch.Tensor:
