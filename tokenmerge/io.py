@@ -218,7 +218,6 @@ def check_finite(state: Mapping[str, torch.Tensor], context: str) -> None:
         raise NonFiniteError(f"{context}: non-finite values (NaN or inf) in {shown}")
 
 
-
 def read_json(path, what: str, hint: str = ""):
     """The JSON value stored in ``path``.
 

@@ -22,9 +22,9 @@ keeps the merged model closest to the unmodified one. Two stages:
    options their class lists in ``option_grid`` (e.g. MCTF's temperatures), one at a time at
    the searched schedule: each value is scored on all calibration images and kept only if it
    lowers the loss (options the caller set stay as given; options that change GFLOPs are held
-   to the budget). Coming last, this stage can
-   only improve on the schedule search's result; chosen first, at the constant start, it
-   led the search to a worse end than the default options did (BENCHMARKS.md section 6).
+   to the budget). Coming last, this stage can only improve on the schedule search's result;
+   chosen first, at the constant start, it led the search to a worse end than the default
+   options did (BENCHMARKS.md section 6).
 
 Caching. A probe that changes block ``i`` leaves blocks ``0..i-1`` as they were, so the
 incumbent's token states at every block input are cached and a probe only runs blocks
