@@ -73,7 +73,8 @@ def add_parser(subparsers) -> None:
                         help="how many of the best constant-r methods get the per-block search (default 1)")
     parser.add_argument("--no-option-search", action="store_true",
                         help="keep the methods' default options (by default tune then chooses, at the searched "
-                             "schedule, the options a method lists as tunable, e.g. MCTF's temperatures)")
+                             "schedule, keep_norm and the options a method lists as tunable, e.g. MCTF's "
+                             "temperatures)")
     parser.add_argument("--rounds", type=arguments.non_negative_int, default=3, help="search rounds (default 3)")
     parser.add_argument("--probe-images", type=arguments.positive_int, default=250,
                         help="calibration images each per-block probe runs on (default 250; proposals use all)")
