@@ -30,6 +30,7 @@ from tokenmerge.evaluation.sweep import _shared_copy
 from tokenmerge.evaluation.tune import tune
 from tokenmerge.mixing import mix_batch
 from tokenmerge.models import load_model
+from tokenmerge.training import train_transform
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenette"
 
@@ -64,6 +65,10 @@ def main() -> None:
     parser.add_argument("--calibration-mix", action="store_true",
                         help="calibrate on Mixup/CutMix blends of the calibration images (random pairs, "
                              "alphas 0.8/1.0, seed 0) instead of the images themselves; label-free")
+    parser.add_argument("--calibration-crops", action="store_true",
+                        help="calibrate on one random training-style view of each calibration image "
+                             "(RandomResizedCrop 0.35-1 + flip, tokenmerge.training.train_transform, seed 0) "
+                             "instead of the image itself; label-free")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
@@ -74,7 +79,13 @@ def main() -> None:
     else:
         model = load_model(args.model, checkpoint=args.checkpoint, num_classes=10, **args.model_kwargs)
     args.out.mkdir(parents=True, exist_ok=True)
-    cal_x, cal_y, _ = load_images(args.train, limit=args.calibration_images, spread=True)
+    if args.calibration_mix and args.calibration_crops:
+        parser.error("give at most one of --calibration-mix and --calibration-crops")
+    torch.manual_seed(0)  # the crops' draws
+    cal_x, cal_y, _ = load_images(args.train, limit=args.calibration_images, spread=True,
+                                  transform=train_transform(224) if args.calibration_crops else None)
+    if args.calibration_crops:
+        cal_y = None
     if args.calibration_mix:
         cal_x, cal_y = mixed_pairs(cal_x), None
     val_x, val_y, _ = load_images(args.val)
@@ -113,7 +124,8 @@ def main() -> None:
         report(budget, "tune (default: tome, mctf, pitome; search on the best)", best.config(), best)
     meta = {"machine": f"{platform.machine()} CPU, {args.threads} threads", "torch": torch.__version__,
             "date": time.strftime("%Y-%m-%d"), "calibration_images": args.calibration_images,
-            "calibration_mix": args.calibration_mix, "rows": rows}
+            "calibration_mix": args.calibration_mix,
+            "calibration_crops": args.calibration_crops, "rows": rows}
     (args.out / "results.json").write_text(json.dumps(meta, indent=2) + "\n")
 
 
