@@ -33,20 +33,26 @@ def holdout_images(count: int = 600) -> torch.Tensor:
     return torch.stack([full[i][0] for i in picked])
 
 
+def logits(model, x: torch.Tensor, batch: int = 100) -> torch.Tensor:
+    with torch.inference_mode():
+        return torch.cat([model(x[i:i + batch]) for i in range(0, len(x), batch)])
+
+
+def compare(out: torch.Tensor, reference: torch.Tensor) -> tuple:
+    """``(KL(reference || out), top-1 agreement in %)`` of two sets of logits."""
+    kl = F.kl_div(out.log_softmax(-1), reference.log_softmax(-1), log_target=True, reduction="batchmean").item()
+    return kl, (out.argmax(-1) == reference.argmax(-1)).float().mean().item() * 100
+
+
 def main() -> None:
     warnings.simplefilter("ignore")
     torch.set_num_threads(1)
     x = holdout_images()
-    base = load_model()
-    with torch.inference_mode():
-        reference = torch.cat([base(x[i:i + 100]) for i in range(0, len(x), 100)])
+    reference = logits(load_model(), x)
     print(f"{len(x)} train images outside the calibration set")
     for name, options in CONFIGS.items():
-        model = tokenmerge.patch(load_model(), method="mctf", r=SCHEDULE, **options).eval()
-        with torch.inference_mode():
-            out = torch.cat([model(x[i:i + 100]) for i in range(0, len(x), 100)])
-        kl = F.kl_div(out.log_softmax(-1), reference.log_softmax(-1), log_target=True, reduction="batchmean").item()
-        agreement = (out.argmax(-1) == reference.argmax(-1)).float().mean().item() * 100
+        kl, agreement = compare(logits(tokenmerge.patch(load_model(), method="mctf", r=SCHEDULE, **options).eval(), x),
+                                reference)
         print(f"{name:22s} KL {kl:.4f}  top-1 agreement {agreement:.1f}%")
 
 

@@ -16,10 +16,9 @@ import warnings
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 import tokenmerge
-from holdout_kl import holdout_images
+from holdout_kl import compare, holdout_images, logits
 from tokenmerge.models import load_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -39,16 +38,6 @@ CASES = [  # (model, label, patch arguments)
     ("6 blocks", "MCTF r=19", dict(method="mctf", r=19)),
 ]
 MODELS = {"12 blocks": {}, "6 blocks": D6}
-
-
-def logits(model, x, batch=100):
-    with torch.inference_mode():
-        return torch.cat([model(x[i:i + batch]) for i in range(0, len(x), batch)])
-
-
-def compare(out, reference):
-    kl = F.kl_div(out.log_softmax(-1), reference.log_softmax(-1), log_target=True, reduction="batchmean").item()
-    return kl, (out.argmax(-1) == reference.argmax(-1)).float().mean().item() * 100
 
 
 def main() -> None:

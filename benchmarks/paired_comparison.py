@@ -10,8 +10,8 @@ from __future__ import annotations
 import argparse
 import itertools
 
-from tokenmerge.evaluation.statistics import Z95, paired_difference, unpack_correct
-from tokenmerge.evaluation.sweep import read_results
+from tokenmerge.evaluation.statistics import Z95
+from tokenmerge.evaluation.sweep import paired_row_difference, read_results
 
 
 def _name(row: dict) -> str:
@@ -31,8 +31,7 @@ def main() -> None:
     for a, b in itertools.combinations(rows, 2):
         if abs(a["gflops"] - b["gflops"]) > args.tolerance * max(a["gflops"], b["gflops"]):
             continue
-        delta, se = paired_difference(unpack_correct(a["correct"], a["num_images"]),
-                                      unpack_correct(b["correct"], b["num_images"]))
+        delta, se = paired_row_difference(a, b)
         print(f"| {a['gflops']:.3f} / {b['gflops']:.3f} | {_name(a)} ({a['accuracy']:.2f}) | "
               f"{_name(b)} ({b['accuracy']:.2f}) | {delta:+.2f} | {se:.2f} | "
               f"[{delta - Z95 * se:+.2f}, {delta + Z95 * se:+.2f}] |")

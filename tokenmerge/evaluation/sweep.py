@@ -45,6 +45,7 @@ __all__ = [
     "read_results",
     "format_rows",
     "add_paired_statistics",
+    "paired_row_difference",
     "CSV_COLUMNS",
 ]
 
@@ -321,9 +322,14 @@ def add_paired_statistics(rows: Sequence[dict]) -> None:
         row["accuracy_se"] = accuracy_standard_error(row["accuracy"], row["num_images"])
         row["delta"] = row["delta_se"] = None
         if base is not None and row is not base and row.get("correct") and base.get("correct"):
-            row["delta"], row["delta_se"] = paired_difference(
-                unpack_correct(row["correct"], row["num_images"]),
-                unpack_correct(base["correct"], base["num_images"]))
+            row["delta"], row["delta_se"] = paired_row_difference(row, base)
+
+
+def paired_row_difference(a: dict, b: dict) -> tuple:
+    """``(accuracy(a) - accuracy(b), its paired standard error)`` in points, from two rows of
+    one evaluation set that kept their per-image results (``correct``)."""
+    return paired_difference(unpack_correct(a["correct"], a["num_images"]),
+                             unpack_correct(b["correct"], b["num_images"]))
 
 
 CSV_COLUMNS = ["method", "schedule", "options", "accuracy", "accuracy_se", "delta", "delta_se", "gflops",
