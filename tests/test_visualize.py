@@ -27,6 +27,22 @@ def image():
     return load_display_image(IMAGE)[1]
 
 
+def test_display_image_is_the_evaluation_input_before_normalisation(tiny_image_folder, tmp_path):
+    from PIL import Image
+
+    from tokenmerge.evaluation.data import IMAGENET_MEAN, IMAGENET_STD, image_transform
+
+    # A non-square, larger image, so that the resize and the centre crop both act.
+    wide = tmp_path / "wide.png"
+    Image.open(tiny_image_folder / "class1" / "2.png").convert("RGB").resize((48, 40)).save(wide)
+    display, normalised = load_display_image(wide, image_size=32)
+    expected = image_transform(32)(Image.open(wide).convert("RGB"))
+    assert torch.equal(normalised, expected)
+    assert display.shape == (32, 32, 3) and 0.0 <= display.min() and display.max() <= 1.0
+    mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
+    assert torch.allclose(torch.from_numpy(display).permute(2, 0, 1) - mean, expected * std, atol=1e-6)
+
+
 def test_groups_after_last_block_match_forward_tokens(tome13, image):
     groups = merge_groups(tome13, image)
     assert groups.block == 12 and groups.tokens_in == 197

@@ -1,11 +1,11 @@
 """Mixup and CutMix for the trainer: mixed inputs, and the label loss that goes with them.
 
 Why the trainer has them: a checkpoint fine-tuned with token merging is usually fine-tuned
-on the images it was trained on. It has fitted those, so the unmodified model's outputs on
-them are near one-hot, and both the labels and a distillation teacher say little there
-that the merged model does not already match. On a mixed image (two images blended, or
-a box of one pasted into the other) the teacher's distribution is soft, and matching it
-teaches the merged model the teacher's behaviour away from the memorised images. This is
+on the images it was trained on. It has fitted those (the shipped ViT-Tiny: 97.6% top-1 on
+them, 84.7% on val), so both the labels and a distillation teacher mostly repeat there what
+the merged model already matches. On a mixed image (two images blended, or a box of one
+pasted into the other) the teacher's distribution is softer, and matching it teaches the
+merged model the teacher's behaviour away from the fitted images. This is
 DeiT's recipe for distilling a ViT (Touvron et al., 2021) and timm's default ViT
 augmentation (mixup 0.8, cutmix 1.0).
 

@@ -8,7 +8,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["EMBEDDED_SUBSET", "IMAGENET_MEAN", "IMAGENET_STD", "image_transform", "image_folder", "image_loader", "load_images"]
+__all__ = ["EMBEDDED_SUBSET", "IMAGENET_MEAN", "IMAGENET_STD", "centre_crop_transform", "image_transform", "image_folder", "image_loader", "load_images"]
 
 # The 500-image Imagenette validation subset shipped with the package: the default data of
 # the commands for image models.
@@ -18,21 +18,21 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def image_transform(image_size: int = 224, mean=IMAGENET_MEAN, std=IMAGENET_STD):
-    """Resize (shorter side) + centre crop to ``image_size``, to tensor, normalise.
+def centre_crop_transform(image_size: int = 224):
+    """Resize (shorter side) + centre crop to ``image_size``, to a ``[3, S, S]`` tensor in [0, 1].
 
     Images already at ``image_size`` (like the Imagenette copy we ship) pass unchanged.
     """
     from torchvision import transforms
 
-    return transforms.Compose(
-        [
-            transforms.Resize(image_size),
-            transforms.CenterCrop(image_size),
-            transforms.ToTensor(),
-            transforms.Normalize(mean, std),
-        ]
-    )
+    return transforms.Compose([transforms.Resize(image_size), transforms.CenterCrop(image_size), transforms.ToTensor()])
+
+
+def image_transform(image_size: int = 224, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    """:func:`centre_crop_transform`, then normalise with ``mean``/``std``."""
+    from torchvision import transforms
+
+    return transforms.Compose([centre_crop_transform(image_size), transforms.Normalize(mean, std)])
 
 
 def _checked_loader(path: str):

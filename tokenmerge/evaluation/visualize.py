@@ -185,7 +185,7 @@ def load_display_image(path, image_size: int = 224, transform=None, mean=None, s
     """
     from torchvision import transforms
 
-    from .data import IMAGENET_MEAN, IMAGENET_STD, _checked_loader
+    from .data import IMAGENET_MEAN, IMAGENET_STD, _checked_loader, centre_crop_transform
 
     path = Path(path)
     if not path.is_file():
@@ -194,9 +194,7 @@ def load_display_image(path, image_size: int = 224, transform=None, mean=None, s
     if transform is not None:
         normalised = transform(picture)
         return _denormalise(normalised, mean or IMAGENET_MEAN, std or IMAGENET_STD), normalised
-    tensor = transforms.Compose([
-        transforms.Resize(image_size), transforms.CenterCrop(image_size), transforms.ToTensor(),
-    ])(picture)
+    tensor = centre_crop_transform(image_size)(picture)
     normalised = transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)(tensor)
     return tensor.permute(1, 2, 0).numpy(), normalised
 
