@@ -2,6 +2,7 @@
 
 import json
 import re
+import warnings
 
 import pytest
 import timm
@@ -9,6 +10,7 @@ import torch
 
 import tokenmerge
 from tokenmerge.cli import main
+from tokenmerge.core.schedule import ScheduleClampedWarning
 from tokenmerge.evaluation.flops import count_gflops
 from tokenmerge.evaluation.tune import _fill_budget, option_grid, read_config, resolve_budget, tune
 
@@ -46,7 +48,10 @@ def test_budget_is_met_by_counted_gflops(model, images, result):
         assert candidate.gflops <= target
     # The constant-r start is the smallest constant that fits: one less does not.
     tome = next(c for c in result.candidates if c.method == "tome" and c.stage == "constant")
-    looser = tokenmerge.patch(small_vit(), r=max(tome.r) - 1)
+    with warnings.catch_warnings():
+        # The smaller constant may still be more than the last block can remove: clamped there.
+        warnings.simplefilter("ignore", ScheduleClampedWarning)
+        looser = tokenmerge.patch(small_vit(), r=max(tome.r) - 1)
     assert count_gflops(looser, images=images[0][:1]) > target
 
 
