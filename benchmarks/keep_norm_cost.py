@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import timm
 import torch
 
 import tokenmerge
+from tokenmerge.evaluation.throughput import time_interleaved
 from tokenmerge.core.matching import bipartite_soft_matching
 from tokenmerge.core.merge import merge_tokens
 from tokenmerge.methods.base import TokenState
@@ -43,14 +43,8 @@ def main() -> None:
         block, reducer, config = model.blocks[1], model.token_reducer, model.tokenmerge_config
         calls["block", keep] = lambda b=block, red=reducer, c=config: b.forward_tokens(TokenState(x, size), args.r, red, c, 1)
         calls["merge", keep] = lambda keep=keep: merge_tokens(x, size, plan, keep)
-    times = {key: [] for key in calls}
     with torch.inference_mode():
-        for step in range(args.repeats + 3):
-            for key, fn in calls.items():
-                start = time.perf_counter()
-                fn()
-                if step >= 3:
-                    times[key].append(time.perf_counter() - start)
+        times = time_interleaved(calls, warmup=3, repeats=args.repeats)
     ms = {key: statistics.median(t) * 1e3 for key, t in times.items()}
     print(f"{args.model}, batch {args.batch_size}, r={args.r}, {args.threads} threads; median ms of {args.repeats}")
     print("| | plain average | keep_norm | added, % of the plain block |")

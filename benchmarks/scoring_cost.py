@@ -14,12 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 
 import timm
 import torch
 
 import tokenmerge
+from tokenmerge.evaluation.throughput import time_interleaved
 from tokenmerge.methods.base import TokenState
 
 
@@ -43,22 +43,13 @@ def main() -> None:
         with torch.inference_mode():
             attn = block._tm_attend(block._tm_norm1(x), None, config.attention_impl)[1]
         state = TokenState(x, size)
-        calls[method] = {
-            "block": lambda b=block, s=state, red=reducer, c=config: b.forward_tokens(s, args.r, red, c, 1),
-            "plan": lambda red=reducer, a=attn: red.plan(x, a, args.r, config.num_protected, 1),
-        }
+        calls[method, "block"] = lambda b=block, s=state, red=reducer, c=config: b.forward_tokens(s, args.r, red, c, 1)
+        calls[method, "plan"] = lambda red=reducer, a=attn: red.plan(x, a, args.r, config.num_protected, 1)
         models[method] = model
-    times = {(m, part): [] for m in calls for part in ("block", "plan")}
     with torch.inference_mode():
-        for step in range(args.repeats + 2):
-            for method, parts in calls.items():
-                for part, fn in parts.items():
-                    start = time.perf_counter()
-                    fn()
-                    if step >= 2:
-                        times[method, part].append(time.perf_counter() - start)
+        times = time_interleaved(calls, warmup=2, repeats=args.repeats)
     rows = []
-    for method in calls:
+    for method in models:
         block = statistics.median(times[method, "block"])
         plan = statistics.median(times[method, "plan"])
         rows.append({"method": method, "block_ms": 1e3 * block, "plan_ms": 1e3 * plan, "share": plan / block})

@@ -7,7 +7,7 @@ from timm.models.vision_transformer import VisionTransformer
 import tokenmerge
 from tokenmerge.cli import main
 from tokenmerge.evaluation.flops import count_gflops
-from tokenmerge.evaluation.throughput import measure_throughput
+from tokenmerge.evaluation.throughput import measure_throughput, time_interleaved
 
 
 def analytic_gflops(tokens_per_block, dim, depth, patches, patch_size, classes, head_dim, mlp_ratio=4):
@@ -36,6 +36,15 @@ def test_measure_throughput_reports_every_model():
     result = measure_throughput(models, batch_size=2, image_size=8, warmup=1, repeats=3)
     assert set(result) == {"a", "b"}
     assert all(len(r["times_s"]) == 3 and r["images_per_s"] > 0 for r in result.values())
+
+
+def test_time_interleaved_calls_in_rounds_and_drops_the_warm_up():
+    order = []
+    calls = {"a": lambda: order.append("a"), ("b", 1): lambda: order.append("b")}
+    times = time_interleaved(calls, warmup=2, repeats=3)
+    assert order == ["a", "b"] * 5  # every round calls each entry once, in turn
+    assert list(times) == ["a", ("b", 1)]
+    assert all(len(t) == 3 and min(t) >= 0 for t in times.values())
 
 
 def test_bench_cli_json(capsys):

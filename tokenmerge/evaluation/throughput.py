@@ -10,12 +10,12 @@ from __future__ import annotations
 import statistics
 import time
 from contextlib import nullcontext
-from typing import Dict, Optional
+from typing import Callable, Dict, Hashable, List, Optional
 
 import torch
 from torch import nn
 
-__all__ = ["measure_throughput", "autocast_for"]
+__all__ = ["measure_throughput", "time_interleaved", "autocast_for"]
 
 
 def autocast_for(device, dtype):
@@ -28,6 +28,29 @@ def autocast_for(device, dtype):
 def _sync(device):
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
+
+
+def time_interleaved(calls: Dict[Hashable, Callable[[], object]], warmup: int = 3, repeats: int = 10,
+                     device="cpu", bar=None) -> Dict[Hashable, List[float]]:
+    """Seconds of every call in each of ``repeats`` rounds, after ``warmup`` untimed rounds.
+
+    Each round calls every entry once, in order, so drifts in machine load hit all of them
+    alike (take medians, and ratios within one call). ``device``: CUDA work is synchronised
+    around each call. ``bar``: a progress bar advanced once per call, warm-up included.
+    """
+    times = {key: [] for key in calls}
+    for step in range(warmup + repeats):
+        for key, call in calls.items():
+            _sync(device)
+            start = time.perf_counter()
+            call()
+            _sync(device)
+            elapsed = time.perf_counter() - start
+            if step >= warmup:
+                times[key].append(elapsed)
+            if bar is not None:
+                bar.update(1)
+    return times
 
 
 @torch.inference_mode()
@@ -56,19 +79,10 @@ def measure_throughput(
         images = torch.randn(batch_size, 3, image_size, image_size, device=device)
     else:
         images, batch_size = inputs, inputs.shape[0]
-    times = {name: [] for name in models}
+    calls = {name: (lambda model=model: model(images)) for name, model in models.items()}
     total = (warmup + repeats) * len(models)
     with tqdm(total=total, desc="timing", disable=not progress, leave=False) as bar, autocast_for(device, dtype):
-        for step in range(warmup + repeats):
-            for name, model in models.items():
-                _sync(device)
-                start = time.perf_counter()
-                model(images)
-                _sync(device)
-                elapsed = time.perf_counter() - start
-                if step >= warmup:
-                    times[name].append(elapsed)
-                bar.update(1)
+        times = time_interleaved(calls, warmup, repeats, device, bar)
     results = {}
     for name, samples in times.items():
         median = statistics.median(samples)
