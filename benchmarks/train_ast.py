@@ -151,9 +151,14 @@ def param_groups(model: nn.Module, weight_decay: float):
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def warmup_steps(total: int) -> int:
+    """The warm-up of :func:`warmup_cosine_schedule`: the first tenth of ``total`` steps."""
+    return max(1, total // 10)
+
+
 def warmup_cosine_schedule(optimizer, total: int):
-    """Linear warm-up over the first tenth of ``total`` steps, then cosine decay to 0."""
-    warmup = max(1, total // 10)
+    """Linear warm-up over :func:`warmup_steps` of ``total`` steps, then cosine decay to 0."""
+    warmup = warmup_steps(total)
 
     def factor(step: int) -> float:
         if step < warmup:
@@ -286,7 +291,7 @@ def main(argv=None) -> None:
         "date": datetime.date.today().isoformat(), "machine": f"{platform.machine()} CPU, 1 thread ({platform.processor() or 'unknown'})",
         "torch": torch.__version__, "args": {k: _shown(v) for k, v in vars(args).items()},
         "parameters": n_params, "tokens": tokens, "train_clips": len(train_y), "val_clips": len(val_y),
-        "steps": total, "warmup_steps": warmup, "train_wall_s": round(train_wall, 1),
+        "steps": total, "warmup_steps": warmup_steps(total), "train_wall_s": round(train_wall, 1),
         "train_acc": train_acc, "val_acc": val_acc, "val_acc_float16_reloaded": val_acc_fp16, "history": history,
     }
     (args.out / "training.json").write_text(json.dumps(record, indent=2) + "\n")

@@ -55,7 +55,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from moving_shapes import CLASSES, FRAMES, SIZE  # noqa: E402
-from train_ast import _shown, log, param_groups, warmup_cosine_schedule  # noqa: E402
+from train_ast import _shown, log, param_groups, warmup_cosine_schedule, warmup_steps  # noqa: E402
 
 from tokenmerge.evaluation.data import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from tokenmerge.evaluation.video import load_video_folder  # noqa: E402
@@ -210,7 +210,7 @@ def main(argv=None) -> None:
         "args": {k: _shown(v) for k, v in vars(args).items()},
         "parameters": n_params, "tokens": model.videomae.embeddings.num_patches,
         "train_clips": len(train_y), "val_clips": len(val_y),
-        "steps": total, "warmup_steps": warmup, "train_wall_s": round(train_wall, 1),
+        "steps": total, "warmup_steps": warmup_steps(total), "train_wall_s": round(train_wall, 1),
         "train_acc": train_acc, "val_acc": val_acc, "val_acc_float16_reloaded": val_acc_fp16, "history": history,
     }
     (args.out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
