@@ -111,8 +111,6 @@ def tiny_image_folder(tmp_path_factory) -> Path:
 
 def staged_logits(adapter, inputs) -> torch.Tensor:
     """Embedding, every block on a TokenState, head: the pieces tune's cached runner uses."""
-    from tokenmerge.methods.base import TokenState
-
     state = adapter.initial_state(inputs)
     schedule = adapter.schedule(state.x.shape[1])
     for i, block in enumerate(adapter.blocks):

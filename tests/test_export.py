@@ -3,7 +3,6 @@ cannot be exported exactly is refused with a clear error."""
 
 from __future__ import annotations
 
-import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
