@@ -94,6 +94,8 @@ def main() -> None:
                         help="calibrate on the train images the unmodified model is least sure of (smallest "
                              "top-1 margin, --calibration-images of them, equal per class) instead of images "
                              "spread evenly over the split; label-free")
+    parser.add_argument("--no-speed", action="store_true",
+                        help="do not time every candidate (tune's measure_speed=False)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
@@ -144,12 +146,13 @@ def main() -> None:
                               rounds=args.rounds)
             calibrated.save(args.out / f"tome_r{r}")
             report(budget, "ToMe calibrated (tune --methods tome)", calibrated.config(), calibrated)
-        best = tune(model, (cal_x, cal_y), target_gflops=target, rounds=args.rounds)
+        best = tune(model, (cal_x, cal_y), target_gflops=target, rounds=args.rounds, measure_speed=not args.no_speed)
         best.save(args.out / f"best_r{r}")
         for name in () if args.skip_baselines else ("pitome", "mctf"):
-            constant = next(c for c in best.candidates if c.method == name and c.stage == "constant")
+            constant = next(c for c in best.candidates
+                            if c.method == name and not c.options and c.stage == "constant")
             report(budget, f"{name} constant r (smallest within budget)", constant.config())
-        report(budget, "tune (default: tome, mctf, pitome; search on the best)", best.config(), best)
+        report(budget, "tune (default candidates; search on the best)", best.config(), best)
     meta = {"machine": f"{platform.machine()} CPU, {args.threads} threads", "torch": torch.__version__,
             "date": time.strftime("%Y-%m-%d"), "calibration_images": args.calibration_images,
             "calibration_mix": args.calibration_mix,

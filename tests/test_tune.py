@@ -35,8 +35,8 @@ def images():
 
 @pytest.fixture(scope="module")
 def result(model, images):
-    return tune(model, images, gflops_fraction=0.55, methods=["tome", "mctf"], rounds=2, batch_size=5,
-                progress=False)
+    return tune(model, images, gflops_fraction=0.55, methods=["tome", "mctf", ("tome", {"mlp_share": 1.0})],
+                rounds=2, batch_size=5, progress=False)
 
 
 def test_budget_is_met_by_counted_gflops(model, images, result):

@@ -104,6 +104,7 @@ def patch(
     layout: str = "global",
     prop_attn: Optional[bool] = None,
     keep_norm: Optional[bool] = None,
+    mlp_share: Optional[float] = None,
     options: Optional[dict] = None,
     **method_options,
 ) -> nn.Module:
@@ -132,6 +133,12 @@ def patch(
             :func:`tokenmerge.core.merge.merge_tokens`). ``None`` keeps the policy's setting
             (off for a new one, so ToMe stays the published algorithm); ``tokenmerge tune``
             chooses it on calibration images.
+        mlp_share: in every block, after its merge, run the MLP once for each of the most
+            similar token pairs and give both members its output: this fraction (0 to 1) of
+            the most pairs a block can form (half its mergeable tokens). Tokens stay in the
+            sequence, so this cuts MLP FLOPs without the loss of removing tokens; combined
+            with a smaller ``r`` it reaches the same budget (global layout only; see
+            :meth:`tokenmerge.backends.common.MergingBlockMixin.forward_tokens`). Default 0.
         options: the method's options as a dict (the form ``tokenmerge tune`` writes in
             ``best.json``, so ``patch(model, **json.load(f))`` works); merged with
             ``**method_options``.
@@ -157,6 +164,10 @@ def patch(
     # Options of every method, also accepted inside options= (the form best.json holds).
     prop_attn = _common_option(method_options, "prop_attn", prop_attn)
     keep_norm = _common_option(method_options, "keep_norm", keep_norm)
+    if "mlp_share" in method_options:
+        if mlp_share is not None:
+            raise ValueError("mlp_share given twice (as a keyword and inside options); give it once")
+        mlp_share = method_options.pop("mlp_share")
     reducer = _reducer_for(method, method_options)
     if prop_attn is None:
         prop_attn = reducer.default_prop_attn
@@ -164,7 +175,8 @@ def patch(
         reducer.keep_norm = keep_norm
     if num_protected is None:
         num_protected = adapter.num_prefix_tokens
-    config = MergeConfig(schedule, num_protected, attention_impl, trace_source, layout, prop_attn)
+    config = MergeConfig(schedule, num_protected, attention_impl, trace_source, layout, prop_attn,
+                         0.0 if mlp_share is None else mlp_share)
     reducer.check_protected(config.num_protected)
     snapshot = _snapshot(model)
     try:

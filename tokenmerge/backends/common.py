@@ -11,6 +11,8 @@ here once.
 Layouts:
 
 - ``"global"`` (ToMe): tokens leave the sequence for good, so every later block is cheaper.
+  With ``mlp_share > 0`` each block also runs its MLP on fewer tokens without removing any
+  (see :meth:`MergingBlockMixin.forward_tokens`).
 - ``"local"`` (tomesd): in every block the normalised tokens are merged before attention and
   again before the MLP, each branch runs on the merged tokens, and its output is copied back
   (unmerged) onto every token before the residual add. The residual stream keeps all tokens,
@@ -30,6 +32,7 @@ import torch
 import torch.utils.checkpoint
 
 from ..core.attention import ATTENTION_IMPLS, size_bias
+from ..core.matching import bipartite_soft_matching, shared_mlp_pairs
 from ..core.merge import MergePlan, initial_sources, merge_positions, merge_tokens, unmerge_tokens
 from ..core.schedule import resolve_local_schedule, resolve_schedule, tokens_per_block
 from ..methods.base import TokenReducer, TokenState
@@ -63,6 +66,9 @@ class MergeConfig:
         layout: ``"global"`` or ``"local"`` (see the module docstring).
         prop_attn: proportional attention (merged tokens' log-sizes bias the attention); when
             off, sizes still weight merges and average pooling.
+        mlp_share: fraction (0 to 1) of the most tokens a block could pair whose MLP is
+            shared: after the block's merge, that many pairs of the most similar tokens run
+            the MLP once per pair and both members get its output (global layout only).
     """
 
     schedule: object
@@ -71,6 +77,7 @@ class MergeConfig:
     trace_source: bool = False
     layout: str = "global"
     prop_attn: bool = True
+    mlp_share: float = 0.0
 
     def __post_init__(self):
         if self.attention_impl not in ATTENTION_IMPLS:
@@ -85,6 +92,18 @@ class MergeConfig:
             raise ValueError(f"num_protected must be a non-negative int, got {self.num_protected!r}")
         if not isinstance(self.prop_attn, bool):
             raise ValueError(f"prop_attn must be True or False, got {self.prop_attn!r}")
+        share = self.mlp_share
+        if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0.0 <= share <= 1.0:
+            raise ValueError(f"mlp_share must be a number from 0 to 1 (a fraction of the pairable tokens), got {share!r}")
+        if share and self.layout == "local":
+            raise ValueError(
+                "mlp_share needs layout='global': the local layout already runs both branches on merged tokens"
+            )
+
+    def runs_unchanged(self, r: int, size) -> bool:
+        """Whether a global-layout block with reduction ``r`` on tokens of ``size`` (``None``:
+        nothing merged yet) is the unmodified block, bit for bit."""
+        return r == 0 and size is None and not self.mlp_share
 
 
 def plan_from_sources(source: torch.Tensor, num_protected: int, num_out: int) -> MergePlan:
@@ -137,8 +156,17 @@ class MergingBlockMixin:
         self, state: TokenState, r: int, reducer: TokenReducer, config: MergeConfig, block_index: int
     ) -> TokenState:
         """Global layout: one block on a :class:`TokenState`, removing ``r`` tokens between
-        attention and MLP."""
-        if r == 0 and state.size is None:
+        attention and MLP.
+
+        With ``config.mlp_share > 0`` the MLP then runs on fewer tokens without removing any
+        (ToMeSD's merge, compute, unmerge (Bolya & Hoffman, "Token Merging for Fast Stable
+        Diffusion", CVPRW 2023), here for the MLP of a global-layout block): the most similar
+        pairs of normalised tokens (bipartite matching, cosine) are averaged, the MLP runs
+        once per pair, and both members add its output to their own residual. The MLP is a
+        per-token function, so tokens whose inputs nearly agree get nearly the same output,
+        while attention still sees every token and no token leaves the sequence.
+        """
+        if config.runs_unchanged(r, state.size):
             # Nothing merged so far and nothing to merge here: the unmodified block, bit for bit.
             return state._replace(x=self._tm_forward_unchanged_pos(state.x, state.pos, block_index))
         x = state.x
@@ -149,7 +177,16 @@ class MergingBlockMixin:
         state = state._replace(x=x + self._tm_after_attn(attn_out))
         if r > 0:
             state = reducer.reduce(state, attn, r, config.num_protected, block_index)
+        pairs = shared_mlp_pairs(state.x.shape[1], config.num_protected, config.mlp_share)
+        if pairs:
+            return state._replace(x=state.x + self._tm_shared_mlp_branch(state, pairs, config.num_protected))
         return state._replace(x=state.x + self._tm_mlp_branch(state.x))
+
+    def _tm_shared_mlp_branch(self, state: TokenState, pairs: int, num_protected: int) -> torch.Tensor:
+        """The MLP branch's output for every token, computed for ``N - pairs`` of them."""
+        plan = bipartite_soft_matching(self._tm_norm2(state.x), pairs, num_protected)
+        merged, _ = merge_tokens(state.x, state.size, plan)
+        return unmerge_tokens(self._tm_mlp_branch(merged), plan.assign)
 
     def forward_local(
         self, x: torch.Tensor, r: int, reducer: TokenReducer, config: MergeConfig, block_index: int,

@@ -322,7 +322,7 @@ class _MergingLayerMixin(MergingBlockMixin):
     # of the TokenState it takes. A layer that runs unchanged calls the layer itself, which
     # checkpoints with HF's function, so no layer is checkpointed twice.
     def forward_tokens(self, state, r, reducer, config, block_index):
-        if not self._tm_checkpointed() or (r == 0 and state.size is None):
+        if not self._tm_checkpointed() or config.runs_unchanged(r, state.size):
             return super().forward_tokens(state, r, reducer, config, block_index)
         return torch.utils.checkpoint.checkpoint(
             super().forward_tokens, state, r, reducer, config, block_index, use_reentrant=False

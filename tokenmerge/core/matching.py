@@ -25,6 +25,7 @@ __all__ = [
     "bipartite_max_reduction",
     "check_bipartite_reduction",
     "identity_plan",
+    "shared_mlp_pairs",
     "split_parity",
 ]
 
@@ -32,6 +33,12 @@ __all__ = [
 def bipartite_max_reduction(num_tokens: int, num_protected: int) -> int:
     """At most half of the mergeable tokens can leave in one bipartite step."""
     return max(0, (num_tokens - num_protected) // 2)
+
+
+def shared_mlp_pairs(num_tokens: int, num_protected: int, fraction: float) -> int:
+    """Tokens paired for a shared MLP in a block of ``num_tokens`` tokens: ``fraction`` of the
+    most one bipartite step can pair (half the mergeable tokens), rounded down."""
+    return int(fraction * bipartite_max_reduction(num_tokens, num_protected))
 
 
 def check_bipartite_reduction(what: str, num_tokens: int, num_protected: int, r: int) -> None:

@@ -4,7 +4,8 @@ Given a trained model, calibration images (from the *train* split: nothing here 
 the data you report on) and a GFLOPs budget, :func:`tune` returns the configuration that
 keeps the merged model closest to the unmodified one. Two stages:
 
-1. **Method.** For every candidate method (default ToMe and MCTF, plus PiToMe), the smallest
+1. **Method.** For every candidate method (default ToMe and MCTF, each also with shared
+   MLPs, plus PiToMe), the smallest
    constant ``r`` that meets the budget, and the same with the GFLOPs it leaves unused spent
    on keeping tokens in the last blocks (:func:`_fill_budget`), scored on the calibration
    images; the better of the two is the method's start. GFLOPs are
@@ -69,7 +70,13 @@ __all__ = [
 ]
 
 OBJECTIVES = ("kl", "agreement", "accuracy")
-DEFAULT_METHODS = ("tome", "mctf", "pitome")
+# ToMe and MCTF also with shared MLPs (``mlp_share``, :func:`tokenmerge.patch`): at half and at
+# all of the pairs a block can form. Sharing frees FLOPs, so these candidates meet the budget
+# with a smaller r; how far to trade removed tokens for shared MLPs depends on the model, so
+# the trade is scored on the calibration images like the choice of method.
+DEFAULT_METHODS = ("tome", "mctf", "pitome",
+                   ("tome", {"mlp_share": 0.5}), ("tome", {"mlp_share": 1.0}),
+                   ("mctf", {"mlp_share": 0.5}), ("mctf", {"mlp_share": 1.0}))
 
 
 @dataclass(frozen=True)
@@ -319,7 +326,9 @@ class _Scorer:
         return self._flops[schedule]
 
     @torch.inference_mode()
-    def _block_flops(self, index: int, num_tokens: int, r: int) -> int:
+    def _block_flops(self, index: int, num_tokens: int, r: Optional[int]) -> int:
+        """Counted FLOPs of block ``index`` on ``num_tokens`` tokens removing ``r`` (``None``:
+        the unmodified block, which a patch with ``r=0`` is not when it shares MLPs)."""
         from torch.utils.flop_counter import FlopCounterMode
 
         from ..methods.base import TokenState
@@ -334,18 +343,21 @@ class _Scorer:
             x = block_input.x.new_zeros(1, num_tokens, block_input.x.shape[-1]).normal_()
             # A RoPE model's blocks need coordinates; any will do for counting FLOPs.
             pos = None if block_input.pos is None else block_input.pos.new_zeros(1, num_tokens, block_input.pos.shape[-1])
-            state = TokenState(x, x.new_ones(1, num_tokens, 1), None, pos)
             counter = FlopCounterMode(display=False, custom_mapping=_cpu_attention_formula())
             with counter:
-                self.blocks[index].forward_tokens(state, r, self.reducer, self.config, index)
+                if r is None:
+                    block._tm_forward_unchanged_pos(x, pos, index)
+                else:
+                    state = TokenState(x, x.new_ones(1, num_tokens, 1), None, pos)
+                    block.forward_tokens(state, r, self.reducer, self.config, index)
             self._block_counts[key] = counter.get_total_flops()
         return self._block_counts[key]
 
     def _count_outside_blocks(self) -> None:
         """FLOPs of everything but the blocks (patch embedding, head): the unmerged model's
-        count (``tune`` makes it once) less its blocks'."""
+        count (``tune`` makes it once) less its unmodified blocks'."""
         whole = round(self._base_gflops * 1e9)
-        blocks = sum(self._block_flops(i, self.num_tokens, 0) for i in range(self.num_blocks))
+        blocks = sum(self._block_flops(i, self.num_tokens, None) for i in range(self.num_blocks))
         self._outside_blocks = whole - blocks
 
     @torch.inference_mode()
