@@ -1,16 +1,18 @@
 """A patched model traces into one graph: no per-forward mutable state, no graph breaks."""
 
+import pytest
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
 import tokenmerge
 
 
-def test_torch_compile_fullgraph_on_cpu():
+@pytest.mark.parametrize("options", [{}, {"mlp_share": 1.0}])
+def test_torch_compile_fullgraph_on_cpu(options):
     torch._dynamo.reset()
     model = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2,
                               num_classes=5).eval()
-    tokenmerge.patch(model, r=3)
+    tokenmerge.patch(model, r=3, **options)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         eager = model(x)

@@ -55,6 +55,7 @@ def assert_onnx_matches(model, path, batch_sizes=(1, 3)):
     ("tome", {"layout": "local"}),
     ("tome", {"trace_source": True}),
     ("mctf", {"keep_norm": True}),
+    ("tome", {"mlp_share": 1.0}),
 ])
 def test_onnx_runtime_matches_pytorch_at_any_batch(tmp_path, method, options):
     model = tokenmerge.patch(tiny_vit(), method=method, r=8, **options)

@@ -8,7 +8,6 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
 import tokenmerge
-from tokenmerge.backends.common import MergeConfig
 from tokenmerge.core.matching import shared_mlp_pairs
 from tokenmerge.evaluation.flops import count_gflops
 from tokenmerge.methods.base import TokenState

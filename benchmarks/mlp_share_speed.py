@@ -1,0 +1,65 @@
+"""Speed of shared MLPs (``mlp_share``) against removing tokens at the same GFLOPs (issue 9).
+
+Times, interleaved in one process, the unmodified model, ToMe at constant r=16 (-50%
+GFLOPs on a 12-block ViT at 224px) and each ``best.json`` given, on the same random batch;
+prints images/s, the speedup over the unmodified model and the counted GFLOPs. Random
+weights of the named timm architecture unless ``--checkpoint``: speed does not depend on them.
+
+    python benchmarks/mlp_share_speed.py --configs benchmarks/results/tune_share_r16/best_r16/best.json \
+        --model vit_small_patch16_224 --batch-size 32 --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+import warnings
+from pathlib import Path
+
+import timm
+import torch
+
+import tokenmerge
+from tokenmerge.evaluation.flops import count_gflops
+from tokenmerge.evaluation.throughput import measure_throughput
+from tokenmerge.evaluation.tune import read_config
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--configs", type=Path, nargs="+", required=True, help="best.json files")
+    parser.add_argument("--model", default="vit_tiny_patch16_224")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--out", type=Path, default=None, help="also write the rows as JSON here")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    warnings.simplefilter("ignore")
+
+    def build(**config):
+        torch.manual_seed(0)
+        model = timm.create_model(args.model, num_classes=10).eval()
+        return tokenmerge.patch(model, **config) if config else model
+
+    variants = {"unmodified": build(), "ToMe r=16": build(method="tome", r=16)}
+    for path in args.configs:
+        variants[str(path)] = build(**read_config(path))
+    speed = measure_throughput(variants, batch_size=args.batch_size, warmup=3, repeats=args.repeats)
+    base = speed["unmodified"]["images_per_s"]
+    rows = []
+    for name, model in variants.items():
+        rows.append({"variant": name, "gflops": count_gflops(model), "images_per_s": speed[name]["images_per_s"],
+                     "speedup": speed[name]["images_per_s"] / base})
+        print(f"{name:60s} {rows[-1]['gflops']:.3f} GFLOPs  {rows[-1]['images_per_s']:7.1f} im/s  x{rows[-1]['speedup']:.2f}")
+    if args.out is not None:
+        meta = {"machine": f"{platform.machine()} CPU, {args.threads} threads", "torch": torch.__version__,
+                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "model": args.model,
+                "batch_size": args.batch_size, "rows": rows}
+        args.out.write_text(json.dumps(meta, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
