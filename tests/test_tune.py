@@ -84,7 +84,8 @@ def test_filled_starts_spend_the_slack_and_stay_within_budget(result):
     filled_starts = [c for c in result.candidates if c.stage == "constant, budget filled"]
     assert filled_starts  # this budget leaves slack under every constant r
     for filled in filled_starts:
-        constant = next(c for c in result.candidates if c.method == filled.method and c.stage == "constant")
+        constant = next(c for c in result.candidates
+                        if (c.method, c.options) == (filled.method, filled.options) and c.stage == "constant")
         assert constant.gflops < filled.gflops <= result.target_gflops
         assert all(f <= c for f, c in zip(filled.r, constant.r))
 
