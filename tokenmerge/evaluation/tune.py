@@ -38,12 +38,11 @@ model's; ``"accuracy"``: top-1 error against labels.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -354,7 +353,7 @@ class _Scorer:
         count (``tune`` makes it once) less its blocks' at ``r=0`` without shared MLPs (a
         block that shares its MLP is cheaper than the unmodified one even at ``r=0``)."""
         whole = round(self._base_gflops * 1e9)
-        unshared = dataclasses.replace(self.config, mlp_share=0.0)
+        unshared = replace(self.config, mlp_share=0.0)
         blocks = sum(self._block_flops(i, self.num_tokens, 0, unshared) for i in range(self.num_blocks))
         self._outside_blocks = whole - blocks
 
