@@ -23,6 +23,8 @@ from tokenmerge.evaluation.data import load_images
 from tokenmerge.models import load_model
 from tokenmerge.training import train_transform
 
+from holdout_kl import logits
+
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenette"
 
 
@@ -53,10 +55,9 @@ def main() -> None:
     for name, (root, transform) in sets.items():
         torch.manual_seed(0)
         x, y, _ = load_images(root, limit=args.images, spread=True, transform=transform)
-        with torch.inference_mode():
-            logits = torch.cat([model(x[i:i + 100]) for i in range(0, len(x), 100)])
+        outputs = logits(model, x)
         for t in args.temperatures:
-            s = softness(logits, y, t)
+            s = softness(outputs, y, t)
             print(f"| {name} ({len(x)}) | {t:g} | {s['top1_prob']:.3f} | {s['entropy']:.3f} | {s['accuracy']:.1f} |")
 
 

@@ -81,12 +81,18 @@ def _restore(snapshot: list) -> None:
             setattr(module, name, value)
 
 
-def _common_option(method_options: dict, name: str, value: Optional[bool]) -> Optional[bool]:
-    """``value``, or the same option taken out of ``method_options``; checked to be a bool."""
+def _take_option(method_options: dict, name: str, value):
+    """``value``, or the same option taken out of ``method_options`` (never both)."""
     if name in method_options:
         if value is not None:
             raise ValueError(f"{name} given twice (as a keyword and inside options); give it once")
         value = method_options.pop(name)
+    return value
+
+
+def _common_option(method_options: dict, name: str, value: Optional[bool]) -> Optional[bool]:
+    """:func:`_take_option` for an on/off option: checked to be a bool."""
+    value = _take_option(method_options, name, value)
     if value is not None and not isinstance(value, bool):
         raise TypeError(f"{name} must be True, False or None, got {value!r}")
     return value
@@ -164,10 +170,7 @@ def patch(
     # Options of every method, also accepted inside options= (the form best.json holds).
     prop_attn = _common_option(method_options, "prop_attn", prop_attn)
     keep_norm = _common_option(method_options, "keep_norm", keep_norm)
-    if "mlp_share" in method_options:
-        if mlp_share is not None:
-            raise ValueError("mlp_share given twice (as a keyword and inside options); give it once")
-        mlp_share = method_options.pop("mlp_share")
+    mlp_share = _take_option(method_options, "mlp_share", mlp_share)  # MergeConfig checks its range
     reducer = _reducer_for(method, method_options)
     if prop_attn is None:
         prop_attn = reducer.default_prop_attn
