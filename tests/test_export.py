@@ -49,6 +49,7 @@ def assert_onnx_matches(model, path, batch_sizes=(1, 3)):
     ("tcvit", {}),
     ("mctf", {}),
     ("pitome", {}),
+    ("atc", {}),
     ("evit", {}),
     ("prune", {}),
     ("drop", {}),

@@ -250,7 +250,7 @@ def test_select_and_fuse_methods_train_end_to_end_and_keep_their_token_counts(ti
     assert model.token_reducer.name == method and model.tokens_per_block() == [17, 14, 11]
 
 
-@pytest.mark.parametrize("method", ["mctf", "pitome"])
+@pytest.mark.parametrize("method", ["mctf", "pitome", "atc"])
 def test_a_per_block_schedule_trains_with_the_scored_mergers(tiny_setup, tmp_path, method):
     from tokenmerge.models import load_model
 

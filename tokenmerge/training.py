@@ -106,9 +106,9 @@ __all__ = [
     "default_train_root",
 ]
 
-METHODS = ("dtem", "tome", "mctf", "pitome", "tcvit", "evit", "prune")
+METHODS = ("dtem", "tome", "mctf", "pitome", "atc", "tcvit", "evit", "prune")
 # Reduction policies without parameters of their own: only the ViT can learn (end2end).
-PARAMETER_FREE_METHODS = ("tome", "mctf", "pitome", "tcvit", "evit", "prune")
+PARAMETER_FREE_METHODS = ("tome", "mctf", "pitome", "atc", "tcvit", "evit", "prune")
 # DTEM options that have TrainConfig fields of their own.
 DTEM_FIELD_OPTIONS = ("tau", "embed_dim", "hidden_dim")
 MODES = ("modular", "end2end")

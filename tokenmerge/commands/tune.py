@@ -65,7 +65,7 @@ def add_parser(subparsers) -> None:
     budget.add_argument("--gflops-fraction", type=_finite("--gflops-fraction", 0.0, 1.0),
                         help="share of the unmodified GFLOPs (0.5 = -50%%)")
     parser.add_argument("--methods", nargs="+", type=parse_candidate, default=None, metavar="METHOD[:K=V,...]",
-                        help="candidates (default: tome mctf pitome), e.g. tome tome:prop_attn=false tome:mlp_share=1 mctf")
+                        help="candidates (default: tome mctf pitome atc), e.g. tome tome:prop_attn=false tome:mlp_share=1 mctf")
     parser.add_argument("--objective", choices=("kl", "agreement", "accuracy"), default="kl",
                         help="kl (default) / agreement: closeness to the unmodified model, no labels needed; "
                              "accuracy: top-1 on the labels")

@@ -4,7 +4,7 @@ from .base import AttentionTensors, TokenReducer, TokenState
 from .registry import create_reducer, get_method_class, list_methods, register_method
 
 # Importing a method module registers it.
-from . import baselines, drop, dtem, mctf, pitome, tcvit, tome  # noqa: E402,F401
+from . import atc, baselines, drop, dtem, mctf, pitome, tcvit, tome  # noqa: E402,F401
 
 __all__ = [
     "AttentionTensors",

@@ -1,11 +1,12 @@
-"""Speed of shared MLPs (``mlp_share``) against removing tokens at the same GFLOPs (issue 9).
+"""Speed of configurations against ToMe at the same GFLOPs (issue 9): shared MLPs
+(``mlp_share``), ATC, or any other ``best.json``.
 
 Times, interleaved in one process, the unmodified model, ToMe at constant r=16 (-50%
 GFLOPs on a 12-block ViT at 224px) and each ``best.json`` given, on the same random batch;
 prints images/s, the speedup over the unmodified model and the counted GFLOPs. Random
 weights of the named timm architecture: speed does not depend on them.
 
-    python benchmarks/mlp_share_speed.py --configs benchmarks/results/tune_share_r16/best_r16/best.json \
+    python benchmarks/config_speed.py --configs benchmarks/results/tune_share_r16/best_r16/best.json \
         --model vit_small_patch16_224 --batch-size 32 --threads 2
 """
 

@@ -1,0 +1,84 @@
+"""ATC's agglomerative clustering against a from-scratch loop reference, and ATC as a method."""
+
+import itertools
+
+import pytest
+import torch
+from timm.models.vision_transformer import VisionTransformer
+
+import tokenmerge
+from tokenmerge.core.clustering import agglomerative_clustering, agglomerative_plan
+from tokenmerge.core.merge import merge_tokens
+
+
+def reference_clusters(metric, joins, linkage):
+    """One image: clusters as member lists, each join recomputing the linkage from the members'
+    pairwise cosine similarities (no Lance-Williams update)."""
+    unit = metric / metric.norm(dim=-1, keepdim=True)
+    sim = (unit @ unit.T).tolist()
+    combine = {"average": lambda v: sum(v) / len(v), "complete": min, "single": max}[linkage]
+    clusters = [[i] for i in range(len(metric))]
+    for _ in range(joins):
+        best = max(itertools.combinations(range(len(clusters)), 2),
+                   key=lambda p: combine([sim[a][b] for a in clusters[p[0]] for b in clusters[p[1]]]))
+        first, second = best
+        clusters[first] = sorted(clusters[first] + clusters[second])
+        del clusters[second]
+    return sorted(clusters)
+
+
+@pytest.mark.parametrize("linkage", ["average", "complete", "single"])
+@pytest.mark.parametrize("protected,r", [(1, 3), (0, 7), (2, 12), (1, 13)])
+def test_agglomerative_plan_matches_reference(linkage, protected, r):
+    torch.manual_seed(r * 3 + protected)
+    n = 16
+    x = torch.randn(2, n, 5, dtype=torch.float64)
+    metric = torch.randn(2, n, 4, dtype=torch.float64)
+    plan = agglomerative_plan(metric, r, protected, linkage)
+    merged, size = merge_tokens(x, None, plan)
+    assert plan.num_out == n - r and size.sum(1).flatten().tolist() == [float(n)] * 2
+    for k in range(2):
+        groups = [[i] for i in range(protected)]
+        groups += [[protected + i for i in c] for c in reference_clusters(metric[k, protected:], r, linkage)]
+        expected = torch.stack([x[k, g].mean(0) for g in groups])  # clusters in order of first member
+        torch.testing.assert_close(merged[k], expected)
+        assert size[k, :, 0].tolist() == [float(len(g)) for g in groups]
+
+
+def test_clustering_joins_same_side_pairs_bipartite_matching_cannot():
+    # Tokens 0 and 2 are identical and both even: set A in bipartite matching, one cluster here.
+    metric = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [-1.0, 0.2]]])
+    labels = agglomerative_clustering(metric @ metric.transpose(1, 2), 1)
+    assert labels.tolist() == [[0, 1, 0, 3]]
+
+
+def test_r0_is_identity_and_bad_arguments_are_refused():
+    metric = torch.randn(2, 9, 4)
+    plan = agglomerative_plan(metric, 0, 1)
+    assert plan.num_out == 9 and plan.assign.tolist() == [list(range(9))] * 2
+    with pytest.raises(ValueError, match="can remove 0..7 of 9 tokens"):
+        agglomerative_plan(metric, 8, 1)
+    with pytest.raises(ValueError, match="linkage must be one of"):
+        agglomerative_plan(metric, 2, 1, linkage="ward")
+
+
+SMALL = dict(img_size=64, patch_size=8, embed_dim=48, depth=4, num_heads=3, num_classes=7)
+
+
+@torch.no_grad()
+def test_atc_method_r0_exact_more_than_half_per_block_and_unpatch():
+    torch.manual_seed(0)
+    model, x = VisionTransformer(**SMALL).eval(), torch.randn(2, 3, 64, 64)
+    reference = model(x)
+    tokenmerge.patch(model, method="atc", r=0)
+    assert torch.equal(model(x), reference)
+    # 40 of 64 patch tokens in the first block: beyond bipartite matching's half.
+    tokenmerge.patch(model, method="atc", r=[40, 10, 5, 2], linkage="complete", trace_source=True)
+    state = model.forward_tokens(x)
+    assert model.tokens_per_block() == [65, 25, 15, 10, 8] and state.x.shape[1] == 8
+    assert state.size[:, 1:].sum(dim=1).flatten().tolist() == [64.0, 64.0]
+    assert torch.isfinite(model(x)).all()
+    tokenmerge.unpatch(model)
+    assert torch.equal(model(x), reference)
+    with pytest.raises(ValueError, match="linkage must be one of"):
+        tokenmerge.patch(model, method="atc", r=2, linkage="median")

@@ -1,0 +1,131 @@
+"""Agglomerative token clustering (ATC), as pure functions.
+
+ATC (Haurum et al., "Agglomerative Token Clustering", ECCV 2024). Bipartite matching
+(ToMe) can only merge a token of set A into one of set B, so two similar tokens on the same
+side never merge, and no group grows beyond one B-token plus its A-partners in a block.
+ATC instead clusters the mergeable tokens bottom-up: starting from one cluster per token,
+it repeatedly joins the two most similar clusters until ``r`` joins have been made, and
+each cluster becomes one token (the size-weighted average of its members). The similarity
+of two clusters is their *linkage* over the member tokens' cosine similarities:
+
+- ``"complete"``: the least similar pair (compact clusters);
+- ``"average"``: the mean over all member pairs (UPGMA), weighted by member counts;
+- ``"single"``: the most similar pair (chains).
+
+After a join, the new cluster's similarity to every other cluster follows from the two old
+rows (the Lance-Williams update), so ``r`` joins cost ``r`` passes over an ``M x M`` matrix
+rather than a new similarity each time. The joins run for every image of the batch at once.
+
+Output order. ``[protected..., clusters in the order of their first member]``: a token
+that joined nothing keeps its relative place.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .matching import identity_plan
+from .merge import MergePlan
+
+__all__ = ["LINKAGES", "agglomerative_max_reduction", "agglomerative_clustering", "agglomerative_plan"]
+
+LINKAGES = ("complete", "average", "single")
+
+
+def agglomerative_max_reduction(num_tokens: int, num_protected: int) -> int:
+    """Clustering can join every mergeable token into one: ``M - 1`` joins (0 if none)."""
+    return max(0, num_tokens - num_protected - 1)
+
+
+def agglomerative_clustering(similarity: torch.Tensor, joins: int, linkage: str = "complete") -> torch.Tensor:
+    """Cluster ``M`` items bottom-up by ``joins`` greedy joins.
+
+    Each join takes the most similar pair of current clusters (ties: the lowest flat index
+    ``i * M + j``) and keeps the lower index as the cluster's label.
+
+    Args:
+        similarity: ``[B, M, M]`` symmetric pairwise similarities (higher = more alike).
+        joins: ``0 <= joins <= M - 1``.
+        linkage: one of :data:`LINKAGES`.
+
+    Returns:
+        ``[B, M]`` int64: the label of each item, the smallest item index in its cluster.
+    """
+    if linkage not in LINKAGES:
+        raise ValueError(f"linkage must be one of {LINKAGES}, got {linkage!r}")
+    B, M, _ = similarity.shape
+    if not 0 <= joins <= max(0, M - 1):
+        raise ValueError(f"agglomerative clustering can make 0..{max(0, M - 1)} joins of {M} items, asked for {joins}")
+    device = similarity.device
+    labels = torch.arange(M, device=device).expand(B, M)
+    if joins == 0:
+        return labels.contiguous()
+    with torch.no_grad():
+        # float32 at least: the average linkage accumulates weighted means over many joins.
+        sim = similarity.to(torch.promote_types(similarity.dtype, torch.float32))
+        dead = torch.finfo(sim.dtype).min  # a finite "never", so no inf - inf in the average
+        index = torch.arange(M, device=device)
+        # Not torch.eye: ONNX Runtime has no boolean EyeLike kernel.
+        sim = sim.masked_fill(index.unsqueeze(1) == index.unsqueeze(0), dead)  # a new tensor
+        dead_row = sim.new_full((B, M), dead)
+        count = sim.new_ones(B, M)
+        for _ in range(joins):
+            flat = sim.reshape(B, M * M).argmax(dim=-1)
+            i, j = flat // M, flat % M
+            keep, gone = torch.minimum(i, j).unsqueeze(1), torch.maximum(i, j).unsqueeze(1)  # [B, 1]
+            # Rows and columns move by gather/scatter along one dimension: O(B x M) per join,
+            # and exportable to ONNX, which advanced-index assignment is not.
+            keep_rows, keep_cols = keep.unsqueeze(2).expand(B, 1, M), keep.unsqueeze(1).expand(B, M, 1)
+            gone_rows, gone_cols = gone.unsqueeze(2).expand(B, 1, M), gone.unsqueeze(1).expand(B, M, 1)
+            row_keep = sim.gather(1, keep_rows).squeeze(1)
+            row_gone = sim.gather(1, gone_rows).squeeze(1)
+            if linkage == "complete":
+                joined = torch.minimum(row_keep, row_gone)
+            elif linkage == "average":
+                n_keep, n_gone = count.gather(1, keep), count.gather(1, gone)
+                joined = (n_keep * row_keep + n_gone * row_gone) / (n_keep + n_gone)
+            else:
+                joined = torch.maximum(row_keep, row_gone)
+            # Dead in either row means a removed cluster, or one of the pair itself (the new
+            # cluster's diagonal, the column about to go): it stays dead.
+            joined = torch.where((row_keep == dead) | (row_gone == dead), dead_row, joined)
+            # In place (sim is this function's own copy): an out-of-place scatter would copy
+            # the whole [B, M, M] matrix four times per join.
+            sim.scatter_(1, keep_rows, joined.unsqueeze(1)).scatter_(2, keep_cols, joined.unsqueeze(2))
+            sim.scatter_(1, gone_rows, dead_row.unsqueeze(1)).scatter_(2, gone_cols, dead_row.unsqueeze(2))
+            count = count.scatter_add(1, keep, count.gather(1, gone))
+            labels = torch.where(labels == gone, keep, labels)
+    return labels
+
+
+def agglomerative_plan(metric: torch.Tensor, r: int, num_protected: int = 1, linkage: str = "complete") -> MergePlan:
+    """Plan ATC's merge of ``r`` tokens: ``r`` joins on the cosine similarity of ``metric``.
+
+    Args:
+        metric: ``[B, N, D]`` per-token features (ToMe's: keys averaged over heads).
+        r: tokens to remove, ``0 <= r <= agglomerative_max_reduction(N, num_protected)``.
+        num_protected: leading tokens that are never merged.
+        linkage: one of :data:`LINKAGES`.
+
+    Returns:
+        A :class:`~tokenmerge.core.merge.MergePlan` with ``num_out = N - r``.
+    """
+    B, N, _ = metric.shape
+    limit = agglomerative_max_reduction(N, num_protected)
+    if not 0 <= r <= limit:
+        raise ValueError(
+            f"agglomerative clustering can remove 0..{limit} of {N} tokens ({num_protected} protected), asked for r={r}"
+        )
+    if linkage not in LINKAGES:
+        raise ValueError(f"linkage must be one of {LINKAGES}, got {linkage!r}")
+    if r == 0:
+        return identity_plan(B, N, metric.device)
+    with torch.no_grad():
+        mergeable = metric[:, num_protected:]
+        mergeable = mergeable / mergeable.norm(dim=-1, keepdim=True)
+        labels = agglomerative_clustering(mergeable @ mergeable.transpose(-1, -2), r, linkage)
+        M = labels.shape[1]
+        is_label = labels == torch.arange(M, device=metric.device)  # one label per cluster
+        slot = is_label.long().cumsum(dim=1) - 1 + num_protected  # output slot of each cluster's label
+        protected = torch.arange(num_protected, device=metric.device).expand(B, num_protected)
+        return MergePlan(torch.cat([protected, slot.gather(1, labels)], dim=1), N - r)
