@@ -11,11 +11,20 @@ from tokenmerge.core.clustering import agglomerative_clustering, agglomerative_p
 from tokenmerge.core.merge import merge_tokens
 
 
-def reference_clusters(metric, joins, linkage):
+def cosine(u, v):
+    return float(torch.dot(u, v) / (u.norm() * v.norm()))
+
+
+def reference_clusters(metric, joins, linkage, size=None, tau_size=None):
     """One image: clusters as member lists, each join recomputing the linkage from the members'
-    pairwise cosine similarities (no Lance-Williams update)."""
-    unit = metric / metric.norm(dim=-1, keepdim=True)
-    sim = (unit @ unit.T).tolist()
+    pairwise similarities (no Lance-Williams update); with ``tau_size``, the similarity of
+    tokens i and j is ``(cos + 1) / 2 * (s_i * s_j) ** (1 / tau_size)``, ``s = (1 / size) / max(1 / size)``."""
+    n = len(metric)
+    sim = [[cosine(metric[i], metric[j]) for j in range(n)] for i in range(n)]
+    if tau_size is not None:
+        inverse = [1 / float(v) for v in size]
+        shrink = [(v / max(inverse)) ** (1 / tau_size) for v in inverse]
+        sim = [[(sim[i][j] + 1) / 2 * shrink[i] * shrink[j] for j in range(n)] for i in range(n)]
     combine = {"average": lambda v: sum(v) / len(v), "complete": min, "single": max}[linkage]
     clusters = [[i] for i in range(len(metric))]
     for _ in range(joins):
@@ -45,6 +54,26 @@ def test_agglomerative_plan_matches_reference(linkage, protected, r):
         assert size[k, :, 0].tolist() == [float(len(g)) for g in groups]
 
 
+@pytest.mark.parametrize("linkage", ["complete", "average"])
+def test_size_criterion_matches_reference_and_is_neutral_at_equal_sizes(linkage):
+    torch.manual_seed(5)
+    n, protected, r = 15, 1, 6
+    x = torch.randn(2, n, 5, dtype=torch.float64)
+    metric = torch.randn(2, n, 4, dtype=torch.float64)
+    size = torch.randint(1, 6, (2, n, 1)).double()
+    plan = agglomerative_plan(metric, r, protected, linkage, size=size, tau_size=2.0)
+    merged, merged_size = merge_tokens(x, size, plan)
+    for k in range(2):
+        groups = [[0]] + [[protected + i for i in c] for c in
+                          reference_clusters(metric[k, protected:], r, linkage, size[k, protected:, 0], 2.0)]
+        expected = torch.stack([(x[k, g] * size[k, g]).sum(0) / size[k, g].sum() for g in groups])
+        torch.testing.assert_close(merged[k], expected)
+        assert merged_size[k, :, 0].tolist() == [float(size[k, g].sum()) for g in groups]
+    # Equal sizes (the first block): the criterion is a constant factor, the joins are ToMe-metric joins.
+    equal = agglomerative_plan(metric, r, protected, linkage, size=torch.ones(2, n, 1, dtype=torch.float64), tau_size=2.0)
+    assert torch.equal(equal.assign, agglomerative_plan(metric, r, protected, linkage).assign)
+
+
 def test_clustering_joins_same_side_pairs_bipartite_matching_cannot():
     # Tokens 0 and 2 are identical and both even: set A in bipartite matching, one cluster here.
     metric = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [-1.0, 0.2]]])
@@ -60,6 +89,8 @@ def test_r0_is_identity_and_bad_arguments_are_refused():
         agglomerative_plan(metric, 8, 1)
     with pytest.raises(ValueError, match="linkage must be one of"):
         agglomerative_plan(metric, 2, 1, linkage="ward")
+    with pytest.raises(ValueError, match="tau_size must be > 0"):
+        agglomerative_plan(metric, 2, 1, tau_size=0.0)
 
 
 SMALL = dict(img_size=64, patch_size=8, embed_dim=48, depth=4, num_heads=3, num_classes=7)
@@ -82,3 +113,22 @@ def test_atc_method_r0_exact_more_than_half_per_block_and_unpatch():
     assert torch.equal(model(x), reference)
     with pytest.raises(ValueError, match="linkage must be one of"):
         tokenmerge.patch(model, method="atc", r=2, linkage="median")
+    with pytest.raises(ValueError, match="tau_size must be > 0"):
+        tokenmerge.patch(model, method="atc", r=2, tau_size=-1.0)
+
+
+def test_atc_reduce_scores_with_the_state_sizes():
+    from tokenmerge.core.merge import merge_tokens as merge
+    from tokenmerge.methods.base import AttentionTensors, TokenState
+
+    torch.manual_seed(2)
+    x, k = torch.randn(2, 13, 6), torch.randn(2, 3, 13, 4)
+    size = torch.randint(1, 9, (2, 13, 1)).float()
+    attn = AttentionTensors(q=torch.randn(2, 3, 13, 4), k=k, log_size=size.log()[..., 0], scale=0.5)
+    reducer = tokenmerge.create_reducer("atc", tau_size=0.5)
+    out = reducer.reduce(TokenState(x, size), attn, 5, 1, 0)
+    sized = agglomerative_plan(k.mean(1), 5, 1, size=size, tau_size=0.5)
+    assert not torch.equal(sized.assign, agglomerative_plan(k.mean(1), 5, 1).assign)  # sizes change the joins here
+    expected = merge(x, size, sized)
+    torch.testing.assert_close(out.x, expected[0])
+    assert torch.equal(out.size, expected[1])

@@ -22,10 +22,13 @@ that joined nothing keeps its relative place.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from .matching import identity_plan
 from .merge import MergePlan
+from .multi_criteria import inverse_normalised
 
 __all__ = ["LINKAGES", "agglomerative_max_reduction", "agglomerative_clustering", "agglomerative_plan"]
 
@@ -98,14 +101,29 @@ def agglomerative_clustering(similarity: torch.Tensor, joins: int, linkage: str 
     return labels
 
 
-def agglomerative_plan(metric: torch.Tensor, r: int, num_protected: int = 1, linkage: str = "complete") -> MergePlan:
-    """Plan ATC's merge of ``r`` tokens: ``r`` joins on the cosine similarity of ``metric``.
+def agglomerative_plan(
+    metric: torch.Tensor,
+    r: int,
+    num_protected: int = 1,
+    linkage: str = "complete",
+    size: Optional[torch.Tensor] = None,
+    tau_size: Optional[float] = None,
+) -> MergePlan:
+    """Plan ATC's merge of ``r`` tokens: ``r`` joins on the cosine similarity of ``metric``,
+    optionally weighted by the tokens' sizes.
 
     Args:
         metric: ``[B, N, D]`` per-token features (ToMe's: keys averaged over heads).
         r: tokens to remove, ``0 <= r <= agglomerative_max_reduction(N, num_protected)``.
         num_protected: leading tokens that are never merged.
         linkage: one of :data:`LINKAGES`.
+        size: ``[B, N, 1]`` patches per token, or ``None`` for all ones.
+        tau_size: ``None`` to cluster on the cosine similarity alone; otherwise the pairwise
+            similarity is MCTF's similarity x size criterion,
+            ``(cos + 1) / 2 * (s'_i * s'_j) ** (1 / tau_size)`` with ``s' = 1 / size``
+            normalised to a maximum of 1 (:func:`~tokenmerge.core.multi_criteria.inverse_normalised`),
+            so small tokens join first and no token grows into a giant. With equal sizes
+            (the first block) the joins are the same as without it.
 
     Returns:
         A :class:`~tokenmerge.core.merge.MergePlan` with ``num_out = N - r``.
@@ -118,12 +136,19 @@ def agglomerative_plan(metric: torch.Tensor, r: int, num_protected: int = 1, lin
         )
     if linkage not in LINKAGES:
         raise ValueError(f"linkage must be one of {LINKAGES}, got {linkage!r}")
+    if tau_size is not None and not tau_size > 0:
+        raise ValueError(f"tau_size must be > 0 or None, got {tau_size!r}")
     if r == 0:
         return identity_plan(B, N, metric.device)
     with torch.no_grad():
         mergeable = metric[:, num_protected:]
         mergeable = mergeable / mergeable.norm(dim=-1, keepdim=True)
-        labels = agglomerative_clustering(mergeable @ mergeable.transpose(-1, -2), r, linkage)
+        similarity = mergeable @ mergeable.transpose(-1, -2)
+        if tau_size is not None and size is not None:
+            # Shifted to [0, 1] first: a factor must not turn an unlike pair into a like one.
+            shrink = inverse_normalised(size[:, num_protected:, 0].to(similarity.dtype)) ** (1.0 / tau_size)
+            similarity = (similarity + 1.0) / 2.0 * shrink.unsqueeze(2) * shrink.unsqueeze(1)
+        labels = agglomerative_clustering(similarity, r, linkage)
         M = labels.shape[1]
         is_label = labels == torch.arange(M, device=metric.device)  # one label per cluster
         slot = is_label.long().cumsum(dim=1) - 1 + num_protected  # output slot of each cluster's label

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 from ..core.attention import key_metric
 from ..core.clustering import LINKAGES, agglomerative_max_reduction, agglomerative_plan
 from ..core.merge import MergePlan
-from .base import AttentionTensors, TokenReducer
+from .base import AttentionTensors, TokenReducer, TokenState
+from .pitome import check_real
 from .registry import register_method
 
 __all__ = ["ATC"]
@@ -25,29 +28,41 @@ class ATC(TokenReducer):
 
     Args:
         linkage: ``"complete"`` (default), ``"average"`` or ``"single"``. Complete linkage
-            bounds how unlike two members of a cluster may be (a cluster joins only if its
-            least similar pair is the most similar on offer), so no merged token averages
-            dissimilar tokens, the premise of every merge method; average and single linkage
-            let clusters grow by chaining. Measured on train images of both Imagenette
-            ViTs (12 and 6 blocks, constant r=16): KL to the unmodified model 14-16% below
-            ToMe's with complete linkage; above ToMe's on the 12-block model with average
-            linkage, and above it on both with single linkage (BENCHMARKS.md section 6).
+            joins two clusters only when their least similar members are the most similar
+            pair on offer, so no merged token averages dissimilar tokens, the premise of
+            every merge method; average and single linkage let clusters grow by chaining.
+        tau_size: temperature of MCTF's size criterion in the similarity (default 40, the
+            MCTF paper's), or ``None`` for the cosine similarity alone (the ATC paper's).
+            Small tokens join first (:func:`~tokenmerge.core.clustering.agglomerative_plan`),
+            so no token grows into a giant: a giant token averages away what its patches
+            held, and proportional attention then hands it ``log(size)`` more attention.
+
+    Both defaults were chosen on train images of two Imagenette ViTs (BENCHMARKS.md
+    section 6); ``tokenmerge.tune`` may change the linkage per model (``option_grid``).
     """
 
     name = "atc"
     option_grid = {"linkage": ("complete", "average")}
 
-    def __init__(self, linkage: str = "complete"):
+    def __init__(self, linkage: str = "complete", tau_size: Optional[float] = 40.0):
         super().__init__()
         if linkage not in LINKAGES:
             raise ValueError(f"linkage must be one of {LINKAGES}, got {linkage!r}")
         self.linkage = linkage
+        self.tau_size = None if tau_size is None else check_real(tau_size, "tau_size", positive=True)
 
     def max_reduction(self, num_tokens: int, num_protected: int) -> int:
         return agglomerative_max_reduction(num_tokens, num_protected)
 
+    def plan_sized(self, attn: AttentionTensors, size, r, num_protected) -> MergePlan:
+        return agglomerative_plan(key_metric(attn.k), r, num_protected, self.linkage, size, self.tau_size)
+
     def plan(self, x, attn: AttentionTensors, r, num_protected, block_index) -> MergePlan:
-        return agglomerative_plan(key_metric(attn.k), r, num_protected, self.linkage)
+        return self.plan_sized(attn, None, r, num_protected)
+
+    def reduce(self, state: TokenState, attn: AttentionTensors, r, num_protected, block_index) -> TokenState:
+        # The size criterion needs the tokens' sizes, which only the state carries.
+        return self.apply_plan(state, self.plan_sized(attn, state.size, r, num_protected))
 
     def extra_repr(self) -> str:
-        return f"method={self.name!r}, linkage={self.linkage!r}"
+        return f"method={self.name!r}, linkage={self.linkage!r}, tau_size={self.tau_size}"

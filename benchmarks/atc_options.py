@@ -1,12 +1,14 @@
-"""ATC's linkage, and ATC against ToMe, on train images of two models (issue 9).
+"""ATC's options (linkage, size criterion), and ATC against ToMe, on train images of two
+models (issue 9).
 
-The default linkage of `tokenmerge.patch(model, method="atc")` is chosen from this table
+The defaults of `tokenmerge.patch(model, method="atc")` are chosen from this table
 (train images only, no val): KL to the unmodified model and top-1 agreement with it at
 constant r on the 600 train images outside tune's calibration set
-(`benchmarks/holdout_kl.py`'s holdout), for ToMe and ATC with each linkage, on the shipped
-12-block ViT-Tiny and the 6-block one.
+(`benchmarks/holdout_kl.py`'s holdout), for ToMe and ATC with each linkage, and with complete
+linkage plus MCTF's size criterion at MCTF's temperature (40), on the shipped 12-block
+ViT-Tiny and the 6-block one.
 
-    OMP_NUM_THREADS=1 python benchmarks/atc_linkage.py --threads 1 --out benchmarks/results/atc/linkage.md
+    OMP_NUM_THREADS=1 python benchmarks/atc_options.py --threads 1 --out benchmarks/results/atc/options.md
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ MODELS = [
     ("vit_tiny (12 blocks)", lambda: load_model(), (16, 13)),
     ("vit_tiny_d6 (6 blocks)", lambda: load_model("vit_tiny_patch16_224", checkpoint=D6, num_classes=10, depth=6), (16,)),
 ]
-VARIANTS = [("tome", {})] + [("atc", {"linkage": linkage}) for linkage in ("complete", "average", "single")]
+VARIANTS = ([("tome", {})] + [("atc", {"linkage": linkage}) for linkage in ("complete", "average", "single")]
+            + [("atc", {"linkage": "complete", "tau_size": 40.0})])
 
 
 def main() -> None:
@@ -52,7 +55,7 @@ def main() -> None:
                 name = method + "".join(f" {k}={v}" for k, v in options.items())
                 lines.append(f"| {label} | {r} | {name} | {count_gflops(model):.3f} | {kl:.4f} | {agreement:.1f} |")
                 print(lines[-1], flush=True)
-    header = (f"# ATC linkage (issue 9)\n\n`OMP_NUM_THREADS=1 python benchmarks/atc_linkage.py --images {args.images} "
+    header = (f"# ATC options (issue 9)\n\n`OMP_NUM_THREADS=1 python benchmarks/atc_options.py --images {args.images} "
               f"--threads {args.threads} --out {args.out}`, {time.strftime('%Y-%m-%d')}, {args.images} train images "
               "outside tune's calibration set.\n\n")
     args.out.parent.mkdir(parents=True, exist_ok=True)
