@@ -257,13 +257,19 @@ def test_a_per_block_schedule_trains_with_the_scored_mergers(tiny_setup, tmp_pat
     model = load_model("vit_tiny_patch16_224", checkpoint=str(tiny_setup / "tiny.safetensors"), **TINY)
     seen = []
     model.norm.register_forward_hook(lambda module, inputs, output: seen.append((module.training, inputs[0].shape[1])))
+    # Options of every method (as a best.json holds them) beside the method's own: the patch takes them.
+    common = {"prop_attn": False, "keep_norm": True, "mlp_share": 0.5}
+    own = {"atc": {"tau_size": 20.0}, "mctf": {"tau_sim": 0.5}, "pitome": {}}[method]
     train(_config(tiny_setup, tmp_path, method=method, mode="end2end", max_steps=3, r=[4, 2], lr=1e-2,
-                  method_options={"prop_attn": False}, distill=True), model=model)
+                  method_options={**common, **own}, distill=True), model=model)
     # 17 tokens, 4 merged in block 0 and 2 in block 1, in every training step (the frozen
     # teacher, a copy made before patching, runs in eval mode with all 17).
     assert [s for s in seen if s[0]] == [(True, 11)] * 3
     assert model.tokens_per_block() == [17, 13, 11]
-    assert model.tokenmerge_config.prop_attn is False  # a method option of every method reaches the patch
+    # the options of every method reach the patch, the method's own reach the method
+    assert model.tokenmerge_config.prop_attn is False and model.tokenmerge_config.mlp_share == 0.5
+    assert model.token_reducer.keep_norm is True
+    assert all(getattr(model.token_reducer, name) == value for name, value in own.items())
     trained = load_file(str(tmp_path / "model.safetensors"))
     original = load_file(str(tiny_setup / "tiny.safetensors"))
     assert trained.keys() == original.keys()

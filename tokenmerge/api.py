@@ -11,7 +11,10 @@ from .backends.common import MergeConfig
 from .core.schedule import KeepRatio, validate_schedule
 from .methods import TokenReducer, create_reducer, list_methods
 
-__all__ = ["patch", "unpatch", "is_patched", "check_patchable"]
+__all__ = ["patch", "unpatch", "is_patched", "check_patchable", "COMMON_OPTIONS", "split_common_options"]
+
+# Options of every method: keywords of patch(), not of a method's constructor.
+COMMON_OPTIONS = ("prop_attn", "keep_norm", "mlp_share")
 
 # What patching adds to a module besides swapping its class (see the backends).
 _PATCH_ATTRIBUTES = ("token_reducer", "tokenmerge_config", "_tokenmerge_schedules", "_tm_rope")
@@ -79,6 +82,12 @@ def _restore(snapshot: list) -> None:
                 delattr(module, name)
         for name, value in attributes.items():
             setattr(module, name, value)
+
+
+def split_common_options(options: dict) -> tuple:
+    """``options`` (e.g. a ``best.json``'s) -> ``(patch keywords, the method's own options)``."""
+    common = {name: value for name, value in options.items() if name in COMMON_OPTIONS}
+    return common, {name: value for name, value in options.items() if name not in COMMON_OPTIONS}
 
 
 def _take_option(method_options: dict, name: str, value):

@@ -93,6 +93,7 @@ import numpy
 import torch
 from torch import nn
 
+from .api import split_common_options
 from .backends.adapter import adapter_for, logits_of
 from .core.schedule import Schedule
 
@@ -442,13 +443,13 @@ def build_model(config: TrainConfig, model: Optional[nn.Module] = None) -> nn.Mo
     if model is None:
         model = load_student(config)
     adapter = _check_trainable(model)
-    options = dict(config.method_options)
+    # A best.json's options may hold options of every method (keep_norm, ...), which patch takes.
+    common, options = split_common_options(config.method_options)
     if config.method == "dtem":
         options.update(tau=config.tau, embed_dim=config.embed_dim, hidden_dim=config.hidden_dim)
-    prop_attn = options.pop("prop_attn", None)
     reducer = create_reducer(config.method, **options)
     _check_schedule_fits(config, reducer, adapter)
-    tokenmerge.patch(model, method=reducer, r=config.r, prop_attn=prop_attn)
+    tokenmerge.patch(model, method=reducer, r=config.r, **common)
     if config.init_modules is not None:
         tokenmerge.load_merge_modules(model, config.init_modules)
     return model
@@ -971,7 +972,7 @@ def _finish(model: nn.Module, config: TrainConfig, out: Path) -> dict:
     device = next(model.parameters()).device
     for r in config.eval_r:
         # The same reducer (trained modules) at every r.
-        tokenmerge.patch(model, method=reducer, r=r, prop_attn=config.method_options.get("prop_attn"))
+        tokenmerge.patch(model, method=reducer, r=r, **split_common_options(config.method_options)[0])
         acc = evaluate_accuracy(model, images, labels, num_classes=len(classes), device=device)
         label = format_schedule(r)
         results["accuracy"][label] = acc
