@@ -266,6 +266,8 @@ def test_parse_option_types():
     assert sweep.parse_option("tau=0.1") == (None, "tau", 0.1)
     assert sweep.parse_option("flag=True") == (None, "flag", True)
     assert sweep.parse_option("init=keys") == (None, "init", "keys")
+    assert sweep.parse_option("atc.tau_size=none") == ("atc", "tau_size", None)
+    assert sweep.parse_option("tau_size=null") == (None, "tau_size", None)
     with pytest.raises(ValueError, match="KEY=VALUE"):
         sweep.parse_option("order")
 

@@ -91,7 +91,8 @@ def options_label(options: dict) -> str:
 
 def parse_option(text: str):
     """``"[METHOD.]KEY=VALUE"`` -> ``(method or None, key, value)``; the value typed as int,
-    float, bool or str (``order=2`` -> 2, ``tau=0.1`` -> 0.1, ``flag=true`` -> True)."""
+    float, bool, None or str (``order=2`` -> 2, ``tau=0.1`` -> 0.1, ``flag=true`` -> True,
+    ``atc.tau_size=none`` -> None, the Python default an option may need to be set back to)."""
     if "=" not in text:
         raise ValueError(f"method option {text!r} must look like KEY=VALUE or METHOD.KEY=VALUE (e.g. tcvit.order=2)")
     key, value = text.split("=", 1)
@@ -101,6 +102,8 @@ def parse_option(text: str):
     lowered = value.lower()
     if lowered in ("true", "false"):
         typed = lowered == "true"
+    elif lowered in ("none", "null"):
+        typed = None
     else:
         typed = value
         for kind in (int, float):
