@@ -118,7 +118,6 @@ def test_atc_method_r0_exact_more_than_half_per_block_and_unpatch():
 
 
 def test_atc_reduce_scores_with_the_state_sizes():
-    from tokenmerge.core.merge import merge_tokens as merge
     from tokenmerge.methods.base import AttentionTensors, TokenState
 
     torch.manual_seed(2)
@@ -129,6 +128,6 @@ def test_atc_reduce_scores_with_the_state_sizes():
     out = reducer.reduce(TokenState(x, size), attn, 5, 1, 0)
     sized = agglomerative_plan(k.mean(1), 5, 1, size=size, tau_size=0.5)
     assert not torch.equal(sized.assign, agglomerative_plan(k.mean(1), 5, 1).assign)  # sizes change the joins here
-    expected = merge(x, size, sized)
+    expected = merge_tokens(x, size, sized)
     torch.testing.assert_close(out.x, expected[0])
     assert torch.equal(out.size, expected[1])

@@ -30,9 +30,16 @@ from .matching import identity_plan
 from .merge import MergePlan
 from .multi_criteria import inverse_normalised
 
-__all__ = ["LINKAGES", "agglomerative_max_reduction", "agglomerative_clustering", "agglomerative_plan"]
+__all__ = ["LINKAGES", "check_linkage", "agglomerative_max_reduction", "agglomerative_clustering", "agglomerative_plan"]
 
 LINKAGES = ("complete", "average", "single")
+
+
+def check_linkage(linkage: str) -> str:
+    """``linkage`` if it is one of :data:`LINKAGES`, else a clear error."""
+    if linkage not in LINKAGES:
+        raise ValueError(f"linkage must be one of {LINKAGES}, got {linkage!r}")
+    return linkage
 
 
 def agglomerative_max_reduction(num_tokens: int, num_protected: int) -> int:
@@ -54,8 +61,7 @@ def agglomerative_clustering(similarity: torch.Tensor, joins: int, linkage: str 
     Returns:
         ``[B, M]`` int64: the label of each item, the smallest item index in its cluster.
     """
-    if linkage not in LINKAGES:
-        raise ValueError(f"linkage must be one of {LINKAGES}, got {linkage!r}")
+    check_linkage(linkage)
     B, M, _ = similarity.shape
     if not 0 <= joins <= max(0, M - 1):
         raise ValueError(f"agglomerative clustering can make 0..{max(0, M - 1)} joins of {M} items, asked for {joins}")
@@ -134,8 +140,7 @@ def agglomerative_plan(
         raise ValueError(
             f"agglomerative clustering can remove 0..{limit} of {N} tokens ({num_protected} protected), asked for r={r}"
         )
-    if linkage not in LINKAGES:
-        raise ValueError(f"linkage must be one of {LINKAGES}, got {linkage!r}")
+    check_linkage(linkage)
     if tau_size is not None and not tau_size > 0:
         raise ValueError(f"tau_size must be > 0 or None, got {tau_size!r}")
     if r == 0:

@@ -4,7 +4,7 @@ Given a trained model, calibration images (from the *train* split: nothing here 
 the data you report on) and a GFLOPs budget, :func:`tune` returns the configuration that
 keeps the merged model closest to the unmodified one. Three stages:
 
-1. **Method.** For every candidate method (default ToMe and MCTF, plus PiToMe), the smallest
+1. **Method.** For every candidate method (default ToMe, MCTF, PiToMe and ATC), the smallest
    constant ``r`` that meets the budget, and the same with the GFLOPs it leaves unused spent
    on keeping tokens in the last blocks (:func:`_fill_budget`), scored on the calibration
    images; the better of the two is the method's start. GFLOPs are

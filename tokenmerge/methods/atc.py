@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Optional
 
 from ..core.attention import key_metric
-from ..core.clustering import LINKAGES, agglomerative_max_reduction, agglomerative_plan
+from ..core.clustering import agglomerative_max_reduction, agglomerative_plan, check_linkage
 from ..core.merge import MergePlan
-from .base import AttentionTensors, TokenReducer, TokenState
+from .base import AttentionTensors, SizeAwareReducer
 from .pitome import check_real
 from .registry import register_method
 
@@ -15,7 +15,7 @@ __all__ = ["ATC"]
 
 
 @register_method
-class ATC(TokenReducer):
+class ATC(SizeAwareReducer):
     """Agglomerative Token Clustering (Haurum et al., ECCV 2024), training-free.
 
     Metric: the block's keys averaged over heads, as in ToMe. Plan: ``r`` greedy joins of
@@ -46,9 +46,7 @@ class ATC(TokenReducer):
 
     def __init__(self, linkage: str = "complete", tau_size: Optional[float] = 40.0):
         super().__init__()
-        if linkage not in LINKAGES:
-            raise ValueError(f"linkage must be one of {LINKAGES}, got {linkage!r}")
-        self.linkage = linkage
+        self.linkage = check_linkage(linkage)
         self.tau_size = None if tau_size is None else check_real(tau_size, "tau_size", positive=True)
 
     def max_reduction(self, num_tokens: int, num_protected: int) -> int:
@@ -56,13 +54,6 @@ class ATC(TokenReducer):
 
     def plan_sized(self, attn: AttentionTensors, size, r, num_protected) -> MergePlan:
         return agglomerative_plan(key_metric(attn.k), r, num_protected, self.linkage, size, self.tau_size)
-
-    def plan(self, x, attn: AttentionTensors, r, num_protected, block_index) -> MergePlan:
-        return self.plan_sized(attn, None, r, num_protected)
-
-    def reduce(self, state: TokenState, attn: AttentionTensors, r, num_protected, block_index) -> TokenState:
-        # The size criterion needs the tokens' sizes, which only the state carries.
-        return self.apply_plan(state, self.plan_sized(attn, state.size, r, num_protected))
 
     def extra_repr(self) -> str:
         return f"method={self.name!r}, linkage={self.linkage!r}, tau_size={self.tau_size}"

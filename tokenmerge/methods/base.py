@@ -18,7 +18,7 @@ from torch import nn
 from ..core.matching import bipartite_max_reduction
 from ..core.merge import MergePlan, merge_positions, merge_tokens, track_sources
 
-__all__ = ["TokenState", "AttentionTensors", "TokenReducer"]
+__all__ = ["TokenState", "AttentionTensors", "TokenReducer", "SizeAwareReducer"]
 
 
 class TokenState(NamedTuple):
@@ -125,3 +125,24 @@ class TokenReducer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"method={self.name!r}"
+
+
+class SizeAwareReducer(TokenReducer):
+    """A policy whose plan also weighs the tokens' sizes (MCTF's and ATC's size criterion).
+
+    Subclasses implement :meth:`plan_sized`; the sizes travel in the :class:`TokenState`,
+    which :meth:`reduce` passes on, while :meth:`plan` (tokens alone) plans as if every
+    token were one patch.
+    """
+
+    def plan_sized(
+        self, attn: AttentionTensors, size: Optional[torch.Tensor], r: int, num_protected: int
+    ) -> MergePlan:
+        """Decide the merge from the block's attention tensors and ``[B, N, 1]`` sizes (or ``None``)."""
+        raise NotImplementedError
+
+    def plan(self, x, attn: AttentionTensors, r, num_protected, block_index) -> MergePlan:
+        return self.plan_sized(attn, None, r, num_protected)
+
+    def reduce(self, state: TokenState, attn: AttentionTensors, r, num_protected, block_index) -> TokenState:
+        return self.apply_plan(state, self.plan_sized(attn, state.size, r, num_protected))

@@ -7,7 +7,7 @@ import torch
 from ..core.attention import key_metric
 from ..core.multi_criteria import FUSIONS, multi_criteria_matching
 from ..core.relevance import DEFAULT_CHUNK_SIZE, check_chunk_size, connectivity
-from .base import AttentionTensors, TokenReducer, TokenState
+from .base import AttentionTensors, SizeAwareReducer
 from .pitome import check_real
 from .registry import register_method
 
@@ -15,7 +15,7 @@ __all__ = ["MCTF"]
 
 
 @register_method
-class MCTF(TokenReducer):
+class MCTF(SizeAwareReducer):
     """MCTF (Lee et al., "Multi-criteria Token Fusion with One-step-ahead Attention for
     Efficient Vision Transformers", CVPR 2024), training-free.
 
@@ -65,13 +65,6 @@ class MCTF(TokenReducer):
                 key_metric(attn.k), received, size, r, num_protected,
                 self.tau_sim, self.tau_info, self.tau_size, self.bidirectional, self.fusion,
             )
-
-    def plan(self, x, attn: AttentionTensors, r, num_protected, block_index):
-        return self.plan_sized(attn, None, r, num_protected)
-
-    def reduce(self, state: TokenState, attn: AttentionTensors, r, num_protected, block_index) -> TokenState:
-        # The size criterion needs the tokens' sizes, which only the state carries.
-        return self.apply_plan(state, self.plan_sized(attn, state.size, r, num_protected))
 
     def extra_repr(self) -> str:
         return (f"method={self.name!r}, tau_sim={self.tau_sim}, tau_info={self.tau_info}, "
