@@ -7,7 +7,8 @@ from timm.models.vision_transformer import VisionTransformer
 import tokenmerge
 
 
-@pytest.mark.parametrize("options", [{}, {"mlp_share": 1.0}, {"method": "atc"}])
+@pytest.mark.parametrize("options", [{}, {"mlp_share": 1.0}, {"method": "atc"},
+                                     {"method": "dtem", "embed_dim": 16, "matching": "agglomerative"}])
 def test_torch_compile_fullgraph_on_cpu(options):
     torch._dynamo.reset()
     model = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2,

@@ -232,3 +232,66 @@ def test_train_r_overrides_the_schedule_in_training_only():
     with torch.no_grad():
         assert model.train().forward_tokens(torch.randn(1, 3, 32, 32)).live == 65 - 30
         assert model.eval().forward_tokens(torch.randn(1, 3, 32, 32)).x.shape[1] == 65 - 12
+
+
+def test_agglomerative_matching_clusters_the_learned_embedding_with_the_state_sizes():
+    from tokenmerge.core.clustering import agglomerative_plan
+    from tokenmerge.core.merge import merge_tokens
+    from tokenmerge.methods.base import TokenState
+
+    from .test_atc import reference_clusters
+
+    torch.manual_seed(3)
+    reducer = DTEM(embed_dim=8, init="random", dim=6, depth=2, matching="agglomerative", tau_size=0.5).eval()
+    x = torch.randn(2, 13, 6, dtype=torch.float64)
+    size = torch.randint(1, 9, (2, 13, 1)).double()
+    reducer.double()
+    out = reducer.reduce(TokenState(x, size), None, 5, 1, 1)
+    embedding = reducer.embeds[1](x)
+    assert out.x.shape[1] == 8 and torch.equal(out.size.sum(1), size.sum(1))
+    for k in range(2):
+        groups = [[0]] + [[1 + i for i in c] for c in
+                          reference_clusters(embedding[k, 1:].detach(), 5, "complete", size[k, 1:, 0], 0.5)]
+        expected = torch.stack([(x[k, g] * size[k, g]).sum(0) / size[k, g].sum() for g in groups])
+        torch.testing.assert_close(out.x[k], expected)
+    # Not bipartite matching on the same embedding, and not the embedding of block 0.
+    bipartite = DTEM(embed_dim=8, init="random", dim=6, depth=2).double().eval()
+    bipartite.load_state_dict(reducer.state_dict())
+    assert not torch.allclose(bipartite.reduce(TokenState(x, size), None, 5, 1, 1).x, out.x)
+    other_block = merge_tokens(x, size, agglomerative_plan(reducer.embeds[0](x), 5, 1, "complete", size, 0.5))[0]
+    assert not torch.allclose(other_block, out.x)
+
+
+def test_agglomerative_matching_removes_more_than_half_at_inference_and_trains_bipartite():
+    model, x = tiny_vit(), torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        reference = model(x)
+    tokenmerge.patch(model, method="dtem", r=0, embed_dim=16, matching="agglomerative")
+    with torch.no_grad():
+        assert torch.equal(model(x), reference)
+    tokenmerge.patch(model, method=model.token_reducer, r=[40, 10, 5])  # 40 of 64: beyond bipartite's 32
+    assert model.tokens_per_block() == [65, 25, 15, 10]
+    with torch.no_grad():
+        assert model.eval().forward_tokens(x).x.shape[1] == 10
+    with pytest.raises(ValueError, match="soft bipartite merge.*train_r=32"):
+        model.train()(x)
+    tokenmerge.patch(model, r=[8, 8, 8], method="dtem", embed_dim=16, matching="agglomerative")
+    model.train()(x).sum().backward()  # training runs the soft bipartite merge at r <= half
+    assert all(embed.proj.weight.grad is not None for embed in model.token_reducer.embeds)
+    tokenmerge.unpatch(model)
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x), reference)
+
+
+def test_matching_options_are_checked():
+    with pytest.raises(ValueError, match="matching must be one of"):
+        DTEM(matching="greedy")
+    with pytest.raises(ValueError, match="add matching='agglomerative'"):
+        DTEM(linkage="average")
+    with pytest.raises(ValueError, match="add matching='agglomerative'"):
+        DTEM(tau_size=None)
+    with pytest.raises(ValueError, match="linkage must be one of"):
+        DTEM(matching="agglomerative", linkage="median")
+    with pytest.raises(ValueError, match="tau_size must be > 0"):
+        DTEM(matching="agglomerative", tau_size=0.0)
+    assert "linkage='average'" in repr(DTEM(matching="agglomerative", linkage="average"))

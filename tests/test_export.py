@@ -46,6 +46,7 @@ def assert_onnx_matches(model, path, batch_sizes=(1, 3)):
 @pytest.mark.parametrize("method, options", [
     ("tome", {}),
     ("dtem", {}),
+    ("dtem", {"matching": "agglomerative"}),
     ("tcvit", {}),
     ("mctf", {}),
     ("pitome", {}),

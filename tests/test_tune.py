@@ -318,3 +318,23 @@ def test_tune_command_on_a_hugging_face_folder(hf_vit_dir, tiny_image_folder, tm
     merged = tokenmerge.patch(load_model(f"hf:{hf_vit_dir}"), **config)
     assert count_gflops(merged, images=images) <= 0.8 * base_gflops
     assert len(config["r"]) == 2 and sum(config["r"]) > 0
+
+
+
+def test_dtem_matchings_as_candidates_meet_the_budget_and_round_trip(model, images, tmp_path):
+    from tokenmerge.methods.dtem import save_merge_modules
+
+    modules = str(save_merge_modules(tokenmerge.patch(small_vit(), method="dtem", r=4, embed_dim=16, init="random"),
+                                     tmp_path / "modules.safetensors"))
+    methods = [("dtem", {"modules": modules}), ("dtem", {"modules": modules, "matching": "agglomerative"})]
+    result = tune(model, images, gflops_fraction=0.6, methods=methods, rounds=1, search_methods=2,
+                  batch_size=6, progress=False, measure_speed=False)
+    for matching in ("bipartite", "agglomerative"):
+        found = [c for c in result.candidates if c.options.get("matching", "bipartite") == matching]
+        assert {"constant", "search round 1"} <= {c.stage for c in found}
+        for candidate in found:
+            patched = tokenmerge.patch(small_vit(), **json.loads(json.dumps(candidate.config())))
+            assert patched.token_reducer.matching == matching
+            # Clustering compares every pair (M x M), bipartite matching A x B: both counted.
+            assert count_gflops(patched, images=images[0][:1]) == pytest.approx(candidate.gflops, rel=1e-9)
+            assert candidate.gflops <= result.target_gflops

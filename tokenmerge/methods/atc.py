@@ -11,7 +11,9 @@ from .base import AttentionTensors, SizeAwareReducer
 from .pitome import check_real
 from .registry import register_method
 
-__all__ = ["ATC"]
+__all__ = ["ATC", "DEFAULT_TAU_SIZE"]
+
+DEFAULT_TAU_SIZE = 40.0
 
 
 @register_method
@@ -44,7 +46,7 @@ class ATC(SizeAwareReducer):
     name = "atc"
     option_grid = {"linkage": ("complete", "average")}
 
-    def __init__(self, linkage: str = "complete", tau_size: Optional[float] = 40.0):
+    def __init__(self, linkage: str = "complete", tau_size: Optional[float] = DEFAULT_TAU_SIZE):
         super().__init__()
         self.linkage = check_linkage(linkage)
         self.tau_size = None if tau_size is None else check_real(tau_size, "tau_size", positive=True)

@@ -13,8 +13,9 @@ Per block, a small module ``e = f(x)`` whose only job is to be the merge metric.
   on the post-attention tokens. This needs ``embed_dim == head_dim`` and no MLP;
   ``init="random"`` is PyTorch's default initialisation.
 
-Eval mode: ToMe's hard bipartite matching with ``e`` as the metric, then the usual
-size-weighted merge. Train mode: soft grouping + soft merging
+Eval mode: ToMe's hard bipartite matching with ``e`` as the metric (or, with
+``matching="agglomerative"``, ATC's clustering on ``e``), then the usual size-weighted
+merge. Train mode: soft grouping + soft merging
 (:mod:`tokenmerge.core.soft_merge`): the token count stays ``N``, sizes become
 fractional and feed proportional attention.
 
@@ -35,11 +36,16 @@ from typing import NamedTuple, Optional
 import torch
 from torch import nn
 
+from ..core.clustering import agglomerative_max_reduction, agglomerative_plan, check_linkage
 from ..core.matching import bipartite_max_reduction, bipartite_soft_matching
 from ..core.merge import MergePlan
 from ..core.soft_merge import _check_tau, soft_bipartite_step
+from .atc import DEFAULT_TAU_SIZE
 from .base import AttentionTensors, TokenReducer, TokenState
+from .pitome import check_real
 from .registry import register_method
+
+MATCHINGS = ("bipartite", "agglomerative")
 
 __all__ = ["DTEM", "MergeEmbedding", "SoftTokenState", "save_merge_modules", "load_merge_modules"]
 
@@ -116,6 +122,14 @@ class DTEM(TokenReducer):
             bound to a model, so ``tokenmerge.patch(model, method="dtem", r=16,
             modules="dtem.safetensors")`` (or a ``best.json`` from ``tokenmerge tune``) gives
             the trained DTEM in one call. ``embed_dim`` and ``hidden_dim`` come from the file.
+        matching: how eval mode merges on the learned embedding: ``"bipartite"`` (default,
+            the paper's ToMe matching) or ``"agglomerative"`` (ATC's clustering,
+            :mod:`tokenmerge.core.clustering`, which can join any number of alike tokens and
+            remove more than half of a block's tokens). Training always uses the soft
+            bipartite relaxation, so the same module file serves both.
+        linkage, tau_size: ATC's options for ``matching="agglomerative"``; left out, ATC's
+            defaults (``"complete"``, ``40.0``; see :class:`~tokenmerge.methods.atc.ATC`).
+            They are refused with bipartite matching, which has no use for them.
     """
 
     name = "dtem"
@@ -130,8 +144,21 @@ class DTEM(TokenReducer):
         dim: Optional[int] = None,
         depth: Optional[int] = None,
         modules: Optional[str] = None,
+        matching: str = "bipartite",
+        linkage: Optional[str] = None,
+        tau_size: Optional[float] = DEFAULT_TAU_SIZE,
     ):
         super().__init__()
+        if matching not in MATCHINGS:
+            raise ValueError(f"matching must be one of {MATCHINGS}, got {matching!r}")
+        if matching == "bipartite" and (linkage is not None or tau_size != DEFAULT_TAU_SIZE):
+            raise ValueError(
+                "linkage and tau_size are options of matching='agglomerative'; bipartite matching "
+                "has no use for them: add matching='agglomerative' or leave them out"
+            )
+        self.matching = matching
+        self.linkage = check_linkage("complete" if linkage is None else linkage)
+        self.tau_size = None if tau_size is None else check_real(tau_size, "tau_size", positive=True)
         self.module_file = None if modules is None else str(modules)
         if modules is not None:
             embed_dim, hidden_dim = _shape_from_file(modules, embed_dim, hidden_dim)
@@ -218,13 +245,24 @@ class DTEM(TokenReducer):
         return embed(x.detach().to(embed.norm.weight.dtype))
 
     # -- the policy -----------------------------------------------------------------
+    def max_reduction(self, num_tokens: int, num_protected: int) -> int:
+        if self.matching == "agglomerative":
+            return agglomerative_max_reduction(num_tokens, num_protected)
+        return bipartite_max_reduction(num_tokens, num_protected)
+
     def plan(self, x, attn: AttentionTensors, r, num_protected, block_index) -> MergePlan:
-        return bipartite_soft_matching(self._embedding(x, block_index), r, num_protected)
+        return self._hard_plan(x, None, r, num_protected, block_index)
+
+    def _hard_plan(self, x, size, r, num_protected, block_index) -> MergePlan:
+        metric = self._embedding(x, block_index)
+        if self.matching == "agglomerative":
+            return agglomerative_plan(metric, r, num_protected, self.linkage, size, self.tau_size)
+        return bipartite_soft_matching(metric, r, num_protected)
 
     def reduce(self, state: TokenState, attn: AttentionTensors, r: int, num_protected: int,
                block_index: int):
         if not self.training:
-            return super().reduce(state, attn, r, num_protected, block_index)
+            return self.apply_plan(state, self._hard_plan(state.x, state.size, r, num_protected, block_index))
         if self.keep_norm:
             raise ValueError(
                 "keep_norm applies to hard merges; DTEM's soft (training) merge has no "
@@ -238,8 +276,15 @@ class DTEM(TokenReducer):
             )
         live = getattr(state, "live", None)
         live = state.x.shape[1] if live is None else live
+        limit = bipartite_max_reduction(live, num_protected)
         if self.train_r is not None:
-            r = min(self.train_r, bipartite_max_reduction(live, num_protected))
+            r = min(self.train_r, limit)
+        elif r > limit:
+            raise ValueError(
+                f"DTEM trains through the soft bipartite merge, which removes at most {limit} of "
+                f"{live} live tokens in a block, and the schedule asks for r={r} (fine with "
+                f"matching='agglomerative' in eval mode): train with train_r={limit} or a smaller r"
+            )
         metric = self._embedding(state.x, block_index)
         x, pos = state.x, state.pos
         if pos is not None:
@@ -254,7 +299,10 @@ class DTEM(TokenReducer):
 
     def extra_repr(self) -> str:
         mlp = f", hidden_dim={self.hidden_dim}" if self.hidden_dim else ""
-        return f"method='dtem', embed_dim={self.embed_dim}{mlp}, tau={self.tau}, depth={self.depth}"
+        matching = ""
+        if self.matching == "agglomerative":
+            matching = f", matching='agglomerative', linkage={self.linkage!r}, tau_size={self.tau_size}"
+        return f"method='dtem', embed_dim={self.embed_dim}{mlp}, tau={self.tau}, depth={self.depth}{matching}"
 
     # -- files ----------------------------------------------------------------------
     def metadata(self) -> dict:
