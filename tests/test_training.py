@@ -97,9 +97,13 @@ def assert_killed_run_resumes_identically(config_for, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("method,mode,distill", [
     ("dtem", "modular", False), ("tome", "end2end", False), ("tcvit", "end2end", True), ("dtem", "modular", True),
+    ("dtem", "backbone", True),
 ])
 def test_killed_run_resumes_to_identical_parameters(tiny_setup, tmp_path, method, mode, distill):
     settings = dict(method=method, mode=mode, distill=distill)
+    if mode == "backbone":
+        train(_config(tiny_setup, tmp_path / "modules", max_steps=1))
+        settings["init_modules"] = str(tmp_path / "modules" / "dtem_modules.safetensors")
     assert_killed_run_resumes_identically(lambda out: _config(tiny_setup, out, **settings), tmp_path)
     # Without --resume the same folder would start over; resuming with other settings is refused.
     with pytest.raises(ValueError, match="different settings"):
@@ -217,6 +221,40 @@ def test_warmup_then_cosine():
     assert f(0) < f(1) < f(3) <= 1.0
     assert f(4) == pytest.approx(1.0) and f(20) == pytest.approx(0.0)
     assert f(12) == pytest.approx(0.5)
+
+
+def test_backbone_mode_trains_the_vit_around_fixed_modules_merging_as_at_inference(tiny_setup, tmp_path):
+    train(_config(tiny_setup, tmp_path / "modular", max_steps=2))
+    modules = tmp_path / "modular" / "dtem_modules.safetensors"
+    # 17 tokens, 1 protected: the soft bipartite merge of training removes at most 8 in block 0,
+    # clustering (the hard plan) up to 15; so r=12 trains only through the hard plan.
+    clustered = dict(method_options={"matching": "agglomerative"}, r=[12, 2])
+    with pytest.raises(ValueError, match="asks block 0 to remove 12 tokens.*at most 8"):
+        train(_config(tiny_setup, tmp_path / "soft", init_modules=str(modules), **clustered), on_step=_never_called)
+    summary = train(_config(tiny_setup, tmp_path / "backbone", mode="backbone", init_modules=str(modules),
+                            backbone_lr=1e-2, max_steps=2, distill=True, eval_r=[[12, 2]], **clustered))
+    assert set(summary["accuracy"]) == {"12,2"}
+    trained = load_file(str(tmp_path / "backbone" / "model.safetensors"))
+    original = load_file(str(tiny_setup / "tiny.safetensors"))
+    assert not torch.equal(trained["blocks.0.attn.qkv.weight"], original["blocks.0.attn.qkv.weight"])
+    start = load_file(str(modules))
+    after = load_file(str(tmp_path / "backbone" / "dtem_modules.safetensors"))
+    assert start.keys() == after.keys()
+    for key in start:
+        assert torch.equal(after[key], start[key]), key
+        assert torch.equal(trained[f"token_reducer.{key}"], start[key]), key
+    # The saved ViT, patched with the same modules and schedule, is the model that was evaluated.
+    import tokenmerge
+    from tokenmerge.models import load_model
+
+    model = load_model("vit_tiny_patch16_224", num_classes=4, **TINY)
+    tokenmerge.patch(model, method="dtem", r=[12, 2], modules=str(modules), matching="agglomerative")
+    model.load_state_dict(trained)
+    assert model.token_reducer.matching == "agglomerative"
+    with pytest.raises(ValueError, match="untrained modules.*--init-modules"):
+        train(_config(tiny_setup, tmp_path / "none", mode="backbone"), on_step=_never_called)
+    with pytest.raises(ValueError, match="--method tome has none.*--mode end2end"):
+        train(_config(tiny_setup, tmp_path / "tome", method="tome", mode="backbone"), on_step=_never_called)
 
 
 def test_bad_training_input(tiny_setup, tmp_path):

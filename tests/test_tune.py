@@ -320,7 +320,6 @@ def test_tune_command_on_a_hugging_face_folder(hf_vit_dir, tiny_image_folder, tm
     assert len(config["r"]) == 2 and sum(config["r"]) > 0
 
 
-
 def test_dtem_matchings_as_candidates_meet_the_budget_and_round_trip(model, images, tmp_path):
     from tokenmerge.methods.dtem import save_merge_modules
 

@@ -6,6 +6,12 @@ ToMe, TC-ViT, EViT-style or pruning reduction in its forward; optional distillat
 - ``method="dtem", mode="end2end"``: the ViT is fine-tuned too (its own learning rate,
   ``backbone_lr``). ``init_modules=FILE`` starts either mode from trained merge modules
   (e.g. a modular run's, so end2end fine-tunes the ViT around a metric already learned).
+- ``method="dtem", mode="backbone"``: only the ViT learns (at ``backbone_lr``), around
+  trained merge modules that stay fixed (``init_modules=FILE`` or a ``best.json`` whose
+  options name ``modules``). The modules merge as they do at inference, with the hard plan
+  (bipartite, or clustering with ``matching="agglomerative"``), so the ViT adapts to the
+  merges it will meet, as in ToMe's fine-tuning; the soft relaxation of the other two modes
+  exists to give the modules a gradient, which fixed modules do not need.
 - ``method="tome"``: fine-tune the ViT with ToMe's hard merge in the forward; the matching
   has no gradient, the merge back-propagates as the size-weighted average it is.
 - ``method="mctf"`` / ``"pitome"``: the same, with those methods' matching (no gradient
@@ -112,7 +118,7 @@ METHODS = ("dtem", "tome", "mctf", "pitome", "atc", "tcvit", "evit", "prune")
 PARAMETER_FREE_METHODS = ("tome", "mctf", "pitome", "atc", "tcvit", "evit", "prune")
 # DTEM options that have TrainConfig fields of their own.
 DTEM_FIELD_OPTIONS = ("tau", "embed_dim", "hidden_dim")
-MODES = ("modular", "end2end")
+MODES = ("modular", "end2end", "backbone")
 CHECKPOINT_NAME = "checkpoint.pt"
 LOG_NAME = "train_log.jsonl"
 RESULTS_NAME = "results.json"
@@ -156,7 +162,7 @@ class TrainConfig:
     max_steps: Optional[int] = None  # overrides epochs
     batch_size: int = 32
     lr: float = 1e-3  # merge embeddings (dtem), or the ViT (tome)
-    backbone_lr: float = 1e-5  # the ViT in dtem end2end
+    backbone_lr: float = 1e-5  # the ViT in dtem end2end and backbone
     weight_decay: float = 0.05
     warmup_steps: int = 20
     limit: Optional[int] = None
@@ -209,6 +215,13 @@ class TrainConfig:
             raise TypeError(f"method options must be a dict such as {{\"order\": 2}}, got {self.method_options!r}")
         if self.init_modules is not None and self.method != "dtem":
             raise ValueError(f"--init-modules loads DTEM merge modules; --method {self.method} has none: drop it")
+        if self.mode == "backbone" and self.method != "dtem":
+            raise ValueError(f"--mode backbone trains the ViT around fixed DTEM merge modules; --method "
+                             f"{self.method} has none: train it with --mode end2end")
+        if self.mode == "backbone" and self.init_modules is None and "modules" not in self.method_options:
+            raise ValueError("--mode backbone keeps the merge modules as they are, and untrained modules are "
+                             "not a merge metric: give trained ones with --init-modules FILE (or --config "
+                             "best.json naming modules)")
         if self.method == "dtem":
             clash = sorted(set(self.method_options) & set(DTEM_FIELD_OPTIONS))
             if clash:
@@ -459,6 +472,7 @@ def _check_schedule_fits(config: TrainConfig, reducer, adapter) -> None:
     """Refuse an ``r`` the first block cannot remove, and a per-block list that some block would
     clamp (training would run another schedule than the one written out). A constant ``r``
     may clamp in late blocks, as ToMe's constant schedules do (r=16 on ViT-Tiny: 10 in the last)."""
+    from .core.matching import bipartite_max_reduction
     from .core.schedule import format_schedule, resolve_schedule
 
     num_tokens, prefix = adapter.num_tokens, adapter.num_prefix_tokens
@@ -466,7 +480,11 @@ def _check_schedule_fits(config: TrainConfig, reducer, adapter) -> None:
     if isinstance(config.r, list) and len(config.r) > num_blocks:
         raise ValueError(f"--r lists {len(config.r)} blocks but the model has {num_blocks}")
     # Each method's own limit (bipartite matching: half the candidates; select-and-fuse: all but one).
-    effective = resolve_schedule(config.r, num_blocks, num_tokens, prefix, reducer.max_reduction, warn=False)
+    # DTEM's modular and end2end modes train through the soft bipartite merge, whatever the matching.
+    limit = reducer.max_reduction
+    if config.method == "dtem" and config.mode != "backbone":
+        limit = bipartite_max_reduction
+    effective = resolve_schedule(config.r, num_blocks, num_tokens, prefix, limit, warn=False)
     requested = resolve_schedule(config.r, num_blocks, num_tokens, prefix, lambda n, p: num_tokens, warn=False)
     checked = num_blocks if isinstance(config.r, list) else 1
     if effective[:checked] != requested[:checked]:
@@ -550,6 +568,11 @@ def _set_train_mode(model: nn.Module, config: TrainConfig) -> list:
         reducer.train()  # soft merging
         return [{"params": list(reducer.parameters()), "lr": config.lr}]
     model.train()
+    if config.mode == "backbone":
+        for p in reducer.parameters():
+            p.requires_grad_(False)
+        reducer.eval()  # the hard merge of inference
+        return [{"params": [p for p in backbone if p.requires_grad], "lr": config.backbone_lr}]
     return [
         {"params": list(reducer.parameters()), "lr": config.lr},
         {"params": [p for p in backbone if p.requires_grad], "lr": config.backbone_lr},
@@ -957,9 +980,9 @@ def _finish(model: nn.Module, config: TrainConfig, out: Path) -> dict:
     if config.method == "dtem":
         files["merge_modules"] = str(tokenmerge.save_merge_modules(model, out / MODULES_NAME))
     adapter = adapter_for(model)
-    if config.mode == "end2end" and adapter.family == "transformers":
+    if config.mode != "modular" and adapter.family == "transformers":
         files["model"] = str(_save_hf_model(model, out / HF_MODEL_NAME))
-    elif config.mode == "end2end":
+    elif config.mode != "modular":
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         files["model"] = str(save_safetensors(state, out / MODEL_NAME, what="the trained model"))
     results = {"files": files, "accuracy": {}}

@@ -43,7 +43,7 @@ _eval_r = arguments.schedule
 
 
 def _configure(parser: argparse.ArgumentParser) -> None:
-    from ..training import METHODS, default_train_root
+    from ..training import METHODS, MODES, default_train_root
 
     parser.add_argument("--method", choices=METHODS, default=None,
                         help="dtem (default): learned merge embeddings; tome, mctf, pitome, tcvit, evit, prune: "
@@ -52,9 +52,11 @@ def _configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=arguments.patch_config, default=None, metavar="JSON",
                         help="train the configuration tokenmerge tune wrote (OUT/best.json: method, per-block "
                              "r, options) instead of --method/--r/--method-option")
-    parser.add_argument("--mode", choices=("modular", "end2end"), default="modular",
-                        help="modular: frozen ViT, only the merge embeddings learn; end2end: the ViT too "
-                             "(tome/tcvit/evit/prune have no parameters of their own: always end2end)")
+    parser.add_argument("--mode", choices=MODES, default="modular",
+                        help="dtem: modular: frozen ViT, only the merge embeddings learn; end2end: the ViT too; "
+                             "backbone: only the ViT, around fixed trained modules (--init-modules) merging as "
+                             "at inference (tome/mctf/pitome/atc/tcvit/evit/prune have no parameters of their "
+                             "own: always end2end)")
     parser.add_argument("--method-option", action="append", default=[], metavar="KEY=VALUE",
                         help="an option of the method, e.g. order=2 or dominance_weight=1.0 for tcvit; repeatable")
     parser.add_argument("--data", default=None,
@@ -84,7 +86,7 @@ def _configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=_positive_int, default=32, help="per process")
     parser.add_argument("--lr", type=arguments.finite_positive_float, default=None,
                         help="learning rate (default: 1e-3 for dtem embeddings, 1e-5 for tome)")
-    parser.add_argument("--backbone-lr", type=arguments.finite_positive_float, default=1e-5, help="the ViT's lr in dtem end2end")
+    parser.add_argument("--backbone-lr", type=arguments.finite_positive_float, default=1e-5, help="the ViT's lr in dtem end2end and backbone")
     parser.add_argument("--weight-decay", type=arguments.finite_non_negative_float, default=0.05)
     parser.add_argument("--warmup-steps", type=arguments.non_negative_int, default=20)
     parser.add_argument("--mixup", type=arguments.finite_non_negative_float, default=0.0, metavar="ALPHA",
