@@ -13,18 +13,12 @@ ViT-Tiny and the 6-block one.
 
 from __future__ import annotations
 
-import argparse
-import time
-import warnings
 from pathlib import Path
 
-import torch
-
 import tokenmerge
-from tokenmerge.evaluation.flops import count_gflops
 from tokenmerge.models import load_model
 
-from holdout_kl import compare, holdout_images, logits
+from holdout_kl import holdout_table
 
 ROOT = Path(__file__).resolve().parents[1]
 D6 = ROOT / "benchmarks/models/vit_tiny_d6_patch16_224.imagenette.safetensors"
@@ -36,30 +30,17 @@ VARIANTS = ([("tome", {})] + [("atc", {"linkage": linkage}) for linkage in ("com
             + [("atc", {"linkage": "complete", "tau_size": 40.0})])
 
 
+def _variant(method: str, options: dict):
+    def build(label, load, r):
+        name = method + "".join(f" {k}={v}" for k, v in options.items())
+        return name, tokenmerge.patch(load(), method=method, r=r, **options)
+
+    return build
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--images", type=int, default=600)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", type=Path, required=True)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    warnings.simplefilter("ignore")
-    images = holdout_images(args.images)
-    lines = ["| model | r | method | GFLOPs | KL to unmodified | top-1 agreement (%) |", "|---|---|---|---|---|---|"]
-    for label, load, schedules in MODELS:
-        reference = logits(load().eval(), images)
-        for r in schedules:
-            for method, options in VARIANTS:
-                model = tokenmerge.patch(load(), method=method, r=r, **options).eval()
-                kl, agreement = compare(logits(model, images), reference)
-                name = method + "".join(f" {k}={v}" for k, v in options.items())
-                lines.append(f"| {label} | {r} | {name} | {count_gflops(model):.3f} | {kl:.4f} | {agreement:.1f} |")
-                print(lines[-1], flush=True)
-    header = (f"# ATC options (issue 9)\n\n`OMP_NUM_THREADS=1 python benchmarks/atc_options.py --images {args.images} "
-              f"--threads {args.threads} --out {args.out}`, {time.strftime('%Y-%m-%d')}, {args.images} train images "
-              "outside tune's calibration set.\n\n")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(header + "\n".join(lines) + "\n")
+    holdout_table(__doc__.split("\n\n")[0], "atc_options.py", "ATC options (issue 9)", MODELS,
+                  [_variant(method, options) for method, options in VARIANTS])
 
 
 if __name__ == "__main__":

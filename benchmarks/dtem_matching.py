@@ -12,18 +12,12 @@ linkage, and complete linkage plus MCTF's size criterion (ATC's defaults).
 
 from __future__ import annotations
 
-import argparse
-import time
-import warnings
 from pathlib import Path
 
-import torch
-
 import tokenmerge
-from tokenmerge.evaluation.flops import count_gflops
 
 from atc_options import MODELS
-from holdout_kl import compare, holdout_images, logits
+from holdout_kl import holdout_table
 
 ROOT = Path(__file__).resolve().parents[1]
 MODULES = {
@@ -33,33 +27,21 @@ MODULES = {
 VARIANTS = [{}, {"matching": "agglomerative", "tau_size": None}, {"matching": "agglomerative"}]
 
 
+def _variant(options: dict):
+    def build(label, load, r):
+        model = tokenmerge.patch(load(), method="dtem", r=r, modules=str(MODULES[label]), **options)
+        reducer = model.token_reducer
+        name = reducer.matching
+        if reducer.matching == "agglomerative":
+            name += f" {reducer.linkage}, tau_size={reducer.tau_size}"
+        return name, model
+
+    return build
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--images", type=int, default=600)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", type=Path, required=True)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    warnings.simplefilter("ignore")
-    images = holdout_images(args.images)
-    lines = ["| model | r | DTEM matching | GFLOPs | KL to unmodified | top-1 agreement (%) |", "|---|---|---|---|---|---|"]
-    for label, load, schedules in MODELS:
-        reference = logits(load().eval(), images)
-        for r in schedules:
-            for options in VARIANTS:
-                model = tokenmerge.patch(load(), method="dtem", r=r, modules=str(MODULES[label]), **options).eval()
-                kl, agreement = compare(logits(model, images), reference)
-                reducer = model.token_reducer
-                name = reducer.matching
-                if reducer.matching == "agglomerative":
-                    name += f" {reducer.linkage}, tau_size={reducer.tau_size}"
-                lines.append(f"| {label} | {r} | {name} | {count_gflops(model):.3f} | {kl:.4f} | {agreement:.1f} |")
-                print(lines[-1], flush=True)
-    header = (f"# DTEM's matching at inference (issues 9, 10)\n\n`OMP_NUM_THREADS=1 python benchmarks/dtem_matching.py "
-              f"--images {args.images} --threads {args.threads} --out {args.out}`, {time.strftime('%Y-%m-%d')}, "
-              f"{args.images} train images outside tune's calibration set.\n\n")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(header + "\n".join(lines) + "\n")
+    holdout_table(__doc__.split("\n\n")[0], "dtem_matching.py", "DTEM's matching at inference (issues 9, 10)",
+                  MODELS, [_variant(options) for options in VARIANTS])
 
 
 if __name__ == "__main__":

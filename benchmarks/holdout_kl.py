@@ -10,6 +10,8 @@ with its default temperatures and with the `tau_sim=0.5` that tune's option stag
 
 from __future__ import annotations
 
+import argparse
+import time
 import warnings
 from pathlib import Path
 
@@ -42,6 +44,39 @@ def compare(out: torch.Tensor, reference: torch.Tensor) -> tuple:
     """``(KL(reference || out), top-1 agreement in %)`` of two sets of logits."""
     kl = F.kl_div(out.log_softmax(-1), reference.log_softmax(-1), log_target=True, reduction="batchmean").item()
     return kl, (out.argmax(-1) == reference.argmax(-1)).float().mean().item() * 100
+
+
+def holdout_table(description: str, script: str, title: str, models, variants) -> None:
+    """The command line shared by the holdout tables (``atc_options.py``, ``dtem_matching.py``).
+
+    ``models``: ``(label, load, schedules)``; ``variants``: callables ``(label, load, r) ->
+    (name, patched model)``. One Markdown row per model, r and variant: counted GFLOPs, KL to
+    the unmodified model and top-1 agreement with it, on the holdout images; written to --out.
+    """
+    from tokenmerge.evaluation.flops import count_gflops
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--images", type=int, default=600)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    warnings.simplefilter("ignore")
+    images = holdout_images(args.images)
+    lines = ["| model | r | variant | GFLOPs | KL to unmodified | top-1 agreement (%) |", "|---|---|---|---|---|---|"]
+    for label, load, schedules in models:
+        reference = logits(load().eval(), images)
+        for r in schedules:
+            for variant in variants:
+                name, model = variant(label, load, r)
+                kl, agreement = compare(logits(model.eval(), images), reference)
+                lines.append(f"| {label} | {r} | {name} | {count_gflops(model):.3f} | {kl:.4f} | {agreement:.1f} |")
+                print(lines[-1], flush=True)
+    header = (f"# {title}\n\n`OMP_NUM_THREADS=1 python benchmarks/{script} --images {args.images} --threads "
+              f"{args.threads} --out {args.out}`, {time.strftime('%Y-%m-%d')}, {args.images} train images "
+              "outside tune's calibration set.\n\n")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(header + "\n".join(lines) + "\n")
 
 
 def main() -> None:

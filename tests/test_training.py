@@ -438,6 +438,11 @@ def test_cli_arguments_reach_the_config():
         config_from_args(parser.parse_args(["--method", "tcvit", "--method-option", "dtem.tau=0.2"]))
     with pytest.raises(SystemExit):
         parser.parse_args(["--distill", "--distill-weight", "1.5"])
+    backbone = config_from_args(parser.parse_args(["--mode", "backbone", "--init-modules", "m.safetensors",
+                                                   "--backbone-lr", "2e-5"]))
+    assert (backbone.method, backbone.mode, backbone.backbone_lr) == ("dtem", "backbone", 2e-5)
+    with pytest.raises(ValueError, match="at --backbone-lr.*drop --lr"):
+        config_from_args(parser.parse_args(["--mode", "backbone", "--lr", "1e-5"]))
 
 
 # --- hardening: checkpoints are data, divergence stops the run, runs never mix ------------

@@ -165,6 +165,9 @@ def config_from_args(args):
             if named not in (None, method):
                 raise ValueError(f"--method-option {text!r} names method {named!r}, but --method is {method}")
             options[key] = value
+    if args.mode == "backbone" and args.lr is not None:
+        raise ValueError("--mode backbone trains only the ViT, at --backbone-lr (the merge modules stay fixed): "
+                         "drop --lr")
     lr = args.lr if args.lr is not None else (1e-3 if method == "dtem" else 1e-5)
     eval_r = args.eval_r if args.eval_r is not None else [r]
     for flag, value in (("--distill-weight", args.distill_weight), ("--distill-temperature", args.distill_temperature)):
