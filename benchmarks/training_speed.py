@@ -3,8 +3,11 @@
 A training step is what ``tokenmerge train`` does per batch: forward (in train mode, with
 the method's training-time reduction), loss, backward, AdamW step. Variants: the
 unmodified model fine-tuned, ToMe at several r, DTEM end-to-end (soft merging: the token
-count stays N in training), TC-ViT, EViT-style and pruning end-to-end (hard plans), and
-ToMe with distillation from the frozen unmodified model (one extra teacher forward).
+count stays N in training), DTEM's backbone mode around the shipped modules (the ViT
+trains, the modules merge as at inference: matched at r=16, or clustered at the tuned -50%
+schedule of BENCHMARKS.md section 8e), TC-ViT, EViT-style and pruning end-to-end (hard
+plans), and ToMe with distillation from the frozen unmodified model (one extra teacher
+forward).
 
 Speed: every variant lives in one process with its own model copy and optimizer; after
 ``--warmup`` steps each, the variants are timed round-robin (one step of each per round,
@@ -55,6 +58,9 @@ from tokenmerge.distillation import frozen_copy, teacher_logits, training_loss  
 from tokenmerge.models import load_model  # noqa: E402
 from tokenmerge.training import TrainConfig, _set_train_mode, build_model  # noqa: E402
 
+SHIPPED_MODULES = str(REPO / "tokenmerge/assets/dtem_vit_tiny_patch16_224.imagenette.r16.safetensors")
+CLUSTERED = json.loads((REPO / "benchmarks/results/dtem_matching/tune_dtem_agg_r16/best.json").read_text())
+
 # name -> (TrainConfig overrides, or None for the unmodified model; distill from the frozen copy)
 VARIANTS = {
     "unmodified": (None, False),
@@ -62,6 +68,10 @@ VARIANTS = {
     "tome r=13": (dict(method="tome", r=13), False),
     "tome r=16": (dict(method="tome", r=16), False),
     "dtem end2end r=16": (dict(method="dtem", mode="end2end", r=16), False),
+    "dtem backbone r=16": (dict(method="dtem", mode="backbone", r=16, init_modules=SHIPPED_MODULES), False),
+    "dtem backbone clustered, tuned -50%": (
+        dict(method="dtem", mode="backbone", r=CLUSTERED["r"],
+             method_options=dict(CLUSTERED["options"], modules=str(REPO / CLUSTERED["options"]["modules"]))), False),
     "tcvit r=16": (dict(method="tcvit", r=16), False),
     "evit r=16": (dict(method="evit", r=16), False),
     "prune r=16": (dict(method="prune", r=16), False),

@@ -713,6 +713,27 @@ def test_hugging_face_classifiers_train_and_keep_their_token_counts(hf_vit_dir, 
     assert model.vit.token_reducer.name == method and model.vit.tokens_per_block() == [17, 15, 13]
 
 
+def test_hugging_face_backbone_mode_merges_hard_in_training_and_keeps_the_modules(hf_vit_dir, tiny_image_folder,
+                                                                                  tmp_path):
+    from tokenmerge.models import load_model
+
+    train(_hf_config(hf_vit_dir, tiny_image_folder, tmp_path / "modular", method="dtem", mode="modular", max_steps=1))
+    modules = tmp_path / "modular" / "dtem_modules.safetensors"
+    model = load_model(f"hf:{hf_vit_dir}")
+    original = _hf_state(model)
+    seen = []
+    model.vit.layernorm.register_forward_hook(lambda module, inputs, output: seen.append((module.training, inputs[0].shape[1])))
+    out = tmp_path / "backbone"
+    train(_hf_config(hf_vit_dir, tiny_image_folder, out, method="dtem", mode="backbone", init_modules=str(modules)),
+          model=model)
+    # The ViT trains (dropout on) with the hard merge of inference: 17 -> 13 tokens, not the soft 17.
+    assert seen == [(True, 13)] * 3
+    trained = load_model(f"hf:{out / 'model'}")
+    assert not torch.equal(trained.state_dict()["classifier.weight"], original["classifier.weight"])
+    start, after = load_file(str(modules)), load_file(str(out / "dtem_modules.safetensors"))
+    assert all(torch.equal(after[k], start[k]) for k in start)
+
+
 def tokenmerge_patch(model, **kwargs):
     import tokenmerge
 
