@@ -7,6 +7,9 @@ is reported: the issue's rule is that a method whose scoring costs more than 5% 
 block's time says so.
 
     python benchmarks/scoring_cost.py --model vit_small_patch16_224 --batch-size 32 --threads 2
+    python benchmarks/scoring_cost.py --model vit_tiny_patch16_224 --methods tome dtem dtem:matching=agglomerative --r 16
+
+A method may carry options as `tune --methods` takes them (`NAME:KEY=VALUE,...`).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import timm
 import torch
 
 import tokenmerge
+from tokenmerge.commands.tune import parse_candidate
 from tokenmerge.evaluation.throughput import time_interleaved
 from tokenmerge.methods.base import TokenState
 
@@ -38,7 +42,8 @@ def main() -> None:
     size = torch.ones(*x.shape[:2], 1)
     models, calls = {}, {}
     for method in args.methods:
-        model = tokenmerge.patch(timm.create_model(args.model).eval(), method=method, r=args.r)
+        name, options = parse_candidate(method)
+        model = tokenmerge.patch(timm.create_model(args.model).eval(), method=name, r=args.r, **options)
         block, reducer, config = model.blocks[1], model.token_reducer, model.tokenmerge_config
         with torch.inference_mode():
             attn = block._tm_attend(block._tm_norm1(x), None, config.attention_impl)[1]
@@ -53,7 +58,7 @@ def main() -> None:
         block = statistics.median(times[method, "block"])
         plan = statistics.median(times[method, "plan"])
         rows.append({"method": method, "block_ms": 1e3 * block, "plan_ms": 1e3 * plan, "share": plan / block})
-        print(f"{method:8s} block {1e3 * block:8.2f} ms   plan {1e3 * plan:7.2f} ms   share {100 * plan / block:5.1f}%")
+        print(f"{method:30s} block {1e3 * block:8.2f} ms   plan {1e3 * plan:7.2f} ms   share {100 * plan / block:5.1f}%")
     print(json.dumps({"model": args.model, "batch_size": args.batch_size, "r": args.r,
                       "threads": args.threads, "rows": rows}))
 
