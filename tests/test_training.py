@@ -443,6 +443,8 @@ def test_cli_arguments_reach_the_config():
     assert (backbone.method, backbone.mode, backbone.backbone_lr) == ("dtem", "backbone", 2e-5)
     with pytest.raises(ValueError, match="at --backbone-lr.*drop --lr"):
         config_from_args(parser.parse_args(["--mode", "backbone", "--lr", "1e-5"]))
+    with pytest.raises(ValueError, match="tome has none: drop --mode"):
+        config_from_args(parser.parse_args(["--method", "tome", "--mode", "backbone"]))
 
 
 # --- hardening: checkpoints are data, divergence stops the run, runs never mix ------------

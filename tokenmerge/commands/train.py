@@ -165,6 +165,9 @@ def config_from_args(args):
             if named not in (None, method):
                 raise ValueError(f"--method-option {text!r} names method {named!r}, but --method is {method}")
             options[key] = value
+    if args.mode == "backbone" and method in PARAMETER_FREE_METHODS:
+        raise ValueError(f"--mode backbone trains the ViT around fixed DTEM merge modules; {method} has none: "
+                         "drop --mode (it fine-tunes the ViT end to end)")
     if args.mode == "backbone" and args.lr is not None:
         raise ValueError("--mode backbone trains only the ViT, at --backbone-lr (the merge modules stay fixed): "
                          "drop --lr")
