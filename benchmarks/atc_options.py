@@ -30,7 +30,9 @@ VARIANTS = ([("tome", {})] + [("atc", {"linkage": linkage}) for linkage in ("com
             + [("atc", {"linkage": "complete", "tau_size": 40.0})])
 
 
-def _variant(method: str, options: dict):
+def patch_variant(method: str, options: dict):
+    """A holdout_table variant: ``tokenmerge.patch(model, method=method, r=r, **options)``."""
+
     def build(label, load, r):
         name = method + "".join(f" {k}={v}" for k, v in options.items())
         return name, tokenmerge.patch(load(), method=method, r=r, **options)
@@ -40,7 +42,7 @@ def _variant(method: str, options: dict):
 
 def main() -> None:
     holdout_table(__doc__.split("\n\n")[0], "atc_options.py", "ATC options (issue 9)", MODELS,
-                  [_variant(method, options) for method, options in VARIANTS])
+                  [patch_variant(method, options) for method, options in VARIANTS])
 
 
 if __name__ == "__main__":
