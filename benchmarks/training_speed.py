@@ -55,11 +55,12 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))  # this checkout's package, whatever is installed
 
 from tokenmerge.distillation import frozen_copy, teacher_logits, training_loss  # noqa: E402
+from tokenmerge.evaluation.tune import read_config  # noqa: E402
 from tokenmerge.models import load_model  # noqa: E402
 from tokenmerge.training import TrainConfig, _set_train_mode, build_model  # noqa: E402
 
 SHIPPED_MODULES = str(REPO / "tokenmerge/assets/dtem_vit_tiny_patch16_224.imagenette.r16.safetensors")
-CLUSTERED = json.loads((REPO / "benchmarks/results/dtem_matching/tune_dtem_agg_r16/best.json").read_text())
+CLUSTERED = read_config(REPO / "benchmarks/results/dtem_matching/tune_dtem_agg_r16/best.json")
 
 # name -> (TrainConfig overrides, or None for the unmodified model; distill from the frozen copy)
 VARIANTS = {

@@ -11,9 +11,15 @@ from .base import AttentionTensors, SizeAwareReducer
 from .pitome import check_real
 from .registry import register_method
 
-__all__ = ["ATC", "DEFAULT_TAU_SIZE"]
+__all__ = ["ATC", "DEFAULT_TAU_SIZE", "check_clustering_options"]
 
 DEFAULT_TAU_SIZE = 40.0
+
+
+def check_clustering_options(linkage: str, tau_size: Optional[float]) -> tuple:
+    """ATC's clustering options (also DTEM's with ``matching="agglomerative"``), checked:
+    ``(linkage, tau_size)``, ``tau_size`` a positive float or ``None``."""
+    return check_linkage(linkage), None if tau_size is None else check_real(tau_size, "tau_size", positive=True)
 
 
 @register_method
@@ -48,13 +54,12 @@ class ATC(SizeAwareReducer):
 
     def __init__(self, linkage: str = "complete", tau_size: Optional[float] = DEFAULT_TAU_SIZE):
         super().__init__()
-        self.linkage = check_linkage(linkage)
-        self.tau_size = None if tau_size is None else check_real(tau_size, "tau_size", positive=True)
+        self.linkage, self.tau_size = check_clustering_options(linkage, tau_size)
 
     def max_reduction(self, num_tokens: int, num_protected: int) -> int:
         return agglomerative_max_reduction(num_tokens, num_protected)
 
-    def plan_sized(self, attn: AttentionTensors, size, r, num_protected) -> MergePlan:
+    def plan_sized(self, x, attn: AttentionTensors, size, r, num_protected, block_index) -> MergePlan:
         return agglomerative_plan(key_metric(attn.k), r, num_protected, self.linkage, size, self.tau_size)
 
     def extra_repr(self) -> str:

@@ -128,7 +128,8 @@ class TokenReducer(nn.Module):
 
 
 class SizeAwareReducer(TokenReducer):
-    """A policy whose plan also weighs the tokens' sizes (MCTF's and ATC's size criterion).
+    """A policy whose plan also weighs the tokens' sizes (MCTF's and ATC's size criterion,
+    and DTEM's when it clusters).
 
     Subclasses implement :meth:`plan_sized`; the sizes travel in the :class:`TokenState`,
     which :meth:`reduce` passes on, while :meth:`plan` (tokens alone) plans as if every
@@ -136,13 +137,19 @@ class SizeAwareReducer(TokenReducer):
     """
 
     def plan_sized(
-        self, attn: AttentionTensors, size: Optional[torch.Tensor], r: int, num_protected: int
+        self,
+        x: torch.Tensor,
+        attn: AttentionTensors,
+        size: Optional[torch.Tensor],
+        r: int,
+        num_protected: int,
+        block_index: int,
     ) -> MergePlan:
-        """Decide the merge from the block's attention tensors and ``[B, N, 1]`` sizes (or ``None``)."""
+        """:meth:`plan`, with the tokens' ``[B, N, 1]`` sizes (or ``None``)."""
         raise NotImplementedError
 
     def plan(self, x, attn: AttentionTensors, r, num_protected, block_index) -> MergePlan:
-        return self.plan_sized(attn, None, r, num_protected)
+        return self.plan_sized(x, attn, None, r, num_protected, block_index)
 
     def reduce(self, state: TokenState, attn: AttentionTensors, r, num_protected, block_index) -> TokenState:
-        return self.apply_plan(state, self.plan_sized(attn, state.size, r, num_protected))
+        return self.apply_plan(state, self.plan_sized(state.x, attn, state.size, r, num_protected, block_index))

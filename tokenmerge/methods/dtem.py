@@ -36,13 +36,12 @@ from typing import NamedTuple, Optional
 import torch
 from torch import nn
 
-from ..core.clustering import agglomerative_max_reduction, agglomerative_plan, check_linkage
+from ..core.clustering import agglomerative_max_reduction, agglomerative_plan
 from ..core.matching import bipartite_max_reduction, bipartite_soft_matching
 from ..core.merge import MergePlan
 from ..core.soft_merge import _check_tau, soft_bipartite_step
-from .atc import DEFAULT_TAU_SIZE
-from .base import AttentionTensors, TokenReducer, TokenState
-from .pitome import check_real
+from .atc import DEFAULT_TAU_SIZE, check_clustering_options
+from .base import AttentionTensors, SizeAwareReducer, TokenState
 from .registry import register_method
 
 MATCHINGS = ("bipartite", "agglomerative")
@@ -103,7 +102,7 @@ class MergeEmbedding(nn.Module):
 
 
 @register_method
-class DTEM(TokenReducer):
+class DTEM(SizeAwareReducer):
     """Decoupled Token Embedding for Merging.
 
     Args:
@@ -157,8 +156,7 @@ class DTEM(TokenReducer):
                 "has no use for them: add matching='agglomerative' or leave them out"
             )
         self.matching = matching
-        self.linkage = check_linkage("complete" if linkage is None else linkage)
-        self.tau_size = None if tau_size is None else check_real(tau_size, "tau_size", positive=True)
+        self.linkage, self.tau_size = check_clustering_options("complete" if linkage is None else linkage, tau_size)
         self.module_file = None if modules is None else str(modules)
         if modules is not None:
             embed_dim, hidden_dim = _shape_from_file(modules, embed_dim, hidden_dim)
@@ -250,10 +248,7 @@ class DTEM(TokenReducer):
             return agglomerative_max_reduction(num_tokens, num_protected)
         return bipartite_max_reduction(num_tokens, num_protected)
 
-    def plan(self, x, attn: AttentionTensors, r, num_protected, block_index) -> MergePlan:
-        return self._hard_plan(x, None, r, num_protected, block_index)
-
-    def _hard_plan(self, x, size, r, num_protected, block_index) -> MergePlan:
+    def plan_sized(self, x, attn: AttentionTensors, size, r, num_protected, block_index) -> MergePlan:
         metric = self._embedding(x, block_index)
         if self.matching == "agglomerative":
             return agglomerative_plan(metric, r, num_protected, self.linkage, size, self.tau_size)
@@ -262,7 +257,7 @@ class DTEM(TokenReducer):
     def reduce(self, state: TokenState, attn: AttentionTensors, r: int, num_protected: int,
                block_index: int):
         if not self.training:
-            return self.apply_plan(state, self._hard_plan(state.x, state.size, r, num_protected, block_index))
+            return super().reduce(state, attn, r, num_protected, block_index)
         if self.keep_norm:
             raise ValueError(
                 "keep_norm applies to hard merges; DTEM's soft (training) merge has no "

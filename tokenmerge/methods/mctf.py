@@ -58,7 +58,7 @@ class MCTF(SizeAwareReducer):
         self.fusion = fusion
         self.chunk_size = check_chunk_size(chunk_size)
 
-    def plan_sized(self, attn: AttentionTensors, size, r, num_protected):
+    def plan_sized(self, x, attn: AttentionTensors, size, r, num_protected, block_index):
         with torch.no_grad():
             received = connectivity(attn.q, attn.k, attn.log_size, attn.scale, 1, self.chunk_size)
             return multi_criteria_matching(
