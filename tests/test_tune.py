@@ -337,3 +337,18 @@ def test_dtem_matchings_as_candidates_meet_the_budget_and_round_trip(model, imag
             # Clustering compares every pair (M x M), bipartite matching A x B: both counted.
             assert count_gflops(patched, images=images[0][:1]) == pytest.approx(candidate.gflops, rel=1e-9)
             assert candidate.gflops <= result.target_gflops
+
+
+def test_per_image_thresholds_join_tune_within_the_budget_per_image(model, images):
+    result = tune(model, images, gflops_fraction=0.6, methods=["atc"], rounds=0, search_options=False,
+                  batch_size=6, progress=False, measure_speed=False, per_image=True)
+    per_image = result.candidates[-1]
+    assert per_image.stage == "per-image thresholds" and per_image.method == "atc"
+    assert len(per_image.options["threshold"]) == 4 and per_image.gflops <= result.target_gflops
+    patched = tokenmerge.patch(small_vit(), **json.loads(json.dumps(per_image.config())))
+    patched.load_state_dict(model.state_dict())
+    alone = [count_gflops(patched, images=images[0][i:i + 1]) for i in range(len(images[0]))]
+    assert per_image.gflops == pytest.approx(sum(alone) / len(alone), rel=1e-9)
+    with pytest.raises(ValueError, match="include 'atc' in methods"):
+        tune(model, images, gflops_fraction=0.6, methods=["tome"], rounds=0, search_options=False,
+             batch_size=6, progress=False, measure_speed=False, per_image=True)

@@ -10,6 +10,7 @@ from .api import is_patched, patch, unpatch
 from .backends.adapter import adapter_for
 from .core.schedule import KeepRatio
 from .dense import dense_features, unmerge_to_grid
+from .evaluation.thresholds import calibrate_thresholds
 from .evaluation.tune import tune
 from .export import export_onnx, export_program
 from .methods.dtem import load_merge_modules, save_merge_modules
@@ -22,6 +23,7 @@ __all__ = [
     "TokenReducer",
     "TokenState",
     "adapter_for",
+    "calibrate_thresholds",
     "create_reducer",
     "dense_features",
     "export_onnx",

@@ -190,6 +190,7 @@ def patch(
     config = MergeConfig(schedule, num_protected, attention_impl, trace_source, layout, prop_attn,
                          0.0 if mlp_share is None else mlp_share)
     reducer.check_protected(config.num_protected)
+    _check_per_image(reducer, config)
     snapshot = _snapshot(model)
     try:
         reducer.train(model.training)  # a new policy follows the model's train/eval mode
@@ -201,6 +202,22 @@ def patch(
         _restore(snapshot)
         raise
     return model
+
+
+def _check_per_image(reducer, config: MergeConfig) -> None:
+    """A per-image plan hides the empty slots of a batch through proportional attention's
+    ``log 0``; without it, or where a block re-pairs tokens (shared MLPs) or unmerges
+    (the local layout), those slots would change the other tokens."""
+    if not reducer.per_image:
+        return
+    if not config.prop_attn:
+        raise ValueError(f"{reducer.name} with a threshold needs prop_attn=True (it hides the empty token "
+                         "slots of images that kept fewer tokens); drop prop_attn=False or the threshold")
+    if config.mlp_share:
+        raise ValueError(f"{reducer.name} with a threshold cannot share MLPs (mlp_share pairs would include "
+                         "empty slots); set mlp_share=0 or drop the threshold")
+    if config.layout != "global":
+        raise ValueError(f"{reducer.name} with a threshold needs the global layout, got layout={config.layout!r}")
 
 
 def unpatch(model: nn.Module) -> nn.Module:

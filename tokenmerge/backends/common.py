@@ -244,13 +244,25 @@ class MergingModelMixin:
         """Tokens entering each block, then the count leaving the last one."""
         if num_tokens is None:
             num_tokens = self._tm_default_tokens()
-        return block_token_counts(self.tokenmerge_config, self.tokenmerge_schedule(num_tokens), num_tokens)
+        config, schedule = self.tokenmerge_config, self.tokenmerge_schedule(num_tokens)
+        if self.token_reducer.per_image:
+            # The caps as if every image used them, each clamped to what is left: the fewest
+            # tokens an image can keep.
+            schedule = resolve_schedule(list(schedule), len(schedule), num_tokens, config.num_protected,
+                                        self.token_reducer.max_reduction, warn=False)
+        return block_token_counts(config, schedule, num_tokens)
 
 
 def resolve_block_schedule(config: MergeConfig, reducer: TokenReducer, num_blocks: int, num_tokens: int) -> tuple:
     """Per-block reductions for the configured layout."""
     resolve = resolve_local_schedule if config.layout == "local" else resolve_schedule
-    return resolve(config.schedule, num_blocks, num_tokens, config.num_protected, reducer.max_reduction)
+    def max_reduction(n, num_protected):
+        # A per-image reducer's r is a cap that an image may or may not use, so it is bounded
+        # by the tokens entering the model, not by the caps of the blocks before it; the
+        # reducer clamps it to the tokens an image has left when it plans.
+        return reducer.max_reduction(num_tokens if reducer.per_image else n, num_protected)
+
+    return resolve(config.schedule, num_blocks, num_tokens, config.num_protected, max_reduction)
 
 
 def block_token_counts(config: MergeConfig, schedule: tuple, num_tokens: int) -> list:

@@ -78,6 +78,10 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--rounds", type=arguments.non_negative_int, default=3, help="search rounds (default 3)")
     parser.add_argument("--probe-images", type=arguments.positive_int, default=250,
                         help="calibration images each per-block probe runs on (default 250; proposals use all)")
+    parser.add_argument("--per-image", action="store_true",
+                        help="then make the best ATC candidate merge per image (thresholds calibrated to the same "
+                             "budget, counted as mean GFLOPs per image; a batch costs what its image that keeps "
+                             "most tokens costs)")
     parser.add_argument("--batch-size", type=arguments.positive_int, default=125)
     parser.add_argument("--no-timing", action="store_true", help="skip the throughput measurement")
     parser.add_argument("--out", type=arguments.output_folder, default=Path("tokenmerge-tune"), help="output folder (default: tokenmerge-tune/)")
@@ -129,7 +133,7 @@ def run(args) -> int:
         methods=args.methods or list(DEFAULT_METHODS), objective=args.objective,
         search_methods=args.search_methods, search_options=not args.no_option_search, rounds=args.rounds, probe_images=args.probe_images,
         batch_size=args.batch_size,
-        measure_speed=not args.no_timing,
+        measure_speed=not args.no_timing, per_image=args.per_image,
     )
     out = result.save(args.out)
     save_tune_plot(result, out / "pareto.png")

@@ -16,6 +16,15 @@ After a join, the new cluster's similarity to every other cluster follows from t
 rows (the Lance-Williams update), so ``r`` joins cost ``r`` passes over an ``M x M`` matrix
 rather than a new similarity each time. The joins run for every image of the batch at once.
 
+Per-image joins. With a ``threshold``, ``r`` is a cap: each image stops joining as soon as
+its most similar pair falls below the threshold, so an image of a uniform background
+removes many tokens and a cluttered one few (the linkages are monotone, so the first pair
+below the threshold is the last that would have been considered). Images of a batch then
+keep different numbers of tokens: the batch keeps the largest, and an image with fewer
+fills its last slots with *empty* tokens (size 0, value 0), which proportional attention
+(``log 0 = -inf``) and size-weighted pooling ignore and the next block discards. Each image's
+result is the one it would get alone.
+
 Output order. ``[protected..., clusters in the order of their first member]``: a token
 that joined nothing keeps its relative place.
 """
@@ -30,7 +39,15 @@ from .matching import identity_plan
 from .merge import MergePlan
 from .multi_criteria import inverse_normalised
 
-__all__ = ["LINKAGES", "check_linkage", "agglomerative_max_reduction", "agglomerative_clustering", "agglomerative_plan"]
+__all__ = [
+    "LINKAGES",
+    "check_linkage",
+    "agglomerative_max_reduction",
+    "agglomerative_clustering",
+    "join_similarities",
+    "clustering_similarity",
+    "agglomerative_plan",
+]
 
 LINKAGES = ("complete", "average", "single")
 
@@ -47,7 +64,13 @@ def agglomerative_max_reduction(num_tokens: int, num_protected: int) -> int:
     return max(0, num_tokens - num_protected - 1)
 
 
-def agglomerative_clustering(similarity: torch.Tensor, joins: int, linkage: str = "complete") -> torch.Tensor:
+def agglomerative_clustering(
+    similarity: torch.Tensor,
+    joins: int,
+    linkage: str = "complete",
+    threshold: Optional[float] = None,
+    valid: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     """Cluster ``M`` items bottom-up by ``joins`` greedy joins.
 
     Each join takes the most similar pair of current clusters (ties: the lowest flat index
@@ -55,12 +78,32 @@ def agglomerative_clustering(similarity: torch.Tensor, joins: int, linkage: str 
 
     Args:
         similarity: ``[B, M, M]`` symmetric pairwise similarities (higher = more alike).
-        joins: ``0 <= joins <= M - 1``.
+        joins: ``0 <= joins <= M - 1``; with ``threshold``, the most joins an image makes.
         linkage: one of :data:`LINKAGES`.
+        threshold: ``None`` for exactly ``joins`` joins per image; otherwise an image stops
+            at its first pair whose linkage similarity is below ``threshold``.
+        valid: ``[B, M]`` bool, ``False`` for items that join nothing (each stays its own
+            label), or ``None`` for all valid.
 
     Returns:
         ``[B, M]`` int64: the label of each item, the smallest item index in its cluster.
     """
+    return _agglomerate(similarity, joins, linkage, threshold, valid)
+
+
+def join_similarities(similarity: torch.Tensor, joins: int, linkage: str = "complete") -> torch.Tensor:
+    """The linkage similarity of each of ``joins`` greedy joins (the merge heights; non-
+    increasing for every linkage here). ``similarity``: ``[B, M, M]``; returns ``[B, joins]``.
+
+    Calibrating a per-image ``threshold`` reads them: the height of an image's ``r``-th join
+    is the threshold at which it would make exactly ``r`` joins.
+    """
+    heights = similarity.new_empty(similarity.shape[0], joins, dtype=torch.promote_types(similarity.dtype, torch.float32))
+    _agglomerate(similarity, joins, linkage, None, None, heights)
+    return heights
+
+
+def _agglomerate(similarity, joins, linkage, threshold, valid, heights=None) -> torch.Tensor:
     check_linkage(linkage)
     B, M, _ = similarity.shape
     if not 0 <= joins <= max(0, M - 1):
@@ -75,12 +118,23 @@ def agglomerative_clustering(similarity: torch.Tensor, joins: int, linkage: str 
         dead = torch.finfo(sim.dtype).min  # a finite "never", so no inf - inf in the average
         index = torch.arange(M, device=device)
         # Not torch.eye: ONNX Runtime has no boolean EyeLike kernel.
-        sim = sim.masked_fill(index.unsqueeze(1) == index.unsqueeze(0), dead)  # a new tensor
+        never = index.unsqueeze(1) == index.unsqueeze(0)
+        if valid is not None:
+            never = never | ~(valid.unsqueeze(2) & valid.unsqueeze(1))
+        sim = sim.masked_fill(never, dead)  # a new tensor
         dead_row = sim.new_full((B, M), dead)
         count = sim.new_ones(B, M)
-        for _ in range(joins):
-            flat = sim.reshape(B, M * M).argmax(dim=-1)
+        active = None
+        for step in range(joins):
+            best, flat = sim.reshape(B, M * M).max(dim=-1)
+            if heights is not None:
+                heights[:, step] = best
             i, j = flat // M, flat % M
+            if threshold is not None:
+                # Sticky: an image that stopped never resumes; a stopped image's join is
+                # made a no-op below by writing its two rows back unchanged.
+                now = (best >= threshold) & (best > dead)
+                active = now if active is None else active & now
             keep, gone = torch.minimum(i, j).unsqueeze(1), torch.maximum(i, j).unsqueeze(1)  # [B, 1]
             # Rows and columns move by gather/scatter along one dimension: O(B x M) per join,
             # and exportable to ONNX, which advanced-index assignment is not.
@@ -98,13 +152,49 @@ def agglomerative_clustering(similarity: torch.Tensor, joins: int, linkage: str 
             # Dead in either row means a removed cluster, or one of the pair itself (the new
             # cluster's diagonal, the column about to go): it stays dead.
             joined = torch.where((row_keep == dead) | (row_gone == dead), dead_row, joined)
+            removed = dead_row
+            if active is not None:
+                stay = ~active.unsqueeze(1)
+                joined, removed = torch.where(stay, row_keep, joined), torch.where(stay, row_gone, dead_row)
+                gone = torch.where(stay, keep, gone)  # labels and counts: joining a cluster to itself
             # In place (sim is this function's own copy): an out-of-place scatter would copy
             # the whole [B, M, M] matrix four times per join.
             sim.scatter_(1, keep_rows, joined.unsqueeze(1)).scatter_(2, keep_cols, joined.unsqueeze(2))
-            sim.scatter_(1, gone_rows, dead_row.unsqueeze(1)).scatter_(2, gone_cols, dead_row.unsqueeze(2))
-            count = count.scatter_add(1, keep, count.gather(1, gone))
+            sim.scatter_(1, gone_rows, removed.unsqueeze(1)).scatter_(2, gone_cols, removed.unsqueeze(2))
+            if active is None:
+                count = count.scatter_add(1, keep, count.gather(1, gone))
+            else:
+                count = count.scatter_add(1, keep, count.gather(1, gone) * active.unsqueeze(1))
             labels = torch.where(labels == gone, keep, labels)
     return labels
+
+
+def clustering_similarity(
+    metric: torch.Tensor,
+    num_protected: int,
+    size: Optional[torch.Tensor] = None,
+    tau_size: Optional[float] = None,
+    empty_slots: bool = False,
+) -> tuple:
+    """The similarity ATC clusters the mergeable tokens on (see :func:`agglomerative_plan`).
+
+    Returns ``(similarity [B, M, M], valid [B, M] or None)``; with ``empty_slots``, tokens of
+    size 0 are marked invalid (``valid`` is ``None`` when there are no sizes).
+    """
+    mergeable = metric[:, num_protected:]
+    mergeable = mergeable / mergeable.norm(dim=-1, keepdim=True)
+    similarity = mergeable @ mergeable.transpose(-1, -2)
+    sizes = None if size is None else size[:, num_protected:, 0].to(similarity.dtype)
+    valid = None
+    if empty_slots and sizes is not None:
+        valid = sizes > 0
+        # An empty slot must not set the largest inverse size of the normalisation below.
+        sizes = torch.where(valid, sizes, sizes.amax(dim=1, keepdim=True))
+    if tau_size is not None and sizes is not None:
+        # Shifted to [0, 1] first: a factor must not turn an unlike pair into a like one.
+        shrink = inverse_normalised(sizes) ** (1.0 / tau_size)
+        similarity = (similarity + 1.0) / 2.0 * shrink.unsqueeze(2) * shrink.unsqueeze(1)
+    return similarity, valid
 
 
 def agglomerative_plan(
@@ -114,9 +204,10 @@ def agglomerative_plan(
     linkage: str = "complete",
     size: Optional[torch.Tensor] = None,
     tau_size: Optional[float] = None,
+    threshold: Optional[float] = None,
 ) -> MergePlan:
     """Plan ATC's merge of ``r`` tokens: ``r`` joins on the cosine similarity of ``metric``,
-    optionally weighted by the tokens' sizes.
+    optionally weighted by the tokens' sizes, or per image up to ``r`` with a ``threshold``.
 
     Args:
         metric: ``[B, N, D]`` per-token features (ToMe's: keys averaged over heads).
@@ -130,9 +221,15 @@ def agglomerative_plan(
             normalised to a maximum of 1 (:func:`~tokenmerge.core.multi_criteria.inverse_normalised`),
             so small tokens join first and no token grows into a giant. With equal sizes
             (the first block) the joins are the same as without it.
+        threshold: ``None`` to remove exactly ``r`` tokens. Otherwise each image joins while
+            its most similar pair (the similarity above, size criterion included) is at
+            least ``threshold``, at most ``r`` times; tokens of size 0 (empty slots of an
+            earlier per-image plan) are discarded first and join nothing (module docstring).
 
     Returns:
-        A :class:`~tokenmerge.core.merge.MergePlan` with ``num_out = N - r``.
+        A :class:`~tokenmerge.core.merge.MergePlan` with ``num_out = N - r``; with a
+        ``threshold``, ``num_out`` is the most tokens any image of the batch keeps (read
+        from the data, so this path does not trace to a static graph).
     """
     B, N, _ = metric.shape
     limit = agglomerative_max_reduction(N, num_protected)
@@ -146,16 +243,16 @@ def agglomerative_plan(
     if r == 0:
         return identity_plan(B, N, metric.device)
     with torch.no_grad():
-        mergeable = metric[:, num_protected:]
-        mergeable = mergeable / mergeable.norm(dim=-1, keepdim=True)
-        similarity = mergeable @ mergeable.transpose(-1, -2)
-        if tau_size is not None and size is not None:
-            # Shifted to [0, 1] first: a factor must not turn an unlike pair into a like one.
-            shrink = inverse_normalised(size[:, num_protected:, 0].to(similarity.dtype)) ** (1.0 / tau_size)
-            similarity = (similarity + 1.0) / 2.0 * shrink.unsqueeze(2) * shrink.unsqueeze(1)
-        labels = agglomerative_clustering(similarity, r, linkage)
+        similarity, valid = clustering_similarity(metric, num_protected, size, tau_size, threshold is not None)
+        labels = agglomerative_clustering(similarity, r, linkage, threshold, valid)
         M = labels.shape[1]
         is_label = labels == torch.arange(M, device=metric.device)  # one label per cluster
+        if valid is not None:
+            is_label = is_label & valid
         slot = is_label.long().cumsum(dim=1) - 1 + num_protected  # output slot of each cluster's label
+        num_out = N - r if threshold is None else num_protected + int(is_label.sum(dim=1).max())
+        assign = slot.gather(1, labels)
+        if valid is not None:
+            assign = torch.where(valid, assign, num_out)  # empty slots are discarded
         protected = torch.arange(num_protected, device=metric.device).expand(B, num_protected)
-        return MergePlan(torch.cat([protected, slot.gather(1, labels)], dim=1), N - r)
+        return MergePlan(torch.cat([protected, assign], dim=1), num_out)

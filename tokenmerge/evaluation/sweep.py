@@ -73,7 +73,9 @@ class Variant:
         if method == UNMODIFIED:
             return cls(UNMODIFIED)
         label = format_schedule(parse_schedule(schedule) if isinstance(schedule, str) else schedule)
-        return cls(method, label, tuple(sorted((options or {}).items())))
+        # Lists (ATC's per-block threshold) become tuples: variants are dict keys.
+        items = ((key, tuple(value) if isinstance(value, list) else value) for key, value in (options or {}).items())
+        return cls(method, label, tuple(sorted(items)))
 
     @property
     def label(self) -> str:
@@ -221,19 +223,35 @@ def _measured_row(model, variant, images, labels, num_classes, image_size, eval_
                                batch_size=eval_batch_size, device=device, dtype=dtype,
                                progress=progress)
     tokens = adapter_for(model).tokens_per_block() if variant.method != UNMODIFIED else None
+    if variant.method != UNMODIFIED and adapter_for(model).reducer.per_image:
+        gflops = _mean_gflops_per_image(model, variant, images, eval_batch_size)
+    else:
+        gflops = count_gflops(model, image_size=image_size, device=device,
+                              images=None if example is None else example[:1])
     return {
         "method": variant.method,
         "schedule": variant.schedule,
         "options": dict(variant.options),
         "label": variant.label,
         "accuracy": 100.0 * correct.double().mean().item(),
-        "gflops": count_gflops(model, image_size=image_size, device=device,
-                               images=None if example is None else example[:1]),
+        "gflops": gflops,
         "tokens_in": None if tokens is None else tokens[0],
         "tokens_out": None if tokens is None else tokens[-1],
         "num_images": int(len(labels)),
         "correct": pack_correct(correct),  # per image, for paired comparisons (evaluation.statistics)
     }
+
+
+def _mean_gflops_per_image(model, variant, images, batch_size) -> float:
+    """A per-image configuration costs what each image costs alone: their mean, counted."""
+    import tokenmerge
+
+    from .thresholds import PerImageCost
+
+    base = tokenmerge.unpatch(_shared_copy(model))
+    config = {"method": variant.method, "r": list(adapter_for(model).schedule()),
+              "options": dict(variant.options)}
+    return PerImageCost(base, config, images, batch_size)()[0].mean().item()
 
 
 def run_sweep(

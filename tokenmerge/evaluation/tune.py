@@ -326,19 +326,21 @@ class _Scorer:
         return self._flops[schedule]
 
     @torch.inference_mode()
-    def _block_flops(self, index: int, num_tokens: int, r: int, config=None) -> int:
+    def _block_flops(self, index: int, num_tokens: int, r: int, config=None, reducer=None, tag=None) -> int:
         """Counted FLOPs of block ``index`` on ``num_tokens`` tokens removing ``r``, under the
-        scorer's patch configuration or ``config``."""
+        scorer's patch configuration or ``config``, with the scorer's reducer or ``reducer``
+        (then ``tag`` names it in the memo)."""
         from torch.utils.flop_counter import FlopCounterMode
 
         from ..methods.base import TokenState
         from .flops import _cpu_attention_formula
 
         config = self.config if config is None else config
+        reducer = self.reducer if reducer is None else reducer
         # Blocks of one architecture cost the same: key by the block's parameter shapes, so a
         # 12-block ViT counts each (tokens, r) once rather than twelve times.
         block = self.blocks[index]
-        key = (type(block), tuple(p.shape for p in block.parameters()), num_tokens, r, config.mlp_share)
+        key = (type(block), tuple(p.shape for p in block.parameters()), num_tokens, r, config.mlp_share, tag)
         if key not in self._block_counts:
             block_input = self._block_input
             x = block_input.x.new_zeros(1, num_tokens, block_input.x.shape[-1]).normal_()
@@ -347,7 +349,7 @@ class _Scorer:
             state = TokenState(x, x.new_ones(1, num_tokens, 1), None, pos)
             counter = FlopCounterMode(display=False, custom_mapping=_cpu_attention_formula())
             with counter:
-                block.forward_tokens(state, r, self.reducer, config, index)
+                block.forward_tokens(state, r, reducer, config, index)
             self._block_counts[key] = counter.get_total_flops()
         return self._block_counts[key]
 
@@ -579,6 +581,7 @@ def tune(
     measure_speed: bool = True,
     speed_batch_size: int = 16,
     progress: bool = True,
+    per_image: bool = False,
 ) -> TuneResult:
     """The best training-free configuration of ``model`` within a GFLOPs budget.
 
@@ -601,6 +604,10 @@ def tune(
         batch_size: images per forward pass.
         measure_speed: time every candidate against the unmodified model at the end.
         progress: show a progress bar.
+        per_image: then turn the best ATC candidate into per-image merging (ATC's
+            ``threshold``, :func:`~tokenmerge.evaluation.thresholds.calibrate_thresholds`) at
+            the same budget, counted as the mean GFLOPs per image; kept if its loss is lower.
+            Its cost is per image: a batch runs at the cost of its image that keeps most.
 
     Returns:
         :class:`TuneResult`; ``result.config()`` goes straight into :func:`tokenmerge.patch`.
@@ -693,6 +700,9 @@ def tune(
             make = lambda opts: _Scorer(model, method, opts, images, batch_size, probe_every, base_gflops)  # noqa: E731
             _search_options(scorer, make, schedule, metrics, reference, labels, objective, target,
                             fixed=set(options), record=recorder, progress=bar)
+    if per_image:
+        candidates.append(_per_image_candidate(model, candidates, images, reference, labels, objective, target,
+                                               batch_size, base_gflops))
     bar.close()
 
     best = min(candidates, key=lambda c: (c.loss, c.gflops))
@@ -700,6 +710,22 @@ def tune(
         candidates, best = _with_speed(model, candidates, best, speed_batch_size, images)
     return TuneResult(best, candidates, base_gflops, target, objective, len(images),
                       time.perf_counter() - started)
+
+
+def _per_image_candidate(model, candidates, images, reference, labels, objective, target, batch_size,
+                         base_gflops) -> Candidate:
+    """The best ATC candidate, its schedule made a per-image cap with calibrated thresholds."""
+    from .thresholds import PerImageCost, calibrate_thresholds
+
+    clustered = [c for c in candidates if c.method == "atc"]
+    if not clustered:
+        raise ValueError("per_image=True turns an ATC candidate into per-image merging: include 'atc' in methods")
+    start = min(clustered, key=lambda c: (c.loss, c.gflops))
+    found = calibrate_thresholds(model, images, r=list(start.r), options=start.options, target_gflops=target,
+                                 batch_size=batch_size)
+    gflops, logits = PerImageCost(model, found.config(), images, batch_size, base_gflops)()
+    return Candidate(found.method, found.options, found.caps, gflops.mean().item(),
+                     stage="per-image thresholds", **_metrics(logits, reference, labels, objective))
 
 
 def _with_speed(model, candidates, best, batch_size, images):

@@ -86,6 +86,13 @@ class TokenReducer(nn.Module):
     option_grid: ClassVar[Dict[str, tuple]] = {}
     keep_norm: bool = False
 
+    @property
+    def per_image(self) -> bool:
+        """Whether images of one batch may keep different numbers of tokens (ATC with a
+        threshold): the block's ``r`` is then a cap, and images with fewer tokens carry
+        empty slots of size 0 that proportional attention and size-weighted pooling ignore."""
+        return False
+
     def max_reduction(self, num_tokens: int, num_protected: int) -> int:
         """The most tokens one block may remove (default: bipartite, half the mergeable)."""
         return bipartite_max_reduction(num_tokens, num_protected)
