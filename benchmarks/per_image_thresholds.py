@@ -49,7 +49,9 @@ def main() -> None:
     parser.add_argument("--budget-r", type=int, default=16)
     parser.add_argument("--reference-r", type=int, default=None)
     parser.add_argument("--cap-factor", type=float, default=3.0)
-    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--steps", type=int, default=8, help="bisection steps (calibrate_thresholds' default)")
+    parser.add_argument("--baselines-from", type=Path, default=None,
+                        help="take the fixed-r rows' per-image results from an earlier run's correct.pt (same val)")
     parser.add_argument("--calibration-images", type=int, default=1000)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, required=True)
@@ -78,10 +80,13 @@ def main() -> None:
     gflops, logits = PerImageCost(model, result.config(), images)()
     rows = {"per-image ATC": (logits.argmax(-1) == labels, gflops.mean().item())}
     fixed = tokenmerge.patch(load(), method="atc", r=reference_r).eval()
-    rows[f"ATC r={reference_r}"] = (batched_logits(fixed, images).argmax(-1) == labels, count_gflops(fixed))
     tome = tokenmerge.patch(load(), method="tome", r=args.budget_r).eval()
-    rows[f"ToMe r={args.budget_r}"] = (batched_logits(tome, images).argmax(-1) == labels, budget)
-    rows["unmodified"] = (batched_logits(model, images).argmax(-1) == labels, count_gflops(model))
+    baselines = {f"ATC r={reference_r}": (fixed, count_gflops(fixed)), f"ToMe r={args.budget_r}": (tome, budget),
+                 "unmodified": (model, count_gflops(model))}
+    earlier = None if args.baselines_from is None else torch.load(args.baselines_from / "correct.pt")
+    for name, (baseline, cost) in baselines.items():
+        correct = earlier[name] if earlier is not None else batched_logits(baseline, images).argmax(-1) == labels
+        rows[name] = (correct, cost)
 
     lines = [f"# Per-image ATC thresholds, budget = ToMe r={args.budget_r} ({budget:.4f} GFLOPs)", "",
              f"`python benchmarks/per_image_thresholds.py {' '.join(_argv())}`, {time.strftime('%Y-%m-%d %H:%M')} UTC,"

@@ -135,6 +135,8 @@ def _agglomerate(similarity, joins, linkage, threshold, valid, heights=None) -> 
                 # made a no-op below by writing its two rows back unchanged.
                 now = (best >= threshold) & (best > dead)
                 active = now if active is None else active & now
+                if not bool(active.any()):  # this path reads the data anyway (eager only)
+                    break
             keep, gone = torch.minimum(i, j).unsqueeze(1), torch.maximum(i, j).unsqueeze(1)  # [B, 1]
             # Rows and columns move by gather/scatter along one dimension: O(B x M) per join,
             # and exportable to ONNX, which advanced-index assignment is not.

@@ -1,0 +1,95 @@
+"""CPU speed of per-image merging on real images: latency at batch size 1 and batched throughput.
+
+Per-image merging costs what each image needs, so its speed depends on the images: random
+inputs would say nothing. This times the shipped ViT-Tiny on val images (timing only; no
+accuracy is read), interleaving the configurations image by image (batch 1) or batch by
+batch, so load on the shared machine hits them alike. Each speedup is a ratio to the
+unmodified model measured in the same run.
+
+    python benchmarks/per_image_speed.py --configs benchmarks/results/per_image/vit_tiny_r16/best.json --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+import tokenmerge
+from tokenmerge.evaluation.data import image_folder
+from tokenmerge.models import load_model
+
+VAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenette" / "val"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--configs", nargs="+", type=Path, required=True)
+    parser.add_argument("--r", type=int, default=16, help="ToMe and fixed ATC rows at this constant r")
+    parser.add_argument("--images", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    warnings.simplefilter("ignore")
+
+    dataset = image_folder(VAL, limit=args.images, spread=True)
+    images = torch.stack([dataset[i][0] for i in range(len(dataset))])
+    models = {"unmodified": load_model(),
+              f"ToMe r={args.r}": tokenmerge.patch(load_model(), method="tome", r=args.r),
+              f"ATC r={args.r}": tokenmerge.patch(load_model(), method="atc", r=args.r)}
+    for path in args.configs:
+        models[str(path)] = tokenmerge.patch(load_model(), **json.loads(path.read_text()))
+    models = {name: model.eval() for name, model in models.items()}
+
+    latency = {name: [] for name in models}
+    batched = {name: [] for name in models}
+    with torch.inference_mode():
+        for model in models.values():  # warm-up
+            model(images[:1])
+            model(images[:args.batch_size])
+        for i in range(len(images)):
+            for name, model in models.items():
+                start = time.perf_counter()
+                model(images[i:i + 1])
+                latency[name].append(time.perf_counter() - start)
+        for _ in range(args.repeats):
+            for start in range(0, len(images) - args.batch_size + 1, args.batch_size):
+                batch = images[start:start + args.batch_size]
+                for name, model in models.items():
+                    began = time.perf_counter()
+                    model(batch)
+                    batched[name].append(time.perf_counter() - began)
+
+    base_latency = statistics.mean(latency["unmodified"])
+    base_batched = statistics.median(batched["unmodified"])
+    lines = [f"`python benchmarks/per_image_speed.py {' '.join(_argv())}`, {time.strftime('%Y-%m-%d %H:%M')} UTC, "
+             f"{len(images)} val images, {args.threads} thread(s)", "",
+             f"| configuration | batch 1: mean ms/image | speedup | batch {args.batch_size}: median ms/batch | speedup |",
+             "|---|---|---|---|---|"]
+    for name in models:
+        mean_latency = statistics.mean(latency[name])
+        median_batched = statistics.median(batched[name])
+        lines.append(f"| {name} | {1000 * mean_latency:.2f} | x{base_latency / mean_latency:.2f} | "
+                     f"{1000 * median_batched:.1f} | x{base_batched / median_batched:.2f} |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text)
+
+
+def _argv():
+    import sys
+    return sys.argv[1:]
+
+
+if __name__ == "__main__":
+    main()
