@@ -182,7 +182,7 @@ def test_calibration_meets_the_budget_counted_per_image_and_round_trips(calibrat
 
 def test_calibration_refuses_bad_requests(calibrated):
     model, images, budget, _ = calibrated
-    with pytest.raises(ValueError, match="even with every block joining up to its cap"):
+    with pytest.raises(ValueError, match="even at the lowest thresholds"):
         calibrate_thresholds(model, images, r=1, cap_factor=1, target_gflops=0.2 * budget, steps=1)
     with pytest.raises(ValueError, match="options must not hold threshold"):
         calibrate_thresholds(model, images, r=8, target_gflops=budget, options={"threshold": 0.5})

@@ -213,7 +213,7 @@ def calibrate_thresholds(
 
     Raises:
         ValueError: a method without thresholds, a malformed budget or option, or a budget
-            that even the lowest thresholds (every image using its caps) cannot meet.
+            that even the lowest thresholds cannot meet.
     """
     from ..methods import get_method_class
 
@@ -267,9 +267,9 @@ def calibrate_thresholds(
     gflops, logits = run(low)
     if gflops > target:
         raise ValueError(
-            f"even with every block joining up to its cap ({list(caps)}) the calibration images cost "
-            f"{gflops:.3f} GFLOPs on average, over the budget of {target:.3f}: give a larger reference r "
-            "or cap_factor, or relax the target"
+            f"even at the lowest thresholds (each block's least similar r-th join; caps {list(caps)}) the "
+            f"calibration images cost {gflops:.3f} GFLOPs on average, over the budget of {target:.3f}: give "
+            "a larger reference r or cap_factor, or relax the target"
         )
     best = (low, gflops, logits)
     top = run(high)
