@@ -151,9 +151,11 @@ def _agglomerate(similarity, joins, linkage, threshold, valid, heights=None) -> 
                 joined = (n_keep * row_keep + n_gone * row_gone) / (n_keep + n_gone)
             else:
                 joined = torch.maximum(row_keep, row_gone)
-            # Dead in either row means a removed cluster, or one of the pair itself (the new
-            # cluster's diagonal, the column about to go): it stays dead.
-            joined = torch.where((row_keep == dead) | (row_gone == dead), dead_row, joined)
+            if linkage != "complete":
+                # Dead in either row means a removed cluster, or one of the pair itself (the
+                # new cluster's diagonal, the column about to go): it stays dead. (The minimum
+                # of complete linkage keeps it dead by itself, and skips these kernels.)
+                joined = torch.where((row_keep == dead) | (row_gone == dead), dead_row, joined)
             removed = dead_row
             if active is not None:
                 stay = ~active.unsqueeze(1)
@@ -163,10 +165,9 @@ def _agglomerate(similarity, joins, linkage, threshold, valid, heights=None) -> 
             # the whole [B, M, M] matrix four times per join.
             sim.scatter_(1, keep_rows, joined.unsqueeze(1)).scatter_(2, keep_cols, joined.unsqueeze(2))
             sim.scatter_(1, gone_rows, removed.unsqueeze(1)).scatter_(2, gone_cols, removed.unsqueeze(2))
-            if active is None:
-                count = count.scatter_add(1, keep, count.gather(1, gone))
-            else:
-                count = count.scatter_add(1, keep, count.gather(1, gone) * active.unsqueeze(1))
+            if linkage == "average":  # the only linkage that weighs cluster sizes
+                moved = count.gather(1, gone)
+                count = count.scatter_add(1, keep, moved if active is None else moved * active.unsqueeze(1))
             labels = torch.where(labels == gone, keep, labels)
     return labels
 
