@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import statistics
 import time
 import warnings
@@ -70,7 +71,7 @@ def main() -> None:
 
     base_latency = statistics.mean(latency["unmodified"])
     base_batched = statistics.median(batched["unmodified"])
-    lines = [f"`python benchmarks/per_image_speed.py {' '.join(_argv())}`, {time.strftime('%Y-%m-%d %H:%M')} UTC, "
+    lines = [f"`python benchmarks/per_image_speed.py {' '.join(sys.argv[1:])}`, {time.strftime('%Y-%m-%d %H:%M')} UTC, "
              f"{len(images)} val images, {args.threads} thread(s)", "",
              f"| configuration | batch 1: mean ms/image | speedup | batch {args.batch_size}: median ms/batch | speedup |",
              "|---|---|---|---|---|"]
@@ -84,11 +85,6 @@ def main() -> None:
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text)
-
-
-def _argv():
-    import sys
-    return sys.argv[1:]
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -89,7 +90,7 @@ def main() -> None:
         rows[name] = (correct, cost)
 
     lines = [f"# Per-image ATC thresholds, budget = ToMe r={args.budget_r} ({budget:.4f} GFLOPs)", "",
-             f"`python benchmarks/per_image_thresholds.py {' '.join(_argv())}`, {time.strftime('%Y-%m-%d %H:%M')} UTC,"
+             f"`python benchmarks/per_image_thresholds.py {' '.join(sys.argv[1:])}`, {time.strftime('%Y-%m-%d %H:%M')} UTC,"
              f" {len(images)} val images; calibration on {len(calibration)} train images:"
              f" {json.dumps({k: (round(v, 5) if isinstance(v, float) else v) for k, v in summary.items()})}", "",
              "| configuration | GFLOPs (mean per image) | val top-1 | vs per-image ATC (paired, 95%) |",
@@ -109,11 +110,6 @@ def main() -> None:
     (args.out / "results.md").write_text("\n".join(lines) + "\n")
     torch.save({name: correct for name, (correct, _) in rows.items()}, args.out / "correct.pt")
     print("\n".join(lines))
-
-
-def _argv():
-    import sys
-    return sys.argv[1:]
 
 
 if __name__ == "__main__":

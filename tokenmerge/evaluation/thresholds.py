@@ -28,11 +28,10 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Sequence, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..backends.adapter import logits_of
@@ -41,7 +40,7 @@ from ..core.clustering import clustering_similarity
 from ..core.merge import keep_first
 from .flops import count_gflops
 from ..methods.atc import check_threshold
-from .tune import _Scorer, calibration_images, resolve_budget
+from .tune import _metrics, _Scorer, calibration_images, resolve_budget
 
 __all__ = ["DEFAULT_CAP_FACTOR", "ThresholdCalibration", "PerImageCost", "calibrate_thresholds"]
 
@@ -63,6 +62,8 @@ class ThresholdCalibration:
             (fixed-``r``) configuration.
         quantile: the ``q`` the bisection chose.
         target_gflops, images, seconds: the budget, the number of images, wall time.
+        logits: ``[images, classes]`` the chosen configuration's logits on the calibration
+            images (so a caller scoring it on them need not run it again).
     """
 
     method: str
@@ -79,6 +80,7 @@ class ThresholdCalibration:
     target_gflops: float
     images: int
     seconds: float
+    logits: torch.Tensor = field(repr=False, default=None)
 
     def config(self) -> dict:
         """``{"method", "r", "options"}`` for ``tokenmerge.patch(model, **config)``."""
@@ -174,9 +176,10 @@ class PerImageCost:
         return torch.cat(flops), torch.cat(logits)
 
 
-def _metrics(logits: torch.Tensor, reference: torch.Tensor) -> tuple:
-    kl = F.kl_div(logits.log_softmax(-1), reference.log_softmax(-1), log_target=True, reduction="batchmean").item()
-    return kl, 100.0 * (logits.argmax(-1) == reference.argmax(-1)).float().mean().item()
+def _closeness(logits: torch.Tensor, reference: torch.Tensor) -> tuple:
+    """``(KL to the unmodified model, top-1 agreement in %)``, as ``tune`` scores them."""
+    metrics = _metrics(logits, reference, None, "kl")
+    return metrics["kl"], metrics["agreement"]
 
 
 @torch.inference_mode()
@@ -247,7 +250,7 @@ def calibrate_thresholds(
     for i in range(fixed.num_blocks):
         reducer = recorder if schedule[i] > 0 else fixed.reducer
         states = [fixed.blocks[i].forward_tokens(s, schedule[i], reducer, fixed.config, i) for s in states]
-    reference_kl, reference_agreement = _metrics(fixed._logits(states), reference_logits)
+    reference_kl, reference_agreement = _closeness(fixed._logits(states), reference_logits)
     heights = {i: torch.cat(h) for i, h in heights.items()}
 
     limit = fixed.reducer.max_reduction(fixed.num_tokens, fixed.config.num_protected)
@@ -284,9 +287,9 @@ def calibrate_thresholds(
             else:
                 high = mid
     q, gflops, logits = best
-    kl, agreement = _metrics(logits, reference_logits)
+    kl, agreement = _closeness(logits, reference_logits)
     chosen = {**options, "threshold": thresholds(q)}
     return ThresholdCalibration(
         method, chosen, caps, gflops, kl, agreement, tuple(schedule), fixed.gflops(tuple(schedule)),
-        reference_kl, reference_agreement, q, target, len(images), time.perf_counter() - started,
+        reference_kl, reference_agreement, q, target, len(images), time.perf_counter() - started, logits,
     )

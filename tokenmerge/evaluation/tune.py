@@ -702,7 +702,7 @@ def tune(
                             fixed=set(options), record=recorder, progress=bar)
     if per_image:
         candidates.append(_per_image_candidate(model, candidates, images, reference, labels, objective, target,
-                                               batch_size, base_gflops))
+                                               batch_size))
     bar.close()
 
     best = min(candidates, key=lambda c: (c.loss, c.gflops))
@@ -712,10 +712,9 @@ def tune(
                       time.perf_counter() - started)
 
 
-def _per_image_candidate(model, candidates, images, reference, labels, objective, target, batch_size,
-                         base_gflops) -> Candidate:
+def _per_image_candidate(model, candidates, images, reference, labels, objective, target, batch_size) -> Candidate:
     """The best ATC candidate, its schedule made a per-image cap with calibrated thresholds."""
-    from .thresholds import PerImageCost, calibrate_thresholds
+    from .thresholds import calibrate_thresholds
 
     clustered = [c for c in candidates if c.method == "atc"]
     if not clustered:
@@ -723,9 +722,8 @@ def _per_image_candidate(model, candidates, images, reference, labels, objective
     start = min(clustered, key=lambda c: (c.loss, c.gflops))
     found = calibrate_thresholds(model, images, r=list(start.r), options=start.options, target_gflops=target,
                                  batch_size=batch_size)
-    gflops, logits = PerImageCost(model, found.config(), images, batch_size, base_gflops)()
-    return Candidate(found.method, found.options, found.caps, gflops.mean().item(),
-                     stage="per-image thresholds", **_metrics(logits, reference, labels, objective))
+    return Candidate(found.method, found.options, found.caps, found.gflops,
+                     stage="per-image thresholds", **_metrics(found.logits, reference, labels, objective))
 
 
 def _with_speed(model, candidates, best, batch_size, images):
