@@ -81,6 +81,61 @@ def test_clustering_joins_same_side_pairs_bipartite_matching_cannot():
     assert labels.tolist() == [[0, 1, 0, 3]]
 
 
+def loop_labels(similarity, joins, linkage):
+    """One image, the definition spelled out: each join takes the first (row-major) most similar
+    pair of live clusters, keeps the lower label, and updates the linkage row by row."""
+    sim = [[float(v) for v in row] for row in similarity]
+    m = len(sim)
+    members, labels = {i: [i] for i in range(m)}, list(range(m))
+    combine = {"complete": min, "single": max, "average": None}[linkage]
+    for _ in range(joins):
+        best = max((sim[i][j], -i, -j) for i in members for j in members if i != j)
+        keep, gone = -best[1], -best[2]
+        for k in members:
+            if k in (keep, gone):
+                continue
+            if combine is None:
+                a, b = len(members[keep]), len(members[gone])
+                value = (a * sim[keep][k] + b * sim[gone][k]) / (a + b)
+            else:
+                value = combine(sim[keep][k], sim[gone][k])
+            sim[keep][k] = sim[k][keep] = value
+        members[keep] += members.pop(gone)
+        labels = [keep if label == gone else label for label in labels]
+    return labels
+
+
+@pytest.mark.parametrize("linkage", ["complete", "average", "single"])
+def test_clustering_breaks_ties_by_the_first_pair_and_labels_by_the_smallest_member(linkage):
+    # Repeated tokens (flat background patches) give exact ties; rounding gives many more.
+    torch.manual_seed(7)
+    base = torch.randn(2, 6, 3).round()
+    metric = torch.cat([base, base, base[:, :3]], dim=1)
+    similarity = metric @ metric.transpose(1, 2)
+    labels = agglomerative_clustering(similarity, 11, linkage)
+    for k in range(2):
+        assert labels[k].tolist() == loop_labels(similarity[k], 11, linkage)
+
+
+def test_clustering_reads_an_almost_symmetric_matrix_as_symmetric():
+    # A matmul need not be symmetric to the last bit; the larger of [i, j] and [j, i] counts.
+    torch.manual_seed(8)
+    similarity = torch.rand(3, 10, 10, dtype=torch.float64)
+    symmetric = torch.maximum(similarity, similarity.transpose(1, 2))
+    labels = agglomerative_clustering(similarity, 6)
+    assert torch.equal(labels, agglomerative_clustering(symmetric, 6))
+    for k in range(3):
+        assert labels[k].tolist() == loop_labels(symmetric[k], 6, "complete")
+        assert all(labels[k, i] <= i and labels[k, labels[k, i]] == labels[k, i] for i in range(10))
+
+
+def test_clustering_stops_when_the_valid_items_run_out_of_pairs():
+    similarity = torch.rand(2, 6, 6)
+    valid = torch.tensor([[True, False, True, True, False, True], [True, True, False, False, False, False]])
+    labels = agglomerative_clustering(similarity, 5, valid=valid)
+    assert labels.tolist() == [[0, 1, 0, 0, 4, 0], [0, 0, 2, 3, 4, 5]]
+
+
 def test_r0_is_identity_and_bad_arguments_are_refused():
     metric = torch.randn(2, 9, 4)
     plan = agglomerative_plan(metric, 0, 1)

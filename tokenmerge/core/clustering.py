@@ -14,7 +14,9 @@ of two clusters is their *linkage* over the member tokens' cosine similarities:
 
 After a join, the new cluster's similarity to every other cluster follows from the two old
 rows (the Lance-Williams update), so ``r`` joins cost ``r`` passes over an ``M x M`` matrix
-rather than a new similarity each time. The joins run for every image of the batch at once.
+rather than a new similarity each time. The joins run for every image of the batch at once,
+each a handful of kernels (a row maximum, two gathers, two scatters); the labels are resolved
+once at the end.
 
 Per-image joins. With a ``threshold``, ``r`` is a cap: each image stops joining as soon as
 its most similar pair falls below the threshold, so an image of a uniform background
@@ -77,8 +79,10 @@ def agglomerative_clustering(
     ``i * M + j``) and keeps the lower index as the cluster's label.
 
     Args:
-        similarity: ``[B, M, M]`` symmetric pairwise similarities (higher = more alike).
+        similarity: ``[B, M, M]`` pairwise similarities (higher = more alike), read as
+            symmetric: the larger of ``[i, j]`` and ``[j, i]`` (a matmul can differ by an ulp).
         joins: ``0 <= joins <= M - 1``; with ``threshold``, the most joins an image makes.
+            With ``valid``, an image that runs out of valid pairs stops there.
         linkage: one of :data:`LINKAGES`.
         threshold: ``None`` for exactly ``joins`` joins per image; otherwise an image stops
             at its first pair whose linkage similarity is below ``threshold``.
@@ -115,61 +119,79 @@ def _agglomerate(similarity, joins, linkage, threshold, valid, heights=None) -> 
     with torch.no_grad():
         # float32 at least: the average linkage accumulates weighted means over many joins.
         sim = similarity.to(torch.promote_types(similarity.dtype, torch.float32))
+        # Exactly symmetric (a matmul need not be, by an ulp), so the first maximum of the
+        # flat matrix is always at row < column: the row is the cluster that stays.
+        sim = torch.maximum(sim, sim.transpose(1, 2))
         dead = torch.finfo(sim.dtype).min  # a finite "never", so no inf - inf in the average
         index = torch.arange(M, device=device)
         # Not torch.eye: ONNX Runtime has no boolean EyeLike kernel.
         never = index.unsqueeze(1) == index.unsqueeze(0)
         if valid is not None:
             never = never | ~(valid.unsqueeze(2) & valid.unsqueeze(1))
-        sim = sim.masked_fill(never, dead)  # a new tensor
+        sim = sim.masked_fill(never, dead)
         dead_row = sim.new_full((B, M), dead)
-        count = sim.new_ones(B, M)
-        active = None
+        # One bound for "at least the threshold, and a pair that exists at all" (with invalid
+        # items, an image may run out of pairs before ``joins``: it stops there). A tensor, as a
+        # Python number would be copied into one at every join.
+        floor = None
+        if threshold is not None or valid is not None:
+            exists = dead * (1 - 1e-6)  # above the dead value, below every real similarity
+            floor = torch.tensor(exists if threshold is None else max(float(threshold), exists), dtype=sim.dtype, device=device)
+        count = sim.new_ones(B, M) if linkage == "average" else None
+        keeps, gones, actives = [], [], []
         for step in range(joins):
-            best, flat = sim.reshape(B, M * M).max(dim=-1)
+            # The first maximum of the flat matrix (the lowest row holding the best value, then
+            # its lowest column), in two stages: a max-with-index over all M x M entries is many
+            # times slower on CPU than a plain row maximum followed by two small searches.
+            best, keep = sim.amax(dim=-1).max(dim=-1)
             if heights is not None:
                 heights[:, step] = best
-            i, j = flat // M, flat % M
-            if threshold is not None:
-                # Sticky: an image that stopped never resumes; a stopped image's join is
-                # made a no-op below by writing its two rows back unchanged.
-                now = (best >= threshold) & (best > dead)
-                active = now if active is None else active & now
+            active = None
+            if floor is not None:
+                # A stopped image's join is written back unchanged below, so its matrix and its
+                # best pair stay as they were: it never resumes (no sticky flag needed).
+                active = best >= floor
                 if not bool(active.any()):  # this path reads the data anyway (eager only)
                     break
-            keep, gone = torch.minimum(i, j).unsqueeze(1), torch.maximum(i, j).unsqueeze(1)  # [B, 1]
-            # Rows and columns move by gather/scatter along one dimension: O(B x M) per join,
+            gone = sim.gather(1, keep.view(B, 1, 1).expand(B, 1, M)).squeeze(1).argmax(dim=-1)
+            # Both rows move at once, by gather/scatter along one dimension: O(B x M) per join,
             # and exportable to ONNX, which advanced-index assignment is not.
-            keep_rows, keep_cols = keep.unsqueeze(2).expand(B, 1, M), keep.unsqueeze(1).expand(B, M, 1)
-            gone_rows, gone_cols = gone.unsqueeze(2).expand(B, 1, M), gone.unsqueeze(1).expand(B, M, 1)
-            row_keep = sim.gather(1, keep_rows).squeeze(1)
-            row_gone = sim.gather(1, gone_rows).squeeze(1)
+            pair = torch.stack([gone, keep], dim=1)  # [B, 2]
+            pair_rows, pair_cols = pair.unsqueeze(2).expand(B, 2, M), pair.unsqueeze(1).expand(B, M, 2)
+            rows = sim.gather(1, pair_rows)  # [B, 2, M]: the gone row, the keep row
             if linkage == "complete":
-                joined = torch.minimum(row_keep, row_gone)
-            elif linkage == "average":
-                n_keep, n_gone = count.gather(1, keep), count.gather(1, gone)
-                joined = (n_keep * row_keep + n_gone * row_gone) / (n_keep + n_gone)
+                # The minimum keeps a dead entry dead (a removed cluster, the pair itself).
+                joined = rows.amin(dim=1)
+            elif linkage == "single":
+                joined = torch.where((rows == dead).any(dim=1), dead_row, rows.amax(dim=1))
             else:
-                joined = torch.maximum(row_keep, row_gone)
-            if linkage != "complete":
-                # Dead in either row means a removed cluster, or one of the pair itself (the
-                # new cluster's diagonal, the column about to go): it stays dead. (The minimum
-                # of complete linkage keeps it dead by itself, and skips these kernels.)
-                joined = torch.where((row_keep == dead) | (row_gone == dead), dead_row, joined)
-            removed = dead_row
+                weight = count.gather(1, pair)
+                joined = (weight.unsqueeze(2) * rows).sum(dim=1) / weight.sum(dim=1, keepdim=True)
+                joined = torch.where((rows == dead).any(dim=1), dead_row, joined)
+            update = torch.stack([dead_row, joined], dim=1)
             if active is not None:
-                stay = ~active.unsqueeze(1)
-                joined, removed = torch.where(stay, row_keep, joined), torch.where(stay, row_gone, dead_row)
-                gone = torch.where(stay, keep, gone)  # labels and counts: joining a cluster to itself
-            # In place (sim is this function's own copy): an out-of-place scatter would copy
-            # the whole [B, M, M] matrix four times per join.
-            sim.scatter_(1, keep_rows, joined.unsqueeze(1)).scatter_(2, keep_cols, joined.unsqueeze(2))
-            sim.scatter_(1, gone_rows, removed.unsqueeze(1)).scatter_(2, gone_cols, removed.unsqueeze(2))
-            if linkage == "average":  # the only linkage that weighs cluster sizes
-                moved = count.gather(1, gone)
-                count = count.scatter_add(1, keep, moved if active is None else moved * active.unsqueeze(1))
-            labels = torch.where(labels == gone, keep, labels)
-    return labels
+                update = torch.where(active.view(B, 1, 1), update, rows)
+            # In place (sim is this function's own copy): out of place would copy the whole
+            # [B, M, M] matrix per scatter. The rows first, then the columns.
+            sim.scatter_(1, pair_rows, update).scatter_(2, pair_cols, update.transpose(1, 2))
+            if count is not None:
+                moved = count.gather(1, gone.unsqueeze(1))
+                count = count.scatter_add(1, keep.unsqueeze(1), moved if active is None else moved * active.unsqueeze(1))
+            keeps.append(keep)
+            gones.append(gone)
+            actives.append(active)
+        if not keeps:
+            return labels.contiguous()
+        keep, gone = torch.stack(keeps, dim=1), torch.stack(gones, dim=1)  # [B, joins made]
+        if floor is not None:
+            gone = torch.where(torch.stack(actives, dim=1), gone, keep)  # a stopped image's no-op
+        # Each join points the removed label at the kept one (smaller, so the pointers only go
+        # down); pointer jumping then takes every item to its cluster's smallest member in
+        # log2(joins) gathers instead of one relabelling pass per join.
+        parent = labels.scatter(1, gone, keep)
+        for _ in range(max(1, (len(keeps)).bit_length())):
+            parent = parent.gather(1, parent)
+    return parent
 
 
 def clustering_similarity(
