@@ -11,7 +11,9 @@ from timm.models.vision_transformer import VisionTransformer
 import tokenmerge
 from tokenmerge.core.clustering import agglomerative_clustering, agglomerative_plan, join_similarities
 from tokenmerge.core.merge import merge_tokens
+from tokenmerge.evaluation.accuracy import evaluate_correct
 from tokenmerge.evaluation.flops import count_gflops
+from tokenmerge.evaluation.statistics import unpack_correct
 from tokenmerge.evaluation.thresholds import PerImageCost, calibrate_thresholds
 
 from .test_atc import cosine, reference_clusters
@@ -194,7 +196,8 @@ def test_calibration_refuses_bad_requests(calibrated):
         calibrate_thresholds(model, images, r=0, target_gflops=budget)
 
 
-def test_eval_reports_the_mean_per_image_gflops_of_a_per_image_config(hf_vit_dir, tiny_image_folder, tmp_path):
+def test_eval_reports_the_accuracy_and_mean_per_image_gflops_of_a_per_image_config(
+        hf_vit_dir, tiny_image_folder, tmp_path):
     from tokenmerge.cli import main
     from tokenmerge.models import load_model
 
@@ -210,10 +213,22 @@ def test_eval_reports_the_mean_per_image_gflops_of_a_per_image_config(hf_vit_dir
 
     transform = transforms.Compose([transforms.Resize(32), transforms.CenterCrop(32), transforms.ToTensor(),
                                     transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
-    images = torch.stack([image for image, _ in datasets.ImageFolder(str(tiny_image_folder), transform=transform)])
+    folder = datasets.ImageFolder(str(tiny_image_folder), transform=transform)
+    images = torch.stack([image for image, _ in folder])
+    labels = torch.tensor([label for _, label in folder.samples])
     model = tokenmerge.patch(load_model(f"hf:{hf_vit_dir}"), **config)
     counts = [count_gflops(model, images=images[i:i + 1]) for i in range(len(images))]
     assert row["gflops"] == pytest.approx(sum(counts) / len(counts), rel=1e-9)
+    # The accuracy comes from the same pass as the counts: it must be the patched model's own.
+    correct = evaluate_correct(model, images, labels)
+    assert row["accuracy"] == pytest.approx(100.0 * correct.double().mean().item())
+    assert unpack_correct(row["correct"], row["num_images"]).tolist() == correct.tolist()
+    # Under autocast too: the pass that counts is the pass that predicts, in the same dtype.
+    _, logits = PerImageCost(load_model(f"hf:{hf_vit_dir}"), config, images, dtype=torch.bfloat16)()
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = model(images).logits.float()
+    torch.testing.assert_close(logits, expected)
+    assert not torch.allclose(logits, model(images).logits, rtol=1e-4, atol=1e-5)  # bf16 was used
 
 
 @torch.no_grad()

@@ -38,13 +38,18 @@ def evaluate_correct(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
     """
     if num_classes is not None:
         with torch.inference_mode():
-            width = logits_of(model.eval()(images[:1].to(next(model.parameters()).device))).shape[-1]
-        if width != num_classes:
-            raise ValueError(
-                f"the model predicts {width} classes but the dataset has {num_classes}; "
-                f"load the model with num_classes={num_classes} (CLI: --num-classes {num_classes})"
-            )
+            check_num_classes(logits_of(model.eval()(images[:1].to(next(model.parameters()).device))), num_classes)
     return predict(model, images, **kwargs) == labels.cpu()
+
+
+def check_num_classes(logits: torch.Tensor, num_classes: int) -> None:
+    """Fail loudly when the model's head does not match the dataset's ``num_classes``."""
+    width = logits.shape[-1]
+    if width != num_classes:
+        raise ValueError(
+            f"the model predicts {width} classes but the dataset has {num_classes}; "
+            f"load the model with num_classes={num_classes} (CLI: --num-classes {num_classes})"
+        )
 
 
 def evaluate_accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,

@@ -27,7 +27,7 @@ from torch import nn
 from ..backends.adapter import adapter_for
 from ..core.schedule import ScheduleClampedWarning, format_schedule, parse_schedule
 from ..io import read_json
-from .accuracy import evaluate_correct
+from .accuracy import check_num_classes, evaluate_correct
 from .flops import count_gflops
 from .statistics import Z95, accuracy_standard_error, pack_correct, paired_difference, unpack_correct
 from .throughput import measure_throughput
@@ -219,13 +219,14 @@ class ResultCache:
 def _measured_row(model, variant, images, labels, num_classes, image_size, eval_batch_size,
                   device, dtype, progress, example=None) -> dict:
     """Accuracy, GFLOPs and token counts of one variant (the cacheable part of a row)."""
-    correct = evaluate_correct(model, images, labels, num_classes=num_classes,
-                               batch_size=eval_batch_size, device=device, dtype=dtype,
-                               progress=progress)
     tokens = adapter_for(model).tokens_per_block() if variant.method != UNMODIFIED else None
     if variant.method != UNMODIFIED and adapter_for(model).reducer.per_image:
-        gflops = _mean_gflops_per_image(model, variant, images, eval_batch_size)
+        correct, gflops = _per_image_results(model, variant, images, labels, num_classes, eval_batch_size,
+                                             device, dtype, progress)
     else:
+        correct = evaluate_correct(model, images, labels, num_classes=num_classes,
+                                   batch_size=eval_batch_size, device=device, dtype=dtype,
+                                   progress=progress)
         gflops = count_gflops(model, image_size=image_size, device=device,
                               images=None if example is None else example[:1])
     return {
@@ -242,16 +243,24 @@ def _measured_row(model, variant, images, labels, num_classes, image_size, eval_
     }
 
 
-def _mean_gflops_per_image(model, variant, images, batch_size) -> float:
-    """A per-image configuration costs what each image costs alone: their mean, counted."""
+def _per_image_results(model, variant, images, labels, num_classes, batch_size, device, dtype,
+                       progress) -> tuple:
+    """``(correct [N], GFLOPs)`` of a per-image configuration in one pass over ``images``.
+
+    Such a configuration costs what each image costs alone, so its GFLOPs are the mean of
+    the images' counts, taken from the same forward passes that give the predictions.
+    """
     import tokenmerge
 
     from .thresholds import PerImageCost
 
-    base = tokenmerge.unpatch(_shared_copy(model))
+    base = tokenmerge.unpatch(_shared_copy(model.eval().to(device)))
     config = {"method": variant.method, "r": list(adapter_for(model).schedule()),
               "options": dict(variant.options)}
-    return PerImageCost(base, config, images, batch_size)()[0].mean().item()
+    gflops, logits = PerImageCost(base, config, images, batch_size, dtype=dtype)(progress=progress)
+    if num_classes is not None:
+        check_num_classes(logits, num_classes)
+    return logits.argmax(dim=-1).cpu() == labels.cpu(), gflops.mean().item()
 
 
 def run_sweep(

@@ -39,6 +39,7 @@ from ..core.attention import key_metric
 from ..core.clustering import clustering_similarity
 from ..core.merge import keep_first
 from .flops import count_gflops
+from .throughput import autocast_for
 from ..methods.atc import check_threshold
 from .tune import _metrics, _Scorer, calibration_images, resolve_budget
 
@@ -131,12 +132,17 @@ class PerImageCost:
     each image's counted GFLOPs as it would run alone (the batch's empty slots excluded),
     and its logits (the same as alone). ``threshold`` replaces the config's, so a search
     over thresholds patches the model once.
+
+    The model runs where its parameters are, under autocast to ``dtype`` (``None``: as it
+    is); ``images`` may stay on the host and move one batch at a time. The counts do not
+    depend on either, only on how many tokens each image keeps.
     """
 
     def __init__(self, model: nn.Module, config: dict, images: torch.Tensor, batch_size: int = 125,
-                 base_gflops: Optional[float] = None):
+                 base_gflops: Optional[float] = None, dtype: Optional[torch.dtype] = None):
         if base_gflops is None:
-            base_gflops = count_gflops(model.eval(), images=images[:1])
+            base_gflops = count_gflops(model.eval(), images=images[:1].to(next(model.parameters()).device))
+        self.dtype = dtype
         self.caps = tuple(config["r"])
         self.scorer = _Scorer(model, config["method"], config.get("options", {}), images, batch_size, 1, base_gflops)
         if not self.scorer.reducer.per_image:
@@ -154,25 +160,28 @@ class PerImageCost:
         return scorer._block_flops(index, n, cap, reducer=self.counting[False], tag="none")
 
     @torch.inference_mode()
-    def __call__(self, threshold=None) -> tuple:
+    def __call__(self, threshold=None, progress: bool = False) -> tuple:
+        from tqdm.auto import tqdm
+
         scorer = self.scorer
         if threshold is not None:
             scorer.reducer.threshold = check_threshold(threshold)
         if scorer._outside_blocks is None:
             scorer._count_outside_blocks()
         flops, logits = [], []
-        for batch in scorer.batches:
-            state = scorer._embed(batch)
+        for batch in tqdm(scorer.batches, desc="evaluating", disable=not progress, leave=False):
             count = torch.full((len(batch),), scorer.num_tokens)
             image_flops = torch.full((len(batch),), float(scorer._outside_blocks), dtype=torch.float64)
-            for i in range(scorer.num_blocks):
-                state = scorer.blocks[i].forward_tokens(state, self.caps[i], scorer.reducer, scorer.config, i)
-                after = count if state.size is None else (state.size[..., 0] > 0).sum(dim=1).cpu()
-                image_flops += torch.tensor([float(self._block(i, n, k)) for n, k in
-                                             zip(count.tolist(), (count - after).tolist())], dtype=torch.float64)
-                count = after
+            with autocast_for(scorer.device, self.dtype):
+                state = scorer._embed(batch)
+                for i in range(scorer.num_blocks):
+                    state = scorer.blocks[i].forward_tokens(state, self.caps[i], scorer.reducer, scorer.config, i)
+                    after = count if state.size is None else (state.size[..., 0] > 0).sum(dim=1).cpu()
+                    image_flops += torch.tensor([float(self._block(i, n, k)) for n, k in
+                                                 zip(count.tolist(), (count - after).tolist())], dtype=torch.float64)
+                    count = after
+                logits.append(scorer.adapter.logits(state).float())
             flops.append(image_flops / 1e9)
-            logits.append(scorer.adapter.logits(state).float())
         return torch.cat(flops), torch.cat(logits)
 
 

@@ -292,9 +292,10 @@ class _Scorer:
         self._block_counts: Dict[tuple, int] = {}
         self._outside_blocks: Optional[int] = None
         self._base_gflops = base_gflops
+        self.device = next(base.parameters()).device
         # The tokens entering the first block, for the width and dtype of the FLOP counts' dummies.
         with torch.inference_mode():
-            self._block_input = self.adapter.initial_state(self.batches[0][:1])
+            self._block_input = self._embed(self.batches[0][:1])
         # (schedule, [per block input: [per probe batch: TokenState]]): the incumbent's states
         self._cache: Optional[tuple] = None
 
@@ -394,7 +395,8 @@ class _Scorer:
         return self._logits(states)
 
     def _embed(self, batch):
-        return self.adapter.initial_state(batch)
+        # Images may stay on the host (an evaluation's whole split) and move one batch at a time.
+        return self.adapter.initial_state(batch.to(self.device))
 
     def _logits(self, states) -> torch.Tensor:
         return torch.cat([self.adapter.logits(s) for s in states]).float()
