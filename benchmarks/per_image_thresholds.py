@@ -2,13 +2,16 @@
 
 The thresholds are calibrated on tune's 1,000 train calibration images for the budget of
 ToMe at constant ``--budget-r`` (counted GFLOPs), from ATC at constant ``--reference-r``
-(default: the same r). Val is only evaluated: full val, per-image GFLOPs counted as each
-image runs alone, and paired differences against ToMe at the budget and the fixed ATC
-reference.
+(default: the same r), or from a fixed ATC configuration ``--reference-config`` (``tune``'s
+``best.json``: what ``tune --per-image`` does with its best ATC candidate). Val is only
+evaluated: full val, per-image GFLOPs counted as each image runs alone, and paired
+differences against ToMe at the budget and the fixed ATC reference.
 
     python benchmarks/per_image_thresholds.py --budget-r 16 --threads 1 --out benchmarks/results/per_image/vit_tiny_r16
     python benchmarks/per_image_thresholds.py --checkpoint benchmarks/models/vit_tiny_d6_patch16_224.imagenette.safetensors \
         --model-kwargs '{"depth": 6}' --budget-r 16 --threads 1 --out benchmarks/results/per_image/vit_tiny_d6_r16
+    python benchmarks/per_image_thresholds.py --budget-r 13 --reference-config benchmarks/results/atc/tune_atcs_r13/best.json \
+        --threads 1 --out benchmarks/results/per_image/vit_tiny_r13_tuned
 """
 
 from __future__ import annotations
@@ -49,6 +52,8 @@ def main() -> None:
     parser.add_argument("--model-kwargs", type=json.loads, default={})
     parser.add_argument("--budget-r", type=int, default=16)
     parser.add_argument("--reference-r", type=int, default=None)
+    parser.add_argument("--reference-config", type=Path, default=None,
+                        help="a fixed ATC best.json (method, r list, options) to start from instead of a constant r")
     parser.add_argument("--cap-factor", type=float, default=3.0)
     parser.add_argument("--steps", type=int, default=8, help="bisection steps (calibrate_thresholds' default)")
     parser.add_argument("--baselines-from", type=Path, default=None,
@@ -67,26 +72,31 @@ def main() -> None:
 
     started = time.time()
     model = load()
-    reference_r = args.reference_r or args.budget_r
+    if args.reference_config is not None and args.reference_r is not None:
+        parser.error("give --reference-r or --reference-config, not both")
+    reference = {"method": "atc", "r": args.reference_r or args.budget_r, "options": {}}
+    if args.reference_config is not None:
+        reference = json.loads(args.reference_config.read_text())
     budget = count_gflops(tokenmerge.patch(load(), method="tome", r=args.budget_r))
     calibration, _ = stacked(image_folder(DATA / "train", limit=args.calibration_images, spread=True))
-    result = calibrate_thresholds(model, calibration, r=reference_r, target_gflops=budget,
-                                  cap_factor=args.cap_factor, steps=args.steps)
+    result = calibrate_thresholds(model, calibration, r=reference["r"], target_gflops=budget, method=reference["method"],
+                                  options=reference.get("options", {}), cap_factor=args.cap_factor, steps=args.steps)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "best.json").write_text(json.dumps(result.config(), indent=1) + "\n")
-    summary = {key: value for key, value in vars(result).items() if key != "options"}
+    summary = {key: value for key, value in vars(result).items() if key not in ("options", "logits")}
     print(json.dumps(summary), flush=True)
 
     images, labels = stacked(image_folder(DATA / "val"))
     gflops, logits = PerImageCost(model, result.config(), images)()
     rows = {"per-image ATC": (logits.argmax(-1) == labels, gflops.mean().item())}
-    fixed = tokenmerge.patch(load(), method="atc", r=reference_r).eval()
+    fixed = tokenmerge.patch(load(), **reference).eval()
     tome = tokenmerge.patch(load(), method="tome", r=args.budget_r).eval()
-    baselines = {f"ATC r={reference_r}": (fixed, count_gflops(fixed)), f"ToMe r={args.budget_r}": (tome, budget),
+    fixed_name = f"ATC r={reference['r']}" if isinstance(reference["r"], int) else "ATC reference (fixed)"
+    baselines = {fixed_name: (fixed, count_gflops(fixed)), f"ToMe r={args.budget_r}": (tome, budget),
                  "unmodified": (model, count_gflops(model))}
-    earlier = None if args.baselines_from is None else torch.load(args.baselines_from / "correct.pt")
+    earlier = {} if args.baselines_from is None else torch.load(args.baselines_from / "correct.pt")
     for name, (baseline, cost) in baselines.items():
-        correct = earlier[name] if earlier is not None else batched_logits(baseline, images).argmax(-1) == labels
+        correct = earlier[name] if name in earlier else batched_logits(baseline, images).argmax(-1) == labels
         rows[name] = (correct, cost)
 
     lines = [f"# Per-image ATC thresholds, budget = ToMe r={args.budget_r} ({budget:.4f} GFLOPs)", "",
