@@ -37,6 +37,15 @@ def test_pth_and_safetensors_load_the_same_weights(state, tmp_path):
         assert torch.equal(model.state_dict()["head.weight"], state["head.weight"])
 
 
+def test_a_checkpoint_of_another_depth_names_the_depth_to_pass(state, tmp_path):
+    save_file(state, str(tmp_path / "shallow.safetensors"))
+    deeper = {**TINY, "depth": TINY["depth"] + 2}
+    with pytest.raises(ValueError, match=rf"has {TINY['depth']} blocks but .* builds {deeper['depth']}: "
+                                         rf"pass depth={TINY['depth']} \(CLI: --model-kwargs"):
+        load_model("vit_tiny_patch16_224", checkpoint=tmp_path / "shallow.safetensors", **deeper)
+    assert len(load_model("vit_tiny_patch16_224", checkpoint=tmp_path / "shallow.safetensors", **TINY).blocks) == 2
+
+
 def test_a_pth_with_pickled_objects_is_refused_without_running_them(state, tmp_path):
     marker = tmp_path / "pwned"
     torch.save({"model": state, "extra": OpensAFile(marker)}, tmp_path / "evil.pth")

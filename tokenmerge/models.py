@@ -19,6 +19,7 @@ read (:meth:`tokenmerge.backends.open_clip.OpenClipAdapter.image_preprocessing`)
 from __future__ import annotations
 
 import inspect
+import re
 from pathlib import Path
 from typing import Optional, Union
 
@@ -63,6 +64,12 @@ def load_checkpoint(path) -> dict:
 def _classes_in(state: dict) -> Optional[int]:
     head = state.get("head.weight")
     return None if head is None else int(head.shape[0])
+
+
+def _blocks_in(state: dict) -> Optional[int]:
+    """How many ``blocks.N`` a timm-named state holds (``None``: no such keys)."""
+    indices = {int(match.group(1)) for match in map(re.compile(r"blocks\.(\d+)\.").match, state) if match}
+    return max(indices) + 1 if indices else None
 
 
 def _hf_class(path: Path, config):
@@ -313,6 +320,12 @@ def load_model(
             raise ValueError(f"unknown timm model {name!r} (see timm.list_models())") from None
         raise
     if state is not None:
+        depth, built = _blocks_in(state), len(getattr(model, "blocks", ()))
+        if depth is not None and built and depth != built:
+            raise ValueError(
+                f"checkpoint {checkpoint} has {depth} blocks but {name} builds {built}: pass depth={depth} "
+                f"(CLI: --model-kwargs '{{\"depth\": {depth}}}')"
+            )
         _load_float_state(model, state, f"checkpoint {checkpoint} does not fit {name}")
     return model.float().eval()
 
