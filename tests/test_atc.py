@@ -81,15 +81,18 @@ def test_clustering_joins_same_side_pairs_bipartite_matching_cannot():
     assert labels.tolist() == [[0, 1, 0, 3]]
 
 
-def loop_labels(similarity, joins, linkage):
+def loop_labels(similarity, joins, linkage, threshold=None):
     """One image, the definition spelled out: each join takes the first (row-major) most similar
-    pair of live clusters, keeps the lower label, and updates the linkage row by row."""
+    pair of live clusters, keeps the lower label, and updates the linkage row by row (with a
+    ``threshold``, it stops at the first pair below it)."""
     sim = [[float(v) for v in row] for row in similarity]
     m = len(sim)
     members, labels = {i: [i] for i in range(m)}, list(range(m))
     combine = {"complete": min, "single": max, "average": None}[linkage]
     for _ in range(joins):
         best = max((sim[i][j], -i, -j) for i in members for j in members if i != j)
+        if threshold is not None and best[0] < threshold:
+            break
         keep, gone = -best[1], -best[2]
         for k in members:
             if k in (keep, gone):
@@ -127,6 +130,28 @@ def test_clustering_reads_an_almost_symmetric_matrix_as_symmetric():
     for k in range(3):
         assert labels[k].tolist() == loop_labels(symmetric[k], 6, "complete")
         assert all(labels[k, i] <= i and labels[k, labels[k, i]] == labels[k, i] for i in range(10))
+
+
+def test_per_image_complete_linkage_in_rounds_makes_the_greedy_joins():
+    # One image runs in rounds of mutually most similar pairs, a large batch one join at a
+    # time: both must give the definition's clusters, capped or stopped at the threshold.
+    from tokenmerge.core.clustering import ROUNDS_MAX_ELEMENTS
+
+    torch.manual_seed(9)
+    B, M, joins, threshold = 90, 40, 25, 0.45
+    assert M * M <= ROUNDS_MAX_ELEMENTS < B * M * M
+    metric = torch.randn(B, M, 6, dtype=torch.float64)
+    metric = metric / metric.norm(dim=-1, keepdim=True)
+    similarity = metric @ metric.transpose(1, 2)
+    symmetric = torch.maximum(similarity, similarity.transpose(1, 2))  # as the clustering reads it
+    batch = agglomerative_clustering(similarity, joins, threshold=threshold)
+    made = [M - len(set(row.tolist())) for row in batch]
+    assert min(made) < joins == max(made)  # some images stopped at the threshold, some at the cap
+    for k in range(B):
+        alone = agglomerative_clustering(similarity[k:k + 1], joins, threshold=threshold)[0]
+        assert alone.tolist() == batch[k].tolist()
+        if k < 12:
+            assert alone.tolist() == loop_labels(symmetric[k], joins, "complete", threshold)
 
 
 def test_clustering_stops_when_the_valid_items_run_out_of_pairs():

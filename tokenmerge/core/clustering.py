@@ -25,7 +25,9 @@ below the threshold is the last that would have been considered). Images of a ba
 keep different numbers of tokens: the batch keeps the largest, and an image with fewer
 fills its last slots with *empty* tokens (size 0, value 0), which proportional attention
 (``log 0 = -inf``) and size-weighted pooling ignore and the next block discards. Each image's
-result is the one it would get alone.
+result is the one it would get alone. With complete linkage and a small batch (latency), the
+joins are made in rounds of mutually most similar pairs, the same clusters in far fewer
+kernel launches (:func:`_complete_linkage_in_rounds`).
 
 Output order. ``[protected..., clusters in the order of their first member]``: a token
 that joined nothing keeps its relative place.
@@ -53,6 +55,14 @@ __all__ = [
 
 LINKAGES = ("complete", "average", "single")
 
+# Per-image complete linkage runs in rounds of joins (:func:`_complete_linkage_in_rounds`)
+# while the batch's matrices are this small, and one join at a time above. A round is a few
+# passes over the whole [B, M, M] matrix, a join a few kernels on two rows: with a small
+# matrix the kernel launches dominate and a handful of rounds beats up to ``3 r`` joins; with
+# a large one the passes do. Measured on a real ViT-Tiny block (1 CPU thread, M = 196, cap 48,
+# two runs): rounds 1.3-2.0x faster at batch 1, 1.5-1.7x at 2, 0.9-1.3x at 4, 0.66x at 8.
+ROUNDS_MAX_ELEMENTS = 1 << 17
+
 
 def check_linkage(linkage: str) -> str:
     """``linkage`` if it is one of :data:`LINKAGES`, else a clear error."""
@@ -76,7 +86,9 @@ def agglomerative_clustering(
     """Cluster ``M`` items bottom-up by ``joins`` greedy joins.
 
     Each join takes the most similar pair of current clusters (ties: the lowest flat index
-    ``i * M + j``) and keeps the lower index as the cluster's label.
+    ``i * M + j``) and keeps the lower index as the cluster's label. (With a ``threshold``,
+    complete linkage and a small batch, pairs are joined in rounds: the same clusters unless
+    two candidate pairs tie exactly, where the rounds may resolve the tie otherwise.)
 
     Args:
         similarity: ``[B, M, M]`` pairwise similarities (higher = more alike), read as
@@ -137,6 +149,8 @@ def _agglomerate(similarity, joins, linkage, threshold, valid, heights=None) -> 
         if threshold is not None or valid is not None:
             exists = dead * (1 - 1e-6)  # above the dead value, below every real similarity
             floor = torch.tensor(exists if threshold is None else max(float(threshold), exists), dtype=sim.dtype, device=device)
+        if linkage == "complete" and threshold is not None and heights is None and B * M * M <= ROUNDS_MAX_ELEMENTS:
+            return _complete_linkage_in_rounds(sim, joins, floor, dead)
         count = sim.new_ones(B, M) if linkage == "average" else None
         keeps, gones, actives = [], [], []
         for step in range(joins):
@@ -191,6 +205,70 @@ def _agglomerate(similarity, joins, linkage, threshold, valid, heights=None) -> 
         parent = labels.scatter(1, gone, keep)
         for _ in range(max(1, (len(keeps)).bit_length())):
             parent = parent.gather(1, parent)
+    return parent
+
+
+def _complete_linkage_in_rounds(sim, joins, floor, dead) -> torch.Tensor:
+    """Per-image complete linkage (``threshold``, at most ``joins``) in rounds, not one join
+    at a time. ``sim``: ``[B, M, M]`` symmetric, ``dead`` on the diagonal and at invalid items
+    (this function's own copy); ``floor``: the threshold as a tensor.
+
+    Complete linkage is *reducible*: a join never makes the new cluster more similar to a
+    third than either part was. So two clusters that are each other's most similar
+    (reciprocal nearest neighbours) are joined by the one-at-a-time greedy too, at the same
+    height, whatever it joins first elsewhere; joining every such pair of a round at once
+    builds the same tree. The heights along it never rise (monotone), so the greedy's
+    first ``joins`` joins above the threshold are the tree's ``joins`` highest: rounds run
+    until every image either has no pair at its threshold left or has made ``joins`` joins
+    at least as high as anything still in its matrix, then the highest ``joins`` are kept.
+    The clusters are the greedy's whenever no two candidate pairs tie; each round is a
+    handful of kernels, and a round makes many joins (a few rounds instead of up to
+    ``joins`` iterations at batch 1).
+    """
+    B, M, _ = sim.shape
+    index = torch.arange(M, device=sim.device).expand(B, M)
+    offsets = torch.arange(0, B * M, M, device=sim.device).unsqueeze(1)
+    never = torch.tensor(float("inf"), dtype=sim.dtype, device=sim.device)
+    heights, mates = [], []
+    while True:
+        best, nearest = sim.max(dim=-1)  # [B, M]: each cluster's most similar one
+        top = best.amax(dim=-1, keepdim=True)  # [B, 1]: no later join is higher
+        made = torch.cat(heights, dim=1) if heights else best.new_empty(B, 0)
+        settled = (top < floor) | ((made >= top).sum(dim=1, keepdim=True) >= joins)
+        if bool(settled.all()):  # eager only: the number of rounds is read from the data
+            break
+        paired = (nearest.gather(1, nearest) == index) & (best >= floor) & ~settled
+        mate = torch.where(paired, nearest, index)  # [B, M]: each cluster's partner, or itself
+        gone = paired & (index > mate)
+        # The new cluster's similarity to every other is the minimum over the four member
+        # pairs, [i, j], [mate i, j], [i, mate j] and [mate i, mate j]: the mates' rows, the
+        # transpose, the mates' rows again (row copies and elementwise minima, which are cheap
+        # on CPU, where a gather along the matrix is not). Every pair of the round at once.
+        rows = (mate + offsets).flatten()
+        sim = torch.minimum(sim, sim.reshape(B * M, M).index_select(0, rows).view(B, M, M))
+        sim = torch.minimum(sim, sim.mT)
+        sim = torch.minimum(sim, sim.reshape(B * M, M).index_select(0, rows).view(B, M, M))
+        removed = torch.where(gone, dead, never)
+        sim = torch.minimum(torch.minimum(sim, removed.unsqueeze(1)), removed.unsqueeze(2))
+        keeper = paired & ~gone
+        heights.append(torch.where(keeper, best, dead))  # one entry per join, at its kept row
+        mates.append(torch.where(keeper, mate, index))
+    labels = index.contiguous()
+    if not heights:
+        return labels
+    height, keep, gone = torch.cat(heights, dim=1), index.repeat(1, len(mates)), torch.cat(mates, dim=1)
+    # The highest ``joins`` (a stable sort: at equal height an earlier round, which holds the
+    # parts of any later join, comes first, so the kept joins are a whole subtree).
+    order = height.sort(dim=1, descending=True, stable=True).indices[:, :joins]
+    chosen = height.gather(1, order) >= floor
+    # Joins left out write into a spare last slot: a cluster that stays may still be the
+    # removed side of a chosen join, and one position must not be written twice.
+    spare = torch.full_like(order, M)
+    keep = torch.where(chosen, keep.gather(1, order), spare)
+    gone = torch.where(chosen, gone.gather(1, order), spare)
+    parent = torch.arange(M + 1, device=sim.device).expand(B, M + 1).scatter(1, gone, keep)[:, :M]
+    for _ in range(max(1, joins.bit_length())):
+        parent = parent.gather(1, parent)
     return parent
 
 
