@@ -241,13 +241,11 @@ def _complete_linkage_in_rounds(sim, joins, floor, dead) -> torch.Tensor:
         mate = torch.where(paired, nearest, index)  # [B, M]: each cluster's partner, or itself
         gone = paired & (index > mate)
         # The new cluster's similarity to every other is the minimum over the four member
-        # pairs, [i, j], [mate i, j], [i, mate j] and [mate i, mate j]: the mates' rows, the
-        # transpose, the mates' rows again (row copies and elementwise minima, which are cheap
-        # on CPU, where a gather along the matrix is not). Every pair of the round at once.
+        # pairs, [i, j], [mate i, j], [i, mate j] and [mate i, mate j]: the mates' rows (a
+        # row copy), then the mates' columns of that. Every pair of the round at once.
         rows = (mate + offsets).flatten()
         sim = torch.minimum(sim, sim.reshape(B * M, M).index_select(0, rows).view(B, M, M))
-        sim = torch.minimum(sim, sim.mT)
-        sim = torch.minimum(sim, sim.reshape(B * M, M).index_select(0, rows).view(B, M, M))
+        sim = torch.minimum(sim, sim.gather(2, mate.unsqueeze(1).expand(B, M, M)))
         removed = torch.where(gone, dead, never)
         sim = torch.minimum(torch.minimum(sim, removed.unsqueeze(1)), removed.unsqueeze(2))
         keeper = paired & ~gone
