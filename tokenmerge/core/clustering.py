@@ -196,15 +196,29 @@ def _agglomerate(similarity, joins, linkage, threshold, valid, heights=None) -> 
             actives.append(active)
         if not keeps:
             return labels.contiguous()
-        keep, gone = torch.stack(keeps, dim=1), torch.stack(gones, dim=1)  # [B, joins made]
-        if floor is not None:
-            gone = torch.where(torch.stack(actives, dim=1), gone, keep)  # a stopped image's no-op
-        # Each join points the removed label at the kept one (smaller, so the pointers only go
-        # down); pointer jumping then takes every item to its cluster's smallest member in
-        # log2(joins) gathers instead of one relabelling pass per join.
-        parent = labels.scatter(1, gone, keep)
-        for _ in range(max(1, (len(keeps)).bit_length())):
-            parent = parent.gather(1, parent)
+        made = None if floor is None else torch.stack(actives, dim=1)  # False: a stopped image's no-op
+        return _labels_of_joins(torch.stack(keeps, dim=1), torch.stack(gones, dim=1), made, M, len(keeps))
+
+
+def _labels_of_joins(keep, gone, made, M: int, joins: int) -> torch.Tensor:
+    """``[B, M]`` labels (each item's smallest cluster member) after the joins ``keep[:, k]``
+    <- ``gone[:, k]`` (``[B, J]``, each a cluster's smallest member at the time, ``keep <
+    gone``); where ``made`` (``[B, J]`` bool, or ``None`` for all) is False, that join is
+    skipped. ``joins``: a Python bound on ``J`` (a traced shape is not a number).
+
+    Each join points the removed label at the kept one (smaller, so the pointers only go
+    down); pointer jumping then takes every item to its cluster's smallest member in
+    log2(joins) gathers instead of one relabelling pass per join.
+    """
+    B = keep.shape[0]
+    if made is not None:
+        # Skipped joins write into a spare last slot: an item that stays may still be the
+        # removed side of a join that was made, and one position must not be written twice.
+        spare = torch.full_like(keep, M)
+        keep, gone = torch.where(made, keep, spare), torch.where(made, gone, spare)
+    parent = torch.arange(M + 1, device=keep.device).expand(B, M + 1).scatter(1, gone, keep)[:, :M]
+    for _ in range(max(1, joins.bit_length())):
+        parent = parent.gather(1, parent)
     return parent
 
 
@@ -251,23 +265,13 @@ def _complete_linkage_in_rounds(sim, joins, floor, dead) -> torch.Tensor:
         keeper = paired & ~gone
         heights.append(torch.where(keeper, best, dead))  # one entry per join, at its kept row
         mates.append(torch.where(keeper, mate, index))
-    labels = index.contiguous()
     if not heights:
-        return labels
+        return index.contiguous()
     height, keep, gone = torch.cat(heights, dim=1), index.repeat(1, len(mates)), torch.cat(mates, dim=1)
     # The highest ``joins`` (a stable sort: at equal height an earlier round, which holds the
     # parts of any later join, comes first, so the kept joins are a whole subtree).
     order = height.sort(dim=1, descending=True, stable=True).indices[:, :joins]
-    chosen = height.gather(1, order) >= floor
-    # Joins left out write into a spare last slot: a cluster that stays may still be the
-    # removed side of a chosen join, and one position must not be written twice.
-    spare = torch.full_like(order, M)
-    keep = torch.where(chosen, keep.gather(1, order), spare)
-    gone = torch.where(chosen, gone.gather(1, order), spare)
-    parent = torch.arange(M + 1, device=sim.device).expand(B, M + 1).scatter(1, gone, keep)[:, :M]
-    for _ in range(max(1, joins.bit_length())):
-        parent = parent.gather(1, parent)
-    return parent
+    return _labels_of_joins(keep.gather(1, order), gone.gather(1, order), height.gather(1, order) >= floor, M, joins)
 
 
 def clustering_similarity(
