@@ -59,8 +59,9 @@ LINKAGES = ("complete", "average", "single")
 # while the batch's matrices are this small, and one join at a time above. A round is a few
 # passes over the whole [B, M, M] matrix, a join a few kernels on two rows: with a small
 # matrix the kernel launches dominate and a handful of rounds beats up to ``3 r`` joins; with
-# a large one the passes do. Measured on a real ViT-Tiny block (1 CPU thread, M = 196, cap 48,
-# two runs): rounds 1.3-2.0x faster at batch 1, 1.5-1.7x at 2, 0.9-1.3x at 4, 0.66x at 8.
+# a large one the passes do. On a real ViT-Tiny block (1 CPU thread, M = 196, cap 48;
+# benchmarks/clustering_rounds.py) rounds were x1.83 at batch 1, x1.66 at 2, x1.04 at 4 and
+# x0.79 at 8 of the speed of one join at a time: the bound admits batches of up to 3 at M = 196.
 ROUNDS_MAX_ELEMENTS = 1 << 17
 
 
