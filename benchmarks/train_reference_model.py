@@ -1,10 +1,10 @@
-"""Train a second reference ViT for Imagenette: a 6-block ViT-Tiny/16, on one CPU thread.
+"""Train a shallower reference ViT for Imagenette (a 6- or 9-block ViT-Tiny/16) on one CPU thread.
 
 Why: accuracy claims of token-merging methods should hold on more than the one shipped
 model (12-block ViT-Tiny). Training from scratch is far too slow on a CPU, so this script
-builds ``vit_tiny_patch16_224`` with ``depth=6``, initialises it from the shipped 12-block
-Imagenette checkpoint (patch/pos embeddings, class token, blocks 0..5, final norm, head;
-blocks 6..11 are dropped) and fine-tunes ALL parameters on the Imagenette train split.
+builds ``vit_tiny_patch16_224`` with ``--depth`` blocks (default 6), initialises it from the
+shipped 12-block Imagenette checkpoint (patch/pos embeddings, class token, the first
+``--depth`` blocks, final norm, head; the later blocks are dropped) and fine-tunes ALL parameters on the Imagenette train split.
 
 Recipe (fixed in advance, nothing is chosen on the val split): AdamW (weight decay 0.05,
 none on biases/norms/embeddings), linear warmup then cosine decay, label smoothing 0.1,
@@ -17,6 +17,8 @@ weights are saved as float16 safetensors with timm key names plus a JSON sidecar
 recipe, steps, wall time, machine and accuracies (holdout; val once, unless ``--no-val``).
 
     OMP_NUM_THREADS=1 python benchmarks/train_reference_model.py --epochs 3
+    OMP_NUM_THREADS=1 python benchmarks/train_reference_model.py --depth 9 --epochs 2 \
+        --work-dir runs/model3 --output benchmarks/models/vit_tiny_d9_patch16_224.imagenette.safetensors
     OMP_NUM_THREADS=1 python benchmarks/train_reference_model.py --pilot 60 --lr 3e-4   # lr check
 """
 
