@@ -60,7 +60,9 @@ class ATC(SizeAwareReducer):
             :func:`tokenmerge.calibrate_thresholds` sets them for a GFLOPs budget on
             calibration images. Needs proportional attention (it hides the empty slots of a
             batch whose images kept different counts). The token count is read from the
-            data, so ONNX export refuses it and ``torch.compile`` breaks the graph there.
+            data, so ONNX export refuses it, and ``torch.compile`` breaks the graph there and
+            recompiles for new counts: compiled, it ran no faster than eager at batch 1
+            (BENCHMARKS.md section 6), where a fixed schedule compiled well.
 
     Both defaults were chosen on train images of two Imagenette ViTs (BENCHMARKS.md
     section 6); ``tokenmerge.tune`` may change the linkage per model (``option_grid``).
