@@ -12,7 +12,8 @@ import tokenmerge
 from tokenmerge.cli import main
 from tokenmerge.core.schedule import ScheduleClampedWarning
 from tokenmerge.evaluation.flops import count_gflops
-from tokenmerge.evaluation.tune import _fill_budget, option_grid, read_config, resolve_budget, tune
+from tokenmerge.evaluation.tune import (Candidate, TuneResult, _fill_budget, option_grid, read_config,
+                                        resolve_budget, tune)
 
 
 def small_vit(**kwargs):
@@ -337,6 +338,22 @@ def test_dtem_matchings_as_candidates_meet_the_budget_and_round_trip(model, imag
             # Clustering compares every pair (M x M), bipartite matching A x B: both counted.
             assert count_gflops(patched, images=images[0][:1]) == pytest.approx(candidate.gflops, rel=1e-9)
             assert candidate.gflops <= result.target_gflops
+
+
+def test_a_per_image_best_is_saved_with_the_best_fixed_schedule(tmp_path):
+    def candidate(loss, **options):
+        return Candidate("atc", options, (2, 2), 1.0, loss, loss, 99.0, None, "constant")
+
+    worse, fixed, per_image = candidate(0.03), candidate(0.02, keep_norm=True), candidate(0.01, threshold=[0.9, 0.8])
+    result = TuneResult(per_image, [worse, fixed, per_image], 2.0, 1.0, "kl", 8, 1.0)
+    assert result.best_fixed is fixed
+    out = result.save(tmp_path)
+    assert read_config(out / "best.json")["options"]["threshold"] == [0.9, 0.8]
+    assert read_config(out / "best_fixed.json") == {"method": "atc", "r": [2, 2], "options": {"keep_norm": True}}
+    # a later run into the same folder whose best is fixed leaves no stale best_fixed.json
+    assert TuneResult(fixed, [worse, fixed], 2.0, 1.0, "kl", 8, 1.0).save(tmp_path) == out
+    assert not (out / "best_fixed.json").exists() and read_config(out / "best.json") == fixed.config()
+    assert TuneResult(per_image, [per_image], 2.0, 1.0, "kl", 8, 1.0).best_fixed is None
 
 
 def test_per_image_thresholds_join_tune_within_the_budget_per_image(model, images):

@@ -81,7 +81,8 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--per-image", action="store_true",
                         help="then make the best ATC candidate merge per image (thresholds calibrated to the same "
                              "budget, counted as mean GFLOPs per image; a batch costs what its image that keeps "
-                             "most tokens costs)")
+                             "most tokens costs); when it wins, the best fixed schedule is written beside it "
+                             "as best_fixed.json")
     parser.add_argument("--batch-size", type=arguments.positive_int, default=125)
     parser.add_argument("--no-timing", action="store_true", help="skip the throughput measurement")
     parser.add_argument("--out", type=arguments.output_folder, default=Path("tokenmerge-tune"), help="output folder (default: tokenmerge-tune/)")
@@ -141,5 +142,10 @@ def run(args) -> int:
     print(f"\nbudget {result.target_gflops:.3f} GFLOPs (unmodified {result.base_gflops:.3f}); "
           f"{result.num_images} calibration images; {result.seconds:.0f} s")
     print(f"best: {json.dumps(result.config())}")
-    print(f"wrote {out / 'best.json'}, {out / 'candidates.csv'}, {out / 'candidates.json'}")
+    written = [out / "best.json", out / "candidates.csv", out / "candidates.json"]
+    if result.best_fixed is not result.best and result.best_fixed is not None:
+        print(f"best fixed schedule (for ONNX export, torch.compile and batch-1 CPU latency): "
+              f"{json.dumps(result.best_fixed.config())}")
+        written.append(out / "best_fixed.json")
+    print(f"wrote {', '.join(str(path) for path in written)}")
     return 0

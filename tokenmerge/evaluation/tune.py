@@ -136,6 +136,16 @@ class TuneResult:
     def config(self) -> dict:
         return self.best.config()
 
+    @property
+    def best_fixed(self) -> Optional[Candidate]:
+        """The best candidate that removes the same tokens from every image (no per-image
+        ``threshold``; ``best`` itself when it is one), or ``None`` if every candidate is
+        per-image. Per-image merging reads its token counts from the data, so ONNX export
+        refuses it and ``torch.compile`` does not speed it up: this is the configuration for
+        those, and for batch-1 latency on CPU (BENCHMARKS.md section 6)."""
+        fixed = [c for c in self.candidates if c.options.get("threshold") is None]
+        return min(fixed, key=lambda c: (c.loss, c.gflops)) if fixed else None
+
     def rows(self) -> List[dict]:
         """One dict per candidate (for CSV/JSON tables and Pareto plots)."""
         rows = []
@@ -149,7 +159,8 @@ class TuneResult:
 
     def save(self, out_dir) -> Path:
         """Write ``best.json``, ``candidates.json`` and ``candidates.csv`` into ``out_dir``
-        (each atomically: a kill leaves the previous file, never a torn one)."""
+        (each atomically: a kill leaves the previous file, never a torn one), and
+        ``best_fixed.json`` (:attr:`best_fixed`) when the best merges per image."""
         import csv
         import io
 
@@ -159,6 +170,11 @@ class TuneResult:
         if out.exists() and not out.is_dir():
             raise ValueError(f"{out} is a file; give a folder for the tune results")
         atomic_write_json(out / "best.json", self.config(), indent=2)
+        fixed = self.best_fixed
+        if fixed is not None and fixed is not self.best:
+            atomic_write_json(out / "best_fixed.json", fixed.config(), indent=2)
+        else:  # not one left from an earlier run in the same folder
+            (out / "best_fixed.json").unlink(missing_ok=True)
         atomic_write_json(out / "candidates.json", {
             "objective": self.objective,
             "base_gflops": self.base_gflops,
