@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Optional, Sequence, Union
+
+import torch
 
 from ..core.attention import key_metric
 from ..core.clustering import (
@@ -21,6 +24,13 @@ from .registry import register_method
 __all__ = ["ATC", "DEFAULT_TAU_SIZE", "check_clustering_options", "check_threshold"]
 
 DEFAULT_TAU_SIZE = 40.0
+
+COMPILED_PER_IMAGE_WARNING = (
+    "torch.compile of per-image merging (ATC with a threshold): its token counts are read from the "
+    "data, so the graph breaks in every block and each new count recompiles; on CPU at batch 1 it ran "
+    "no faster than eager, and slower with static shapes (BENCHMARKS.md section 6). To compile, patch "
+    "with a fixed schedule instead (tokenmerge tune writes one as best_fixed.json)."
+)
 
 
 def check_clustering_options(linkage: str, tau_size: Optional[float]) -> tuple:
@@ -61,8 +71,8 @@ class ATC(SizeAwareReducer):
             calibration images. Needs proportional attention (it hides the empty slots of a
             batch whose images kept different counts). The token count is read from the
             data, so ONNX export refuses it, and ``torch.compile`` breaks the graph there and
-            recompiles for new counts: compiled, it ran no faster than eager at batch 1
-            (BENCHMARKS.md section 6), where a fixed schedule compiled well.
+            recompiles for new counts (it warns): compiled, it ran no faster than eager at
+            batch 1 (BENCHMARKS.md section 6), where a fixed schedule compiled well.
 
     Both defaults were chosen on train images of two Imagenette ViTs (BENCHMARKS.md
     section 6); ``tokenmerge.tune`` may change the linkage per model (``option_grid``).
@@ -109,6 +119,8 @@ class ATC(SizeAwareReducer):
 
     def plan_sized(self, x, attn: AttentionTensors, size, r, num_protected, block_index) -> MergePlan:
         if self.per_image:
+            if torch.compiler.is_compiling():
+                warnings.warn(COMPILED_PER_IMAGE_WARNING, UserWarning, stacklevel=2)
             r = min(r, agglomerative_max_reduction(x.shape[1], num_protected))
         return agglomerative_plan(key_metric(attn.k), r, num_protected, self.linkage, size, self.tau_size,
                                   self.block_threshold(block_index))
