@@ -143,7 +143,7 @@ def run(args) -> int:
           f"{result.num_images} calibration images; {result.seconds:.0f} s")
     print(f"best: {json.dumps(result.config())}")
     written = [out / "best.json", out / "candidates.csv", out / "candidates.json"]
-    if result.best_fixed is not result.best and result.best_fixed is not None:
+    if (out / "best_fixed.json").exists():  # save() writes it only when the best merges per image
         print(f"best fixed schedule (for ONNX export, torch.compile and batch-1 CPU latency): "
               f"{json.dumps(result.best_fixed.config())}")
         written.append(out / "best_fixed.json")
