@@ -18,7 +18,8 @@ from tokenmerge.evaluation.tune import (Candidate, TuneResult, _fill_budget, opt
 
 def small_vit(**kwargs):
     torch.manual_seed(0)
-    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=4, depth=4, embed_dim=48,
+    kwargs = {"img_size": 32, **kwargs}
+    model = timm.create_model("vit_tiny_patch16_224", patch_size=4, depth=4, embed_dim=48,
                               num_heads=3, num_classes=5, **kwargs)
     return model.eval()
 
@@ -232,6 +233,81 @@ def test_bad_arguments(model, images):
         tune(patched, images, gflops_fraction=0.5, progress=False)
 
 
+def test_candidates_are_checked_before_any_work(model, images):
+    quick = dict(gflops_fraction=0.6, rounds=0, progress=False, measure_speed=False)
+    with pytest.raises(ValueError, match="calibrates per-image thresholds itself"):
+        tune(model, images, methods=[("atc", {"threshold": 0.9})], **quick)
+    with pytest.raises(TypeError, match="linkge"):
+        tune(model, images, methods=["tome", ("atc", {"linkge": "average"})], **quick)
+    with pytest.raises(ValueError, match="include 'atc'"):
+        tune(model, images, methods=["tome"], per_image=True, **quick)
+    with pytest.raises(ValueError, match="include 'atc'"):
+        tune(model, images, methods=[("atc", {"prop_attn": False})], per_image=True, **quick)
+    for entry in [("tome",), ["tome", None], 3]:
+        with pytest.raises(ValueError, match="a name or a \\(name, options dict\\) pair"):
+            tune(model, images, methods=[entry], **quick)
+    with pytest.raises(ValueError, match="speed_batch_size must be an int >= 1"):
+        tune(model, images, methods=["tome"], speed_batch_size=0, **quick)
+    # One name alone is one candidate, not one per letter.
+    assert {c.method for c in tune(model, images, methods="tome", **quick).candidates} == {"tome"}
+
+
+@pytest.mark.parametrize("data", [
+    "two image batches", "images and a list of labels", "a dataset of single items", "numpy budget"])
+def test_calibration_data_in_the_forms_users_pass(model, images, data):
+    x, y = images
+    quick = dict(methods=["tome"], rounds=0, progress=False, measure_speed=False)
+    reference = tune(model, (x, y), gflops_fraction=0.6, **quick)
+    if data == "two image batches":  # a list of two batches is not an (images, labels) pair
+        result = tune(model, [x[:6], x[6:]], gflops_fraction=0.6, **quick)
+        assert result.num_images == 12 and result.best.accuracy is None
+    elif data == "images and a list of labels":
+        result = tune(model, (x, y.tolist()), gflops_fraction=0.6, **quick)
+        assert result.best.accuracy == reference.best.accuracy
+    elif data == "a dataset of single items":
+        result = tune(model, torch.utils.data.TensorDataset(x, y), gflops_fraction=0.6, **quick)
+        assert result.num_images == 12 and result.best.accuracy == reference.best.accuracy
+    else:
+        import numpy as np
+
+        result = tune(model, (x, y), gflops_fraction=np.float32(0.6), **quick)
+    assert result.best.kl == pytest.approx(reference.best.kl)
+
+
+def test_labels_must_be_one_class_index_per_image_of_the_head(model, images):
+    x, y = images
+    quick = dict(gflops_fraction=0.6, methods=["tome"], rounds=0, progress=False, measure_speed=False)
+    for labels in (y[:, None], y[:1], y.float()):
+        with pytest.raises(ValueError, match="labels must be 12 integer class indices"):
+            tune(model, (x, labels), **quick)
+    with pytest.raises(ValueError, match="the model predicts 5 classes"):
+        tune(model, (x, y + 5), **quick)
+
+
+def test_tune_leaves_each_module_in_its_own_mode_and_times_non_square_images(images):
+    model = small_vit(img_size=(32, 48))
+    model.train()
+    model.blocks[0].eval()
+    x = torch.randn(6, 3, 32, 48)
+    result = tune(model, x, gflops_fraction=0.6, methods=["tome"], rounds=0, speed_batch_size=2, progress=False)
+    assert result.best.speedup is not None
+    assert model.training and not model.blocks[0].training and model.blocks[1].training
+
+
+def test_tune_scores_in_the_dtype_asked_for(model, images):
+    quick = dict(gflops_fraction=0.6, methods=["tome"], rounds=0, progress=False, measure_speed=False)
+    full = tune(model, images, **quick)
+    half = tune(model, images, dtype=torch.bfloat16, **quick)
+    assert half.best.r == full.best.r and half.best.kl != full.best.kl
+
+
+def test_tune_command_refuses_unknown_methods_and_bad_options_while_parsing(capsys):
+    for candidate, message in (("nope", "unknown method"), ("tome:prop_attn", "KEY=VALUE")):
+        with pytest.raises(SystemExit):
+            main(["tune", "--data", "x", "--gflops-fraction", "0.5", "--methods", candidate])
+        assert message in capsys.readouterr().err
+
+
 def test_label_free_objective_from_a_loader(model, images):
     loader = torch.utils.data.DataLoader(images[0], batch_size=4)
     result = tune(model, loader, gflops_fraction=0.6, methods=["tome"], rounds=1, objective="agreement",
@@ -366,6 +442,6 @@ def test_per_image_thresholds_join_tune_within_the_budget_per_image(model, image
     patched.load_state_dict(model.state_dict())
     alone = [count_gflops(patched, images=images[0][i:i + 1]) for i in range(len(images[0]))]
     assert per_image.gflops == pytest.approx(sum(alone) / len(alone), rel=1e-9)
-    with pytest.raises(ValueError, match="include 'atc' in methods"):
+    with pytest.raises(ValueError, match="include 'atc'"):
         tune(model, images, gflops_fraction=0.6, methods=["tome"], rounds=0, search_options=False,
              batch_size=6, progress=False, measure_speed=False, per_image=True)

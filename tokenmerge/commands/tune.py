@@ -26,14 +26,20 @@ def _finite(kind: str, low: float, high: float = math.inf):
 
 
 def parse_candidate(text: str) -> tuple:
-    """``"mctf"`` or ``"tome:prop_attn=false,..."`` -> ``(method, options)``."""
+    """``"mctf"`` or ``"tome:prop_attn=false,..."`` -> ``(method, options)``; an unknown method
+    or a malformed option is refused while the command line is read, with its reason."""
     from ..evaluation.sweep import parse_option
+    from ..methods import get_method_class
 
     method, _, rest = text.partition(":")
     options = {}
-    for item in filter(None, rest.split(",")):
-        _, key, value = parse_option(item)
-        options[key] = value
+    try:
+        get_method_class(method)
+        for item in filter(None, rest.split(",")):
+            _, key, value = parse_option(item)
+            options[key] = value
+    except ValueError as err:  # argparse would replace a ValueError's text by "invalid value"
+        raise argparse.ArgumentTypeError(str(err)) from None
     return method, options
 
 
@@ -118,23 +124,36 @@ def save_tune_plot(result, path) -> Path:
 
 
 def run(args) -> int:
-    from ..backends.adapter import adapter_for
+    import torch
+
+    from ..backends.adapter import adapter_for, logits_of
+    from ..evaluation.accuracy import check_num_classes
     from ..evaluation.data import load_images
     from ..evaluation.tune import DEFAULT_METHODS, tune
 
     resolve_device_arguments(args)
     model = zero_shot_from_args(model_from_args(args), args, args.data).to(args.device)
     adapter = adapter_for(model)
-    images, labels, _ = load_images(args.data, image_size=adapter.image_size, limit=args.limit,
+    images, labels, classes = load_images(args.data, image_size=adapter.image_size, limit=args.limit,
                                     batch_size=args.batch_size, spread=True, transform=adapter.image_transform())
     images, labels = images.to(args.device), labels.to(args.device)
+    with torch.inference_mode():
+        num_logits = logits_of(model.eval()(images[:1])).shape[-1]
+    if args.objective == "accuracy":
+        check_num_classes(torch.empty(num_logits), len(classes))
+    elif num_logits != len(classes):
+        # The folder's labels do not index this head (e.g. a 1000-class model on a 10-class
+        # folder): the label-free objective needs none, and an accuracy column would mislead.
+        print(f"note: the model predicts {num_logits} classes and {args.data} has {len(classes)}: "
+              "calibrating without labels (no accuracy column)")
+        labels = None
     result = tune(
         model, (images, labels),
         target_gflops=args.target_gflops, target_speedup=args.target_speedup, gflops_fraction=args.gflops_fraction,
         methods=args.methods or list(DEFAULT_METHODS), objective=args.objective,
         search_methods=args.search_methods, search_options=not args.no_option_search, rounds=args.rounds, probe_images=args.probe_images,
         batch_size=args.batch_size,
-        measure_speed=not args.no_timing, per_image=args.per_image,
+        measure_speed=not args.no_timing, per_image=args.per_image, dtype=args.dtype,
     )
     out = result.save(args.out)
     save_tune_plot(result, out / "pareto.png")
@@ -142,7 +161,7 @@ def run(args) -> int:
     print(f"\nbudget {result.target_gflops:.3f} GFLOPs (unmodified {result.base_gflops:.3f}); "
           f"{result.num_images} calibration images; {result.seconds:.0f} s")
     print(f"best: {json.dumps(result.config())}")
-    written = [out / "best.json", out / "candidates.csv", out / "candidates.json"]
+    written = [out / "best.json", out / "candidates.csv", out / "candidates.json", out / "pareto.png"]
     if (out / "best_fixed.json").exists():  # save() writes it only when the best merges per image
         print(f"best fixed schedule (for ONNX export, torch.compile and batch-1 CPU latency): "
               f"{json.dumps(result.best_fixed.config())}")

@@ -27,6 +27,7 @@ and the unmodified model; at batch size 1 (latency), each image runs at its own 
 from __future__ import annotations
 
 import math
+import numbers
 import time
 from dataclasses import dataclass, field
 from typing import Optional, Sequence, Union
@@ -41,7 +42,7 @@ from ..core.merge import keep_first
 from .flops import count_gflops
 from .throughput import autocast_for
 from ..methods.atc import check_threshold
-from .tune import _metrics, _Scorer, calibration_images, resolve_budget
+from .tune import _evaluating, _metrics, _Scorer, calibration_images, resolve_budget
 
 __all__ = ["DEFAULT_CAP_FACTOR", "ThresholdCalibration", "PerImageCost", "calibrate_thresholds"]
 
@@ -141,14 +142,17 @@ class PerImageCost:
     def __init__(self, model: nn.Module, config: dict, images: torch.Tensor, batch_size: int = 125,
                  base_gflops: Optional[float] = None, dtype: Optional[torch.dtype] = None):
         if base_gflops is None:
-            base_gflops = count_gflops(model.eval(), images=images[:1].to(next(model.parameters()).device))
+            with _evaluating(model):
+                base_gflops = count_gflops(model, images=images[:1].to(next(model.parameters()).device))
         self.dtype = dtype
-        self.caps = tuple(config["r"])
         self.scorer = _Scorer(model, config["method"], config.get("options", {}), images, batch_size, 1, base_gflops)
         if not self.scorer.reducer.per_image:
             raise ValueError("PerImageCost needs a configuration with a threshold")
+        caps = config["r"]
+        self.caps = (caps,) * self.scorer.num_blocks if isinstance(caps, int) else tuple(caps)
         if len(self.caps) != self.scorer.num_blocks:
             raise ValueError(f"config r has {len(self.caps)} values for {self.scorer.num_blocks} blocks")
+        self.threshold = self.scorer.reducer.threshold
         self.counting = {joins: _CountingStandIn(self.scorer.reducer, joins) for joins in (True, False)}
 
     def _block(self, index: int, n: int, removed: int) -> int:
@@ -161,11 +165,11 @@ class PerImageCost:
 
     @torch.inference_mode()
     def __call__(self, threshold=None, progress: bool = False) -> tuple:
+        """``threshold``: per-block thresholds for this call (``None``: the config's)."""
         from tqdm.auto import tqdm
 
         scorer = self.scorer
-        if threshold is not None:
-            scorer.reducer.threshold = check_threshold(threshold)
+        scorer.reducer.threshold = self.threshold if threshold is None else check_threshold(threshold)
         if scorer._outside_blocks is None:
             scorer._count_outside_blocks()
         flops, logits = [], []
@@ -224,25 +228,42 @@ def calibrate_thresholds(
         :class:`ThresholdCalibration`; ``.config()`` goes into :func:`tokenmerge.patch`.
 
     Raises:
-        ValueError: a method without thresholds, a malformed budget or option, or a budget
-            that even the lowest thresholds cannot meet.
+        ValueError: a patched model, a method without thresholds, a malformed reference
+            schedule, budget or option, or a budget that even the lowest thresholds cannot meet.
     """
+    from .. import is_patched
     from ..methods import get_method_class
 
-    started = time.perf_counter()
+    if is_patched(model):
+        raise ValueError("calibrate_thresholds needs the unmodified model: call tokenmerge.unpatch(model) first")
     options = dict(options or {})
     if "threshold" in options:
         raise ValueError("options must not hold threshold: calibrate_thresholds chooses it")
     if not hasattr(get_method_class(method), "join_heights"):
         raise ValueError(f"method {method!r} has no per-image threshold; use 'atc'")
-    if not (isinstance(cap_factor, (int, float)) and cap_factor >= 1):
-        raise ValueError(f"cap_factor must be a number >= 1, got {cap_factor!r}")
+    integer = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
+    if not (integer(r) or (isinstance(r, (list, tuple)) and r and all(integer(v) for v in r))) or (
+            min(r) if isinstance(r, (list, tuple)) else r) < 0:
+        raise ValueError(
+            f"r must be the reference schedule, an int or a list of ints, all >= 0 (one per block, e.g. tune's "
+            f"best.json 'r'; ToMe's (r, -1) decreasing form is not taken here), got {r!r}"
+        )
+    if isinstance(cap_factor, bool) or not isinstance(cap_factor, numbers.Real) or not (
+            math.isfinite(cap_factor) and cap_factor >= 1):
+        raise ValueError(f"cap_factor must be a finite number >= 1, got {cap_factor!r}")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be an int >= 1, got {steps!r}")
     images, _ = calibration_images(data)
     if images.ndim != 4 or len(images) == 0:
         raise ValueError(f"calibration images must be a non-empty [N, 3, H, W] batch, got shape {tuple(images.shape)}")
-    model = model.eval()
+    with _evaluating(model):
+        return _calibrate(model, images, r, target_gflops, target_speedup, gflops_fraction, options, method,
+                          cap_factor, steps, batch_size)
+
+
+def _calibrate(model, images, r, target_gflops, target_speedup, gflops_fraction, options, method, cap_factor,
+               steps, batch_size) -> ThresholdCalibration:
+    started = time.perf_counter()
     images = images.to(next(model.parameters()).device)
     base_gflops = count_gflops(model, images=images[:1])
     target = resolve_budget(base_gflops, target_gflops, target_speedup, gflops_fraction)

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import time
 import warnings
 from dataclasses import asdict, dataclass, replace
@@ -56,6 +57,7 @@ from ..io import read_json
 from .budget import smallest_meeting
 from .flops import count_gflops
 from .sweep import _shared_copy
+from .throughput import autocast_for
 
 __all__ = [
     "OBJECTIVES",
@@ -90,7 +92,8 @@ class Candidate:
         loss: the objective on the calibration images (lower is better).
         kl, agreement: mean KL to the unmodified model and top-1 agreement with it (%).
         accuracy: calibration top-1 (%) when labels were given, else ``None``.
-        stage: ``"constant"`` or ``"search round K"``.
+        stage: how it was made: ``"constant"``, ``"constant, budget filled"``, ``"search
+            round K"``, ``"options: KEY=VALUE"`` or ``"per-image thresholds"``.
         images_per_s, speedup: measured throughput and its ratio to the unmodified model
             (filled in at the end, timed interleaved in one run), or ``None``.
     """
@@ -118,7 +121,8 @@ class TuneResult:
 
     Attributes:
         best: the winning :class:`Candidate` (lowest loss within the budget).
-        candidates: every constant-``r`` candidate and every search proposal, in order.
+        candidates: every configuration scored, in order: the constant starts, the search
+            proposals, the option trials and the per-image candidate.
         base_gflops, target_gflops: the unmodified model's GFLOPs and the budget.
         objective: the loss the search minimised.
         num_images: calibration images used.
@@ -246,7 +250,7 @@ def resolve_budget(base_gflops: float, target_gflops=None, target_speedup=None, 
             f"FLOPs) or gflops_fraction (in (0, 1), e.g. 0.5 for -50%); got {sorted(given) or 'none'}"
         )
     (name, value), = given.items()
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
         raise ValueError(f"{name} must be a finite number, got {value!r}")
     if name == "target_gflops":
         if value <= 0:
@@ -263,24 +267,50 @@ def resolve_budget(base_gflops: float, target_gflops=None, target_speedup=None, 
 
 def calibration_images(data) -> tuple:
     """``(images [N,3,H,W], labels [N] or None)`` from a tensor, an ``(images, labels)`` pair
-    (``labels`` may be ``None``),
-    or an iterable of batches (``images`` or ``(images, labels, ...)``, e.g. a DataLoader)."""
+    (``labels`` a tensor, a list of ints or ``None``), or an iterable of batches or of single
+    items (``images`` or ``(images, labels, ...)``: a DataLoader, a list of batches, a
+    ``TensorDataset``).
+
+    A two-element list or tuple is a pair when its second element is ``None`` or holds one
+    label per image; otherwise (e.g. two image batches) it is read as batches.
+    """
     if isinstance(data, torch.Tensor):
         return data, None
-    if (isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], torch.Tensor)
-            and (data[1] is None or isinstance(data[1], torch.Tensor))):
-        return data[0], data[1]
+    if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], torch.Tensor) and data[0].ndim == 4:
+        images, labels = data
+        if labels is None:
+            return images, None
+        if not (isinstance(labels, torch.Tensor) and labels.ndim == 4):  # else: two batches of images
+            return images, _checked_labels(labels, len(images))
     images, labels = [], []
     for batch in data:
-        if isinstance(batch, torch.Tensor):
-            images.append(batch)
-        else:
-            images.append(batch[0])
-            labels.append(batch[1] if len(batch) > 1 else None)
+        image, label = (batch, None) if isinstance(batch, torch.Tensor) else (batch[0], batch[1] if len(batch) > 1 else None)
+        single = image.ndim == 3  # a dataset's item, not a batch
+        images.append(image.unsqueeze(0) if single else image)
+        labels.append(None if label is None else torch.as_tensor(label).reshape(-1))
     if not images:
         raise ValueError("the calibration data is empty: give at least one image")
-    has_labels = labels and all(isinstance(y, torch.Tensor) for y in labels)
-    return torch.cat(images), (torch.cat(labels) if has_labels else None)
+    shapes = {tuple(x.shape[1:]) for x in images}
+    if len(shapes) > 1:
+        raise ValueError(f"the calibration images differ in shape ({sorted(shapes)}): resize them to one size")
+    images = torch.cat(images)
+    if any(y is None for y in labels):  # labels are optional, but all or none
+        return images, None
+    return images, _checked_labels(torch.cat(labels), len(images))
+
+
+def _checked_labels(labels, count: int) -> torch.Tensor:
+    """``labels`` as a ``[count]`` int64 tensor of class indices, or a clear error."""
+    try:
+        labels = torch.as_tensor(labels)
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"labels must be a tensor or list of class indices, got {type(labels).__name__}") from None
+    if labels.shape != (count,) or labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise ValueError(
+            f"labels must be {count} integer class indices (shape [{count}]), one per image; got dtype "
+            f"{labels.dtype} and shape {list(labels.shape)}"
+        )
+    return labels.long()
 
 
 class _Scorer:
@@ -600,6 +630,7 @@ def tune(
     speed_batch_size: int = 16,
     progress: bool = True,
     per_image: bool = False,
+    dtype: Optional[torch.dtype] = None,
 ) -> TuneResult:
     """The best training-free configuration of ``model`` within a GFLOPs budget.
 
@@ -611,7 +642,8 @@ def tune(
         target_gflops / target_speedup / gflops_fraction: the budget, exactly one
             (see :func:`resolve_budget`).
         methods: candidate methods: names, or ``(name, options)`` pairs (options may include
-            ``prop_attn``).
+            ``prop_attn``, ``keep_norm`` and ``mlp_share``; not ``threshold``: per-image
+            thresholds are calibrated by ``per_image=True``).
         objective: ``"kl"``, ``"agreement"`` (both label-free) or ``"accuracy"`` (needs labels).
         search_methods: how many of the best constant-``r`` methods get a per-block search.
         search_options: then choose those methods' options from their ``option_grid``
@@ -626,26 +658,28 @@ def tune(
             ``threshold``, :func:`~tokenmerge.evaluation.thresholds.calibrate_thresholds`) at
             the same budget, counted as the mean GFLOPs per image; kept if its loss is lower.
             Its cost is per image: a batch runs at the cost of its image that keeps most.
+        dtype: autocast dtype for every forward pass, scoring and timing (``None`` or
+            float32: the model's own precision), e.g. the one the model will be served in.
 
     Returns:
         :class:`TuneResult`; ``result.config()`` goes straight into :func:`tokenmerge.patch`.
 
     Raises:
-        ValueError: a malformed or unreachable budget, an unknown objective, labels missing
-            for ``"accuracy"``, or empty calibration data.
+        ValueError: a malformed or unreachable budget, an unknown objective or method, labels
+            missing for ``"accuracy"`` or not one class index per image, a threshold among the
+            candidates' options, ``per_image`` without an ATC candidate, or empty calibration
+            data.
+        TypeError: options a candidate method does not take.
     """
-    from tqdm.auto import tqdm
-
     from .. import is_patched
-    from ..methods import get_method_class
 
-    started = time.perf_counter()
     if is_patched(model):
         raise ValueError("tune needs the unmodified model: call tokenmerge.unpatch(model) first")
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
     for name, value, low in (("search_methods", search_methods, 0), ("rounds", rounds, 0),
-                             ("batch_size", batch_size, 1), ("probe_images", probe_images, 1)):
+                             ("batch_size", batch_size, 1), ("probe_images", probe_images, 1),
+                             ("speed_batch_size", speed_batch_size, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
     images, labels = calibration_images(data)
@@ -653,13 +687,74 @@ def tune(
         raise ValueError(f"calibration images must be a non-empty [N, 3, H, W] batch, got shape {tuple(images.shape)}")
     if objective == "accuracy" and labels is None:
         raise ValueError("objective='accuracy' needs labels; use 'kl' or 'agreement' for unlabelled images")
-    candidates_spec = [(m, {}) if isinstance(m, str) else (m[0], dict(m[1])) for m in methods]
-    if not candidates_spec:
-        raise ValueError("give at least one candidate method")
-    for name, _ in candidates_spec:
-        get_method_class(name)  # unknown names fail before any work
+    candidates_spec = _candidate_specs(model, methods, per_image)
+    with _evaluating(model), autocast_for(next(model.parameters()).device, dtype):
+        return _tune(model, images, labels, candidates_spec, target_gflops, target_speedup, gflops_fraction,
+                     objective, search_methods, search_options, rounds, probe_images, batch_size, measure_speed,
+                     speed_batch_size, progress, per_image)
 
-    model = model.eval()
+
+def _candidate_specs(model: nn.Module, methods, per_image: bool) -> list:
+    """``methods`` as ``[(name, options)]``, every entry checked before any work: its name, its
+    options (by patching a copy that shares the weights), no ``threshold``, and an ATC
+    candidate that can take one when ``per_image``."""
+    import tokenmerge
+
+    if isinstance(methods, str):
+        methods = [methods]
+    specs = []
+    for entry in methods:
+        if isinstance(entry, str):
+            specs.append((entry, {}))
+        elif (isinstance(entry, (tuple, list)) and len(entry) == 2 and isinstance(entry[0], str)
+              and isinstance(entry[1], dict)):
+            specs.append((entry[0], dict(entry[1])))
+        else:
+            raise ValueError(f"each candidate method must be a name or a (name, options dict) pair, got {entry!r}")
+    if not specs:
+        raise ValueError("give at least one candidate method")
+    for name, options in specs:
+        if "threshold" in options:
+            raise ValueError(
+                f"candidate {name!r} sets threshold: tune calibrates per-image thresholds itself; drop it and "
+                "pass per_image=True (tokenmerge tune --per-image)"
+            )
+        method_options = dict(options)
+        prop_attn = method_options.pop("prop_attn", None)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ScheduleClampedWarning)
+            tokenmerge.patch(_shared_copy(model), method=name, r=0, prop_attn=prop_attn, **method_options)
+    if per_image and not any(name == "atc" and options.get("prop_attn", True) for name, options in specs):
+        raise ValueError(
+            "per_image=True turns an ATC candidate into per-image merging, which needs proportional attention: "
+            "include 'atc' (without prop_attn=False) in methods"
+        )
+    return specs
+
+
+class _evaluating:
+    """Puts a module tree in eval mode and gives every module its own mode back on exit."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __enter__(self):
+        self.modes = [(module, module.training) for module in self.model.modules()]
+        self.model.eval()
+        return self.model
+
+    def __exit__(self, *exc):
+        for module, training in self.modes:
+            module.training = training
+        return False
+
+
+def _tune(model, images, labels, candidates_spec, target_gflops, target_speedup, gflops_fraction, objective,
+          search_methods, search_options, rounds, probe_images, batch_size, measure_speed, speed_batch_size,
+          progress, per_image) -> TuneResult:
+    from tqdm.auto import tqdm
+
+    started = time.perf_counter()
     device = next(model.parameters()).device
     images = images.to(device)
     base_gflops = count_gflops(model, images=images[:1])
@@ -667,8 +762,15 @@ def tune(
     with torch.inference_mode():
         reference = torch.cat([logits_of(model(images[i:i + batch_size]))
                                for i in range(0, len(images), batch_size)]).float()
-    labels = None if labels is None else labels.to(device)
-    probe_every = max(1, len(images) // probe_images)
+    if labels is not None:
+        labels = labels.to(device)
+        if not 0 <= int(labels.min()) <= int(labels.max()) < reference.shape[-1]:
+            raise ValueError(
+                f"labels run from {int(labels.min())} to {int(labels.max())} but the model predicts "
+                f"{reference.shape[-1]} classes: give class indices in [0, {reference.shape[-1]}) (a head for "
+                "the dataset's classes, e.g. num_classes=...)"
+            )
+    probe_every = math.ceil(len(images) / probe_images)
     probe_reference = reference[::probe_every]
 
     candidates: List[Candidate] = []
@@ -734,9 +836,12 @@ def _per_image_candidate(model, candidates, images, reference, labels, objective
     """The best ATC candidate, its schedule made a per-image cap with calibrated thresholds."""
     from .thresholds import calibrate_thresholds
 
-    clustered = [c for c in candidates if c.method == "atc"]
+    clustered = [c for c in candidates if c.method == "atc" and c.options.get("prop_attn", True)]
     if not clustered:
-        raise ValueError("per_image=True turns an ATC candidate into per-image merging: include 'atc' in methods")
+        raise ValueError(
+            "per_image=True turns an ATC candidate into per-image merging, but no ATC candidate met the budget: "
+            "relax the target"
+        )
     start = min(clustered, key=lambda c: (c.loss, c.gflops))
     found = calibrate_thresholds(model, images, r=list(start.r), options=start.options, target_gflops=target,
                                  batch_size=batch_size)
@@ -758,8 +863,9 @@ def _with_speed(model, candidates, best, batch_size, images):
             warnings.simplefilter("ignore", ScheduleClampedWarning)
             variants[k] = tokenmerge.patch(_shared_copy(model), method=c.method, r=list(c.r),
                                            prop_attn=prop_attn, **options).eval()
-    speed = measure_throughput(variants, batch_size=batch_size, image_size=images.shape[-1],
-                               device=images.device, warmup=1, repeats=3)
+    # Random inputs of the calibration images' shape (a model may take non-square images).
+    inputs = torch.randn(batch_size, *images.shape[1:], device=images.device)
+    speed = measure_throughput(variants, device=images.device, warmup=1, repeats=3, inputs=inputs)
     base = speed["unmodified"]["images_per_s"]
     timed = []
     for k, c in enumerate(candidates):
