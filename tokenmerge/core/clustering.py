@@ -287,7 +287,9 @@ def clustering_similarity(
     Returns ``(similarity [B, M, M], valid [B, M] or None)``; with ``empty_slots``, tokens of
     size 0 are marked invalid (``valid`` is ``None`` when there are no sizes).
     """
-    mergeable = metric[:, num_protected:]
+    # In float32 at least: in half precision many pairs tie, and which of them joins first may
+    # then depend on the batch (its kernels round differently), not on the image alone.
+    mergeable = metric[:, num_protected:].to(torch.promote_types(metric.dtype, torch.float32))
     mergeable = mergeable / mergeable.norm(dim=-1, keepdim=True)
     similarity = mergeable @ mergeable.transpose(-1, -2)
     sizes = None if size is None else size[:, num_protected:, 0].to(similarity.dtype)
