@@ -24,6 +24,8 @@ Layouts:
 
 from __future__ import annotations
 
+import hashlib
+import importlib
 import sys
 from dataclasses import dataclass
 from typing import Optional
@@ -311,22 +313,56 @@ _PATCHED_CLASSES: dict = {}
 def patched_class(base: type, mixin: type, module_name: str, keep_name: bool = False) -> type:
     """A cached ``TokenMerge<Base>`` subclass of ``base`` with ``mixin`` first.
 
-    The class is registered under its qualified name in ``module_name`` so patched models
-    pickle. ``keep_name`` keeps ``__name__`` equal to the base's (Hugging Face records
-    ``config.architectures`` from it).
+    The class is registered under its qualified name in ``module_name`` (a suffix derived from
+    ``base`` and ``mixin`` tells apart bases of the same name, whatever the order they were
+    patched in). Its instances pickle as the recipe ``(base, mixin)``, so a process that has
+    patched nothing yet can load them. ``keep_name`` keeps ``__name__`` equal to the base's
+    (Hugging Face records ``config.architectures`` from it).
     """
     key = (base, mixin)
     if key not in _PATCHED_CLASSES:
-        module = sys.modules[module_name]
+        module = importlib.import_module(module_name)
         qualname = f"TokenMerge{base.__name__}"
         if hasattr(module, qualname):
-            qualname = f"{qualname}_{len(_PATCHED_CLASSES)}"
-        cls = type(qualname, (mixin, base), {"_tokenmerge_base": base, "__module__": module_name})
+            pair = f"{base.__module__}.{base.__qualname__}+{mixin.__module__}.{mixin.__qualname__}"
+            qualname = f"{qualname}_{hashlib.sha1(pair.encode()).hexdigest()[:8]}"
+        namespace = {
+            "_tokenmerge_base": base,
+            "_tokenmerge_mixin": mixin,
+            "_tokenmerge_keep_name": keep_name,
+            "__module__": module_name,
+            "__reduce_ex__": _reduce_patched,
+        }
+        cls = type(qualname, (mixin, base), namespace)
         cls.__qualname__ = qualname
         cls.__name__ = base.__name__ if keep_name else qualname
         setattr(module, qualname, cls)
         _PATCHED_CLASSES[key] = cls
     return _PATCHED_CLASSES[key]
+
+
+def _importable(cls: type) -> bool:
+    module = sys.modules.get(cls.__module__)
+    return module is not None and getattr(module, cls.__qualname__, None) is cls
+
+
+def _reduce_patched(self, protocol):
+    # The generated class exists only in a process that patched a model, so pickling it by name
+    # fails to load anywhere else; pickle how to make it instead. A mixin made at run time (not
+    # importable by name) cannot be pickled, nor can a subclass be rebuilt from the recipe: those
+    # pickle by name as before, loadable where the class exists.
+    cls = type(self)
+    base, mixin = cls._tokenmerge_base, cls._tokenmerge_mixin
+    if _PATCHED_CLASSES.get((base, mixin)) is not cls or not _importable(mixin):
+        return object.__reduce_ex__(self, protocol)
+    _, _, *rest = object.__reduce_ex__(self, max(protocol, 2))  # copyreg.__newobj__, (cls,), state, ...
+    return (_new_patched, (base, mixin, cls.__module__, cls._tokenmerge_keep_name), *rest)
+
+
+def _new_patched(base: type, mixin: type, module_name: str, keep_name: bool):
+    """Unpickling: an empty instance of the patched class, made in this process if need be."""
+    cls = patched_class(base, mixin, module_name, keep_name)
+    return cls.__new__(cls)
 
 
 def attach_policy(owner, reducer: TokenReducer, config: MergeConfig):
@@ -339,18 +375,37 @@ def attach_policy(owner, reducer: TokenReducer, config: MergeConfig):
     return owner
 
 
-def refuse_unweighted_pool(owner, num_tokens: int, default_tokens: int) -> None:
-    """Raise when a size-weighted pool is asked to pool merged tokens without their sizes.
+def refuse_unweighted_pool(owner) -> None:
+    """Raise when the head of ``owner`` (a timm ``VisionTransformer`` or ``Eva``) is asked to
+    pool tokens without their sizes, and its pool needs them.
 
-    Only a method that tracks sizes makes tokens of unequal weight; after pruning (``prune``,
-    ``drop``) every kept token still stands for one patch, so the plain mean is the right pool.
+    Decided from the patch, not from the token count, which can equal the default count by
+    coincidence (an image that kept every token; a ``dynamic_img_size`` input that merges down
+    to it). Only a method that tracks sizes makes tokens of unequal weight, or empty slots;
+    after pruning (``prune``, ``drop``) every kept token still stands for one patch, and the
+    local layout keeps every token in its place, so their plain pools are right.
     """
-    if num_tokens != default_tokens and any(owner.tokenmerge_schedule()) and owner.token_reducer.tracks_size:
-        raise ValueError(
-            f"this model pools with global_pool={owner.global_pool!r}, which weighs tokens by "
-            f"their sizes, and its {num_tokens} tokens were merged: unweighted pooling would "
-            "be wrong. Call model(x), or pass token_sizes=model.forward_tokens(x).size to forward_head"
-        )
+    reducer, config = owner.token_reducer, owner.tokenmerge_config
+    if config.layout != "global" or not reducer.tracks_size or not any(owner.tokenmerge_schedule()):
+        return
+    pool = owner.global_pool
+    if getattr(owner, "attn_pool", None) is not None or pool in ("avg", "avgmax"):
+        problem = "which weighs tokens by their sizes, and its tokens are merged: unweighted pooling would be wrong"
+    elif pool == "max" and reducer.per_image:
+        problem = ("and its images keep different numbers of tokens (a per-image threshold), so the "
+                   "features hold empty slots (size 0) that the max would take in")
+    else:
+        return
+    raise ValueError(
+        f"this model pools with global_pool={pool!r}, {problem}. Call model(x), or pass "
+        "token_sizes=model.forward_tokens(x).size to forward_head"
+    )
+
+
+def without_empty_slots(tokens: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
+    """``tokens [B, N, C]`` with the empty slots (``sizes [B, N, 1]`` of 0) of images that kept
+    fewer tokens set to -inf, so that a max over tokens passes them over."""
+    return tokens.masked_fill(sizes == 0, float("-inf"))
 
 
 def restore_classes(owner, block_attributes: tuple = ()):

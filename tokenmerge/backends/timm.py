@@ -35,8 +35,10 @@ from .common import (
     attach_policy,
     patched_class,
     refuse_unweighted_pool,
+    resolve_block_schedule,
     restore_classes,
     run_blocks,
+    without_empty_slots,
 )
 
 __all__ = [
@@ -165,7 +167,8 @@ class MergingVisionTransformerMixin(MergingModelMixin):
 
     ``forward_tokens(images)`` returns the final :class:`TokenState` (tokens after the
     final norm, their sizes and sources); ``forward_features`` returns its tokens;
-    ``forward_head`` accepts ``token_sizes`` for size-weighted average pooling.
+    ``forward_head`` accepts ``token_sizes`` for size-weighted pooling (and a max pool that
+    passes over the empty slots of per-image merging).
     """
 
     @property
@@ -184,7 +187,7 @@ class MergingVisionTransformerMixin(MergingModelMixin):
 
     def _tm_logits(self, state: TokenState) -> torch.Tensor:
         """The last block's :class:`TokenState` -> logits (final norm, size-aware pooling, head)."""
-        return self.forward_head(self.norm(state.x), token_sizes=state.size)
+        return self._tm_head(self.norm(state.x), state.size)
 
     def forward_tokens(self, x: torch.Tensor) -> TokenState:
         """Images ``[B, 3, H, W]`` -> final :class:`TokenState` (after the final norm)."""
@@ -205,11 +208,18 @@ class MergingVisionTransformerMixin(MergingModelMixin):
         return self.forward_tokens(x).x
 
     def forward_head(self, x, pre_logits: bool = False, token_sizes: Optional[torch.Tensor] = None):
+        if token_sizes is None:
+            refuse_unweighted_pool(self)
+        return self._tm_head(x, token_sizes, pre_logits)
+
+    def _tm_head(self, x, token_sizes: Optional[torch.Tensor], pre_logits: bool = False):
+        """The head on tokens and their sizes (``None``: every token is one patch)."""
+        if token_sizes is None:
+            return super().forward_head(x, pre_logits=pre_logits)
         attention_pool = getattr(self, "attn_pool", None) is not None
         if not attention_pool and self.global_pool not in _SIZE_WEIGHTED_POOLS:
-            return super().forward_head(x, pre_logits=pre_logits)
-        if token_sizes is None:
-            refuse_unweighted_pool(self, x.shape[1], _default_num_tokens(self))
+            if self.global_pool == "max":
+                x = without_empty_slots(x, token_sizes)
             return super().forward_head(x, pre_logits=pre_logits)
         start = 0 if self.pool_include_prefix else self.num_prefix_tokens
         tokens, sizes = x[:, start:], token_sizes[:, start:].to(x.dtype)
@@ -220,14 +230,14 @@ class MergingVisionTransformerMixin(MergingModelMixin):
         else:
             pooled = (tokens * sizes).sum(dim=1) / sizes.sum(dim=1)
             if self.global_pool == "avgmax":
-                pooled = 0.5 * (pooled + tokens.amax(dim=1))
+                pooled = 0.5 * (pooled + without_empty_slots(tokens, sizes).amax(dim=1))
         pooled = self.head_drop(self.fc_norm(pooled))
         return pooled if pre_logits else self.head(pooled)
 
     def forward(self, x, attn_mask=None, is_causal=False):
         _reject_masks(attn_mask, is_causal)
         state = self.forward_tokens(x)
-        return self.forward_head(state.x, token_sizes=state.size)
+        return self._tm_head(state.x, state.size)
 
 
 def _reject_masks(attn_mask, is_causal):
@@ -291,11 +301,30 @@ def _check_attention_pool(pool: nn.Module) -> None:
         )
 
 
+def check_prefix_protected(model: nn.Module, reducer: TokenReducer, config: MergeConfig) -> None:
+    """Refuse a merge that could take in the model's prefix (class, distillation, register)
+    tokens: its head reads the class token at position 0 or pools the tokens after the prefix,
+    and register tokens are no patches to merge with."""
+    prefix = int(model.num_prefix_tokens)
+    if config.num_protected >= prefix:
+        return
+    schedule = resolve_block_schedule(config, reducer, len(model.blocks), _default_num_tokens(model))
+    if not any(schedule):
+        return  # nothing merges: every token keeps its place
+    raise ValueError(
+        f"cannot merge tokens with num_protected={config.num_protected}: this model has {prefix} prefix "
+        f"token(s) (class, distillation or register tokens) before its patches, which its head "
+        f"(global_pool={model.global_pool!r}) expects first and unmerged; leave num_protected at "
+        f"its default ({prefix}) or raise it"
+    )
+
+
 def patch_timm(model: nn.Module, reducer: TokenReducer, config: MergeConfig) -> nn.Module:
     """Patch a timm ``VisionTransformer`` in place (see :func:`tokenmerge.patch`)."""
     if getattr(model, "_tokenmerge_base", None) is not None:
         unpatch_timm(model)
     _check_supported(model)
+    check_prefix_protected(model, reducer, config)
     for block in model.blocks:
         block.__class__ = patched_class(type(block), TimmBlockMixin, __name__)
     model.__class__ = patched_class(type(model), MergingVisionTransformerMixin, __name__)

@@ -67,8 +67,9 @@ from .common import (
     refuse_unweighted_pool,
     restore_classes,
     run_blocks,
+    without_empty_slots,
 )
-from .timm import TimmAdapter, _check_attention_pool, _reject_masks
+from .timm import TimmAdapter, _check_attention_pool, _reject_masks, check_prefix_protected
 
 __all__ = [
     "TimmEvaAdapter",
@@ -419,7 +420,7 @@ class MergingEvaMixin(MergingModelMixin):
         return x, token_coordinates(rope_grid(rope, kind, grid), x.shape[0], self.num_prefix_tokens).to(x.device)
 
     def _tm_logits(self, state: TokenState) -> torch.Tensor:
-        return self.forward_head(self.norm(state.x), token_sizes=state.size)
+        return self._tm_head(self.norm(state.x), state.size)
 
     def _tm_checkpointed(self) -> bool:
         """timm's ``set_grad_checkpointing(True)``, honoured as timm does (whenever gradients flow)."""
@@ -429,11 +430,13 @@ class MergingEvaMixin(MergingModelMixin):
         """Images ``[B, 3, H, W]`` -> final :class:`TokenState` (after the final norm)."""
         config = self.tokenmerge_config
         schedule = self.tokenmerge_schedule(self._tm_num_tokens(images))
-        if not any(schedule) and not (self.rope is not None and torch.onnx.is_in_onnx_export()):
-            # Nothing merges: timm's own forward with its cached rotary table, bit for bit (a
-            # table rebuilt from coordinates on another device can differ in the last ulp).
-            # An ONNX export of a RoPE model takes the rebuilt rotation instead, the one the
-            # TorchScript exporter writes (timm's "mixed" table exports to an invalid Expand).
+        unchanged = all(config.runs_unchanged(r, None) for r in schedule)
+        if unchanged and not (self.rope is not None and torch.onnx.is_in_onnx_export()):
+            # Nothing merges and no MLP is shared: timm's own forward with its cached rotary
+            # table, bit for bit (a table rebuilt from coordinates on another device can differ
+            # in the last ulp). An ONNX export of a RoPE model takes the rebuilt rotation
+            # instead, the one the TorchScript exporter writes (timm's "mixed" table exports to
+            # an invalid Expand).
             x = self._tokenmerge_base.forward_features(self, images)
             B, N, _ = x.shape
             source = initial_sources(B, N, config.num_protected, x.device) if config.trace_source else None
@@ -449,11 +452,18 @@ class MergingEvaMixin(MergingModelMixin):
         return self.forward_tokens(x).x
 
     def forward_head(self, x, pre_logits: bool = False, token_sizes: Optional[torch.Tensor] = None):
+        if token_sizes is None:
+            refuse_unweighted_pool(self)
+        return self._tm_head(x, token_sizes, pre_logits)
+
+    def _tm_head(self, x, token_sizes: Optional[torch.Tensor], pre_logits: bool = False):
+        """The head on tokens and their sizes (``None``: every token is one patch)."""
+        if token_sizes is None:
+            return super().forward_head(x, pre_logits=pre_logits)
         attention_pool = self.attn_pool is not None
         if not attention_pool and self.global_pool not in _SIZE_WEIGHTED_POOLS:
-            return super().forward_head(x, pre_logits=pre_logits)
-        if token_sizes is None:
-            refuse_unweighted_pool(self, x.shape[1], self._tm_default_tokens())
+            if self.global_pool == "max":
+                x = without_empty_slots(x, token_sizes)
             return super().forward_head(x, pre_logits=pre_logits)
         sizes = token_sizes.to(x.dtype)
         if attention_pool:
@@ -465,14 +475,14 @@ class MergingEvaMixin(MergingModelMixin):
             tokens, sizes = x[:, start:], sizes[:, start:]
             pooled = (tokens * sizes).sum(dim=1) / sizes.sum(dim=1)
             if self.global_pool == "avgmax":
-                pooled = 0.5 * (tokens.amax(dim=1) + pooled)
+                pooled = 0.5 * (without_empty_slots(tokens, sizes).amax(dim=1) + pooled)
         pooled = self.head_drop(self.fc_norm(pooled))
         return pooled if pre_logits else self.head(pooled)
 
     def forward(self, x, attn_mask=None, is_causal=False):
         _reject_masks(attn_mask, is_causal)
         state = self.forward_tokens(x)
-        return self.forward_head(state.x, token_sizes=state.size)
+        return self._tm_head(state.x, state.size)
 
 
 def token_coordinates(grid: torch.Tensor, batch: int, num_prefix: int) -> torch.Tensor:
@@ -572,6 +582,7 @@ def patch_eva(model: nn.Module, reducer: TokenReducer, config: MergeConfig) -> n
                 f"{model.num_prefix_tokens} (prefix) tokens unrotated by index, so they must stay first and "
                 f"unmerged; use num_protected >= {model.num_prefix_tokens} (the default)"
             )
+    check_prefix_protected(model, reducer, config)
     _, block_mixins, _ = _eva_classes()
     for block in model.blocks:
         mixin = next(mixin for cls, mixin in block_mixins.items() if type(block).forward is cls.forward)
