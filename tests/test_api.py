@@ -74,3 +74,42 @@ def test_a_torch_compile_wrapper_is_refused_with_the_fix():
     with pytest.raises(TypeError, match=r"tokenmerge.unpatch\(compiled._orig_mod"):
         tokenmerge.unpatch(compiled)
     assert tokenmerge.is_patched(model)
+
+
+def _hf_classifier():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
+                                    num_attention_heads=2, intermediate_size=64, num_labels=4)
+    model = transformers.ViTForImageClassification._from_config(config).eval()
+    return model, "vit", lambda x: model(x).logits
+
+
+def _open_clip_model():
+    open_clip = pytest.importorskip("open_clip")
+    vision_cfg = dict(image_size=32, patch_size=8, width=32, layers=2, head_width=16, mlp_ratio=2)
+    text_cfg = dict(context_length=8, vocab_size=64, width=32, heads=2, layers=1)
+    model = open_clip.CLIP(embed_dim=16, vision_cfg=vision_cfg, text_cfg=text_cfg).eval()
+    return model, "visual", model.encode_image
+
+
+@pytest.mark.parametrize("build", [_hf_classifier, _open_clip_model])
+def test_a_trunk_patched_inside_its_wrapper_is_seen_and_unpatched_through_the_wrapper(build):
+    torch.manual_seed(0)
+    model, trunk_name, run = build()
+    trunk_class = type(getattr(model, trunk_name))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        reference = run(x)
+        tokenmerge.patch(getattr(model, trunk_name), r=2)  # the wrapper now merges
+        assert not torch.equal(run(x), reference)
+        assert tokenmerge.is_patched(model)
+        tokenmerge.unpatch(model)
+        trunk = getattr(model, trunk_name)
+        assert type(trunk) is trunk_class and not tokenmerge.is_patched(trunk)
+        assert not tokenmerge.is_patched(model)
+        assert torch.equal(run(x), reference)
+        # The other direction: patching the wrapper patches its trunk, which unpatch restores.
+        tokenmerge.patch(model, r=2)
+        assert tokenmerge.is_patched(trunk)
+        tokenmerge.unpatch(model)
+        assert type(trunk) is trunk_class and not tokenmerge.is_patched(model)

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 import io
+import subprocess
+import sys
+import textwrap
 import warnings
 
 import pytest
@@ -13,7 +17,7 @@ transformers = pytest.importorskip("transformers")
 import tokenmerge  # noqa: E402
 from tokenmerge.backends import transformers as hf  # noqa: E402
 
-from .conftest import staged_logits  # noqa: E402
+from .conftest import REPO, staged_logits  # noqa: E402
 
 VISION = dict(image_size=64, patch_size=16, hidden_size=48, num_hidden_layers=3, num_attention_heads=3)
 PATCHES = 16  # (64 / 16) ** 2
@@ -214,6 +218,19 @@ def test_dinov2_registers_are_protected():
     assert int(state.source.min()) >= 3
 
 
+@pytest.mark.parametrize("name, num_protected", [("vit", 0), ("deit_teacher", 1), ("dinov2_registers", 1)])
+def test_merging_prefix_tokens_is_refused_with_the_fix(name, num_protected):
+    prefix = MODELS[name][1]
+    model = _build(name)
+    with pytest.raises(ValueError, match=rf"num_protected={num_protected}: .*class token.*"
+                                         rf"leave num_protected at its default \({prefix}\)"):
+        tokenmerge.patch(model, method="tome", r=2, num_protected=num_protected)
+    assert not tokenmerge.is_patched(model)
+    # Nothing merges at r=0, and the local layout keeps every token in its slot.
+    tokenmerge.patch(model, method="tome", r=0, num_protected=num_protected)
+    tokenmerge.patch(model, method="tome", r=2, num_protected=num_protected, layout="local")
+
+
 def test_mean_pooling_heads_are_size_weighted():
     # A size-weighted mean of merged tokens equals the plain mean over the unmerged patch grid.
     x = _images()
@@ -229,6 +246,21 @@ def test_mean_pooling_heads_are_size_weighted():
             pooled = torch.cat([state.x[:, 0], pooled], dim=1)
         torch.testing.assert_close(logits, model.classifier(pooled), rtol=1e-5, atol=1e-6)
         assert state.x.shape[1] == prefix + PATCHES - 9
+
+
+@pytest.mark.parametrize("labels", [None, torch.tensor([1, 3])])
+def test_clip_classifier_interpolates_position_embeddings_when_patched(labels):
+    model = _build("clip_classifier")
+    x = torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(1))  # its grid is 64x64
+    with torch.no_grad():
+        reference = model(x, interpolate_pos_encoding=True, labels=labels)
+        tokenmerge.patch(model, method="tome", r=0)
+        patched = model(x, interpolate_pos_encoding=True, labels=labels)
+        assert torch.equal(patched.logits, reference.logits)
+        if labels is not None:
+            assert torch.equal(patched.loss, reference.loss)
+        tokenmerge.patch(model, method="tome", r=2)  # merging follows the larger grid
+        assert model(x, interpolate_pos_encoding=True).logits.shape == (2, 5)
 
 
 def test_clip_model_merges_the_image_tower_only():
@@ -248,6 +280,18 @@ def test_clip_model_merges_the_image_tower_only():
     assert image_after.shape == image_before.shape == (2, 16)
     assert not torch.equal(image_before, image_after)
     assert full.logits_per_image.shape == (2, 2)
+
+
+def test_unpatching_a_patched_wrappers_trunk_alone_leaves_the_wrapper_restorable():
+    model = _build("clip_classifier")
+    x = _images()
+    reference = _run(model, x)
+    tokenmerge.patch(model, method="tome", r=2)
+    tokenmerge.unpatch(model.vision_model)  # the wrapper's size-weighted head still expects a patched trunk
+    assert tokenmerge.is_patched(model)
+    tokenmerge.unpatch(model)
+    assert type(model) is transformers.CLIPForImageClassification and not tokenmerge.is_patched(model)
+    _assert_outputs_equal(_run(model, x), reference)
 
 
 def test_proportional_attention_makes_duplicate_merges_exact():
@@ -299,6 +343,47 @@ def test_patched_model_pickles():
     restored = torch.load(buffer, weights_only=False)
     assert type(restored) is type(model)
     _assert_outputs_equal(_run(restored, x), expected)
+
+
+def test_patched_models_load_in_a_fresh_process(tmp_path):
+    # Patched layer classes are rebuilt from (base, mixin) on loading, so every family's layer
+    # mixin must be importable by name.
+    for family in hf._families().values():
+        mixin = hf._layer_mixin(family.layer_spec)
+        assert getattr(sys.modules[mixin.__module__], mixin.__qualname__) is mixin
+    torch.manual_seed(0)
+    tiny = transformers.ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
+                                  num_attention_heads=2, intermediate_size=64, num_labels=3)
+    models = {
+        "vit": (transformers.ViTForImageClassification(tiny).eval(), torch.randn(2, 3, 32, 32)),
+        "clip_classifier": (_build("clip_classifier"), _images()),  # also a size-weighted head
+    }
+    for name, (model, x) in models.items():
+        tokenmerge.patch(model, method="tome", r=2)
+        with torch.no_grad():
+            logits = model(x).logits
+            assert torch.equal(copy.deepcopy(model)(x).logits, logits)
+        torch.save(model, tmp_path / f"{name}.pt")
+        torch.save((x, logits), tmp_path / f"{name}_expected.pt")
+    # Nothing is patched in the fresh process before it loads.
+    script = textwrap.dedent("""
+        import sys
+        import torch
+        torch.set_num_threads(1)
+        folder = sys.argv[1]
+        for name in ("vit", "clip_classifier"):
+            model = torch.load(f"{folder}/{name}.pt", weights_only=False)
+            x, logits = torch.load(f"{folder}/{name}_expected.pt")
+            with torch.no_grad():
+                same = torch.equal(model(x).logits, logits)
+            trunk = model.vit if name == "vit" else model.vision_model
+            print(name, type(trunk).__qualname__, trunk.tokenmerge_schedule(), same)
+    """)
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split("\n")[:2] == ["vit TokenMergeViTModel (2, 2) True",
+                                           "clip_classifier TokenMergeCLIPVisionModel (2, 2, 2) True"]
 
 
 def test_unsupported_architectures_are_named():

@@ -129,7 +129,8 @@ def patch(
         model: a timm ``VisionTransformer`` (ViT, DeiT, DeiT-3, ...), a supported
             Hugging Face vision encoder, or open_clip's own ``VisionTransformer`` (alone, or an
             open_clip ``CLIP``/``CoCa`` model, whose ``visual`` is patched).
-        method: ``"tome"``, ``"dtem"``, ``"tcvit"`` or a baseline (``tokenmerge.list_methods()``).
+        method: ``"tome"``, ``"atc"``, ``"mctf"``, ``"pitome"``, ``"dtem"``, ``"tcvit"`` or a
+            baseline (all of them: ``tokenmerge.list_methods()``).
         r: tokens removed per block: an int, ``(r, inflection)``, a per-block list, or a
             :class:`~tokenmerge.KeepRatio` (any form :func:`tokenmerge.core.parse_schedule` returns).
         keep_ratio: instead of ``r``, keep this fraction of mergeable tokens in every block.
@@ -229,6 +230,13 @@ def unpatch(model: nn.Module) -> nn.Module:
 
 
 def is_patched(model: nn.Module) -> bool:
-    return getattr(type(model), "_tokenmerge_base", None) is not None or hasattr(
-        model, "tokenmerge_config"
-    )
+    """Whether ``model`` is patched, or holds a patched trunk or tower (``hf_classifier.vit``,
+    ``clip.visual``: patched on their own, they still merge inside ``model``)."""
+    marked = getattr(type(model), "_tokenmerge_base", None) is not None or hasattr(model, "tokenmerge_config")
+    if marked:
+        return True
+    try:
+        adapter = adapter_for(model)
+    except TypeError:  # no family supports it: its own marks are all there is to read
+        return False
+    return adapter.is_patched

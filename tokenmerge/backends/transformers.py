@@ -78,6 +78,7 @@ itself is a size-weighted average.
 from __future__ import annotations
 
 import functools
+import inspect
 import operator
 from dataclasses import dataclass
 from typing import NamedTuple, Optional
@@ -274,8 +275,8 @@ def _apply_in_order(layer: nn.Module, paths: tuple, h: torch.Tensor) -> torch.Te
 
 class _MergingLayerMixin(MergingBlockMixin):
     """The hooks of an HF layer: the pieces its family's :class:`LayerSpec` (``_tm_spec``, set
-    by :func:`_layer_mixin`) names, attention through :func:`hf_attention`, and the layer's own
-    ``forward`` when nothing is merged."""
+    by a subclass per spec, see :func:`_layer_mixin`) names, attention through
+    :func:`hf_attention`, and the layer's own ``forward`` when nothing is merged."""
 
     _tm_spec: LayerSpec
 
@@ -336,13 +337,6 @@ class _MergingLayerMixin(MergingBlockMixin):
         )
 
 
-@functools.lru_cache(maxsize=None)  # one mixin per spec, so patched layer classes are reused
-def _layer_mixin(spec: LayerSpec) -> type:
-    """:class:`_MergingLayerMixin` reading ``spec``. It need not be importable: a patched
-    layer pickles as its patched class, which :func:`patched_class` registers."""
-    return type("_SpecLayerMixin", (_MergingLayerMixin,), {"_tm_spec": spec, "__module__": __name__})
-
-
 # The layer specs of the supported families.
 # ViT/DeiT/AST/ViViT: pre-norm, the same dropout on both branches.
 _VIT_LAYER = LayerSpec("attention", "layernorm_before", "layernorm_after", after_attn="dropout", after_mlp="dropout")
@@ -363,6 +357,38 @@ _VIDEOMAE_LAYER = LayerSpec(
     after_mlp="output.dropout",
     forward_takes_mask=False,
 )
+
+
+# One importable mixin per spec: a patched layer pickles as the recipe (its base, its mixin),
+# and the mixin goes by name, so a process that has patched nothing can rebuild the class.
+class _ViTLayerMixin(_MergingLayerMixin):
+    _tm_spec = _VIT_LAYER
+
+
+class _Dinov2LayerMixin(_MergingLayerMixin):
+    _tm_spec = _DINOV2_LAYER
+
+
+class _CLIPLayerMixin(_MergingLayerMixin):
+    _tm_spec = _CLIP_LAYER
+
+
+class _VideoMAELayerMixin(_MergingLayerMixin):
+    _tm_spec = _VIDEOMAE_LAYER
+
+
+_LAYER_MIXINS = (_ViTLayerMixin, _Dinov2LayerMixin, _CLIPLayerMixin, _VideoMAELayerMixin)
+
+
+@functools.lru_cache(maxsize=None)  # one mixin per spec, so patched layer classes are reused
+def _layer_mixin(spec: LayerSpec) -> type:
+    """:class:`_MergingLayerMixin` reading ``spec``: the importable one above for a family's
+    spec. Any other spec gets one made here; its patched layers pickle by name only, so they
+    load only in a process that patched such a layer."""
+    for mixin in _LAYER_MIXINS:
+        if mixin._tm_spec == spec:
+            return mixin
+    return type("_SpecLayerMixin", (_MergingLayerMixin,), {"_tm_spec": spec, "__module__": __name__})
 
 
 def _reject_unsupported(attention_mask, kwargs, config) -> tuple:
@@ -731,6 +757,12 @@ def _videomae_head(model, state: TokenState) -> torch.Tensor:
     return model.classifier(model.fc_norm(_patch_mean(state, 0)))
 
 
+@functools.lru_cache(maxsize=None)
+def _embed_keywords(trunk_class: type) -> tuple:
+    """The keywords a patched trunk's ``_tm_embed`` takes besides its inputs."""
+    return tuple(inspect.signature(trunk_class._tm_embed).parameters)[2:]  # after self, the inputs
+
+
 class _MeanPoolClassifierMixin:
     """Wrappers whose heads average patch tokens (DINOv2, CLIP, VideoMAE classification): the
     head runs on the merged tokens with size-weighted averaging."""
@@ -741,10 +773,11 @@ class _MeanPoolClassifierMixin:
         return_dict, output_hidden = _reject_unsupported(attention_mask, kwargs, self.config)
         if return_dict is None:
             return_dict = getattr(self.config, "return_dict", True)
-        # HF's VideoMAE classifier hands its keywords to the trunk: the trunk decides on a mask.
-        masked = kwargs.pop("bool_masked_pos", None)
-        embed_kwargs = {} if masked is None else {"bool_masked_pos": masked}
-        state, hidden = vision_trunk(self)._tm_run(pixel_values, bool(output_hidden), **embed_kwargs)
+        trunk = vision_trunk(self)
+        # HF's classifiers hand their keywords to the trunk (CLIP's interpolate_pos_encoding,
+        # VideoMAE's bool_masked_pos), so the embedding keywords go there, not to the loss.
+        embed_kwargs = {name: kwargs.pop(name) for name in _embed_keywords(type(trunk)) if name in kwargs}
+        state, hidden = trunk._tm_run(pixel_values, bool(output_hidden), **embed_kwargs)
         logits = _wrappers()[_original_type(self)][1](self, state)
         loss = None if labels is None else self.loss_function(labels, logits, self.config, **kwargs)
         out = ImageClassifierOutput(loss=loss, logits=logits, hidden_states=hidden)
@@ -940,6 +973,32 @@ def _check_layers(trunk: nn.Module, family: _Family, where: str) -> None:
             )
 
 
+def _merges(model: nn.Module, reducer: TokenReducer, config: MergeConfig) -> bool:
+    """Whether ``config`` removes any token at the model's default input size."""
+    trunk = vision_trunk(model)
+    num_tokens = _hook(trunk, "_tm_patch_count")() + prefix_tokens(trunk)
+    return any(resolve_block_schedule(config, reducer, len(_hook(trunk, "_tm_layers")), num_tokens))
+
+
+def _check_prefix_protected(model: nn.Module, reducer: TokenReducer, config: MergeConfig) -> None:
+    """Refuse merging prefix tokens (class, distillation, registers) away from their slots.
+
+    Heads, poolers and the register-skipping patch means read them by position, so a merged
+    one would silently feed them an average of patches. The local layout keeps every token in
+    place, as the open_clip backend allows.
+    """
+    prefix = prefix_tokens(model)
+    if config.num_protected >= prefix or config.layout != "global":
+        return
+    if _merges(model, reducer, config):
+        raise ValueError(
+            f"cannot merge tokens in {_original_type(model).__name__} with "
+            f"num_protected={config.num_protected}: its first {prefix} token(s) (class token, then "
+            "any distillation or register tokens) are read by position by its head and pooler, so "
+            f"they must stay out of merging; leave num_protected at its default ({prefix}) or raise it"
+        )
+
+
 def _check_token_zero_head(model: nn.Module, reducer: TokenReducer, config: MergeConfig) -> None:
     """Refuse a head that reads token 0 when token 0 is an ordinary, mergeable patch.
 
@@ -955,10 +1014,7 @@ def _check_token_zero_head(model: nn.Module, reducer: TokenReducer, config: Merg
         return
     if config.num_protected > 0 or config.layout != "global":
         return
-    trunk = vision_trunk(model)
-    num_tokens = _hook(trunk, "_tm_patch_count")() + prefix_tokens(trunk)
-    schedule = resolve_block_schedule(config, reducer, len(_hook(trunk, "_tm_layers")), num_tokens)
-    if any(schedule):
+    if _merges(model, reducer, config):
         raise ValueError(
             f"cannot merge tokens in {_original_type(model).__name__} with "
             "config.use_mean_pooling=False: its head classifies token 0, which is an ordinary "
@@ -984,6 +1040,7 @@ def patch_hf(model: nn.Module, reducer: TokenReducer, config: MergeConfig) -> nn
     family = _families()[type(trunk)]
     where = "" if trunk is model else f"{type(model).__name__}: "
     _check_layers(trunk, family, where)
+    _check_prefix_protected(model, reducer, config)
     _check_token_zero_head(model, reducer, config)
     layer_mixin = _layer_mixin(family.layer_spec)
     for layer in _hook(trunk, "_tm_layers"):
@@ -1003,19 +1060,19 @@ def patch_hf(model: nn.Module, reducer: TokenReducer, config: MergeConfig) -> nn
 def unpatch_hf(model: nn.Module) -> nn.Module:
     """Undo :func:`patch_hf` in place: original classes, no extra attributes."""
     trunk = vision_trunk(model)
-    if getattr(type(trunk), "_tokenmerge_base", None) is None:
-        return model
-    for layer in trunk._tm_layers:
-        base = getattr(type(layer), "_tokenmerge_base", None)
-        if base is not None:
-            layer.__class__ = base
-    trunk.__class__ = trunk._tokenmerge_base
-    for name in ("token_reducer", "tokenmerge_config", "_tokenmerge_schedules"):
-        delattr(trunk, name)
+    if getattr(type(trunk), "_tokenmerge_base", None) is not None:
+        for layer in trunk._tm_layers:
+            base = getattr(type(layer), "_tokenmerge_base", None)
+            if base is not None:
+                layer.__class__ = base
+        trunk.__class__ = trunk._tokenmerge_base
+        for name in ("token_reducer", "tokenmerge_config", "_tokenmerge_schedules"):
+            delattr(trunk, name)
     if trunk is not model:
+        # Also when the trunk was unpatched on its own: a mean-pool wrapper left patched would
+        # call the trunk's merging hooks, which are gone.
         model.__class__ = _original_type(model)
-        if "tokenmerge_config" in model.__dict__:
-            del model.tokenmerge_config
+        model.__dict__.pop("tokenmerge_config", None)
     return model
 
 
