@@ -128,9 +128,12 @@ def test_export_forms_reproduce_the_eager_ops(tmp_path):
 def test_torch_export_program_matches(tmp_path):
     model = tokenmerge.patch(tiny_vit(), method="tome", r=8)
     program = export_program(model)
+    torch.export.save(program, tmp_path / "tome.pt2")  # what `tokenmerge export --program` writes
+    loaded = torch.export.load(tmp_path / "tome.pt2")
     for batch in (2, 5):
         images = torch.randn(batch, 3, 32, 32)
         torch.testing.assert_close(program.module()(images), model(images), atol=1e-5, rtol=0)
+        torch.testing.assert_close(loaded.module()(images), model(images), atol=1e-5, rtol=0)
 
 
 def test_random_method_is_refused(tmp_path):

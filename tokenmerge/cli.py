@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="tokenmerge",
-        description="Faster Vision Transformers by merging tokens (ToMe, DTEM, TC-ViT).",
+        description="Faster Vision Transformers by merging tokens (ToMe, ATC, MCTF, PiToMe, DTEM, TC-ViT).",
     )
     parser.add_argument("--version", action="version", version=f"tokenmerge {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")

@@ -328,6 +328,9 @@ def export_program(model: nn.Module, image_size=None, batch_size: int = 2, dynam
     was_training = model.training
     model.eval()
     try:
-        return torch.export.export(_graph_module(model), (images,), dynamic_shapes=dynamic_shapes, strict=False)
+        # Traced with gradients off, the merge code's own no_grad blocks change nothing, so the
+        # graph holds no grad-mode switches: a program with them saves but fails to load.
+        with torch.no_grad():
+            return torch.export.export(_graph_module(model), (images,), dynamic_shapes=dynamic_shapes, strict=False)
     finally:
         model.train(was_training)

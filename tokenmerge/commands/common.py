@@ -31,8 +31,8 @@ def add_model_arguments(parser: argparse.ArgumentParser, default_model=None) -> 
         help="timm architecture name; hf:DIR for a Hugging Face ViT/DeiT/CLIP/DINOv2 model, AST "
              "audio or VideoMAE/ViViT video classifier saved with save_pretrained(DIR); or "
              "open_clip:ARCH for an open_clip model (a config name such as ViT-B-32, or a .json "
-             "model config file; weights from --pretrained TAG or --checkpoint FILE) (default: the "
-             "embedded ViT-Tiny Imagenette model)",
+             "model config file; weights from --pretrained TAG or --checkpoint FILE) (default: "
+             + (f"{default_model})" if default_model else "the embedded ViT-Tiny Imagenette model)"),
     )
     weights = parser.add_mutually_exclusive_group()
     # nargs="?": a bare --pretrained is timm's flag, --pretrained TAG an open_clip tag. Give the

@@ -57,7 +57,8 @@ class AttentionTensors(NamedTuple):
 
 
 class TokenReducer(nn.Module):
-    """A token-reduction method's policy (subclasses: ToMe, DTEM, TC-ViT, baselines).
+    """A token-reduction method's policy (subclasses: ToMe, ATC, MCTF, PiToMe, DTEM, TC-ViT,
+    baselines).
 
     Class attributes:
         name: the registry name (``tokenmerge.patch(model, method=name)``).
