@@ -34,11 +34,11 @@ def top_candidates(scores, num_protected, count):
     return (scores[num_protected:].topk(count).indices + num_protected).sort().values.tolist()
 
 
-def small_vit(class_token=True, global_pool="token"):
+def small_vit(class_token=True, global_pool="token", reg_tokens=0):
     torch.manual_seed(0)
     model = VisionTransformer(
         img_size=64, patch_size=8, embed_dim=48, depth=4, num_heads=3, num_classes=10,
-        class_token=class_token, global_pool=global_pool,
+        class_token=class_token, global_pool=global_pool, reg_tokens=reg_tokens,
     )
     with torch.no_grad():
         for block in model.blocks:
@@ -221,6 +221,20 @@ def test_class_attention_methods_need_a_class_token(method, images):
     with pytest.raises(ValueError, match="no protected class token"):
         tokenmerge.patch(model, method=method, r=4)
     assert not tokenmerge.is_patched(model)
+
+
+@pytest.mark.parametrize("method,options", [("evit", {}), ("prune", {}), ("tcvit", {})])
+def test_registers_are_not_taken_for_a_class_token(method, options, images):
+    # timm's *_reg4_gap layout: four registers lead, no class token; scoring by "token 0's
+    # attention" would score by a register's.
+    model = small_vit(class_token=False, reg_tokens=4, global_pool="avg")
+    with pytest.raises(ValueError, match="no class token: its 4 protected prefix token"):
+        tokenmerge.patch(model, method=method, r=4, **options)
+    assert not tokenmerge.is_patched(model)
+    tokenmerge.patch(model, method="tcvit", r=4, dominance_weight=0.0)  # connectivity alone needs none
+    tokenmerge.patch(model, method="tome", r=4)
+    with torch.no_grad():
+        assert torch.isfinite(model(images)).all()
 
 
 def test_random_runs_without_class_token(images):

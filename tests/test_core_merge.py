@@ -216,3 +216,33 @@ def test_keep_norm_changes_only_the_length():
     # every output's norm is its members' mean norm, so the norms' sum over patches is conserved
     torch.testing.assert_close((kept.norm(dim=-1, keepdim=True) * size).sum(1),
                                x.norm(dim=-1, keepdim=True).sum(1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_merges_accumulate_in_float32(dtype):
+    # Two tokens of 1000 with 40 patches each: their weighted sum (80,000) overflows float16,
+    # their average does not.
+    x = torch.tensor([[[1.0] * 4, [1000.0] * 4, [1000.0] * 4]], dtype=dtype)
+    size = torch.tensor([[[1.0], [40.0], [40.0]]], dtype=dtype)
+    plan = MergePlan(torch.tensor([[0, 1, 1]]), 2)
+    for keep_norm in (False, True):
+        out, out_size = merge_tokens(x, size, plan, keep_norm)
+        assert out.dtype == dtype and out_size.dtype == dtype
+        assert torch.equal(out[0, 1], x[0, 1]) and out_size[0, 1, 0] == 80
+
+
+def test_attention_fusion_keeps_tokens_that_receive_little_attention_in_float16():
+    from tokenmerge.core.multi_criteria import multi_criteria_matching
+
+    torch.manual_seed(0)
+    x, metric = torch.randn(1, 9, 4), torch.randn(1, 9, 5)
+    received = torch.full((1, 9), 3e-5)  # a few times below float16's smallest normal number
+    for dtype in (torch.float32, torch.float16):
+        plan = multi_criteria_matching(metric.to(dtype), received.to(dtype), None, 2, num_protected=1,
+                                       fusion="attention")
+        out, _ = merge_tokens(x.to(dtype), None, plan)
+        alone = [slot for slot in range(plan.num_out) if (plan.assign[0] == slot).sum() == 1]
+        assert len(alone) >= 4
+        for slot in alone:  # a token merged with nothing comes out as it went in
+            member = int((plan.assign[0] == slot).nonzero()[0, 0])
+            torch.testing.assert_close(out[0, slot].float(), x[0, member], rtol=1e-3, atol=1e-3)

@@ -295,3 +295,15 @@ def test_matching_options_are_checked():
     with pytest.raises(ValueError, match="tau_size must be > 0"):
         DTEM(matching="agglomerative", tau_size=0.0)
     assert "linkage='average'" in repr(DTEM(matching="agglomerative", linkage="average"))
+
+
+def test_training_a_bfloat16_model_with_float32_modules():
+    torch.manual_seed(0)
+    model = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2,
+                              num_classes=5).to(torch.bfloat16).train()
+    tokenmerge.patch(model, method="dtem", r=2)
+    assert model.token_reducer.embeds[0].norm.weight.dtype == torch.float32
+    out = model(torch.randn(2, 3, 32, 32, dtype=torch.bfloat16))
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.token_reducer.parameters())

@@ -190,7 +190,7 @@ def patch(
         num_protected = adapter.num_prefix_tokens
     config = MergeConfig(schedule, num_protected, attention_impl, trace_source, layout, prop_attn,
                          0.0 if mlp_share is None else mlp_share)
-    reducer.check_protected(config.num_protected)
+    reducer.check_protected(config.num_protected, adapter.has_class_token)
     _check_per_image(reducer, config)
     snapshot = _snapshot(model)
     try:

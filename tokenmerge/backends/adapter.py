@@ -111,6 +111,12 @@ class ModelAdapter:
         raise NotImplementedError
 
     @property
+    def has_class_token(self) -> bool:
+        """Whether the first token is a class token, which methods scoring by its attention
+        need (a register in its place would only look like one)."""
+        return self.num_prefix_tokens > 0
+
+    @property
     def inputs(self) -> str:
         """What the model takes: ``"images"`` ``[B, 3, H, W]``, ``"spectrograms"`` ``[B,
         frames, mel bins]`` or ``"videos"`` ``[B, T, 3, H, W]`` (picks the data loader of the

@@ -355,6 +355,10 @@ class TimmAdapter(ModelAdapter):
         return int(self.model.num_prefix_tokens)
 
     @property
+    def has_class_token(self) -> bool:
+        return getattr(self.model, "cls_token", None) is not None  # class_token=False: registers only
+
+    @property
     def image_size(self) -> int:
         return int(self.model.patch_embed.img_size[0])
 

@@ -76,9 +76,15 @@ def merge_tokens(
     num_out = plan.num_out
     if size is None:
         size = x.new_ones(B, N, 1)
+    result_dtype = torch.promote_types(x.dtype, size.dtype)
+    # Sums of many weighted tokens overflow half precision (float16 tops out at 65504) and
+    # small fusion weights underflow it, where their average would be fine: accumulate in
+    # float32 at least, return in the inputs' dtype.
+    work = torch.promote_types(result_dtype, torch.float32)
+    x, size = x.to(work), size.to(work)
     # The size counts patches; the weight averages (the size itself unless the plan has one,
     # as MCTF's attention fusion does).
-    weight = size if plan.weight is None else plan.weight.to(x.dtype)
+    weight = size if plan.weight is None else plan.weight.to(work)
     channels = [x * weight, weight]
     if keep_norm:
         channels.append(weight * x.norm(dim=-1, keepdim=True))
@@ -99,7 +105,7 @@ def merge_tokens(
     if keep_norm:
         mean_norm = out[..., C + 1:C + 2] / total_weight
         x_out = x_out * (mean_norm / x_out.norm(dim=-1, keepdim=True).clamp_min(tiny))
-    return x_out, size_out
+    return x_out.to(result_dtype), size_out.to(result_dtype)
 
 
 def merge_positions(

@@ -107,7 +107,7 @@ def multi_criteria_matching(
 
     Returns:
         A :class:`~tokenmerge.core.merge.MergePlan` with ``num_out = N - r``; with
-        ``fusion="attention"`` its ``weight`` is ``size * received`` (``[B, N, 1]``).
+        ``fusion="attention"`` its ``weight`` is ``size * received`` (``[B, N, 1]``, ``received`` scaled to a maximum of 1 per image, in float32 at least).
     """
     B, N, _ = metric.shape
     check_bipartite_reduction("MCTF", N, num_protected, r)
@@ -120,8 +120,12 @@ def multi_criteria_matching(
         make_plan = bidirectional_plan_from_scores if bidirectional else bipartite_plan_from_scores
         plan = make_plan(scores, r, num_protected)
         if fusion == "attention":
-            weight = received.unsqueeze(-1).to(metric.dtype)
+            # Scaled to a maximum of 1 per image (the average is unchanged) and kept in float32
+            # at least, so the attention a token receives, often ~1/N or less, stays far from
+            # underflow in half precision.
+            weight = received.to(torch.promote_types(metric.dtype, torch.float32))
+            weight = (weight / weight.amax(dim=-1, keepdim=True)).unsqueeze(-1)
             if size is not None:
-                weight = weight * size.to(metric.dtype)
+                weight = weight * size.to(weight.dtype)
             plan = plan._replace(weight=weight)
         return plan

@@ -4,9 +4,10 @@ A schedule is given in one of four forms and resolved, for a concrete token coun
 one integer per block:
 
 - ``r: int`` -- the same ``r`` in every block (ToMe's default).
-- ``(r, inflection): tuple[int, float]`` -- a linear ramp with mean ``r``; the first block
-  removes ``r * (1 - inflection)`` and the last ``r * (1 + inflection)``. ``inflection=-1``
-  is ToMe's decreasing schedule (``2r`` down to ``0``), ``+1`` an increasing one.
+- ``(r, inflection): tuple[int, float]`` -- a linear ramp from ``r * (1 - inflection)`` in
+  the first block to ``r * (1 + inflection)`` in the last, each value truncated to an int as
+  ToMe's ``parse_r`` does (so the mean can fall a little under ``r``). ``inflection=-1`` is
+  ToMe's decreasing schedule (``2r`` down to ``0``), ``+1`` an increasing one.
 - ``[r_0, r_1, ...]: list[int]`` -- one value per block; a shorter list is padded with 0.
 - ``KeepRatio(rho)`` -- every block keeps ``ceil(rho * n)`` of the ``n`` mergeable
   (non-protected) tokens it receives, the EViT "keep rate" convention.
@@ -152,6 +153,8 @@ def _requested(schedule: Schedule, num_blocks: int) -> list:
         first = r * (1.0 - inflection)
         last = r * (1.0 + inflection)
         step = (last - first) / max(num_blocks - 1, 1)
+        # Truncated as ToMe's parse_r truncates (so "5:0.8" starts at 0, not 1): the schedules
+        # of the published code, float rounding included.
         return [int(first + step * i) for i in range(num_blocks)]
     if isinstance(schedule, KeepRatio):
         return [None] * num_blocks  # depends on the token count, filled in below

@@ -140,12 +140,15 @@ def soft_merge(
         ``(xb' [B, Nb, C], mb' [B, Nb, 1], ma' [B, Na, 1])``; the sources' values are
         unchanged, only their sizes shrink.
     """
-    flow = P * ma  # [B, Na, Nb] patches moved from a to b
+    # The assignment may come from float32 merge modules on a half-precision model: merge in
+    # the wider dtype, return in the tokens'.
+    work = torch.promote_types(xa.dtype, P.dtype)
+    flow = P.to(work) * ma.to(work)  # [B, Na, Nb] patches moved from a to b
     flow_t = flow.transpose(1, 2)  # [B, Nb, Na]
-    mb_new = mb + flow_t.sum(dim=-1, keepdim=True)
-    xb_new = (mb * xb + flow_t @ xa) / mb_new
-    ma_new = ma * (1.0 - P.sum(dim=-1, keepdim=True))
-    return xb_new, mb_new, ma_new
+    mb_new = mb.to(work) + flow_t.sum(dim=-1, keepdim=True)
+    xb_new = (mb.to(work) * xb.to(work) + flow_t @ xa.to(work)) / mb_new
+    ma_new = ma.to(work) * (1.0 - P.to(work).sum(dim=-1, keepdim=True))
+    return xb_new.to(xb.dtype), mb_new.to(mb.dtype), ma_new.to(ma.dtype)
 
 
 def soft_bipartite_step(

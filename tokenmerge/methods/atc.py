@@ -68,7 +68,11 @@ class ATC(SizeAwareReducer):
             the block's threshold, at most ``r`` times, so the schedule becomes a cap and
             simple images lose more tokens than cluttered ones at the same mean cost.
             :func:`tokenmerge.calibrate_thresholds` sets them for a GFLOPs budget on
-            calibration images. Needs proportional attention (it hides the empty slots of a
+            calibration images. The scale differs by block: with ``tau_size`` a threshold
+            is compared with ``(cos + 1) / 2`` times the size factor, except in the first
+            merging block, where no token has a size yet and it is compared with the cosine
+            itself; one float for all blocks therefore means a stricter test in that block
+            (calibrated thresholds are per block and unaffected). Needs proportional attention (it hides the empty slots of a
             batch whose images kept different counts). The token count is read from the
             data, so ONNX export refuses it, and ``torch.compile`` breaks the graph there and
             recompiles for new counts (it warns): compiled, it ran no faster than eager at

@@ -98,9 +98,10 @@ class TokenReducer(nn.Module):
         """The most tokens one block may remove (default: bipartite, half the mergeable)."""
         return bipartite_max_reduction(num_tokens, num_protected)
 
-    def check_protected(self, num_protected: int) -> None:
-        """Raise if the method cannot work with ``num_protected`` leading tokens (called by
-        :func:`tokenmerge.patch`, so a bad combination fails before the first forward)."""
+    def check_protected(self, num_protected: int, has_class_token: bool = True) -> None:
+        """Raise if the method cannot work with ``num_protected`` leading tokens, the first
+        being a class token or not (called by :func:`tokenmerge.patch`, so a bad combination
+        fails before the first forward)."""
 
     def plan(
         self,

@@ -79,8 +79,9 @@ class EViT(TokenReducer):
         # At least one kept candidate beside the fused token.
         return max(0, num_tokens - num_protected - 2)
 
-    def check_protected(self, num_protected: int) -> None:
-        require_class_token(num_protected, "evit", "Use method='tcvit' with dominance_weight=0 or 'tome'.")
+    def check_protected(self, num_protected: int, has_class_token: bool = True) -> None:
+        require_class_token(num_protected, "evit", "Use method='tcvit' with dominance_weight=0 or 'tome'.",
+                            has_class_token)
 
     def plan(self, x, attn: AttentionTensors, r, num_protected, block_index) -> MergePlan:
         self.check_protected(num_protected)
@@ -110,8 +111,9 @@ class ClassAttentionPrune(TCViT):
     def __init__(self):
         super().__init__(order=1, dominance_weight=1.0, fuse=False)
 
-    def check_protected(self, num_protected: int) -> None:
-        require_class_token(num_protected, "prune", "Use method='tcvit' with dominance_weight=0 and fuse=False.")
+    def check_protected(self, num_protected: int, has_class_token: bool = True) -> None:
+        require_class_token(num_protected, "prune", "Use method='tcvit' with dominance_weight=0 and fuse=False.",
+                            has_class_token)
 
     def extra_repr(self) -> str:
         return f"method={self.name!r}"
@@ -128,8 +130,10 @@ class RandomMerge(TokenReducer):
 
     Deterministic: with ``seed`` (default), block ``i`` draws from a generator seeded with
     ``seed * 1_000_003 + i`` on every call, so the patched model is a fixed function of its
-    input. With ``generator``, draws continue that generator's stream (reproducible as a
-    sequence, different on each call).
+    input batch. The draws cover the whole batch, so an image's merges depend on its place in
+    the batch and on the batch size (an accuracy moves by noise with the batch size). With
+    ``generator``, draws continue that generator's stream (reproducible as a sequence,
+    different on each call).
 
     Args:
         seed: int seed.

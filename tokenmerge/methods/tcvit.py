@@ -15,13 +15,19 @@ from .registry import register_method
 __all__ = ["TCViT", "require_class_token", "select_and_fuse_max_reduction"]
 
 
-def require_class_token(num_protected: int, method: str, fix: str) -> None:
+def require_class_token(num_protected: int, method: str, fix: str, has_class_token: bool = True) -> None:
     """Raise a clear error when a class-attention score is asked of a model without one."""
     if num_protected < 1:
         raise ValueError(
             f"{method} scores tokens by the class token's attention, but this model has no "
             f"protected class token (num_protected=0, e.g. a ViT with class_token=False and "
             f"average pooling). {fix}"
+        )
+    if not has_class_token:
+        raise ValueError(
+            f"{method} scores tokens by the class token's attention, but this model has no class "
+            f"token: its {num_protected} protected prefix token(s) are registers (e.g. a ViT with "
+            f"class_token=False, reg_tokens and average pooling). {fix}"
         )
 
 
@@ -113,12 +119,13 @@ class TCViT(TokenReducer):
     def max_reduction(self, num_tokens: int, num_protected: int) -> int:
         return select_and_fuse_max_reduction(num_tokens, num_protected)
 
-    def check_protected(self, num_protected: int) -> None:
+    def check_protected(self, num_protected: int, has_class_token: bool = True) -> None:
         if self.dominance_weight > 0:
             require_class_token(
                 num_protected,
                 "tcvit with dominance_weight > 0",
                 "Use dominance_weight=0 (connectivity only) for such models.",
+                has_class_token,
             )
 
     def plan(self, x, attn: AttentionTensors, r, num_protected, block_index) -> MergePlan:
