@@ -115,3 +115,27 @@ def test_hf_folder_errors_name_the_problem(hf_vit_dir, tmp_path):
         load_model(f"hf:{hf_vit_dir}", checkpoint=tmp_path / "x.safetensors")
     with pytest.raises(ValueError, match="--model-kwargs describe timm models"):
         load_model(f"hf:{hf_vit_dir}", depth=6)
+
+
+def test_weights_bring_their_image_statistics_to_the_commands(monkeypatch, tmp_path, hf_vit_dir):
+    import shutil
+
+    from tokenmerge.backends.adapter import adapter_for
+    from tokenmerge.evaluation.data import IMAGENET_MEAN
+
+    # The embedded and locally trained checkpoints were trained on ImageNet statistics.
+    assert adapter_for(load_model()).image_preprocessing()["mean"] == list(IMAGENET_MEAN)
+    # timm's pretrained weights carry theirs (AugReg ViTs: 0.5); offline, stand in for the
+    # download by building the same model without it.
+    create = timm.create_model
+    monkeypatch.setattr(timm, "create_model", lambda name, pretrained=False, **kw: create(name, **kw))
+    pretrained = load_model("vit_tiny_patch16_224", pretrained=True, num_classes=3)
+    settings = adapter_for(pretrained).image_preprocessing()
+    assert settings["mean"] == [0.5] * 3 and settings["std"] == [0.5] * 3
+    # A Hugging Face folder's preprocessor config, where it has one.
+    folder = tmp_path / "hf"
+    shutil.copytree(hf_vit_dir, folder)
+    assert adapter_for(load_model(f"hf:{folder}")).image_preprocessing()["mean"] == list(IMAGENET_MEAN)
+    (folder / "preprocessor_config.json").write_text('{"image_mean": [0.5, 0.4, 0.3], "image_std": [0.2, 0.2, 0.2]}')
+    settings = adapter_for(load_model(f"hf:{folder}")).image_preprocessing()
+    assert settings["mean"] == pytest.approx([0.5, 0.4, 0.3]) and settings["std"] == pytest.approx([0.2] * 3)

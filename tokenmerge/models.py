@@ -119,7 +119,25 @@ def load_hf_model(path, num_classes: Optional[int] = None) -> nn.Module:
             f"{config.num_labels} classes; pass --num-classes {config.num_labels} or leave it out"
         )
     model = _hf_class(path, config).from_pretrained(path, local_files_only=True)
+    processor = path / "preprocessor_config.json"
+    if processor.is_file():  # the statistics the weights were trained with (often 0.5, not ImageNet's)
+        settings = read_json(processor, "Hugging Face preprocessor config")
+        if "image_mean" in settings and "image_std" in settings:
+            record_image_stats(model, settings["image_mean"], settings["image_std"])
     return model.float().eval()
+
+
+IMAGE_STATS_ATTRIBUTE = "tokenmerge_image_stats"
+
+
+def record_image_stats(model: nn.Module, mean, std) -> None:
+    """Remember on ``model`` the per-channel mean and std its weights expect, so the commands
+    normalise images with them (:meth:`~tokenmerge.backends.adapter.ModelAdapter.image_preprocessing`)
+    instead of ImageNet's, which the embedded and locally trained checkpoints use."""
+    mean, std = [float(v) for v in mean], [float(v) for v in std]
+    if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+        raise ValueError(f"image statistics must be 3 means and 3 positive stds, got mean={mean}, std={std}")
+    setattr(model, IMAGE_STATS_ATTRIBUTE, (tuple(mean), tuple(std)))
 
 
 def open_clip_config_name(arch: str) -> str:
@@ -319,6 +337,12 @@ def load_model(
         if "Unknown model" in str(err):
             raise ValueError(f"unknown timm model {name!r} (see timm.list_models())") from None
         raise
+    if pretrained:
+        # timm's weights come with their own statistics (AugReg ViTs: 0.5, CLIP-trained ones:
+        # OpenAI's), and ImageNet's would understate their accuracy.
+        cfg = getattr(model, "pretrained_cfg", None) or {}
+        if "mean" in cfg and "std" in cfg:
+            record_image_stats(model, cfg["mean"], cfg["std"])
     if state is not None:
         depth, built = _blocks_in(state), len(getattr(model, "blocks", ()))
         if depth is not None and built and depth != built:

@@ -152,12 +152,16 @@ class ModelAdapter:
     def image_preprocessing(self) -> dict:
         """How an image file becomes this model's input (image models): ``size``, ``mean``,
         ``std`` (per channel, on [0, 1] pixels), ``interpolation`` and ``resize_mode``. The
-        default (timm and Hugging Face image models): ImageNet statistics, the shorter side
-        resized (bilinear) to the model's size and centre-cropped; open_clip models give
+        default (timm and Hugging Face image models): the statistics its weights came with
+        where :func:`tokenmerge.models.load_model` recorded them (timm's pretrained weights,
+        a Hugging Face folder's preprocessor config), else ImageNet's; the shorter side
+        resized (bilinear) to the model's size and centre-cropped. open_clip models give
         their own (:mod:`tokenmerge.backends.open_clip`)."""
         from ..evaluation.data import IMAGENET_MEAN, IMAGENET_STD
+        from ..models import IMAGE_STATS_ATTRIBUTE
 
-        return {"size": self.image_size, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
+        mean, std = getattr(self.model, IMAGE_STATS_ATTRIBUTE, (IMAGENET_MEAN, IMAGENET_STD))
+        return {"size": self.image_size, "mean": list(mean), "std": list(std),
                 "interpolation": "bilinear", "resize_mode": "shortest"}
 
     def image_transform(self):
