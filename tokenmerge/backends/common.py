@@ -402,6 +402,18 @@ def refuse_unweighted_pool(owner) -> None:
     )
 
 
+class SizeAwareHeadMixin:
+    """``forward_head`` of a patched timm model (ViT, Eva): it takes the tokens' sizes and
+    runs the model's ``_tm_head(x, token_sizes, pre_logits)``; without sizes, it refuses
+    where the pool needs them (:func:`refuse_unweighted_pool`). ``_tm_head`` reaches timm's
+    own head as ``self._tokenmerge_base.forward_head``: ``super()`` would come back here."""
+
+    def forward_head(self, x, pre_logits: bool = False, token_sizes: Optional[torch.Tensor] = None):
+        if token_sizes is None:
+            refuse_unweighted_pool(self)
+        return self._tm_head(x, token_sizes, pre_logits)
+
+
 def without_empty_slots(tokens: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
     """``tokens [B, N, C]`` with the empty slots (``sizes [B, N, 1]`` of 0) of images that kept
     fewer tokens set to -inf, so that a max over tokens passes them over."""

@@ -32,9 +32,9 @@ from .common import (
     MergeConfig,
     MergingBlockMixin,
     MergingModelMixin,
+    SizeAwareHeadMixin,
     attach_policy,
     patched_class,
-    refuse_unweighted_pool,
     resolve_block_schedule,
     restore_classes,
     run_blocks,
@@ -162,7 +162,7 @@ class TimmBlockMixin(MergingBlockMixin):
         return self.forward(x)
 
 
-class MergingVisionTransformerMixin(MergingModelMixin):
+class MergingVisionTransformerMixin(SizeAwareHeadMixin, MergingModelMixin):
     """Mixin for timm ``VisionTransformer``: token reduction in every block.
 
     ``forward_tokens(images)`` returns the final :class:`TokenState` (tokens after the
@@ -207,20 +207,15 @@ class MergingVisionTransformerMixin(MergingModelMixin):
         _reject_masks(attn_mask, is_causal)
         return self.forward_tokens(x).x
 
-    def forward_head(self, x, pre_logits: bool = False, token_sizes: Optional[torch.Tensor] = None):
-        if token_sizes is None:
-            refuse_unweighted_pool(self)
-        return self._tm_head(x, token_sizes, pre_logits)
-
     def _tm_head(self, x, token_sizes: Optional[torch.Tensor], pre_logits: bool = False):
         """The head on tokens and their sizes (``None``: every token is one patch)."""
         if token_sizes is None:
-            return super().forward_head(x, pre_logits=pre_logits)
+            return self._tokenmerge_base.forward_head(self, x, pre_logits=pre_logits)
         attention_pool = getattr(self, "attn_pool", None) is not None
         if not attention_pool and self.global_pool not in _SIZE_WEIGHTED_POOLS:
             if self.global_pool == "max":
                 x = without_empty_slots(x, token_sizes)
-            return super().forward_head(x, pre_logits=pre_logits)
+            return self._tokenmerge_base.forward_head(self, x, pre_logits=pre_logits)
         start = 0 if self.pool_include_prefix else self.num_prefix_tokens
         tokens, sizes = x[:, start:], token_sizes[:, start:].to(x.dtype)
         if attention_pool:

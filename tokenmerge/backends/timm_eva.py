@@ -62,9 +62,9 @@ from .common import (
     MergeConfig,
     MergingBlockMixin,
     MergingModelMixin,
+    SizeAwareHeadMixin,
     attach_policy,
     patched_class,
-    refuse_unweighted_pool,
     restore_classes,
     run_blocks,
     without_empty_slots,
@@ -384,7 +384,7 @@ class EvaPostNormBlockMixin(EvaBlockMixin):
 _IDENTITY = nn.Identity()
 
 
-class MergingEvaMixin(MergingModelMixin):
+class MergingEvaMixin(SizeAwareHeadMixin, MergingModelMixin):
     """Mixin for timm ``Eva``: token reduction in every block, RoPE following the tokens.
 
     ``forward_tokens(images)`` returns the final :class:`TokenState` (tokens after the final
@@ -451,20 +451,15 @@ class MergingEvaMixin(MergingModelMixin):
         _reject_masks(attn_mask, is_causal)
         return self.forward_tokens(x).x
 
-    def forward_head(self, x, pre_logits: bool = False, token_sizes: Optional[torch.Tensor] = None):
-        if token_sizes is None:
-            refuse_unweighted_pool(self)
-        return self._tm_head(x, token_sizes, pre_logits)
-
     def _tm_head(self, x, token_sizes: Optional[torch.Tensor], pre_logits: bool = False):
         """The head on tokens and their sizes (``None``: every token is one patch)."""
         if token_sizes is None:
-            return super().forward_head(x, pre_logits=pre_logits)
+            return self._tokenmerge_base.forward_head(self, x, pre_logits=pre_logits)
         attention_pool = self.attn_pool is not None
         if not attention_pool and self.global_pool not in _SIZE_WEIGHTED_POOLS:
             if self.global_pool == "max":
                 x = without_empty_slots(x, token_sizes)
-            return super().forward_head(x, pre_logits=pre_logits)
+            return self._tokenmerge_base.forward_head(self, x, pre_logits=pre_logits)
         sizes = token_sizes.to(x.dtype)
         if attention_pool:
             # Eva's attention pool reads every token, prefix included; the log-size bias makes a
