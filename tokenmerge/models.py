@@ -119,11 +119,6 @@ def load_hf_model(path, num_classes: Optional[int] = None) -> nn.Module:
             f"{config.num_labels} classes; pass --num-classes {config.num_labels} or leave it out"
         )
     model = _hf_class(path, config).from_pretrained(path, local_files_only=True)
-    processor = path / "preprocessor_config.json"
-    if processor.is_file():  # the statistics the weights were trained with (often 0.5, not ImageNet's)
-        settings = read_json(processor, "Hugging Face preprocessor config")
-        if "image_mean" in settings and "image_std" in settings:
-            record_image_stats(model, settings["image_mean"], settings["image_std"])
     return model.float().eval()
 
 
@@ -133,7 +128,8 @@ IMAGE_STATS_ATTRIBUTE = "tokenmerge_image_stats"
 def record_image_stats(model: nn.Module, mean, std) -> None:
     """Remember on ``model`` the per-channel mean and std its weights expect, so the commands
     normalise images with them (:meth:`~tokenmerge.backends.adapter.ModelAdapter.image_preprocessing`)
-    instead of ImageNet's, which the embedded and locally trained checkpoints use."""
+    instead of ImageNet's, which the embedded and locally trained checkpoints use. (A Hugging
+    Face folder's ``preprocessor_config.json`` is read there directly.)"""
     mean, std = [float(v) for v in mean], [float(v) for v in std]
     if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
         raise ValueError(f"image statistics must be 3 means and 3 positive stds, got mean={mean}, std={std}")
