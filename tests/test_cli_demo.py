@@ -83,3 +83,15 @@ def test_dtem_module_file_is_used_when_shipped(tmp_path):
     for mine, saved in zip(model.token_reducer.state_dict().values(), trained.token_reducer.state_dict().values()):
         assert torch.equal(mine, saved)
     assert Variant.create("dtem", "8", options["dtem"]).label == "dtem r=8 modules=dtem_vit_tiny.safetensors"
+
+
+def test_demo_on_a_single_image_completes(tmp_path, capsys):
+    """--limit 1 used to crash after every row was computed: one image has no paired standard
+    error, so the difference is left missing."""
+    out = tmp_path / "demo"
+    assert main(["demo", "--limit", "1", "--r", "16", "--methods", "tome", "--no-timing", "--threads", "1",
+                 "--out", str(out)]) == 0
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert [row["num_images"] for row in rows] == [1, 1]
+    assert [(row["delta"], row["delta_se"]) for row in rows] == [(None, None), (None, None)]
+    assert (out / "pareto.png").is_file() and "pareto.png" in capsys.readouterr().out

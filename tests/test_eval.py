@@ -339,3 +339,208 @@ def test_eval_config_adds_the_configuration_tune_wrote(hf_vit_dir, tiny_image_fo
         main(["eval", "--config", str(best), "--out", str(out)])
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and "missing ['r']" in err and str(best) in err
+
+
+# --- small runs on tiny models: edge cases of the sweep and the command line -------------------
+
+
+def hf_eval(hf_vit_dir, tiny_image_folder, out, *extra):
+    """``tokenmerge eval hf:DIR`` on the tiny ImageFolder, one thread."""
+    return main(["eval", f"hf:{hf_vit_dir}", "--data", str(tiny_image_folder), "--out", str(out),
+                 "--threads", "1", *extra])
+
+
+def test_a_single_image_evaluates_without_a_paired_difference(hf_vit_dir, tiny_image_folder, tmp_path, capsys):
+    """--limit 1 used to crash after every row was computed: one image has no paired standard
+    error. The run completes, the difference shown missing everywhere."""
+    out = tmp_path / "out"
+    assert hf_eval(hf_vit_dir, tiny_image_folder, out, "--limit", "1", "--methods", "tome", "--r", "2",
+                   "--timing-batch-size", "2", "--warmup", "0", "--repeats", "1") == 0
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert [row["num_images"] for row in rows] == [1, 1]
+    assert [(row["delta"], row["delta_se"]) for row in rows] == [(None, None), (None, None)]
+    assert all(row["speedup"] is not None for row in rows)  # timed after the statistics
+    csv_rows = (out / "results.csv").read_text().splitlines()
+    header = csv_rows[0].split(",")
+    for line in csv_rows[1:]:
+        cells = dict(zip(header, line.split(",")))
+        assert (cells["delta"], cells["delta_se"]) == ("", "")
+    table = sweep.format_rows(rows).splitlines()
+    column = table[0].index("vs unmodified")
+    assert table[3][column:].split()[0] == "-"
+
+
+def tiny_timm_checkpoint(path: Path) -> tuple:
+    """A tiny timm ViT's weights at ``path`` and the --model-kwargs that build it for 3 classes
+    at the tiny ImageFolder's 32x32."""
+    from safetensors.torch import save_file
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    kwargs = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
+    model = VisionTransformer(num_classes=3, **kwargs)
+    with torch.no_grad():
+        model.head.weight.normal_(0.0, 2.0)  # logits far enough apart for merging to matter
+    save_file(model.state_dict(), str(path))
+    return kwargs
+
+
+def test_the_cache_tells_architectures_with_the_same_weights_apart(tiny_image_folder, tmp_path, capsys):
+    """The same weights load into another head count (or pooling...): other rows, never the
+    cached ones. And a checkpoint is named as such, not as the embedded model."""
+    from tokenmerge.commands.eval import _title
+
+    checkpoint = tmp_path / "tiny.safetensors"
+    kwargs = tiny_timm_checkpoint(checkpoint)
+    out = tmp_path / "out"
+
+    def run(heads):
+        argv = ["eval", "vit_tiny_patch16_224", "--checkpoint", str(checkpoint), "--model-kwargs",
+                json.dumps(dict(kwargs, num_heads=heads)), "--data", str(tiny_image_folder), "--methods", "tome",
+                "--r", "2", "--out", str(out), "--no-timing", "--threads", "1"]
+        assert main(argv) == 0
+        return json.loads((out / "results.json").read_text()), capsys.readouterr().out
+
+    run(2)
+    results, text = run(4)
+    assert [row["cached"] for row in results["rows"]] == [False, False]
+    assert results["meta"]["model_kwargs"]["num_heads"] == 4
+    results, _ = run(4)
+    assert [row["cached"] for row in results["rows"]] == [True, True]  # the cache itself still works
+    name = "vit_tiny_patch16_224 (checkpoint tiny.safetensors)"
+    assert results["meta"]["model"] == name and text.startswith(name)
+    assert _title(results["meta"]).startswith(name) and "embedded" not in text
+
+
+def test_model_description_names_the_embedded_checkpoint_only_without_weights():
+    from tokenmerge.cli import build_parser
+    from tokenmerge.commands.eval import model_description
+
+    def described(*argv):
+        return model_description(build_parser().parse_args(["eval", *argv]))
+
+    assert described() == "vit_tiny_patch16_224 (embedded Imagenette checkpoint)"
+    assert described("--checkpoint", "runs/a/vit.safetensors") == "vit_tiny_patch16_224 (checkpoint vit.safetensors)"
+    assert described("vit_small_patch16_224", "--pretrained") == "vit_small_patch16_224 (pretrained)"
+    assert described("--pretrained") == "vit_tiny_patch16_224 (pretrained)"
+    assert described("open_clip:ViT-B-32", "--pretrained", "laion2b_s34b_b79k") == (
+        "open_clip:ViT-B-32 (pretrained laion2b_s34b_b79k)")
+
+
+def test_per_image_rows_do_not_report_the_cap_schedule_as_tokens(hf_vit_dir, tiny_image_folder, tmp_path, capsys):
+    """ATC with a threshold keeps a number of tokens per image; its cap schedule (17->5 here)
+    is not what the images keep, so the row says "per image", in every output alike."""
+    out = tmp_path / "out"
+    assert hf_eval(hf_vit_dir, tiny_image_folder, out, "--methods", "atc", "--r", "6",
+                   "--method-option", "atc.threshold=0.5", "--no-timing") == 0
+    row = json.loads((out / "results.json").read_text())["rows"][1]
+    assert row["method"] == "atc" and (row["tokens_in"], row["tokens_out"]) == (17, sweep.PER_IMAGE)
+    assert ",17,per image," in (out / "results.csv").read_text().splitlines()[2]
+    assert "17->per image" in capsys.readouterr().out
+    # A fixed schedule of the same method keeps its exact count.
+    assert hf_eval(hf_vit_dir, tiny_image_folder, out, "--methods", "atc", "--r", "6", "--no-timing") == 0
+    row = json.loads((out / "results.json").read_text())["rows"][1]
+    assert (row["tokens_in"], row["tokens_out"]) == (17, 17 - 2 * 6)
+
+
+def test_configurations_whose_labels_coincide_keep_their_own_timing(hf_vit_dir, tiny_image_folder, tmp_path,
+                                                                     capsys, monkeypatch):
+    """Two DTEM runs each write dtem_modules.safetensors: their rows are timed separately and
+    labelled with the folder that tells them apart."""
+    from tokenmerge.backends.adapter import adapter_for
+    from tokenmerge.methods.dtem import save_merge_modules
+    from tokenmerge.models import load_model
+
+    configs = []
+    for run in ("run_a", "run_b"):
+        trained = tokenmerge.patch(load_model(f"hf:{hf_vit_dir}"), method="dtem", r=2)
+        with torch.no_grad():
+            for parameter in adapter_for(trained).reducer.parameters():
+                parameter.add_(0.01 * torch.randn_like(parameter))
+        (tmp_path / run).mkdir()
+        modules = save_merge_modules(trained, tmp_path / run / "dtem_modules.safetensors")
+        configs += ["--config", str(tmp_path / f"{run}.json")]
+        Path(configs[-1]).write_text(json.dumps({"method": "dtem", "r": 2, "options": {"modules": str(modules)}}))
+    timed = []
+
+    def fake_throughput(models, **kwargs):  # a distinct figure per model it is given
+        timed.append(list(models.values()))
+        return {key: {"images_per_s": 100.0 + i, "ms_per_batch": 1.0} for i, key in enumerate(models)}
+
+    monkeypatch.setattr(sweep, "measure_throughput", fake_throughput)
+    out = tmp_path / "out"
+    assert hf_eval(hf_vit_dir, tiny_image_folder, out, "--methods", "tome", "--r", "2", *configs) == 0
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert len(timed) == 1 and len(timed[0]) == 4 and len({id(model) for model in timed[0]}) == 4
+    assert [row["images_per_s"] for row in rows] == [100.0, 101.0, 102.0, 103.0]
+    assert [row["label"] for row in rows[2:]] == ["dtem r=2 modules=run_a/dtem_modules.safetensors",
+                                                  "dtem r=2 modules=run_b/dtem_modules.safetensors"]
+    text = capsys.readouterr().out
+    assert "modules=run_a/dtem_modules.safetensors" in text and "modules=run_b/dtem_modules.safetensors" in text
+
+
+def test_distinct_file_names_add_parent_folders_only_where_names_collide():
+    names = sweep.distinct_file_names(["/x/a/m.safetensors", "/x/b/m.safetensors", "/x/c/other.safetensors",
+                                       "/p/run/k.st", "/q/run/k.st"])
+    assert names == {"/x/a/m.safetensors": "a/m.safetensors", "/x/b/m.safetensors": "b/m.safetensors",
+                     "/x/c/other.safetensors": "other.safetensors", "/p/run/k.st": "p/run/k.st",
+                     "/q/run/k.st": "q/run/k.st"}
+    variant = sweep.Variant.create("dtem", "8", {"modules": "/x/a/m.safetensors"})
+    assert variant.label == "dtem r=8 modules=m.safetensors"
+    assert variant.describe(names) == "dtem r=8 modules=a/m.safetensors"
+
+
+def saved_results(path: Path) -> Path:
+    """A small results.json as tokenmerge eval writes it."""
+    rows = [{"method": "none", "schedule": "-", "options": {}, "accuracy": 85.0, "gflops": 2.5},
+            {"method": "tome", "schedule": "8", "options": {}, "accuracy": 84.0, "gflops": 1.8}]
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "results.json").write_text(json.dumps({"meta": {"model": "m", "data": "d", "num_images": 2},
+                                                   "rows": rows}))
+    return path / "results.json"
+
+
+def test_from_results_plots_into_out_when_given(tmp_path, capsys):
+    results = saved_results(tmp_path / "saved")
+    out = tmp_path / "report"
+    assert main(["eval", "--from-results", str(results), "--out", str(out), "--plot"]) == 0
+    assert (out / "pareto.png").read_bytes()[:8] == PNG_SIGNATURE
+    assert not (results.parent / "pareto.png").exists()
+    assert f"wrote the Pareto plot to {out / 'pareto.png'}" in capsys.readouterr().out
+    # Without --out: beside the results file, as before.
+    assert main(["eval", "--from-results", str(results), "--plot"]) == 0
+    assert (results.parent / "pareto.png").is_file()
+
+
+def test_from_results_refuses_what_only_an_evaluation_reads(tmp_path, capsys):
+    results = saved_results(tmp_path / "saved")
+    code, err = run_cli(["eval", "--from-results", str(results), "--limit", "3", "--methods", "atc"], capsys)
+    assert code == 2 and "--limit, --methods would be ignored" in err and "drop them" in err
+    code, err = run_cli(["eval", "vit_small_patch16_224", "--from-results", str(results)], capsys)
+    assert code == 2 and "MODEL would be ignored" in err
+    assert not (tmp_path / "saved" / "pareto.png").exists()
+
+
+def test_budget_metric_without_a_budget_is_refused(tmp_path, capsys):
+    # (the small-run flags keep a regression, which would evaluate, quick to fail)
+    code, err = run_cli(["eval", "--budget-metric", "throughput", "--limit", "2", "--r", "8", "--no-timing",
+                         "--threads", "1", "--out", str(tmp_path)], capsys)
+    assert code == 2 and "--budget-metric throughput" in err
+    assert "--target-speedup" in err and "--target-gflops" in err and "drop --budget-metric" in err
+
+
+def test_a_long_title_stays_inside_a_one_panel_plot():
+    """Without throughput there is one panel, narrower than a model name and data path: the
+    title is wrapped instead of running off both edges."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    rows = [{"method": "none", "schedule": "-", "accuracy": 85.0, "gflops": 2.5},
+            {"method": "tome", "schedule": "8", "accuracy": 84.0, "gflops": 1.8}]
+    title = "vit_tiny_patch16_224 (checkpoint vit_tiny_d6_patch16_224.imagenette.safetensors) on val (3925 images)"
+    figure = pareto_figure(rows, title=title)
+    renderer = FigureCanvasAgg(figure).get_renderer()
+    figure.draw(renderer)
+    (drawn,) = figure.texts  # the suptitle
+    box = drawn.get_window_extent(renderer)
+    assert len(figure.axes) == 1 and drawn.get_text() == title
+    assert box.x0 >= 0 and box.x1 <= figure.bbox.x1

@@ -238,6 +238,21 @@ def test_cli_round_trip(tmp_path, capsys):
     assert_onnx_matches(tokenmerge.patch(model, method="tome", r=8), out)
 
 
+def test_cli_names_a_checkpoint_without_a_model_name_as_that_checkpoint(tmp_path, capsys):
+    """Weights from --checkpoint are not the embedded model, even on its architecture."""
+    from safetensors.torch import save_file
+
+    checkpoint = tmp_path / "finetuned.safetensors"
+    save_file(tiny_vit().state_dict(), str(checkpoint))
+    kwargs = '{"img_size": 32, "patch_size": 4, "embed_dim": 32, "depth": 3, "num_heads": 2}'
+    out = tmp_path / "m.onnx"
+    assert main(["export", "--checkpoint", str(checkpoint), "--model-kwargs", kwargs, "--method", "tome",
+                 "--r", "8", "--onnx", str(out), "--no-check"]) == 0
+    text = capsys.readouterr().out
+    assert f"wrote {out} (vit_tiny_patch16_224 (checkpoint finetuned.safetensors), tome r=8;" in text
+    assert "embedded" not in text
+
+
 def test_cli_errors(tmp_path, capsys):
     out = tmp_path / "m.onnx"
     assert main(["export", "--method", "random", "--r", "8", "--onnx", str(out)]) == 2

@@ -57,3 +57,37 @@ def test_accuracy_standard_error_and_bad_input():
         paired_difference(torch.ones(3, dtype=torch.bool), torch.ones(4, dtype=torch.bool))
     with pytest.raises(ValueError, match="at least 2"):
         paired_difference(torch.ones(1, dtype=torch.bool), torch.ones(1, dtype=torch.bool))
+
+
+def sweep_row(method: str, correct: list) -> dict:
+    """A sweep row as run_sweep keeps it: accuracy, image count and per-image results."""
+    bits = torch.tensor(correct, dtype=torch.bool)
+    return {"method": method, "schedule": "-" if method == "none" else "8", "options": {},
+            "accuracy": 100.0 * bits.double().mean().item(), "gflops": 1.0, "num_images": len(correct),
+            "correct": pack_correct(bits)}
+
+
+def test_one_image_has_no_paired_difference_and_every_output_shows_it_missing(tmp_path):
+    """A one-image evaluation (eval/demo --limit 1) completes: delta and its standard error are
+    missing (no standard error from one image), shown as missing in the table, CSV and JSON."""
+    import csv
+    import json
+
+    from tokenmerge.evaluation.sweep import add_paired_statistics, format_rows, write_results
+
+    rows = [sweep_row("none", [True]), sweep_row("tome", [False])]
+    add_paired_statistics(rows)
+    assert [(row["delta"], row["delta_se"]) for row in rows] == [(None, None), (None, None)]
+    assert rows[1]["accuracy_se"] == 0.0
+    header, _, _, tome = format_rows(rows).splitlines()
+    assert tome[header.index("vs unmodified"):].split()[0] == "-"
+    paths = write_results(rows, {}, tmp_path)
+    written = list(csv.DictReader(paths["csv"].open()))
+    assert [(row["delta"], row["delta_se"]) for row in written] == [("", ""), ("", "")]
+    saved = json.loads(paths["json"].read_text())["rows"]
+    assert [(row["delta"], row["delta_se"]) for row in saved] == [(None, None), (None, None)]
+    # Two images are enough: the difference and its standard error by hand.
+    rows = [sweep_row("none", [True, True]), sweep_row("tome", [False, True])]
+    add_paired_statistics(rows)
+    assert rows[1]["delta"] == pytest.approx(-50.0)
+    assert rows[1]["delta_se"] == pytest.approx(100 * math.sqrt(0.5) / math.sqrt(2))

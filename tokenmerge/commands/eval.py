@@ -16,10 +16,14 @@ from . import arguments
 from .common import (add_device_arguments, add_model_arguments, add_zero_shot_arguments, model_from_args,
                      resolve_device_arguments, zero_shot_from_args)
 
-__all__ = ["add_parser", "run", "DEFAULT_DATA", "variants_from", "method_options"]
+__all__ = ["add_parser", "run", "DEFAULT_DATA", "variants_from", "method_options", "model_description"]
 
 DEFAULT_DATA = EMBEDDED_SUBSET
 DEFAULT_SCHEDULES = ("4", "8", "13", "16")
+DEFAULT_OUT = Path("tokenmerge-eval")
+DEFAULT_BUDGET_METRIC = "flops"
+# What --from-results reads; every other argument configures an evaluation it does not run.
+_REPORT_ARGUMENTS = ("from_results", "out", "plot", "command", "func")
 
 
 _schedule = arguments.schedule  # the name other subcommands import
@@ -56,12 +60,15 @@ def add_parser(subparsers) -> None:
                         help="a method option, e.g. tcvit.order=2 (METHOD. omitted: every method); repeatable")
     parser.add_argument("--config", type=arguments.patch_config, action="append", default=[], metavar="JSON",
                         help="also evaluate this configuration (OUT/best.json of tokenmerge tune); repeatable")
-    parser.add_argument("--out", type=arguments.output_folder, default=Path("tokenmerge-eval"), help="output folder (default: tokenmerge-eval/)")
+    # default None, so that --from-results can tell an explicit --out from the default
+    parser.add_argument("--out", type=arguments.output_folder, default=None,
+                        help=f"output folder (default: {DEFAULT_OUT}/)")
     parser.add_argument("--no-cache", action="store_true", help="recompute every row (and do not write the cache)")
     parser.add_argument("--plot", nargs="?", type=arguments.output_file, const="", default=None, metavar="PNG",
-                        help="write the Pareto plot (default path: OUT/pareto.png)")
+                        help="write the Pareto plot (default path: OUT/pareto.png; with --from-results and "
+                             "no --out, beside the results file)")
     parser.add_argument("--from-results", type=Path, metavar="JSON",
-                        help="do not evaluate: print and plot a saved results.json")
+                        help="do not evaluate: print and plot a saved results.json (takes only --out and --plot)")
     parser.add_argument("--batch-size", type=arguments.positive_int, default=128, help="evaluation batch size")
     parser.add_argument("--no-timing", action="store_true", help="skip the throughput measurement")
     parser.add_argument("--timing-batch-size", type=arguments.positive_int, default=32)
@@ -72,9 +79,10 @@ def add_parser(subparsers) -> None:
                         help="also evaluate, per method, the smallest constant r reaching this speedup")
     budget.add_argument("--target-gflops", type=arguments.finite_positive_float,
                         help="also evaluate, per method, the smallest constant r within this many GFLOPs/img")
-    parser.add_argument("--budget-metric", choices=("flops", "throughput"), default="flops",
-                        help="what the budget search measures: the FLOP count (deterministic, default) "
-                             "or measured throughput (noisy)")
+    # default None, so that a --budget-metric without a budget can be refused
+    parser.add_argument("--budget-metric", choices=("flops", "throughput"), default=None,
+                        help="what the --target-speedup/--target-gflops search measures: the FLOP count "
+                             "(deterministic, default) or measured throughput (noisy)")
     add_device_arguments(parser)
     parser.set_defaults(func=run)
 
@@ -109,11 +117,37 @@ def variants_from(methods, schedules, options) -> list:
     return variants
 
 
+def model_description(args) -> str:
+    """The model the arguments name, for headers, titles and results: the embedded checkpoint
+    only when no weights are named; else the architecture and where its weights come from."""
+    from ..models import DEFAULT_MODEL
+
+    if args.model is None and not args.checkpoint and not args.pretrained:
+        return f"{DEFAULT_MODEL} (embedded Imagenette checkpoint)"
+    name = args.model or DEFAULT_MODEL  # load_model's architecture for weights without a name
+    if args.checkpoint:
+        return f"{name} (checkpoint {Path(args.checkpoint).name})"
+    if isinstance(args.pretrained, str):
+        return f"{name} (pretrained {args.pretrained})"
+    return f"{name} (pretrained)" if args.pretrained else name
+
+
+def _model_identity(args) -> dict:
+    """What besides the weights makes the model: the same state_dict loads into another
+    architecture (other heads, pooling...), so cached rows are keyed by these too."""
+    from ..models import DEFAULT_MODEL
+
+    return {"model": args.model or DEFAULT_MODEL, "model_kwargs": args.model_kwargs,
+            "num_classes": args.num_classes}
+
+
 def _meta(args, model_name, data, num_images, weights) -> dict:
     return {
         "model": model_name,
         "checkpoint": str(args.checkpoint) if args.checkpoint else None,
         "pretrained": args.pretrained,  # True (timm), False, or an open_clip tag
+        "model_kwargs": args.model_kwargs,
+        "num_classes": args.num_classes,
         "class_names": str(args.class_names) if args.class_names else None,
         "prompt_templates": args.prompt_template,
         "weights_sha256_16": weights,
@@ -136,14 +170,35 @@ def _plot_path(args) -> Path:
     return Path(args.plot) if args.plot else args.out / "pareto.png"
 
 
+def _evaluation_arguments_given(args) -> list:
+    """The flags (or MODEL) in ``args`` that configure an evaluation, set to other than their
+    defaults (read off a fresh parser, so new arguments are covered without a list here)."""
+    probe = argparse.ArgumentParser()
+    add_parser(probe.add_subparsers(dest="command"))
+    defaults = vars(probe.parse_args(["eval"]))
+    return [
+        "MODEL" if dest == "model" else "--" + dest.replace("_", "-")
+        for dest, default in defaults.items()
+        if dest not in _REPORT_ARGUMENTS and getattr(args, dest, default) != default
+    ]
+
+
 def _from_results(args) -> int:
     from ..evaluation.pareto import save_pareto_plot
     from ..evaluation.sweep import format_rows, read_results
 
+    given = _evaluation_arguments_given(args)
+    if given:
+        raise ValueError(
+            f"--from-results prints and plots a saved results file without evaluating, so "
+            f"{', '.join(given)} would be ignored: drop {'it' if len(given) == 1 else 'them'}, "
+            "or drop --from-results to run a new evaluation"
+        )
     data = read_results(args.from_results)
     print(format_rows(data["rows"]))
     if args.plot is not None:
-        path = Path(args.plot) if args.plot else args.from_results.with_name("pareto.png")
+        default = args.out / "pareto.png" if args.out is not None else args.from_results.with_name("pareto.png")
+        path = Path(args.plot) if args.plot else default
         meta = data.get("meta", {})
         save_pareto_plot(data["rows"], path, title=_title(meta))
         print(f"wrote the Pareto plot to {path}")
@@ -171,7 +226,7 @@ def budget_variants(model, methods, options, args, inputs) -> list:
     for method in methods:
         result = search_budget(
             model, method, target_speedup=args.target_speedup, target_gflops=args.target_gflops,
-            metric=args.budget_metric, options=options.get(method), image_size=image_size,
+            metric=args.budget_metric or DEFAULT_BUDGET_METRIC, options=options.get(method), image_size=image_size,
             device=args.device, dtype=args.dtype, batch_size=args.timing_batch_size,
         )
         print("budget: " + result.describe(method))
@@ -182,6 +237,13 @@ def budget_variants(model, methods, options, args, inputs) -> list:
 def run(args: argparse.Namespace) -> int:
     if args.from_results is not None:
         return _from_results(args)
+    if args.budget_metric is not None and args.target_speedup is None and args.target_gflops is None:
+        raise ValueError(
+            f"--budget-metric {args.budget_metric} sets what the budget search measures, but no budget "
+            "was given: add --target-speedup X or --target-gflops G, or drop --budget-metric"
+        )
+    if args.out is None:
+        args.out = DEFAULT_OUT
     from ..evaluation.inputs import inputs_for
     from ..evaluation.pareto import save_pareto_plot
     from ..evaluation.sweep import (ResultCache, Variant, build_variant, format_rows, run_sweep, weights_fingerprint,
@@ -194,7 +256,7 @@ def run(args: argparse.Namespace) -> int:
     variants = variants_from(args.methods, schedules, options)
     variants += [Variant.create(c["method"], c["r"], c["options"]) for c in args.config]
     model = model_from_args(args)
-    model_name = args.model or "vit_tiny_patch16_224 (embedded Imagenette checkpoint)"
+    model_name = model_description(args)
     data = args.data or inputs_for(model).default_data()
     model = zero_shot_from_args(model, args, data)  # open_clip: zero-shot over --class-names
     inputs = inputs_for(model)
@@ -208,6 +270,7 @@ def run(args: argparse.Namespace) -> int:
     weights = weights_fingerprint(model)
     context = {
         "weights": weights,
+        **_model_identity(args),
         "data": str(Path(data).resolve()),
         "data_fingerprint": inputs.fingerprint(data, args.limit),
         **inputs.cache_context(),

@@ -66,13 +66,14 @@ def run(args: argparse.Namespace) -> int:
     from ..evaluation.sweep import build_variant
     from ..export import DEFAULT_OPSET, check_exportable, export_onnx, export_program
     from ..io import atomic_write
+    from .eval import model_description
 
     if args.onnx is None and args.program is None:
         raise ValueError("nothing to write: give --onnx FILE and/or --program FILE")
     variant = _variant(args)
     model = build_variant(zero_shot_from_args(model_from_args(args), args, required=False), variant)
     check_exportable(model, args.image_size)  # refuse before any file is touched
-    name = f"{args.model or 'embedded ViT-Tiny'}, {variant.label}"
+    name = f"{model_description(args)}, {variant.label}"
     if args.onnx is not None:
         try:
             result = export_onnx(

@@ -69,7 +69,8 @@ def pareto_figure(rows: Sequence[dict], title: Optional[str] = None, y_key: str 
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
     if title:
-        figure.suptitle(title)
+        # Wrapped at the figure's edges: one panel is narrower than a model name and data path.
+        figure.suptitle(title, wrap=True)
     return figure
 
 

@@ -47,9 +47,13 @@ __all__ = [
     "add_paired_statistics",
     "paired_row_difference",
     "CSV_COLUMNS",
+    "PER_IMAGE",
 ]
 
 UNMODIFIED = "none"  # the method name of the unmodified model's row
+# tokens_out of a per-image configuration (ATC with a threshold): each image keeps its own
+# number of tokens, and the cap schedule's count would read as what they keep.
+PER_IMAGE = "per image"
 
 
 @dataclass(frozen=True)
@@ -79,16 +83,44 @@ class Variant:
 
     @property
     def label(self) -> str:
+        return self.describe()
+
+    def describe(self, files: Optional[Dict[str, str]] = None) -> str:
+        """:attr:`label`, module files named as ``files`` maps them (:func:`distinct_file_names`)."""
         if self.method == UNMODIFIED:
             return "unmodified"
-        extra = options_label(dict(self.options))
+        extra = options_label(dict(self.options), files)
         return f"{self.method} r={self.schedule}" + (f" {extra}" if extra else "")
 
 
-def options_label(options: dict) -> str:
+def options_label(options: dict, files: Optional[Dict[str, str]] = None) -> str:
     """``k=v`` pairs; file options (DTEM modules) by file name, as full paths would swamp
-    tables and legends."""
-    return " ".join(f"{k}={Path(v).name if k == 'modules' else v}" for k, v in sorted(options.items()))
+    tables and legends, or as ``files`` maps the path (:func:`distinct_file_names`)."""
+    def shown(key, value):
+        if key != "modules":
+            return value
+        return (files or {}).get(str(value)) or Path(value).name
+    return " ".join(f"{k}={shown(k, v)}" for k, v in sorted(options.items()))
+
+
+def distinct_file_names(paths: Iterable) -> Dict[str, str]:
+    """``{path: short name}``: the file name, with as many parent folders as it takes to tell
+    it from the other paths (two training runs each write ``dtem_modules.safetensors``)."""
+    paths = {str(path) for path in paths}
+    names = {}
+    for path in paths:
+        parts = Path(path).parts
+        for depth in range(1, len(parts) + 1):
+            if not any(Path(other).parts[-depth:] == parts[-depth:] for other in paths if other != path):
+                break
+        names[path] = str(Path(*parts[-depth:])) if parts else path
+    return names
+
+
+def _module_files(options_list: Iterable) -> Dict[str, str]:
+    """:func:`distinct_file_names` of the ``modules`` files among options (dicts or pairs)."""
+    return distinct_file_names(str(dict(options)["modules"]) for options in options_list
+                               if "modules" in dict(options))
 
 
 def parse_option(text: str):
@@ -220,9 +252,13 @@ def _measured_row(model, variant, images, labels, num_classes, image_size, eval_
                   device, dtype, progress, example=None) -> dict:
     """Accuracy, GFLOPs and token counts of one variant (the cacheable part of a row)."""
     tokens = adapter_for(model).tokens_per_block() if variant.method != UNMODIFIED else None
+    tokens_out = None if tokens is None else tokens[-1]
     if variant.method != UNMODIFIED and adapter_for(model).reducer.per_image:
         correct, gflops = _per_image_results(model, variant, images, labels, num_classes, eval_batch_size,
                                              device, dtype, progress)
+        # tokens_per_block() is the cap schedule, not what the images keep; the per-image
+        # pass does not report final counts, so say so rather than print the caps.
+        tokens_out = PER_IMAGE
     else:
         correct = evaluate_correct(model, images, labels, num_classes=num_classes,
                                    batch_size=eval_batch_size, device=device, dtype=dtype,
@@ -237,7 +273,7 @@ def _measured_row(model, variant, images, labels, num_classes, image_size, eval_
         "accuracy": 100.0 * correct.double().mean().item(),
         "gflops": gflops,
         "tokens_in": None if tokens is None else tokens[0],
-        "tokens_out": None if tokens is None else tokens[-1],
+        "tokens_out": tokens_out,
         "num_images": int(len(labels)),
         "correct": pack_correct(correct),  # per image, for paired comparisons (evaluation.statistics)
     }
@@ -302,7 +338,9 @@ def run_sweep(
             spectrograms or videos (:meth:`tokenmerge.evaluation.inputs.Inputs.example`).
 
     Rows: method, schedule, options, label, accuracy (%), gflops (per image), tokens_in,
-    tokens_out, num_images, cached, and with timing images_per_s, ms_per_batch, speedup.
+    tokens_out (:data:`PER_IMAGE` where each image keeps its own count), num_images, cached,
+    and with timing images_per_s, ms_per_batch, speedup. Labels name module files with as
+    many parent folders as it takes to tell them apart.
     """
     from tqdm.auto import tqdm
 
@@ -311,31 +349,32 @@ def run_sweep(
     cache = cache if cache is not None else ResultCache(None)
     context = context or {}
     base = base.to(device).eval()
-    models = {}
+    files = _module_files(variant.options for variant in variants)
+    models = {}  # by position in ``variants``: labels may coincide, variants do not
     rows = []
-    for variant in tqdm(variants, desc="variants", disable=not progress):
+    for index, variant in enumerate(tqdm(variants, desc="variants", disable=not progress)):
         model = build_variant(base, variant)
-        models[variant.label] = model
+        models[index] = model
+        label = variant.describe(files)
         key = ResultCache.key(context, variant)
         row = cache.get(key)
-        if row is None:
+        cached = row is not None
+        if not cached:
             row = _measured_row(model, variant, images, labels, num_classes, image_size,
                                 eval_batch_size, device, dtype, progress, example)
             cache.put(key, row)
-            row = dict(row, cached=False)
-            log(f"  {variant.label:<28} top-1 {row['accuracy']:6.2f}%  {row['gflops']:.3f} GFLOPs")
-        else:
-            row = dict(row, cached=True)
-            log(f"  {variant.label:<28} top-1 {row['accuracy']:6.2f}%  {row['gflops']:.3f} GFLOPs (cached)")
+        row = dict(row, label=label, cached=cached)
+        log(f"  {label:<28} top-1 {row['accuracy']:6.2f}%  {row['gflops']:.3f} GFLOPs"
+            + (" (cached)" if cached else ""))
         rows.append(row)
     add_paired_statistics(rows)
     if timing:
         speed = measure_throughput(models, batch_size=timing_batch_size, image_size=image_size,
                                    device=device, dtype=dtype, warmup=warmup, repeats=repeats,
                                    progress=progress, inputs=example)
-        reference = speed[unmodified.label]["images_per_s"]
-        for row in rows:
-            measured = speed[row["label"]]
+        reference = speed[0]["images_per_s"]  # variants[0] is the unmodified model
+        for index, row in enumerate(rows):
+            measured = speed[index]
             row["images_per_s"] = measured["images_per_s"]
             row["ms_per_batch"] = measured["ms_per_batch"]
             row["speedup"] = measured["images_per_s"] / reference
@@ -346,12 +385,13 @@ def add_paired_statistics(rows: Sequence[dict]) -> None:
     """Give each row ``accuracy_se`` and, where the row and the unmodified one (``rows[0]``)
     kept per-image results, ``delta`` (its accuracy minus the unmodified one's, points) and
     ``delta_se`` (the paired standard error of that difference); ``None`` otherwise (e.g.
-    rows cached by an older tokenmerge)."""
+    rows cached by an older tokenmerge, or a single image, which has no standard error)."""
     base = rows[0] if rows and rows[0]["method"] == UNMODIFIED else None
     for row in rows:
         row["accuracy_se"] = accuracy_standard_error(row["accuracy"], row["num_images"])
         row["delta"] = row["delta_se"] = None
-        if base is not None and row is not base and row.get("correct") and base.get("correct"):
+        if (base is not None and row is not base and row.get("correct") and base.get("correct")
+                and row["num_images"] >= 2):
             row["delta"], row["delta_se"] = paired_row_difference(row, base)
 
 
@@ -414,12 +454,13 @@ def format_rows(rows: Sequence[dict]) -> str:
     header = ["method", "schedule", "options", "tokens", "top-1 %", "vs unmodified (95% CI)", "GFLOPs/img",
               "im/s", "speedup"]
     lines = [header]
+    files = _module_files(row.get("options", {}) for row in rows)
     for row in rows:
         tokens = "-" if row.get("tokens_in") is None else f"{row['tokens_in']}->{row['tokens_out']}"
         lines.append([
             row["method"],
             row["schedule"],
-            options_label(row.get("options", {})) or "-",
+            options_label(row.get("options", {}), files) or "-",
             tokens,
             _cell(row.get("accuracy"), ".2f"),
             _delta_cell(row),
