@@ -105,9 +105,11 @@ def test_killed_run_resumes_to_identical_parameters(tiny_setup, tmp_path, method
         train(_config(tiny_setup, tmp_path / "modules", max_steps=1))
         settings["init_modules"] = str(tmp_path / "modules" / "dtem_modules.safetensors")
     assert_killed_run_resumes_identically(lambda out: _config(tiny_setup, out, **settings), tmp_path)
-    # Without --resume the same folder would start over; resuming with other settings is refused.
+    # Without --resume the same folder would start over; resuming with other settings is refused
+    # (settings the run reads: backbone mode's only learning rate is the ViT's).
+    other = dict(backbone_lr=0.5) if mode == "backbone" else dict(lr=0.5)
     with pytest.raises(ValueError, match="different settings"):
-        train(_config(tiny_setup, tmp_path / "b", **dict(settings, lr=0.5)), resume=True)
+        train(_config(tiny_setup, tmp_path / "b", **dict(settings, **other)), resume=True)
 
 
 def test_mixed_batches_resume_identically_and_are_really_mixed(tiny_setup, tmp_path):
@@ -445,6 +447,98 @@ def test_cli_arguments_reach_the_config():
         config_from_args(parser.parse_args(["--mode", "backbone", "--lr", "1e-5"]))
     with pytest.raises(ValueError, match="tome has none: drop --mode"):
         config_from_args(parser.parse_args(["--method", "tome", "--mode", "backbone"]))
+
+
+
+def _train_parser():
+    import argparse
+
+    from tokenmerge.commands.train import _configure
+
+    parser = argparse.ArgumentParser()
+    _configure(parser)
+    return parser
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--method", "tome", "--backbone-lr", "1e-3", "--tau", "0.3", "--embed-dim", "8"],
+     "--backbone-lr, --tau, --embed-dim set up --method dtem; --method tome has no merge embeddings and trains "
+     "only the ViT, at --lr: drop --backbone-lr, --tau, --embed-dim (the ViT's learning rate is --lr)"),
+    (["--method", "tcvit", "--hidden-dim", "32"], "--hidden-dim sets up --method dtem; --method tcvit has no"),
+    (["--mode", "modular", "--backbone-lr", "1e-4"],
+     "--backbone-lr is the ViT's learning rate, and --mode modular keeps the ViT frozen"),
+    (["--mode", "backbone", "--init-modules", "m.safetensors", "--tau", "0.2"],
+     "--tau is the temperature of DTEM's soft merge in modular and end2end training; --mode backbone merges hard"),
+])
+def test_cli_refuses_dtem_settings_the_method_or_mode_does_not_read(argv, message):
+    from tokenmerge.commands.train import config_from_args
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        config_from_args(_train_parser().parse_args(argv))
+
+
+def test_cli_passes_the_dtem_settings_where_they_are_read_and_none_elsewhere():
+    from tokenmerge.commands.train import config_from_args
+
+    parser = _train_parser()
+    end2end = config_from_args(parser.parse_args(["--mode", "end2end", "--backbone-lr", "2e-5", "--tau", "0.3",
+                                                  "--embed-dim", "8", "--hidden-dim", "32"]))
+    assert (end2end.backbone_lr, end2end.tau, end2end.embed_dim, end2end.hidden_dim) == (2e-5, 0.3, 8, 32)
+    backbone = config_from_args(parser.parse_args(["--mode", "backbone", "--init-modules", "m.safetensors",
+                                                   "--embed-dim", "8"]))
+    assert (backbone.embed_dim, backbone.tau) == (8, None)
+    tome = config_from_args(parser.parse_args(["--method", "tome"]))
+    assert (tome.lr, tome.backbone_lr, tome.tau, tome.embed_dim, tome.hidden_dim) == (1e-5, None, None, None, None)
+
+
+def _recorded(out: Path) -> dict:
+    config = json.loads((out / "results.json").read_text())["config"]
+    return {key: config[key] for key in ("lr", "backbone_lr", "tau", "embed_dim", "hidden_dim")}
+
+
+def _initial_lrs(out: Path) -> list:
+    groups = torch.load(out / "checkpoint.pt", weights_only=True)["optimizer"]["param_groups"]
+    return [group["initial_lr"] for group in groups]
+
+
+def test_a_run_records_only_the_settings_it_reads(tiny_setup, tmp_path):
+    from tokenmerge.cli import main
+
+    # The CLI repro: tome at the --lr default; before, --backbone-lr 1e-3 was accepted, ignored and recorded.
+    args = ["train", "vit_tiny_patch16_224", "--data", str(tiny_setup / "train"), "--checkpoint",
+            str(tiny_setup / "tiny.safetensors"), "--model-kwargs", json.dumps(TINY), "--r", "3",
+            "--max-steps", "1", "--batch-size", "4", "--eval-r", "--no-progress"]
+    assert main(args + ["--method", "tome", "--out", str(tmp_path / "tome")]) == 0
+    assert _initial_lrs(tmp_path / "tome") == [1e-5]
+    assert _recorded(tmp_path / "tome") == dict(lr=1e-5, backbone_lr=None, tau=None, embed_dim=None, hidden_dim=None)
+    # dtem records the defaults it ran with: the soft merge's tau, the modules' shape, the ViT's lr.
+    assert main(args + ["--mode", "end2end", "--out", str(tmp_path / "end2end")]) == 0
+    assert _initial_lrs(tmp_path / "end2end") == [1e-3, 1e-5]
+    assert _recorded(tmp_path / "end2end") == dict(lr=1e-3, backbone_lr=1e-5, tau=0.1, embed_dim=64, hidden_dim=None)
+    # Through the Python API the settings a run does not read are accepted, and recorded as None.
+    train(_config(tiny_setup, tmp_path / "modular", max_steps=1, backbone_lr=1e-2, eval_r=[]))
+    assert _recorded(tmp_path / "modular") == dict(lr=1e-2, backbone_lr=None, tau=0.2, embed_dim=16, hidden_dim=None)
+    modules = str(tmp_path / "modular" / "dtem_modules.safetensors")
+    train(_config(tiny_setup, tmp_path / "backbone", mode="backbone", init_modules=modules, max_steps=1, eval_r=[]))
+    assert _initial_lrs(tmp_path / "backbone") == [1e-5]
+    assert _recorded(tmp_path / "backbone") == dict(lr=None, backbone_lr=1e-5, tau=None, embed_dim=16, hidden_dim=None)
+
+
+@pytest.mark.parametrize("method,mode", [("tome", "end2end"), ("dtem", "modular")])
+def test_checkpoints_that_recorded_unread_settings_still_resume(tiny_setup, tmp_path, method, mode):
+    """Checkpoints written before unread settings were recorded as None hold their old defaults."""
+    config = _config(tiny_setup, tmp_path, method=method, mode=mode)
+    with pytest.raises(Killed):
+        train(config, on_step=_kill_at(3))
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    saved = json.loads(state["config"])
+    # What such a checkpoint held for the settings this run does not read: the old defaults.
+    old = dict(backbone_lr=1e-5, tau=0.1, embed_dim=64, hidden_dim=None) if method == "tome" else dict(backbone_lr=1e-5)
+    assert not set(old) & set(saved)
+    saved.update(old)
+    state["config"] = json.dumps(saved, sort_keys=True)
+    torch.save(state, tmp_path / "checkpoint.pt")
+    assert train(config, resume=True)["steps"] == 5
 
 
 # --- hardening: checkpoints are data, divergence stops the run, runs never mix ------------

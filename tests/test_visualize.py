@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -103,6 +104,52 @@ def test_visualize_cli_on_a_hugging_face_folder(hf_vit_dir, tiny_image_folder, t
     assert main(["visualize", str(image), f"hf:{hf_vit_dir}", "--r", "3", "--block", "1", "--out", str(out)]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "after block 1/2, 17 tokens -> 14" in capsys.readouterr().out
+
+
+
+def test_visualize_writes_the_format_the_suffix_names(hf_vit_dir, tiny_image_folder, tmp_path, capsys):
+    from PIL import Image
+
+    from tokenmerge.commands.visualize import render
+
+    image = tiny_image_folder / "class0" / "0.png"
+    out = tmp_path / "groups.jpg"
+    assert main(["visualize", str(image), f"hf:{hf_vit_dir}", "--r", "3", "--out", str(out)]) == 0
+    assert out.read_bytes()[:3] == b"\xff\xd8\xff"  # JPEG, not PNG bytes under a .jpg name
+    with Image.open(out) as written:
+        assert written.format == "JPEG"
+    capsys.readouterr()
+    # A suffix naming no format we write is refused before the model loads, and nothing is written.
+    for name, problem in (("groups.bmp", ".bmp is not an image format tokenmerge visualize writes"),
+                          ("groups", "the name has no suffix to say which image format to write")):
+        with pytest.raises(SystemExit):
+            main(["visualize", str(image), f"hf:{hf_vit_dir}", "--out", str(tmp_path / name)])
+        err = capsys.readouterr().err
+        assert f"argument --out: cannot write {str(tmp_path / name)!r}: {problem}; end the name in .png" in err
+        assert not (tmp_path / name).exists()
+    with pytest.raises(ValueError, match=r"\.bmp is not an image format"):
+        render(load_model(f"hf:{hf_vit_dir}"), image, "tome", 3, tmp_path / "api.bmp")
+    assert not (tmp_path / "api.bmp").exists()
+
+
+def test_an_unreadable_image_gets_the_remedy_of_where_it_came_from(hf_vit_dir, tiny_image_folder, tmp_path, capsys):
+    from tokenmerge.evaluation.data import image_folder
+
+    bad = tmp_path / "bad.jpg"
+    bad.write_text("not an image")
+    # One file named on the command line: no dataset folder to remove it from.
+    assert main(["visualize", str(bad), f"hf:{hf_vit_dir}", "--out", str(tmp_path / "v.png")]) == 2
+    err = capsys.readouterr().err
+    assert f"{bad} is not a readable image" in err and "pass an image file that PIL can open" in err
+    assert "dataset folder" not in err
+    # A file of a dataset folder keeps the folder's remedy.
+    folder = tmp_path / "data"
+    shutil.copytree(tiny_image_folder, folder)
+    shutil.copy(bad, folder / "class0" / "bad.jpg")
+    dataset = image_folder(folder, image_size=32)
+    index = [Path(path).name for path, _ in dataset.samples].index("bad.jpg")
+    with pytest.raises(ValueError, match="bad.jpg is not a readable image .*; remove it from the dataset folder"):
+        dataset[index]
 
 
 def test_groups_of_a_hugging_face_model_match_its_traced_forward(hf_vit_dir, tiny_image_folder):

@@ -118,6 +118,9 @@ METHODS = ("dtem", "tome", "mctf", "pitome", "atc", "tcvit", "evit", "prune")
 PARAMETER_FREE_METHODS = ("tome", "mctf", "pitome", "atc", "tcvit", "evit", "prune")
 # DTEM options that have TrainConfig fields of their own.
 DTEM_FIELD_OPTIONS = ("tau", "embed_dim", "hidden_dim")
+# The defaults of the settings only some methods and modes read (see unused_settings).
+DEFAULT_TAU = 0.1
+DEFAULT_BACKBONE_LR = 1e-5
 MODES = ("modular", "end2end", "backbone")
 CHECKPOINT_NAME = "checkpoint.pt"
 LOG_NAME = "train_log.jsonl"
@@ -154,15 +157,17 @@ class TrainConfig:
     model_kwargs: dict = dataclasses.field(default_factory=dict)
     num_classes: Optional[int] = None
     r: Schedule = 16  # an int, or per block (a list, e.g. the "r" of tune's best.json)
-    tau: float = 0.1
+    # The settings below marked "read by" are ignored by other methods and modes, and the run
+    # records them as None there (unused_settings); None where read: the default named.
+    tau: Optional[float] = None  # read by dtem modular/end2end (the soft merge); default 0.1
     init_modules: Optional[str] = None  # dtem: start from these trained merge modules (a .safetensors file)
-    embed_dim: int = 64
-    hidden_dim: Optional[int] = None
+    embed_dim: Optional[int] = None  # read by dtem; default 64 (or a modules= option's file's)
+    hidden_dim: Optional[int] = None  # read by dtem; None: an affine merge embedding, no MLP
     epochs: float = 1.0
     max_steps: Optional[int] = None  # overrides epochs
     batch_size: int = 32
-    lr: float = 1e-3  # merge embeddings (dtem), or the ViT (tome)
-    backbone_lr: float = 1e-5  # the ViT in dtem end2end and backbone
+    lr: float = 1e-3  # read by all but dtem backbone: merge embeddings (dtem), or the ViT (tome...)
+    backbone_lr: Optional[float] = None  # read by dtem end2end/backbone (the ViT's lr); default 1e-5
     weight_decay: float = 0.05
     warmup_steps: int = 20
     limit: Optional[int] = None
@@ -228,10 +233,10 @@ class TrainConfig:
                 raise ValueError(f"give dtem's {', '.join(clash)} as --{clash[0].replace('_', '-')} "
                                  "(its own option), not as a method option")
         self._check_schedule()
-        for flag, value in (("--batch-size", self.batch_size), ("--embed-dim", self.embed_dim),
-                            ("--checkpoint-every", self.checkpoint_every)):
+        for flag, value in (("--batch-size", self.batch_size), ("--checkpoint-every", self.checkpoint_every)):
             _require_int(flag, value, minimum=1)
-        for flag, value in (("--max-steps", self.max_steps), ("--hidden-dim", self.hidden_dim),
+        for flag, value in (("--max-steps", self.max_steps), ("--embed-dim", self.embed_dim),
+                            ("--hidden-dim", self.hidden_dim),
                             ("--limit", self.limit), ("--eval-limit", self.eval_limit),
                             ("--num-classes", self.num_classes)):
             if value is not None:
@@ -242,8 +247,9 @@ class TrainConfig:
         _require_int("--seed", self.seed, minimum=0, maximum=MAX_SEED)
         # A negative learning rate is gradient ascent, NaN/inf a run that diverges at step 1.
         _require_positive("--lr", self.lr)
-        _require_positive("--backbone-lr", self.backbone_lr)
-        _require_positive("--tau", self.tau)
+        for flag, value in (("--backbone-lr", self.backbone_lr), ("--tau", self.tau)):
+            if value is not None:
+                _require_positive(flag, value)
         _require_positive("--epochs", self.epochs)
         for flag, value in (("--weight-decay", self.weight_decay), ("--mixup", self.mixup), ("--cutmix", self.cutmix)):
             if not (_is_real(value) and math.isfinite(value) and value >= 0):
@@ -296,6 +302,34 @@ class TrainConfig:
     @property
     def labels_needed(self) -> bool:
         return not (self.distill and self.distill_weight == 1.0)
+
+
+def unused_settings(method: str, mode: str) -> tuple:
+    """The settings among ``lr``, ``backbone_lr``, ``tau``, ``embed_dim`` and ``hidden_dim`` that
+    a run of ``method`` in ``mode`` never reads (the CLI refuses them; a run records them as None)."""
+    if method != "dtem":
+        # No merge embeddings: the ViT is the only thing that learns, at lr.
+        return ("backbone_lr", "tau", "embed_dim", "hidden_dim")
+    if mode == "modular":
+        return ("backbone_lr",)  # the ViT stays frozen
+    if mode == "backbone":
+        # The modules stay fixed (no lr) and merge hard, as at inference (no soft merge, no tau).
+        return ("lr", "tau")
+    return ()
+
+
+def _with_used_settings(config: TrainConfig, model: nn.Module) -> TrainConfig:
+    """``config`` as the patched ``model`` runs it: the DTEM shape and tau its merge modules
+    got, the default backbone_lr where one is read, and None for every setting not read."""
+    changes = {name: None for name in unused_settings(config.method, config.mode)}
+    if config.method == "dtem":
+        reducer = adapter_for(model).reducer
+        changes.update(embed_dim=reducer.embed_dim, hidden_dim=reducer.hidden_dim)
+        if "tau" not in changes:
+            changes["tau"] = reducer.tau
+        if "backbone_lr" not in changes and config.backbone_lr is None:
+            changes["backbone_lr"] = DEFAULT_BACKBONE_LR
+    return dataclasses.replace(config, **changes)
 
 
 def _is_real(value) -> bool:
@@ -459,7 +493,9 @@ def build_model(config: TrainConfig, model: Optional[nn.Module] = None) -> nn.Mo
     # A best.json's options may hold options of every method (keep_norm, ...), which patch takes.
     common, options = split_common_options(config.method_options)
     if config.method == "dtem":
-        options.update(tau=config.tau, embed_dim=config.embed_dim, hidden_dim=config.hidden_dim)
+        # None: DTEM's own defaults (embed_dim from a modules= file, else 64; tau 0.1).
+        options.update(embed_dim=config.embed_dim, hidden_dim=config.hidden_dim,
+                       tau=DEFAULT_TAU if config.tau is None else config.tau)
     reducer = create_reducer(config.method, **options)
     _check_schedule_fits(config, reducer, adapter)
     tokenmerge.patch(model, method=reducer, r=config.r, **common)
@@ -636,6 +672,10 @@ def _same_run_fields(config: TrainConfig) -> dict:
     for added in ("mixup", "cutmix"):
         if not fields[added]:
             fields.pop(added)
+    # Settings the run does not read (None since checkpoints recorded only what was used;
+    # before, their defaults): a checkpoint of either kind resumes.
+    for unused in unused_settings(config.method, config.mode):
+        fields.pop(unused)
     fields["model_kwargs"] = json.dumps(fields["model_kwargs"], sort_keys=True)
     fields["method_options"] = json.dumps(fields["method_options"], sort_keys=True)
     return json.loads(json.dumps(fields, sort_keys=True))
@@ -847,6 +887,8 @@ def train(
         teacher = build_teacher(config, model).to(device)
         config = _with_teacher_fingerprint(config, teacher)
     model = build_model(config, model).to(device)
+    # What the run reads, and so what its checkpoints and results.json record.
+    config = _with_used_settings(config, model)
     groups = _set_train_mode(model, config)
     # a --limit subset is spread over the folder so that it covers every class
     dataset = training_set(model, root, config.limit, config.labels_needed, progress=is_main and config.progress)

@@ -75,18 +75,23 @@ def _configure(parser: argparse.ArgumentParser) -> None:
                         help="tokens merged per block in training (default 16), or one value per block "
                              "(16,16,14,...): use the largest r you will evaluate (--merge-r: the same, for "
                              "torchrun, whose own options swallow --r)")
-    parser.add_argument("--tau", type=_tau, default=0.1, help="soft-grouping temperature (dtem)")
+    parser.add_argument("--tau", type=_tau, default=None,
+                        help="dtem modular/end2end: the soft merge's temperature (default 0.1)")
     parser.add_argument("--init-modules", default=None, metavar="FILE",
                         help="dtem: start from these trained merge modules (.safetensors written by a "
                              "modular run or tokenmerge.save_merge_modules), e.g. to fine-tune end2end")
-    parser.add_argument("--embed-dim", type=_positive_int, default=64)
-    parser.add_argument("--hidden-dim", type=_positive_int, default=None, help="MLP merge embedding")
+    parser.add_argument("--embed-dim", type=_positive_int, default=None,
+                        help="dtem: the merge embedding's width (default 64)")
+    parser.add_argument("--hidden-dim", type=_positive_int, default=None,
+                        help="dtem: an MLP merge embedding with this hidden width (default: affine)")
     parser.add_argument("--epochs", type=arguments.finite_positive_float, default=1.0)
     parser.add_argument("--max-steps", type=_positive_int, default=None, help="overrides --epochs")
     parser.add_argument("--batch-size", type=_positive_int, default=32, help="per process")
     parser.add_argument("--lr", type=arguments.finite_positive_float, default=None,
-                        help="learning rate (default: 1e-3 for dtem embeddings, 1e-5 for tome)")
-    parser.add_argument("--backbone-lr", type=arguments.finite_positive_float, default=1e-5, help="the ViT's lr in dtem end2end and backbone")
+                        help="learning rate of what the method trains: dtem's merge embeddings (default 1e-3), "
+                             "the ViT for tome and the other methods (default 1e-5)")
+    parser.add_argument("--backbone-lr", type=arguments.finite_positive_float, default=None,
+                        help="dtem end2end and backbone: the ViT's learning rate (default 1e-5)")
     parser.add_argument("--weight-decay", type=arguments.finite_non_negative_float, default=0.05)
     parser.add_argument("--warmup-steps", type=arguments.non_negative_int, default=20)
     parser.add_argument("--mixup", type=arguments.finite_non_negative_float, default=0.0, metavar="ALPHA",
@@ -171,13 +176,15 @@ def config_from_args(args):
     if args.mode == "backbone" and args.lr is not None:
         raise ValueError("--mode backbone trains only the ViT, at --backbone-lr (the merge modules stay fixed): "
                          "drop --lr")
+    mode = "end2end" if method in PARAMETER_FREE_METHODS else args.mode
+    _refuse_unused(args, method, mode)
     lr = args.lr if args.lr is not None else (1e-3 if method == "dtem" else 1e-5)
     eval_r = args.eval_r if args.eval_r is not None else [r]
     for flag, value in (("--distill-weight", args.distill_weight), ("--distill-temperature", args.distill_temperature)):
         if value is not None and not args.distill:
             raise ValueError(f"{flag} sets up distillation: add --distill")
     return TrainConfig(
-        method=method, mode="end2end" if method in PARAMETER_FREE_METHODS else args.mode,
+        method=method, mode=mode,
         data=args.data, model=args.model, checkpoint=args.checkpoint,
         model_kwargs=args.model_kwargs, num_classes=args.num_classes, r=r, tau=args.tau,
         init_modules=args.init_modules,
@@ -192,6 +199,29 @@ def config_from_args(args):
         distill_temperature=1.0 if args.distill_temperature is None else args.distill_temperature,
         teacher=args.teacher, teacher_model=args.teacher_model,
     )
+
+
+def _refuse_unused(args, method: str, mode: str) -> None:
+    """Refuse the DTEM-only flags where the run would not read them (it would train with the
+    defaults of what it does read, while the flags looked applied)."""
+    from ..training import unused_settings
+
+    unused = unused_settings(method, mode)
+    flags = {"backbone_lr": "--backbone-lr", "tau": "--tau", "embed_dim": "--embed-dim", "hidden_dim": "--hidden-dim"}
+    given = [flag for name, flag in flags.items() if name in unused and getattr(args, name) is not None]
+    if not given:
+        return
+    if method != "dtem":
+        lr = " (the ViT's learning rate is --lr)" if "--backbone-lr" in given else ""
+        named = ", ".join(given)
+        raise ValueError(f"{named} {'set' if len(given) > 1 else 'sets'} up --method dtem; --method {method} has "
+                         f"no merge embeddings and trains only the ViT, at --lr: drop {named}{lr}")
+    if "--backbone-lr" in given:
+        raise ValueError("--backbone-lr is the ViT's learning rate, and --mode modular keeps the ViT frozen "
+                         "(only the merge embeddings learn, at --lr): drop it, or train the ViT too with "
+                         "--mode end2end")
+    raise ValueError("--tau is the temperature of DTEM's soft merge in modular and end2end training; "
+                     "--mode backbone merges hard, as at inference: drop it")
 
 
 def run(args) -> int:

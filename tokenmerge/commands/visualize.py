@@ -41,22 +41,52 @@ def add_parser(subparsers) -> None:
                         help="a method option, e.g. order=2; repeatable")
     parser.add_argument("--block", type=arguments.positive_int, default=None,
                         help="show the groups after this block (1-based; default: the last)")
-    parser.add_argument("--out", type=arguments.output_file, default=Path("tokenmerge-visualize.png"),
-                        help="output PNG; for a video model a name ending in .gif writes an animated GIF, "
-                             "one frame per input frame")
+    parser.add_argument("--out", type=_output_image, default=Path("tokenmerge-visualize.png"),
+                        help="output image, in the format its suffix names (.png, .jpg, .svg, .pdf...); for a "
+                             "video model a name ending in .gif writes an animated GIF, one frame per input frame")
     parser.set_defaults(func=run)
+
+
+def image_format(out) -> str:
+    """The format the suffix of ``out`` names (lower case, no dot), refusing one that
+    matplotlib cannot write: the file's bytes must be what its name says."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    suffix = Path(out).suffix.lower()
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if suffix[1:] not in formats:
+        problem = (f"{suffix} is not an image format tokenmerge visualize writes" if suffix
+                   else "the name has no suffix to say which image format to write")
+        raise ValueError(
+            f"cannot write {str(out)!r}: {problem}; end the name in .png (or .gif: an animation of a "
+            f"video), or one of "
+            f"{', '.join('.' + name for name in sorted(formats) if name not in ('png', 'gif'))}"
+        )
+    return suffix[1:]
+
+
+def _output_image(text: str) -> Path:
+    """``--out``: a writable file path whose suffix names a format we write."""
+    path = arguments.output_file(text)
+    try:
+        image_format(path)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return path
 
 
 def render(model, path, method: str, schedule, out, block=None, options=None) -> str:
     """Patch a copy of ``model`` with ``method``/``schedule``, draw the merge groups of the
-    input file ``path`` (an image, or what an audio/video model takes) to ``out`` (a PNG, or
-    an animated GIF when it ends in ``.gif``); returns a one-line summary."""
+    input file ``path`` (an image, or what an audio/video model takes) to ``out`` (a picture in
+    the format its suffix names, or an animated GIF when it ends in ``.gif``); returns a
+    one-line summary."""
     from ..backends.adapter import adapter_for
     from ..evaluation.sweep import Variant, build_variant
     from ..evaluation.visualize import merge_animation, save_gif, visualize_merging
 
     out = Path(out)
-    gif = out.suffix.lower() == ".gif"
+    kind = image_format(out)  # before the model runs: a bad name fails at once
+    gif = kind == "gif"
     patched = build_variant(model, Variant.create(method, schedule, options))
     label = f"{method} {format_schedule(schedule)}" if isinstance(schedule, KeepRatio) else (
         f"{method} r={format_schedule(schedule)}")
@@ -66,7 +96,7 @@ def render(model, path, method: str, schedule, out, block=None, options=None) ->
     if gif:
         save_gif(drawing, out)
     else:
-        drawing.savefig(out, dpi=110, format="png")
+        drawing.savefig(out, dpi=110, format=kind)
     return (f"{label}: after block {groups.block}/{adapter_for(patched).num_blocks}, {groups.tokens_in} tokens -> "
             f"{groups.num_tokens}; wrote {out}")
 

@@ -46,9 +46,13 @@ def check_num_classes(logits: torch.Tensor, num_classes: int) -> None:
     """Fail loudly when the model's head does not match the dataset's ``num_classes``."""
     width = logits.shape[-1]
     if width != num_classes:
+        # The model's head may come from a checkpoint, whose class count is fixed, or be new
+        # (or re-initialised), whose count is a choice: only the latter can follow the data.
         raise ValueError(
-            f"the model predicts {width} classes but the dataset has {num_classes}; "
-            f"load the model with num_classes={num_classes} (CLI: --num-classes {num_classes})"
+            f"the model predicts {width} classes but the dataset has {num_classes}: use a data folder "
+            f"with the model's {width} classes (one sub-folder per class, their sorted names in the order "
+            f"of the labels it was trained on), or, for a new or re-initialised head (not one loaded from "
+            f"a checkpoint), build the model with num_classes={num_classes} (CLI: --num-classes {num_classes})"
         )
 
 

@@ -35,14 +35,21 @@ def image_transform(image_size: int = 224, mean=IMAGENET_MEAN, std=IMAGENET_STD)
     return transforms.Compose([centre_crop_transform(image_size), transforms.Normalize(mean, std)])
 
 
-def _checked_loader(path: str):
+# The remedy for an unreadable file depends on where it came from: a dataset folder's file
+# can be removed, a file named on the command line must be replaced.
+FOLDER_FIX = "remove it from the dataset folder"
+FILE_FIX = "pass an image file that PIL can open (JPEG, PNG, WebP, ...)"
+
+
+def _checked_loader(path: str, fix: str = FOLDER_FIX):
+    """The RGB image at ``path``; an unreadable one raises ``ValueError`` naming it, then ``fix``."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with open(path, "rb") as handle:
             return Image.open(handle).convert("RGB")
     except (UnidentifiedImageError, OSError) as err:
-        raise ValueError(f"{path} is not a readable image ({err}); remove it from the dataset folder") from None
+        raise ValueError(f"{path} is not a readable image ({err}); {fix}") from None
 
 
 def image_folder(root, image_size: int = 224, limit: Optional[int] = None, transform=None,

@@ -185,12 +185,12 @@ def load_display_image(path, image_size: int = 224, transform=None, mean=None, s
     """
     from torchvision import transforms
 
-    from .data import IMAGENET_MEAN, IMAGENET_STD, _checked_loader, centre_crop_transform
+    from .data import FILE_FIX, IMAGENET_MEAN, IMAGENET_STD, _checked_loader, centre_crop_transform
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"image {str(path)!r} does not exist")
-    picture = _checked_loader(str(path))
+    picture = _checked_loader(str(path), fix=FILE_FIX)  # one file the caller named: no folder to clean
     if transform is not None:
         normalised = transform(picture)
         return _denormalise(normalised, mean or IMAGENET_MEAN, std or IMAGENET_STD), normalised
