@@ -9,6 +9,19 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def fresh_process_lines(script: str, *args) -> list:
+    """The stdout lines of ``script`` run in a new Python process from the repository, which has
+    imported and patched nothing: what a user loading a saved file in another session gets."""
+    import subprocess
+    import sys
+    import textwrap
+
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(script), *map(str, args)], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout.split("\n")
 SHARED = REPO.parent / "shared"
 IMAGENETTE_VAL = SHARED / "data" / "imagenette" / "val"
 IMAGENETTE_TRAIN = SHARED / "data" / "imagenette" / "train"

@@ -3,9 +3,6 @@ result: per-image merging under max pools, pooling without sizes, prefix tokens 
 unprotected, shared MLPs at r=0, and patched models loaded by a fresh process."""
 
 import copy
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
@@ -16,7 +13,7 @@ from timm.models.vision_transformer import VisionTransformer
 import tokenmerge
 from tokenmerge.core.matching import shared_mlp_pairs
 
-from .conftest import REPO, staged_logits
+from .conftest import fresh_process_lines, staged_logits
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -138,7 +135,7 @@ def test_patched_models_load_in_a_fresh_process(tmp_path):
         torch.save(model, tmp_path / f"{name}.pt")
         torch.save(logits, tmp_path / f"{name}_logits.pt")
     # Nothing is patched in the fresh process before it loads.
-    script = textwrap.dedent("""
+    script = """
         import sys
         import torch
         torch.set_num_threads(1)
@@ -149,9 +146,6 @@ def test_patched_models_load_in_a_fresh_process(tmp_path):
             with torch.no_grad():
                 same = torch.equal(model(x), torch.load(f"{folder}/{name}_logits.pt"))
             print(name, type(model).__name__, model.tokenmerge_schedule(), same)
-    """)
-    done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.split("\n")[:2] == ["vit TokenMergeVisionTransformer (2, 2, 2) True",
-                                           "eva TokenMergeEva (2, 2, 2) True"]
+    """
+    assert fresh_process_lines(script, tmp_path)[:2] == ["vit TokenMergeVisionTransformer (2, 2, 2) True",
+                                                         "eva TokenMergeEva (2, 2, 2) True"]

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import copy
 import io
-import subprocess
 import sys
-import textwrap
 import warnings
 
 import pytest
@@ -17,7 +15,7 @@ transformers = pytest.importorskip("transformers")
 import tokenmerge  # noqa: E402
 from tokenmerge.backends import transformers as hf  # noqa: E402
 
-from .conftest import REPO, staged_logits  # noqa: E402
+from .conftest import fresh_process_lines, staged_logits  # noqa: E402
 
 VISION = dict(image_size=64, patch_size=16, hidden_size=48, num_hidden_layers=3, num_attention_heads=3)
 PATCHES = 16  # (64 / 16) ** 2
@@ -366,7 +364,7 @@ def test_patched_models_load_in_a_fresh_process(tmp_path):
         torch.save(model, tmp_path / f"{name}.pt")
         torch.save((x, logits), tmp_path / f"{name}_expected.pt")
     # Nothing is patched in the fresh process before it loads.
-    script = textwrap.dedent("""
+    script = """
         import sys
         import torch
         torch.set_num_threads(1)
@@ -378,12 +376,9 @@ def test_patched_models_load_in_a_fresh_process(tmp_path):
                 same = torch.equal(model(x).logits, logits)
             trunk = model.vit if name == "vit" else model.vision_model
             print(name, type(trunk).__qualname__, trunk.tokenmerge_schedule(), same)
-    """)
-    done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.split("\n")[:2] == ["vit TokenMergeViTModel (2, 2) True",
-                                           "clip_classifier TokenMergeCLIPVisionModel (2, 2, 2) True"]
+    """
+    assert fresh_process_lines(script, tmp_path)[:2] == ["vit TokenMergeViTModel (2, 2) True",
+                                                         "clip_classifier TokenMergeCLIPVisionModel (2, 2, 2) True"]
 
 
 def test_unsupported_architectures_are_named():
