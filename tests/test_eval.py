@@ -544,3 +544,26 @@ def test_a_long_title_stays_inside_a_one_panel_plot():
     box = drawn.get_window_extent(renderer)
     assert len(figure.axes) == 1 and drawn.get_text() == title
     assert box.x0 >= 0 and box.x1 <= figure.bbox.x1
+
+
+def test_per_image_rows_are_timed_on_the_evaluated_images(monkeypatch):
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    base = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=3).eval()
+    images, labels = torch.randn(10, 3, 32, 32), torch.randint(0, 3, (10,))
+    example = torch.randn(4, 3, 32, 32)
+    given = []
+
+    def fake_throughput(models, inputs=None, **kwargs):
+        given.append(inputs)
+        return {key: {"images_per_s": 100.0, "ms_per_batch": 1.0} for key in models}
+
+    monkeypatch.setattr(sweep, "measure_throughput", fake_throughput)
+    fixed = [sweep.Variant.create("tome", "2")]
+    per_image = fixed + [sweep.Variant.create("atc", "4", {"threshold": [0.9, 0.9]})]
+    for variants in (fixed, per_image):
+        sweep.run_sweep(base, variants, images, labels, 3, timing_batch_size=4, progress=False,
+                        log=lambda *_: None, example=example)
+    assert given[0] is example  # fixed schedules cost the same on any input: random ones
+    assert torch.equal(given[1], images[[0, 3, 6, 9]])  # spread over the evaluated images

@@ -340,7 +340,9 @@ def run_sweep(
     Rows: method, schedule, options, label, accuracy (%), gflops (per image), tokens_in,
     tokens_out (:data:`PER_IMAGE` where each image keeps its own count), num_images, cached,
     and with timing images_per_s, ms_per_batch, speedup. Labels name module files with as
-    many parent folders as it takes to tell them apart.
+    many parent folders as it takes to tell them apart. Timing runs on ``example`` (random
+    inputs), or, when a row merges per image, on a spread of the evaluated inputs
+    (:func:`timing_sample`), since its cost follows the content.
     """
     from tqdm.auto import tqdm
 
@@ -369,9 +371,12 @@ def run_sweep(
         rows.append(row)
     add_paired_statistics(rows)
     if timing:
+        inputs = example
+        if any(index and adapter_for(model).reducer.per_image for index, model in models.items()):
+            inputs = timing_sample(images, timing_batch_size).to(device)
         speed = measure_throughput(models, batch_size=timing_batch_size, image_size=image_size,
                                    device=device, dtype=dtype, warmup=warmup, repeats=repeats,
-                                   progress=progress, inputs=example)
+                                   progress=progress, inputs=inputs)
         reference = speed[0]["images_per_s"]  # variants[0] is the unmodified model
         for index, row in enumerate(rows):
             measured = speed[index]
@@ -379,6 +384,15 @@ def run_sweep(
             row["ms_per_batch"] = measured["ms_per_batch"]
             row["speedup"] = measured["images_per_s"] / reference
     return rows
+
+
+def timing_sample(inputs: torch.Tensor, count: int) -> torch.Tensor:
+    """``count`` of the evaluated ``inputs``, evenly spaced (every class of a sorted folder),
+    repeated if there are fewer: what per-image merging is timed on. Its token counts follow
+    the content, and random noise merges otherwise than real images; fixed schedules cost the
+    same on either, so the rows timed with it stay comparable."""
+    index = torch.linspace(0, len(inputs) - 1, count).round().long() if len(inputs) > 1 else torch.zeros(count).long()
+    return inputs[index]
 
 
 def add_paired_statistics(rows: Sequence[dict]) -> None:
