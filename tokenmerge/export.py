@@ -38,6 +38,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .evaluation.sweep import evaluation_mode
+
 __all__ = ["DEFAULT_OPSET", "OnnxExport", "check_exportable", "export_onnx", "export_program", "onnx_session"]
 
 # ScatterND with reduction="add" needs opset 16; 20 is the newest the TorchScript
@@ -292,9 +294,7 @@ def export_onnx(
         )
     path = Path(path)
     images = _example_images(batch_size, size)
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluation_mode(model):
         graph, output = _graph_module(model), _output_name(model)
         atomic_write(path, lambda temporary: _write_onnx(graph, images, temporary, dynamic_batch, opset, output))
         shape = ("batch" if dynamic_batch else batch_size, 3, *size)
@@ -302,8 +302,6 @@ def export_onnx(
             return OnnxExport(path, shape, output=output)
         batches = [images] + ([_example_images(batch_size + 1, size, seed=1)] if dynamic_batch else [])
         worst, agreement = compare_with_onnxruntime(model, path, batches)
-    finally:
-        model.train(was_training)
     if not worst <= atol:
         same = "" if agreement is None else f"; top-1 agreement {agreement:.1%}"
         raise ValueError(
@@ -325,12 +323,7 @@ def export_program(model: nn.Module, image_size=None, batch_size: int = 2, dynam
     size = check_exportable(model, image_size)
     images = _example_images(batch_size, size)
     dynamic_shapes = ({0: torch.export.Dim("batch")},) if dynamic_batch else None
-    was_training = model.training
-    model.eval()
-    try:
-        # Traced with gradients off, the merge code's own no_grad blocks change nothing, so the
-        # graph holds no grad-mode switches: a program with them saves but fails to load.
-        with torch.no_grad():
-            return torch.export.export(_graph_module(model), (images,), dynamic_shapes=dynamic_shapes, strict=False)
-    finally:
-        model.train(was_training)
+    # Traced with gradients off, the merge code's own no_grad blocks change nothing, so the
+    # graph holds no grad-mode switches: a program with them saves but fails to load.
+    with evaluation_mode(model), torch.no_grad():
+        return torch.export.export(_graph_module(model), (images,), dynamic_shapes=dynamic_shapes, strict=False)

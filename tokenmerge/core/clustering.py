@@ -27,9 +27,9 @@ fills its last slots with *empty* tokens (size 0, value 0), which proportional a
 (``log 0 = -inf``) and size-weighted pooling ignore and the next block discards. Each image's
 result is the one it would get alone, unless two of its candidate pairs tie exactly (e.g.
 identical tokens): small batches join in rounds and large ones one pair at a time (below),
-and the two may settle such a tie differently. With complete linkage and a small batch (latency), the
-joins are made in rounds of mutually most similar pairs, the same clusters in far fewer
-kernel launches (:func:`_complete_linkage_in_rounds`).
+and the two may settle such a tie differently. With complete linkage and a small batch
+(latency), the joins are made in rounds of mutually most similar pairs, the same clusters in
+far fewer kernel launches (:func:`_complete_linkage_in_rounds`).
 
 Output order. ``[protected..., clusters in the order of their first member]``: a token
 that joined nothing keeps its relative place.
@@ -333,8 +333,9 @@ def agglomerative_plan(
             (the first block) the joins are the same as without it.
         threshold: ``None`` to remove exactly ``r`` tokens. Otherwise each image joins while
             its most similar pair (the similarity above, size criterion included; the plain
-            cosine when ``size`` is ``None``) is at least ``threshold``, at most ``r`` times; tokens of size 0 (empty slots of an
-            earlier per-image plan) are discarded first and join nothing (module docstring).
+            cosine when ``size`` is ``None``) is at least ``threshold``, at most ``r`` times;
+            tokens of size 0 (empty slots of an earlier per-image plan) are discarded first
+            and join nothing (module docstring).
 
     Returns:
         A :class:`~tokenmerge.core.merge.MergePlan` with ``num_out = N - r``; with a

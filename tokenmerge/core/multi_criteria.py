@@ -107,7 +107,8 @@ def multi_criteria_matching(
 
     Returns:
         A :class:`~tokenmerge.core.merge.MergePlan` with ``num_out = N - r``; with
-        ``fusion="attention"`` its ``weight`` is ``size * received`` (``[B, N, 1]``, ``received`` scaled to a maximum of 1 per image, in float32 at least).
+        ``fusion="attention"`` its ``weight`` is ``size * received`` (``[B, N, 1]``,
+        ``received`` scaled to a maximum of 1 per image, in float32 at least).
     """
     B, N, _ = metric.shape
     check_bipartite_reduction("MCTF", N, num_protected, r)

@@ -142,13 +142,15 @@ def soft_merge(
     """
     # The assignment may come from float32 merge modules on a half-precision model: merge in
     # the wider dtype, return in the tokens'.
+    dtypes = xb.dtype, mb.dtype, ma.dtype
     work = torch.promote_types(xa.dtype, P.dtype)
-    flow = P.to(work) * ma.to(work)  # [B, Na, Nb] patches moved from a to b
+    xa, ma, xb, mb, P = (t.to(work) for t in (xa, ma, xb, mb, P))
+    flow = P * ma  # [B, Na, Nb] patches moved from a to b
     flow_t = flow.transpose(1, 2)  # [B, Nb, Na]
-    mb_new = mb.to(work) + flow_t.sum(dim=-1, keepdim=True)
-    xb_new = (mb.to(work) * xb.to(work) + flow_t @ xa.to(work)) / mb_new
-    ma_new = ma.to(work) * (1.0 - P.to(work).sum(dim=-1, keepdim=True))
-    return xb_new.to(xb.dtype), mb_new.to(mb.dtype), ma_new.to(ma.dtype)
+    mb_new = mb + flow_t.sum(dim=-1, keepdim=True)
+    xb_new = (mb * xb + flow_t @ xa) / mb_new
+    ma_new = ma * (1.0 - P.sum(dim=-1, keepdim=True))
+    return tuple(t.to(dtype) for t, dtype in zip((xb_new, mb_new, ma_new), dtypes))
 
 
 def soft_bipartite_step(

@@ -159,6 +159,24 @@ def _shared_copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model, memo)
 
 
+class evaluation_mode:
+    """``with evaluation_mode(model):`` the module tree in eval mode, and on exit every module
+    back in its own mode (a model may hold frozen parts in eval mode while it trains)."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __enter__(self):
+        self.modes = [(module, module.training) for module in self.model.modules()]
+        self.model.eval()
+        return self.model
+
+    def __exit__(self, *exc):
+        for module, training in self.modes:
+            module.training = training
+        return False
+
+
 def build_variant(base: nn.Module, variant: Variant) -> nn.Module:
     """The model for ``variant``: ``base`` itself when unmodified, else a patched shared copy."""
     import tokenmerge

@@ -42,7 +42,8 @@ from ..core.merge import keep_first
 from .flops import count_gflops
 from .throughput import autocast_for
 from ..methods.atc import check_threshold
-from .tune import _evaluating, _metrics, _Scorer, calibration_images, resolve_budget
+from .sweep import evaluation_mode
+from .tune import _metrics, _Scorer, calibration_images, resolve_budget
 
 __all__ = ["DEFAULT_CAP_FACTOR", "ThresholdCalibration", "PerImageCost", "calibrate_thresholds"]
 
@@ -142,7 +143,7 @@ class PerImageCost:
     def __init__(self, model: nn.Module, config: dict, images: torch.Tensor, batch_size: int = 125,
                  base_gflops: Optional[float] = None, dtype: Optional[torch.dtype] = None):
         if base_gflops is None:
-            with _evaluating(model):
+            with evaluation_mode(model):
                 base_gflops = count_gflops(model, images=images[:1].to(next(model.parameters()).device))
         self.dtype = dtype
         self.scorer = _Scorer(model, config["method"], config.get("options", {}), images, batch_size, 1, base_gflops)
@@ -256,7 +257,7 @@ def calibrate_thresholds(
     images, _ = calibration_images(data)
     if images.ndim != 4 or len(images) == 0:
         raise ValueError(f"calibration images must be a non-empty [N, 3, H, W] batch, got shape {tuple(images.shape)}")
-    with _evaluating(model):
+    with evaluation_mode(model):
         return _calibrate(model, images, r, target_gflops, target_speedup, gflops_fraction, options, method,
                           cap_factor, steps, batch_size)
 

@@ -42,7 +42,6 @@ import json
 import math
 import numbers
 import time
-import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
@@ -52,11 +51,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..backends.adapter import adapter_for, logits_of
-from ..core.schedule import ScheduleClampedWarning, resolve_schedule
+from ..core.schedule import resolve_schedule
 from ..io import read_json
 from .budget import smallest_meeting
 from .flops import count_gflops
-from .sweep import _shared_copy
+from .sweep import Variant, build_variant, evaluation_mode
 from .throughput import autocast_for
 
 __all__ = [
@@ -284,7 +283,10 @@ def calibration_images(data) -> tuple:
             return images, _checked_labels(labels, len(images))
     images, labels = [], []
     for batch in data:
-        image, label = (batch, None) if isinstance(batch, torch.Tensor) else (batch[0], batch[1] if len(batch) > 1 else None)
+        if isinstance(batch, torch.Tensor):
+            image, label = batch, None
+        else:
+            image, label = batch[0], batch[1] if len(batch) > 1 else None
         single = image.ndim == 3  # a dataset's item, not a batch
         images.append(image.unsqueeze(0) if single else image)
         labels.append(None if label is None else torch.as_tensor(label).reshape(-1))
@@ -318,13 +320,8 @@ class _Scorer:
 
     def __init__(self, base: nn.Module, method: str, options: dict, images, batch_size: int, probe_every: int,
                  base_gflops: float):
-        import tokenmerge
-
-        method_options = dict(options)
-        prop_attn = method_options.pop("prop_attn", None)
         self.method, self.options = method, dict(options)
-        self.model = tokenmerge.patch(_shared_copy(base), method=method, r=0, prop_attn=prop_attn,
-                                      **method_options).eval()
+        self.model = build_variant(base, Variant.create(method, 0, options))
         self.adapter = adapter_for(self.model)
         self.blocks = self.adapter.blocks
         self.reducer = self.adapter.reducer
@@ -688,7 +685,7 @@ def tune(
     if objective == "accuracy" and labels is None:
         raise ValueError("objective='accuracy' needs labels; use 'kl' or 'agreement' for unlabelled images")
     candidates_spec = _candidate_specs(model, methods, per_image)
-    with _evaluating(model), autocast_for(next(model.parameters()).device, dtype):
+    with evaluation_mode(model), autocast_for(next(model.parameters()).device, dtype):
         return _tune(model, images, labels, candidates_spec, target_gflops, target_speedup, gflops_fraction,
                      objective, search_methods, search_options, rounds, probe_images, batch_size, measure_speed,
                      speed_batch_size, progress, per_image)
@@ -698,7 +695,7 @@ def _candidate_specs(model: nn.Module, methods, per_image: bool) -> list:
     """``methods`` as ``[(name, options)]``, every entry checked before any work: its name, its
     options (by patching a copy that shares the weights), no ``threshold``, and an ATC
     candidate that can take one when ``per_image``."""
-    import tokenmerge
+    from ..methods import get_method_class
 
     if isinstance(methods, str):
         methods = [methods]
@@ -719,34 +716,14 @@ def _candidate_specs(model: nn.Module, methods, per_image: bool) -> list:
                 f"candidate {name!r} sets threshold: tune calibrates per-image thresholds itself; drop it and "
                 "pass per_image=True (tokenmerge tune --per-image)"
             )
-        method_options = dict(options)
-        prop_attn = method_options.pop("prop_attn", None)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ScheduleClampedWarning)
-            tokenmerge.patch(_shared_copy(model), method=name, r=0, prop_attn=prop_attn, **method_options)
+        get_method_class(name)  # "none" too: build_variant would return the model itself
+        build_variant(model, Variant.create(name, 0, options))
     if per_image and not any(name == "atc" and options.get("prop_attn", True) for name, options in specs):
         raise ValueError(
             "per_image=True turns an ATC candidate into per-image merging, which needs proportional attention: "
             "include 'atc' (without prop_attn=False) in methods"
         )
     return specs
-
-
-class _evaluating:
-    """Puts a module tree in eval mode and gives every module its own mode back on exit."""
-
-    def __init__(self, model: nn.Module):
-        self.model = model
-
-    def __enter__(self):
-        self.modes = [(module, module.training) for module in self.model.modules()]
-        self.model.eval()
-        return self.model
-
-    def __exit__(self, *exc):
-        for module, training in self.modes:
-            module.training = training
-        return False
 
 
 def _tune(model, images, labels, candidates_spec, target_gflops, target_speedup, gflops_fraction, objective,
@@ -851,18 +828,11 @@ def _per_image_candidate(model, candidates, images, reference, labels, objective
 
 def _with_speed(model, candidates, best, batch_size, images):
     """Every candidate's measured images/s and speedup, timed interleaved in one run."""
-    import tokenmerge
-
     from .throughput import measure_throughput
 
     variants = {"unmodified": model}
     for k, c in enumerate(candidates):
-        options = dict(c.options)
-        prop_attn = options.pop("prop_attn", None)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ScheduleClampedWarning)
-            variants[k] = tokenmerge.patch(_shared_copy(model), method=c.method, r=list(c.r),
-                                           prop_attn=prop_attn, **options).eval()
+        variants[k] = build_variant(model, Variant.create(c.method, list(c.r), c.options))
     # Random inputs of the calibration images' shape (a model may take non-square images).
     inputs = torch.randn(batch_size, *images.shape[1:], device=images.device)
     speed = measure_throughput(variants, device=images.device, warmup=1, repeats=3, inputs=inputs)

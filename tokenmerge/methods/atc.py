@@ -72,8 +72,8 @@ class ATC(SizeAwareReducer):
             is compared with ``(cos + 1) / 2`` times the size factor, except in the first
             merging block, where no token has a size yet and it is compared with the cosine
             itself; one float for all blocks therefore means a stricter test in that block
-            (calibrated thresholds are per block and unaffected). Needs proportional attention (it hides the empty slots of a
-            batch whose images kept different counts). The token count is read from the
+            (calibrated thresholds are per block and unaffected). Needs proportional
+            attention (it hides the empty slots of a batch whose images kept different counts). The token count is read from the
             data, so ONNX export refuses it, and ``torch.compile`` breaks the graph there and
             recompiles for new counts (it warns): compiled, it ran no faster than eager at
             batch 1 (BENCHMARKS.md section 6), where a fixed schedule compiled well.
