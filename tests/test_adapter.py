@@ -86,6 +86,27 @@ def test_embed_blocks_and_logits_reproduce_the_model(name):
     assert not torch.allclose(merged, unmodified, rtol=1e-3, atol=1e-4)  # merging changed the logits
 
 
+@pytest.mark.parametrize("name", list(MODELS))
+def test_every_family_refuses_merging_its_prefix_tokens_the_same_way(name):
+    build, _, prefix = MODELS[name]
+    model = build()
+    x = _images()
+    with torch.inference_mode():
+        unmodified = logits_of(model(x))
+    with pytest.raises(ValueError, match=rf"num_protected={prefix - 1}: this model has {prefix} prefix token.*"
+                                         rf"reads by position.*default \({prefix}\).*layout='local'"):
+        tokenmerge.patch(model, r=2, num_protected=prefix - 1)
+    assert not tokenmerge.is_patched(model)
+    with torch.inference_mode():  # nothing merges at r=0: the model is the unmodified one
+        assert torch.equal(logits_of(tokenmerge.patch(model, r=0, num_protected=0)(x)), unmodified)
+    # The local layout puts every token back in its slot after each block, so the head still
+    # finds the prefix tokens where it reads them.
+    tokenmerge.patch(model, r=2, num_protected=prefix - 1, layout="local")
+    assert adapter_for(model).tokens_per_block() == [16 + prefix] * 3
+    with torch.inference_mode():
+        assert logits_of(model(x)).shape == unmodified.shape
+
+
 @pytest.mark.parametrize("name", ["timm-vit", "hf-vit"])
 def test_patch_state_through_the_adapter(name):
     model = MODELS[name][0]()

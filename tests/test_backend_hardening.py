@@ -122,6 +122,7 @@ def test_merging_prefix_tokens_is_refused(make, prefix):
     assert not tokenmerge.is_patched(model)
     tokenmerge.patch(model, r=0, num_protected=0)  # nothing merges, nothing to protect
     tokenmerge.patch(model, r=2, num_protected=prefix + 1)  # protecting more is allowed
+    tokenmerge.patch(model, r=2, num_protected=protected, layout="local")  # every token keeps its slot
 
 
 def test_patched_models_load_in_a_fresh_process(tmp_path):

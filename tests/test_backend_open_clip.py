@@ -270,8 +270,12 @@ def test_unsupported_pieces_are_refused_naming_the_module():
                                          r"ResidualAttentionBlock\.attention"):
         tokenmerge.patch(model, r=2)
 
-    with pytest.raises(ValueError, match="num_protected=0"):
+    with pytest.raises(ValueError, match="num_protected=0: this model has 1 prefix token"):
         tokenmerge.patch(tower(), r=2, num_protected=0)
+    # An attentional pooler reads every token (weighted by size), not the class token's slot.
+    pooled = tower(**VARIANTS["coca"])
+    tokenmerge.patch(pooled, r=2, num_protected=0)
+    assert adapter_for(pooled).tokens_per_block()[-1] == TOKENS - 4
 
 
 def test_timm_trunk_towers_point_to_their_trunk():

@@ -7,7 +7,7 @@ from typing import Optional
 from torch import nn
 
 from .backends.adapter import adapter_for
-from .backends.common import MergeConfig
+from .backends.common import MergeConfig, resolve_block_schedule
 from .core.schedule import KeepRatio, validate_schedule
 from .methods import TokenReducer, create_reducer, list_methods
 
@@ -191,6 +191,7 @@ def patch(
     config = MergeConfig(schedule, num_protected, attention_impl, trace_source, layout, prop_attn,
                          0.0 if mlp_share is None else mlp_share)
     reducer.check_protected(config.num_protected, adapter.has_class_token)
+    _check_prefix_protected(adapter, reducer, config)
     _check_per_image(reducer, config)
     snapshot = _snapshot(model)
     try:
@@ -203,6 +204,29 @@ def patch(
         _restore(snapshot)
         raise
     return model
+
+
+def _check_prefix_protected(adapter, reducer, config: MergeConfig) -> None:
+    """Refuse a merge that could take in the model's prefix tokens (class, distillation,
+    registers).
+
+    Heads and poolers find them by position (the class token at 0, a mean over the tokens
+    after the prefix), so once merged they would silently be fed an average of patches, or a
+    patch. Nothing is refused where nothing merges at the model's own input size, nor in the
+    local layout, which puts every token back in its slot after each block, nor where the
+    model pools by attention over all tokens (``adapter.reads_prefix_by_position``).
+    """
+    prefix = adapter.num_prefix_tokens
+    if config.num_protected >= prefix or config.layout != "global" or not adapter.reads_prefix_by_position:
+        return
+    if not any(resolve_block_schedule(config, reducer, adapter.num_blocks, adapter.num_tokens)):
+        return
+    raise ValueError(
+        f"cannot merge tokens with num_protected={config.num_protected}: this model has {prefix} prefix "
+        f"token(s) (its class token, then any distillation or register tokens), which its head or pooler "
+        f"reads by position, so they must stay out of merging; leave num_protected at its default "
+        f"({prefix}) or raise it, or use layout='local' (every block puts each token back in its slot)"
+    )
 
 
 def _check_per_image(reducer, config: MergeConfig) -> None:

@@ -111,6 +111,13 @@ class ModelAdapter:
         raise NotImplementedError
 
     @property
+    def reads_prefix_by_position(self) -> bool:
+        """Whether the head or pooler finds the prefix tokens by position (the class token at
+        0, a mean over the tokens after the prefix), so they must not merge in the global
+        layout; ``False`` for an attention pool over all tokens."""
+        return self.num_prefix_tokens > 0
+
+    @property
     def has_class_token(self) -> bool:
         """Whether the first token is a class token, which methods scoring by its attention
         need (a register in its place would only look like one)."""

@@ -524,24 +524,16 @@ def _check_supported(tower: nn.Module, where: str) -> list:
 
 
 def _check_pool_reads(tower: nn.Module, reducer: TokenReducer, config: MergeConfig, where: str) -> None:
-    """Refuse pools that a merging global layout would feed wrong tokens."""
-    if config.layout != "global" or tower.attn_pool is not None:
+    """Refuse a pool that returns one feature per patch when a global layout merges patches.
+    (The class token's slot is checked for every backend by :func:`tokenmerge.patch`.)"""
+    if config.layout != "global" or tower.attn_pool is not None or tower.pool_type != "none":
         return
     schedule = resolve_block_schedule(config, reducer, len(tower.transformer.resblocks), _default_num_tokens(tower))
-    if not any(schedule):
-        return
-    name = _tower_name(where)
-    if tower.pool_type == "none":
+    if any(schedule):
         raise ValueError(
-            f"cannot merge tokens in {name} with pool_type='none': it returns one feature per patch, "
-            "and merged tokens no longer are one per patch. Use layout='local' (every block keeps all "
+            f"cannot merge tokens in {_tower_name(where)} with pool_type='none': it returns one feature per "
+            "patch, and merged tokens no longer are one per patch. Use layout='local' (every block keeps all "
             "tokens), or a tower with a class-token or average pool"
-        )
-    if config.num_protected < 1:
-        raise ValueError(
-            f"cannot merge tokens in {name} with num_protected=0: its pool (pool_type={tower.pool_type!r}) reads "
-            "the class token at position 0 (or leaves it out of the average), so it must stay in place; "
-            "leave num_protected at its default (1)"
         )
 
 
@@ -596,6 +588,10 @@ class OpenClipAdapter(ModelAdapter):
     @property
     def num_prefix_tokens(self) -> int:
         return 1  # the class token
+
+    @property
+    def reads_prefix_by_position(self) -> bool:
+        return self.tower.attn_pool is None  # an attention pool reads every token, by size
 
     @property
     def image_size(self) -> int:

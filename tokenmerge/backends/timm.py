@@ -35,7 +35,6 @@ from .common import (
     SizeAwareHeadMixin,
     attach_policy,
     patched_class,
-    resolve_block_schedule,
     restore_classes,
     run_blocks,
     without_empty_slots,
@@ -296,30 +295,11 @@ def _check_attention_pool(pool: nn.Module) -> None:
         )
 
 
-def check_prefix_protected(model: nn.Module, reducer: TokenReducer, config: MergeConfig) -> None:
-    """Refuse a merge that could take in the model's prefix (class, distillation, register)
-    tokens: its head reads the class token at position 0 or pools the tokens after the prefix,
-    and register tokens are no patches to merge with."""
-    prefix = int(model.num_prefix_tokens)
-    if config.num_protected >= prefix:
-        return
-    schedule = resolve_block_schedule(config, reducer, len(model.blocks), _default_num_tokens(model))
-    if not any(schedule):
-        return  # nothing merges: every token keeps its place
-    raise ValueError(
-        f"cannot merge tokens with num_protected={config.num_protected}: this model has {prefix} prefix "
-        f"token(s) (class, distillation or register tokens) before its patches, which its head "
-        f"(global_pool={model.global_pool!r}) expects first and unmerged; leave num_protected at "
-        f"its default ({prefix}) or raise it"
-    )
-
-
 def patch_timm(model: nn.Module, reducer: TokenReducer, config: MergeConfig) -> nn.Module:
     """Patch a timm ``VisionTransformer`` in place (see :func:`tokenmerge.patch`)."""
     if getattr(model, "_tokenmerge_base", None) is not None:
         unpatch_timm(model)
     _check_supported(model)
-    check_prefix_protected(model, reducer, config)
     for block in model.blocks:
         block.__class__ = patched_class(type(block), TimmBlockMixin, __name__)
     model.__class__ = patched_class(type(model), MergingVisionTransformerMixin, __name__)

@@ -69,7 +69,7 @@ from .common import (
     run_blocks,
     without_empty_slots,
 )
-from .timm import TimmAdapter, _check_attention_pool, _reject_masks, check_prefix_protected
+from .timm import TimmAdapter, _check_attention_pool, _reject_masks
 
 __all__ = [
     "TimmEvaAdapter",
@@ -577,7 +577,6 @@ def patch_eva(model: nn.Module, reducer: TokenReducer, config: MergeConfig) -> n
                 f"{model.num_prefix_tokens} (prefix) tokens unrotated by index, so they must stay first and "
                 f"unmerged; use num_protected >= {model.num_prefix_tokens} (the default)"
             )
-    check_prefix_protected(model, reducer, config)
     _, block_mixins, _ = _eva_classes()
     for block in model.blocks:
         mixin = next(mixin for cls, mixin in block_mixins.items() if type(block).forward is cls.forward)

@@ -980,25 +980,6 @@ def _merges(model: nn.Module, reducer: TokenReducer, config: MergeConfig) -> boo
     return any(resolve_block_schedule(config, reducer, len(_hook(trunk, "_tm_layers")), num_tokens))
 
 
-def _check_prefix_protected(model: nn.Module, reducer: TokenReducer, config: MergeConfig) -> None:
-    """Refuse merging prefix tokens (class, distillation, registers) away from their slots.
-
-    Heads, poolers and the register-skipping patch means read them by position, so a merged
-    one would silently feed them an average of patches. The local layout keeps every token in
-    place, as the open_clip backend allows.
-    """
-    prefix = prefix_tokens(model)
-    if config.num_protected >= prefix or config.layout != "global":
-        return
-    if _merges(model, reducer, config):
-        raise ValueError(
-            f"cannot merge tokens in {_original_type(model).__name__} with "
-            f"num_protected={config.num_protected}: its first {prefix} token(s) (class token, then "
-            "any distillation or register tokens) are read by position by its head and pooler, so "
-            f"they must stay out of merging; leave num_protected at its default ({prefix}) or raise it"
-        )
-
-
 def _check_token_zero_head(model: nn.Module, reducer: TokenReducer, config: MergeConfig) -> None:
     """Refuse a head that reads token 0 when token 0 is an ordinary, mergeable patch.
 
@@ -1040,7 +1021,6 @@ def patch_hf(model: nn.Module, reducer: TokenReducer, config: MergeConfig) -> nn
     family = _families()[type(trunk)]
     where = "" if trunk is model else f"{type(model).__name__}: "
     _check_layers(trunk, family, where)
-    _check_prefix_protected(model, reducer, config)
     _check_token_zero_head(model, reducer, config)
     layer_mixin = _layer_mixin(family.layer_spec)
     for layer in _hook(trunk, "_tm_layers"):
