@@ -125,6 +125,16 @@ def test_merging_prefix_tokens_is_refused(make, prefix):
     tokenmerge.patch(model, r=2, num_protected=protected, layout="local")  # every token keeps its slot
 
 
+def test_an_attention_pool_lets_the_class_token_merge():
+    model = vit(global_pool="map")  # the pool reads every token, weighted by size, none by position
+    x = torch.randn(2, 3, 32, 32)
+    tokenmerge.patch(model, r=2, num_protected=0, trace_source=True)
+    with torch.no_grad():
+        state = model.forward_tokens(x)
+    assert state.x.shape[1] == 17 - 2 * len(model.blocks)
+    assert model(x).shape == (2, TINY["num_classes"])
+
+
 def test_patched_models_load_in_a_fresh_process(tmp_path):
     x = torch.randn(2, 3, 32, 32)
     torch.save(x, tmp_path / "x.pt")

@@ -330,6 +330,11 @@ class TimmAdapter(ModelAdapter):
         return int(self.model.num_prefix_tokens)
 
     @property
+    def reads_prefix_by_position(self) -> bool:
+        # global_pool="map": the attention pool reads every token, by size
+        return self.num_prefix_tokens > 0 and getattr(self.model, "attn_pool", None) is None
+
+    @property
     def has_class_token(self) -> bool:
         return getattr(self.model, "cls_token", None) is not None  # class_token=False: registers only
 
