@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..methods.base import TokenState
+from ..preprocessor_config import per_channel, read_preprocessor_config
 
 __all__ = ["FAMILIES", "ModelAdapter", "adapter_for", "logits_of"]
 
@@ -165,14 +166,12 @@ class ModelAdapter:
         resized (bilinear) to the model's size and centre-cropped. open_clip models give
         their own (:mod:`tokenmerge.backends.open_clip`)."""
         from ..evaluation.data import IMAGENET_MEAN, IMAGENET_STD
-        from ..evaluation.inputs import _preprocessor_config
-        from ..evaluation.video import _per_channel
         from ..models import IMAGE_STATS_ATTRIBUTE
 
         mean, std = getattr(self.model, IMAGE_STATS_ATTRIBUTE, (IMAGENET_MEAN, IMAGENET_STD))
-        saved = _preprocessor_config(self.model)  # a Hugging Face folder's, if it has one
+        saved = read_preprocessor_config(self.model)  # a Hugging Face folder's, if it has one
         if "image_mean" in saved and "image_std" in saved:
-            mean, std = _per_channel(saved["image_mean"], "image_mean"), _per_channel(saved["image_std"], "image_std")
+            mean, std = per_channel(saved["image_mean"], "image_mean"), per_channel(saved["image_std"], "image_std")
         return {"size": self.image_size, "mean": list(mean), "std": list(std),
                 "interpolation": "bilinear", "resize_mode": "shortest"}
 

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from ..backends.adapter import ModelAdapter, adapter_for
-from ..io import read_json
+from ..preprocessor_config import read_preprocessor_config
 
 __all__ = ["Inputs", "ImageInputs", "SpectrogramInputs", "VideoInputs", "inputs_for", "files_fingerprint"]
 
@@ -65,18 +65,6 @@ def files_fingerprint(root, files) -> str:
         path = Path(path)
         digest.update(f"{path.relative_to(root)}:{path.stat().st_size}:{label}\n".encode())
     return digest.hexdigest()[:16]
-
-
-def _preprocessor_config(model: nn.Module) -> dict:
-    """The ``preprocessor_config.json`` beside a Hugging Face model loaded from a folder, or ``{}``."""
-    folder = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
-    path = Path(folder) / "preprocessor_config.json"
-    if not folder or not path.is_file():
-        return {}
-    config = read_json(path, "preprocessor config", "; fix or remove it (it sets the input normalisation)")
-    if not isinstance(config, dict):
-        raise ValueError(f"{path} must hold a JSON object (the feature extractor's settings); fix or remove it")
-    return config
 
 
 class Inputs:
@@ -222,7 +210,7 @@ class SpectrogramInputs(Inputs):
     @property
     def _features(self) -> dict:
         config = self.adapter.trunk.config
-        saved = _preprocessor_config(self.model)
+        saved = read_preprocessor_config(self.model)
         settings = {key: saved.get(key, default) for key, default in AST_DEFAULTS.items()}
         # The config fixes the model's input shape; a feature extractor file disagreeing with it
         # would produce inputs the model cannot take.
@@ -287,7 +275,7 @@ class VideoInputs(Inputs):
         """The image processor's settings: the model folder's ``preprocessor_config.json`` over
         the defaults of the model's processor class (:data:`VIDEO_DEFAULTS`)."""
         defaults = VIDEO_DEFAULTS.get(self.adapter.architecture_name(), VIDEO_DEFAULTS["videomae"])
-        saved = _preprocessor_config(self.model)
+        saved = read_preprocessor_config(self.model)
         settings = {key: saved.get(key, default) for key, default in defaults.items()}
         crop = _edge(saved["crop_size"], "crop_size") if "crop_size" in saved else None
         size = self.shape[-1]

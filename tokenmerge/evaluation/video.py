@@ -18,6 +18,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from ..preprocessor_config import per_channel
 from .audio import class_files
 from .data import IMAGENET_MEAN, IMAGENET_STD
 
@@ -104,26 +105,11 @@ def pixel_statistics(settings: dict) -> tuple:
                          "set do_rescale to true or offset to false")
     k = 255.0 * float(settings["rescale_factor"]) if settings.get("do_rescale", True) else 255.0
     if settings.get("do_normalize", True):
-        mean = _per_channel(settings["image_mean"], "image_mean")
-        std = _per_channel(settings["image_std"], "image_std")
+        mean = per_channel(settings["image_mean"], "image_mean")
+        std = per_channel(settings["image_std"], "image_std")
     else:
         mean, std = (0.0,) * 3, (1.0,) * 3
     return tuple((offset + m) / k for m in mean), tuple(s / k for s in std)
-
-
-def _per_channel(value, key: str) -> tuple:
-    """A processor statistic as one float per RGB channel (Hugging Face allows one for all)."""
-    if isinstance(value, (int, float)):
-        values = (value,) * 3
-    elif isinstance(value, (list, tuple)):
-        values = tuple(value)
-    else:
-        values = ()
-    if len(values) != 3 or not all(isinstance(v, (int, float)) for v in values):
-        raise ValueError(f"preprocessor_config.json: {key}={value} must be a number or 3 numbers (RGB)")
-    if key == "image_std" and min(values) <= 0:
-        raise ValueError(f"preprocessor_config.json: {key}={value} must be positive")
-    return tuple(float(v) for v in values)
 
 
 def prepare_clip(frames: np.ndarray, num_frames: int, image_size: int, mean: Sequence[float] = IMAGENET_MEAN,
