@@ -22,7 +22,7 @@ import torch.nn.functional as F
 import tokenmerge
 from tokenmerge.evaluation.data import load_images
 from tokenmerge.evaluation.flops import count_gflops
-from tokenmerge.evaluation.sweep import _shared_copy
+from tokenmerge.api import shared_copy
 from tokenmerge.models import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,7 +64,7 @@ def main() -> None:
         reference = logits(model, images)
         for schedule_label, r in schedules.items():
             for options in VARIANTS:
-                merged = tokenmerge.patch(_shared_copy(model), method="mctf", r=r, **options).eval()
+                merged = tokenmerge.patch(shared_copy(model), method="mctf", r=r, **options).eval()
                 started = time.time()
                 out = logits(merged, images)
                 kl = F.kl_div(out.log_softmax(-1), reference.log_softmax(-1), log_target=True,

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 import tokenmerge
 from tokenmerge.evaluation.data import image_folder, image_loader
-from tokenmerge.evaluation.sweep import _shared_copy
+from tokenmerge.api import shared_copy
 from tokenmerge.models import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,7 +48,7 @@ def main() -> None:
             reference = model(images)
             for method in args.methods:
                 for prop_attn in (True, False):
-                    logits = tokenmerge.patch(_shared_copy(model), method=method, r=args.r, prop_attn=prop_attn)(images)
+                    logits = tokenmerge.patch(shared_copy(model), method=method, r=args.r, prop_attn=prop_attn)(images)
                     kl = F.kl_div(logits.log_softmax(-1), reference.log_softmax(-1), log_target=True,
                                   reduction="batchmean").item()
                     agree = 100.0 * (logits.argmax(-1) == reference.argmax(-1)).float().mean().item()

@@ -26,7 +26,7 @@ import tokenmerge
 from tokenmerge.evaluation.accuracy import evaluate_accuracy
 from tokenmerge.evaluation.data import image_folder, load_images
 from tokenmerge.evaluation.flops import count_gflops
-from tokenmerge.evaluation.sweep import _shared_copy
+from tokenmerge.api import shared_copy
 from tokenmerge.evaluation.tune import tune
 from tokenmerge.mixing import mix_batch
 from tokenmerge.models import load_model
@@ -127,7 +127,7 @@ def main() -> None:
         print(json.dumps(rows[-1]), flush=True)
 
     def report(budget, name, config, tuned=None):
-        variant = tokenmerge.patch(_shared_copy(model), **config)
+        variant = tokenmerge.patch(shared_copy(model), **config)
         row = {"budget": budget, "config": name, "method": config["method"], "r": list(variant.tokenmerge_schedule()),
                "options": config.get("options", {}), "gflops": count_gflops(variant),
                "val_top1": evaluate_accuracy(variant, val_x, val_y, batch_size=125)}
@@ -137,7 +137,7 @@ def main() -> None:
         print(json.dumps(row), flush=True)
 
     for r in args.budgets:
-        target = count_gflops(tokenmerge.patch(_shared_copy(model), r=r))
+        target = count_gflops(tokenmerge.patch(shared_copy(model), r=r))
         budget = f"ToMe r={r}: {target:.3f} GFLOPs ({100 * (1 - target / base_gflops):.0f}% fewer)"
         if not args.skip_baselines:
             report(budget, f"ToMe r={r}", {"method": "tome", "r": r})

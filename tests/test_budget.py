@@ -8,7 +8,7 @@ import tokenmerge
 from tokenmerge.cli import main
 from tokenmerge.evaluation.budget import search_budget, smallest_meeting
 from tokenmerge.evaluation.flops import count_gflops
-from tokenmerge.evaluation.sweep import _shared_copy
+from tokenmerge.api import shared_copy
 from tokenmerge.models import load_model
 
 
@@ -18,7 +18,7 @@ def model():
 
 
 def gflops_at(model, r):
-    return count_gflops(tokenmerge.patch(_shared_copy(model), method="tome", r=r))
+    return count_gflops(tokenmerge.patch(shared_copy(model), method="tome", r=r))
 
 
 def test_smallest_meeting():

@@ -8,6 +8,7 @@
 
 from .api import is_patched, patch, unpatch
 from .backends.adapter import adapter_for
+from .cascade import ConfidenceCascade
 from .core.schedule import KeepRatio
 from .dense import dense_features, unmerge_to_grid
 from .evaluation.thresholds import calibrate_thresholds
@@ -19,6 +20,7 @@ from .methods import TokenReducer, TokenState, create_reducer, list_methods, reg
 __version__ = "0.1.0"
 
 __all__ = [
+    "ConfidenceCascade",
     "KeepRatio",
     "TokenReducer",
     "TokenState",

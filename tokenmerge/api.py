@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Optional
 
 from torch import nn
@@ -18,6 +19,16 @@ COMMON_OPTIONS = ("prop_attn", "keep_norm", "mlp_share")
 
 # What patching adds to a module besides swapping its class (see the backends).
 _PATCH_ATTRIBUTES = ("token_reducer", "tokenmerge_config", "_tokenmerge_schedules", "_tm_rope")
+
+
+def shared_copy(model: nn.Module) -> nn.Module:
+    """A copy of the module tree that shares parameters and buffers with ``model``.
+
+    Patching swaps classes in place, so a patched variant beside the original needs its own
+    module objects; sharing the tensors keeps many variants of a large model within memory.
+    """
+    memo = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
+    return copy.deepcopy(model, memo)
 
 
 def _refuse_compiled(model: nn.Module, action: str) -> None:

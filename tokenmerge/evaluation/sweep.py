@@ -11,7 +11,6 @@ ratio of figures taken in the same run on the same machine load.
 
 from __future__ import annotations
 
-import copy
 import csv
 import hashlib
 import io
@@ -24,6 +23,7 @@ from typing import Dict, Iterable, List, Optional, Sequence
 import torch
 from torch import nn
 
+from ..api import shared_copy
 from ..backends.adapter import adapter_for
 from ..core.schedule import ScheduleClampedWarning, format_schedule, parse_schedule
 from ..io import read_json
@@ -149,16 +149,6 @@ def parse_option(text: str):
     return (method or None), key, typed
 
 
-def _shared_copy(model: nn.Module) -> nn.Module:
-    """A copy of the module tree that shares parameters and buffers with ``model``.
-
-    Patching swaps classes in place, so every variant needs its own module objects; sharing
-    the tensors keeps a sweep of many variants of a large model within memory.
-    """
-    memo = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
-    return copy.deepcopy(model, memo)
-
-
 class evaluation_mode:
     """``with evaluation_mode(model):`` the module tree in eval mode, and on exit every module
     back in its own mode (a model may hold frozen parts in eval mode while it trains)."""
@@ -184,7 +174,7 @@ def build_variant(base: nn.Module, variant: Variant) -> nn.Module:
     if variant.method == UNMODIFIED:
         return base
     schedule = parse_schedule(variant.schedule)
-    model = _shared_copy(base)
+    model = shared_copy(base)
     # A clamped schedule is reported in the row (tokens per block); the warning would only
     # repeat for every variant of the grid.
     with warnings.catch_warnings():
@@ -308,7 +298,7 @@ def _per_image_results(model, variant, images, labels, num_classes, batch_size, 
 
     from .thresholds import PerImageCost
 
-    base = tokenmerge.unpatch(_shared_copy(model.eval().to(device)))
+    base = tokenmerge.unpatch(shared_copy(model.eval().to(device)))
     config = {"method": variant.method, "r": list(adapter_for(model).schedule()),
               "options": dict(variant.options)}
     gflops, logits = PerImageCost(base, config, images, batch_size, dtype=dtype)(progress=progress)
