@@ -273,7 +273,7 @@ def test_agglomerative_matching_removes_more_than_half_at_inference_and_trains_b
     assert model.tokens_per_block() == [65, 25, 15, 10]
     with torch.no_grad():
         assert model.eval().forward_tokens(x).x.shape[1] == 10
-    with pytest.raises(ValueError, match="soft bipartite merge.*train_r=32"):
+    with pytest.raises(ValueError, match=r"soft bipartite merge.*train_r=32 \(CLI: --method-option train_r=32\)"):
         model.train()(x)
     tokenmerge.patch(model, r=[8, 8, 8], method="dtem", embed_dim=16, matching="agglomerative")
     model.train()(x).sum().backward()  # training runs the soft bipartite merge at r <= half

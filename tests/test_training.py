@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from tokenmerge.training import TrainConfig, epoch_indices, train, warmup_cosine
+from tokenmerge.training import TrainConfig, epoch_indices, learning_rates, train, warmup_cosine
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}
@@ -171,12 +171,25 @@ def test_training_starts_from_given_merge_modules(tiny_setup, tmp_path):
         train(_config(tiny_setup, tmp_path / "shape", embed_dim=8, init_modules=str(trained)), on_step=_never_called)
 
 
-def test_end2end_training_moves_the_vit(tiny_setup, tmp_path):
-    train(_config(tiny_setup, tmp_path, mode="end2end", backbone_lr=1e-2, max_steps=2))
+def test_end2end_training_moves_the_vit_and_saves_it_without_the_merge_modules(tiny_setup, tmp_path):
+    import tokenmerge
+    from tokenmerge.models import load_model
+
+    model = load_model("vit_tiny_patch16_224", checkpoint=str(tiny_setup / "tiny.safetensors"), **TINY)
+    train(_config(tiny_setup, tmp_path, mode="end2end", backbone_lr=1e-2, max_steps=2), model=model)
     trained = load_file(str(tmp_path / "model.safetensors"))
     original = load_file(str(tiny_setup / "tiny.safetensors"))
     assert not torch.equal(trained["blocks.0.attn.qkv.weight"], original["blocks.0.attn.qkv.weight"])
-    assert any(k.startswith("token_reducer.") for k in trained)
+    # The ViT alone, as documented: the file loads into the unpatched architecture...
+    assert trained.keys() == original.keys()
+    reloaded = load_model("vit_tiny_patch16_224", checkpoint=str(tmp_path / "model.safetensors"), **TINY)
+    # ... and with the modules, saved apart, it is the model that was trained.
+    modules = load_file(str(tmp_path / "dtem_modules.safetensors"))
+    assert modules and all(k.startswith("embeds.") for k in modules)
+    tokenmerge.patch(reloaded, method="dtem", r=3, modules=str(tmp_path / "dtem_modules.safetensors"))
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded.eval()(images), model.eval()(images), atol=1e-6, rtol=0)
 
 
 def test_ddp_two_gloo_processes_match_one_process_with_the_global_batch(tiny_setup, tmp_path):
@@ -244,15 +257,15 @@ def test_backbone_mode_trains_the_vit_around_fixed_modules_merging_as_at_inferen
     assert start.keys() == after.keys()
     for key in start:
         assert torch.equal(after[key], start[key]), key
-        assert torch.equal(trained[f"token_reducer.{key}"], start[key]), key
+    assert trained.keys() == original.keys()  # the ViT without its merge modules
     # The saved ViT, patched with the same modules and schedule, is the model that was evaluated.
     import tokenmerge
     from tokenmerge.models import load_model
 
-    model = load_model("vit_tiny_patch16_224", num_classes=4, **TINY)
+    model = load_model("vit_tiny_patch16_224", checkpoint=str(tmp_path / "backbone" / "model.safetensors"), **TINY)
     tokenmerge.patch(model, method="dtem", r=[12, 2], modules=str(modules), matching="agglomerative")
-    model.load_state_dict(trained)
     assert model.token_reducer.matching == "agglomerative"
+    assert all(torch.equal(model.token_reducer.state_dict()[key], start[key]) for key in start)
     with pytest.raises(ValueError, match="untrained modules.*--init-modules"):
         train(_config(tiny_setup, tmp_path / "none", mode="backbone"), on_step=_never_called)
     with pytest.raises(ValueError, match="--method tome has none.*--mode end2end"):
@@ -352,7 +365,7 @@ def test_cli_trains_the_configuration_tune_wrote(tmp_path):
     parser = argparse.ArgumentParser()
     _configure(parser)
     config = config_from_args(parser.parse_args(["--config", str(best), "--distill"]))
-    assert (config.method, config.mode, config.r, config.lr) == ("mctf", "end2end", [4, 2], 1e-5)
+    assert (config.method, config.mode, config.r, learning_rates(config)[0]) == ("mctf", "end2end", [4, 2], 1e-5)
     assert config.method_options == {"prop_attn": False} and config.eval_r == [[4, 2]]
     for clash in (["--r", "3"], ["--method", "tome"], ["--method-option", "tau_sim=2"]):
         with pytest.raises(ValueError, match=f"drop {clash[0]}"):
@@ -426,7 +439,7 @@ def test_cli_arguments_reach_the_config():
     config = config_from_args(parser.parse_args([
         "--method", "tcvit", "--method-option", "order=2", "--method-option", "tcvit.fuse=false",
         "--distill", "--distill-weight", "1.0", "--distill-temperature", "2", "--teacher", "t.safetensors"]))
-    assert (config.method, config.mode, config.lr) == ("tcvit", "end2end", 1e-5)
+    assert (config.method, config.mode, learning_rates(config)[0]) == ("tcvit", "end2end", 1e-5)
     assert config.method_options == {"order": 2, "fuse": False}
     assert (config.distill, config.distill_weight, config.distill_temperature, config.teacher) == (
         True, 1.0, 2.0, "t.safetensors")
@@ -488,7 +501,8 @@ def test_cli_passes_the_dtem_settings_where_they_are_read_and_none_elsewhere():
                                                    "--embed-dim", "8"]))
     assert (backbone.embed_dim, backbone.tau) == (8, None)
     tome = config_from_args(parser.parse_args(["--method", "tome"]))
-    assert (tome.lr, tome.backbone_lr, tome.tau, tome.embed_dim, tome.hidden_dim) == (1e-5, None, None, None, None)
+    assert (tome.backbone_lr, tome.tau, tome.embed_dim, tome.hidden_dim) == (None, None, None, None)
+    assert learning_rates(tome) == (1e-5, None)
 
 
 def _recorded(out: Path) -> dict:
@@ -982,3 +996,200 @@ def test_cli_trains_a_hugging_face_folder_then_evaluates_the_result(hf_vit_dir, 
     assert code == 0
     rows = json.loads((tmp_path / "eval" / "results.json").read_text())["rows"]
     assert rows[1]["schedule"] == "2" and rows[1]["accuracy"] == pytest.approx(trained["accuracy"]["2"])
+
+
+# --- what train does with what it is given -------------------------------------------------
+
+
+def test_hugging_face_training_normalises_images_as_evaluation_does(hf_vit_dir, tmp_path):
+    """A folder whose preprocessor_config.json says mean/std 0.5 (AugReg, Google ViTs) trains on
+    the tensors evaluation feeds it, not on ImageNet-normalised ones."""
+    import shutil
+
+    from tokenmerge.evaluation.inputs import inputs_for
+    from tokenmerge.models import load_model
+
+    folder = tmp_path / "vit05"
+    shutil.copytree(hf_vit_dir, folder)
+    (folder / "preprocessor_config.json").write_text(json.dumps({"image_mean": [0.5] * 3, "image_std": [0.5] * 3}))
+    # One flat colour per image: any crop or flip of it is the same tensor, so each training
+    # input must equal one of evaluation's.
+    data = tmp_path / "flat"
+    for c in range(3):
+        (data / f"class{c}").mkdir(parents=True)
+        for i in range(4):
+            pixels = np.full((40, 40, 3), 40 * c + 50 * i + 10, dtype=np.uint8)
+            Image.fromarray(pixels).save(data / f"class{c}" / f"{i}.png")
+    model = load_model(f"hf:{folder}")
+    expected = inputs_for(model).load(data)[0]
+    assert torch.allclose(expected[0], torch.full_like(expected[0], (10 / 255 - 0.5) / 0.5), atol=1e-6)
+    seen = []  # (student?, inputs); the default teacher, a copy of the model, keeps the hook
+    model.register_forward_pre_hook(lambda module, args: seen.append((module is model, args[0].detach().clone())))
+    train(_hf_config(folder, data, tmp_path / "run", max_steps=2, distill=True), model=model)
+    student = [inputs for own, inputs in seen if own]
+    assert len(student) == 2
+    for image in torch.cat(student):
+        assert any(torch.allclose(image, reference, atol=1e-5) for reference in expected)
+    # The teacher (after its blank probe) got the very same batches.
+    teacher = [inputs for own, inputs in seen if not own][1:]
+    assert len(teacher) == 2 and all(torch.equal(a, b) for a, b in zip(teacher, student))
+    # A teacher whose weights expect other statistics would get inputs it was not trained on.
+    with pytest.raises(ValueError, match=r"teacher .* expects inputs prepared with .*0\.485.* student's .*0\.5"):
+        train(_hf_config(folder, data, tmp_path / "other", distill=True, teacher=f"hf:{hf_vit_dir}"),
+              on_step=_never_called)
+    assert not (tmp_path / "other").exists()
+
+
+def test_resume_is_exact_with_dropout_and_drop_path(tiny_setup, tmp_path):
+    """Each iter(DataLoader) without a generator of its own draws from the global RNG, which
+    also draws the dropout masks; a resumed run starts one more iterator than the run it replays."""
+    settings = dict(method="tome", mode="end2end", max_steps=4, checkpoint_every=2,
+                    model_kwargs=dict(TINY, drop_path_rate=0.2, drop_rate=0.2))
+    train(_config(tiny_setup, tmp_path / "a", **settings))
+    with pytest.raises(Killed):
+        train(_config(tiny_setup, tmp_path / "b", **settings), on_step=_kill_at(2))
+    assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["step"] == 2
+    train(_config(tiny_setup, tmp_path / "b", **settings), resume=True)
+    a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)
+    assert a["step"] == b["step"] == 4
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    # Dropout was on: without it the weights come out otherwise.
+    train(_config(tiny_setup, tmp_path / "c", **dict(settings, model_kwargs=dict(TINY))))
+    c = torch.load(tmp_path / "c" / "checkpoint.pt", weights_only=True)
+    assert any(not torch.equal(a["model"][key], c["model"][key]) for key in a["model"])
+
+
+@pytest.mark.parametrize("mode", ["modular", "end2end"])
+def test_soft_dtem_training_refuses_prop_attn_off(tiny_setup, tmp_path, mode):
+    with pytest.raises(ValueError, match=r"prop_attn=False would train another model.*--method-option prop_attn=false"):
+        train(_config(tiny_setup, tmp_path / "run", mode=mode, method_options={"prop_attn": False}),
+              on_step=_never_called)
+    assert not (tmp_path / "run").exists()
+    # The hard merges of backbone mode, and the other methods, take it.
+    _config(tiny_setup, tmp_path, mode="backbone", init_modules="m.safetensors",
+            method_options={"prop_attn": False}).check()
+    _config(tiny_setup, tmp_path, method="tome", mode="end2end", method_options={"prop_attn": False}).check()
+
+
+def test_a_patched_model_is_refused(tiny_setup, tmp_path):
+    import tokenmerge
+    from tokenmerge.models import load_model
+
+    model = load_model("vit_tiny_patch16_224", checkpoint=str(tiny_setup / "tiny.safetensors"), **TINY)
+    tokenmerge.patch(model, method="tome", r=3)
+    # With distill, its copy would be a merging teacher.
+    with pytest.raises(ValueError, match=r"already patched.*unpatch it first: tokenmerge\.unpatch\(model\)"):
+        train(_config(tiny_setup, tmp_path / "run", method="tome", mode="end2end", distill=True), model=model,
+              on_step=_never_called)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_model_a_modular_run_froze_trains_again_in_the_next_run(tiny_setup, tmp_path):
+    import tokenmerge
+    from tokenmerge.models import load_model
+
+    model = load_model("vit_tiny_patch16_224", checkpoint=str(tiny_setup / "tiny.safetensors"), **TINY)
+    train(_config(tiny_setup, tmp_path / "modular", max_steps=1, eval_r=[]), model=model)
+    assert not model.blocks[0].attn.qkv.weight.requires_grad  # the modular run froze the ViT
+    for method, mode in (("dtem", "end2end"), ("tome", "end2end")):
+        tokenmerge.unpatch(model)
+        before = model.blocks[0].attn.qkv.weight.detach().clone()
+        train(_config(tiny_setup, tmp_path / method, method=method, mode=mode, max_steps=1, backbone_lr=1e-2,
+                      eval_r=[]), model=model)
+        assert not torch.equal(model.blocks[0].attn.qkv.weight, before), method
+        assert all(p.requires_grad for p in model.parameters())
+
+
+def test_a_parameter_group_with_nothing_to_train_is_refused(tiny_setup, tmp_path):
+    from tokenmerge.training import _set_train_mode, build_model
+
+    config = _config(tiny_setup, tmp_path)
+    model = build_model(config)
+    model.token_reducer.embeds = torch.nn.ModuleList()  # a policy without parameters
+    with pytest.raises(ValueError, match="no parameters to train in the merge modules"):
+        _set_train_mode(model, config)
+
+
+@pytest.mark.parametrize("method,mode,argv,expected", [
+    ("dtem", "modular", [], (1e-3, None)),
+    ("dtem", "end2end", ["--mode", "end2end"], (1e-3, 1e-5)),
+    ("dtem", "backbone", ["--mode", "backbone", "--init-modules", "m.safetensors"], (None, 1e-5)),
+    ("tome", "end2end", ["--method", "tome"], (1e-5, None)),
+    ("tcvit", "end2end", ["--method", "tcvit"], (1e-5, None)),
+])
+def test_the_api_and_the_cli_resolve_the_same_learning_rates(method, mode, argv, expected):
+    from tokenmerge.commands.train import config_from_args
+
+    api = TrainConfig(method=method, mode=mode, init_modules="m.safetensors" if mode == "backbone" else None)
+    assert learning_rates(api) == learning_rates(config_from_args(_train_parser().parse_args(argv))) == expected
+
+
+def test_the_api_fine_tunes_the_vit_at_the_clis_default_lr(tiny_setup, tmp_path):
+    train(_config(tiny_setup, tmp_path, method="tome", mode="end2end", lr=None, max_steps=1, eval_r=[]))
+    assert _initial_lrs(tmp_path) == [1e-5]
+    assert _recorded(tmp_path)["lr"] == 1e-5
+
+
+def test_dtem_agglomerative_constant_r_is_checked_in_every_block_before_training(tiny_setup, tmp_path):
+    # 17 tokens, 1 protected: r=8 fits block 0 (8 of 16); block 1 has 9 tokens, where the patch
+    # clamps to clustering's 7 but the soft bipartite merge of training removes at most 4.
+    clustered = dict(r=8, method_options={"matching": "agglomerative"})
+    message = (r"--r 8 with matching='agglomerative' removes 7 tokens in block 1.*at most 4 there.*"
+               r"r=\[8, 4\] \(CLI: --r 8,4\).*train_r=8 \(CLI: --method-option train_r=8\)")
+    for mode in ("modular", "end2end"):
+        with pytest.raises(ValueError, match=message):
+            train(_config(tiny_setup, tmp_path / mode, mode=mode, **clustered), on_step=_never_called)
+        assert not (tmp_path / mode).exists()
+    # Either remedy trains.
+    assert train(_config(tiny_setup, tmp_path / "list", r=[8, 4], max_steps=1, eval_r=[],
+                         method_options={"matching": "agglomerative"}))["steps"] == 1
+    from tokenmerge.core.schedule import ScheduleClampedWarning
+
+    with pytest.warns(ScheduleClampedWarning, match=re.escape("effective schedule: [8, 7]")):  # the hard plan's
+        assert train(_config(tiny_setup, tmp_path / "train_r", r=8, max_steps=1, eval_r=[],
+                             method_options={"matching": "agglomerative", "train_r": 8}))["steps"] == 1
+
+
+def test_torchrun_processes_get_their_own_gpu_and_the_backend_of_their_device():
+    from tokenmerge.training import _process_device, _process_group_backend
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    # A bare cuda under torchrun: this process's GPU, not GPU 0 for every rank.
+    assert _process_device(cuda, local_rank=1, world=2, cuda_available=True, cuda_count=2) == torch.device("cuda:1")
+    assert _process_device(None, local_rank=1, world=2, cuda_available=True, cuda_count=2) == torch.device("cuda:1")
+    # An explicit index, a single process, or no CUDA: as asked.
+    assert _process_device(torch.device("cuda:0"), local_rank=1, world=2, cuda_available=True) == torch.device("cuda:0")
+    assert _process_device(cuda, local_rank=0, world=1, cuda_available=True) == cuda
+    assert _process_device(None, local_rank=0, world=1, cuda_available=True) == torch.device("cuda:0")
+    assert _process_device(None, local_rank=1, world=2, cuda_available=False) == cpu
+    assert _process_device(cpu, local_rank=1, world=2, cuda_available=True) == cpu
+    with pytest.raises(ValueError, match=r"local rank 2.*2 CUDA device\(s\).*--nproc_per_node"):
+        _process_device(cuda, local_rank=2, world=3, cuda_available=True, cuda_count=2)
+    # The backend follows the device, not whether the machine has a GPU.
+    assert _process_group_backend(cpu) == "gloo"
+    assert _process_group_backend(torch.device("cuda:1")) == "nccl"
+
+
+def test_the_process_group_is_initialised_for_the_chosen_device(monkeypatch):
+    """--device cpu on a GPU machine under torchrun: gloo, and no GPU is touched."""
+    import torch.distributed as dist
+
+    from tokenmerge.training import _distributed
+
+    calls = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append(("set_device", device)))
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend: calls.append(("init", backend)))
+    monkeypatch.setattr(dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    assert _distributed(torch.device("cpu")) == (1, 2, torch.device("cpu"))
+    assert calls == [("init", "gloo")]
+    calls.clear()
+    assert _distributed(torch.device("cuda")) == (1, 2, torch.device("cuda:1"))
+    assert calls == [("set_device", torch.device("cuda:1")), ("init", "nccl")]

@@ -49,7 +49,9 @@ saves a timm model's weights as ``out/model.safetensors`` (timm key names) and a
 Data (:func:`training_set`): one sub-folder per class of the files the model takes, read
 by that modality's loader (:mod:`tokenmerge.evaluation.inputs`), the same one that reads
 the evaluation data. Images are augmented, kept simple: RandomResizedCrop(scale 0.35-1) +
-horizontal flip + ImageNet normalisation, and optionally Mixup / CutMix of whole batches
+horizontal flip, normalised with the mean and std evaluation uses (the model's
+``image_preprocessing``: a Hugging Face folder's ``preprocessor_config.json``, timm's
+``pretrained_cfg``, else ImageNet's), and optionally Mixup / CutMix of whole batches
 (``mixup``, ``cutmix``: :mod:`tokenmerge.mixing`; they mix any modality's inputs, and are
 what gives a distillation teacher something to say on images its checkpoint has fitted).
 Spectrograms and video clips are not otherwise augmented:
@@ -59,7 +61,9 @@ spoken-digit train split of 2,400 clips at 100x64 features is 61 MB; 2,400 Video
 clips of 8x3x64x64 are 0.9 GB: use ``--limit`` on larger video sets).
 
 Optimisation: AdamW, linear warmup then cosine decay (per step), cross-entropy, bf16
-autocast on CUDA (fp32 on CPU).
+autocast on CUDA (fp32 on CPU). ``lr`` left as None is 1e-3 for DTEM's merge embeddings and
+1e-5 for the ViT (the other methods), ``backbone_lr`` 1e-5 (:func:`learning_rates`; the CLI's
+defaults are these).
 
 Reproducibility and resuming. The data order of epoch ``e`` is a permutation seeded by
 ``(seed, e)``, and each sample's augmentation is drawn from a generator seeded by
@@ -67,8 +71,9 @@ Reproducibility and resuming. The data order of epoch ``e`` is a permutation see
 (``out/checkpoint.pt``, written atomically every ``checkpoint_every`` steps and at the
 end) holds the trainable weights, optimizer, scheduler, step and RNG states; a resumed
 run replays from the last checkpoint and ends with the same parameters as an
-uninterrupted one (tested). On resume, ``train_log.jsonl`` is cut back to the
-checkpoint's step, so no step is logged twice.
+uninterrupted one (tested, with dropout and drop-path too: the data loader seeds itself from
+``(seed, e)``, never from the global RNG that draws their masks). On resume,
+``train_log.jsonl`` is cut back to the checkpoint's step, so no step is logged twice.
 
 Safety (see docs/RELIABILITY.md). A checkpoint is data: tensors, numbers and strings (the
 config as JSON, the Python and NumPy RNG states as tensors), loaded with
@@ -79,7 +84,8 @@ resumed or ``overwrite`` is given. Settings, the class counts of the data and of
 model's head, and the evaluation data are checked before the first step.
 
 Distributed. Under ``torchrun`` (``WORLD_SIZE > 1``) the model is wrapped in
-DistributedDataParallel (NCCL on CUDA, gloo on CPU); each process reads every
+DistributedDataParallel (NCCL on CUDA, gloo on CPU, as the chosen device says; a bare ``cuda``
+is each process's ``cuda:LOCAL_RANK``); each process reads every
 ``world``-th sample of the epoch's permutation, ``batch_size`` is per process, and rank 0
 alone writes checkpoints, logs and evaluates.
 """
@@ -108,6 +114,7 @@ __all__ = [
     "TrainingDivergedError",
     "train",
     "train_transform",
+    "learning_rates",
     "epoch_indices",
     "warmup_cosine",
     "default_train_root",
@@ -120,7 +127,9 @@ PARAMETER_FREE_METHODS = ("tome", "mctf", "pitome", "atc", "tcvit", "evit", "pru
 DTEM_FIELD_OPTIONS = ("tau", "embed_dim", "hidden_dim")
 # The defaults of the settings only some methods and modes read (see unused_settings).
 DEFAULT_TAU = 0.1
-DEFAULT_BACKBONE_LR = 1e-5
+DEFAULT_LR = 1e-3  # dtem's merge embeddings (modular, end2end)
+DEFAULT_VIT_LR = 1e-5  # the ViT: lr of the parameter-free methods
+DEFAULT_BACKBONE_LR = 1e-5  # the ViT: backbone_lr of dtem end2end/backbone
 MODES = ("modular", "end2end", "backbone")
 CHECKPOINT_NAME = "checkpoint.pt"
 LOG_NAME = "train_log.jsonl"
@@ -166,7 +175,8 @@ class TrainConfig:
     epochs: float = 1.0
     max_steps: Optional[int] = None  # overrides epochs
     batch_size: int = 32
-    lr: float = 1e-3  # read by all but dtem backbone: merge embeddings (dtem), or the ViT (tome...)
+    # read by all but dtem backbone: merge embeddings (dtem; default 1e-3), or the ViT (tome...; default 1e-5)
+    lr: Optional[float] = None
     backbone_lr: Optional[float] = None  # read by dtem end2end/backbone (the ViT's lr); default 1e-5
     weight_decay: float = 0.05
     warmup_steps: int = 20
@@ -232,6 +242,17 @@ class TrainConfig:
             if clash:
                 raise ValueError(f"give dtem's {', '.join(clash)} as --{clash[0].replace('_', '-')} "
                                  "(its own option), not as a method option")
+            if self.mode != "backbone" and self.method_options.get("prop_attn") is False:
+                # The soft merge keeps every token and fades a merged-away one only through its
+                # log-size attention bias; without it the model trained is not the hard one deployed.
+                raise ValueError(
+                    f"dtem {self.mode} training merges softly: merged-away tokens stay in the sequence and "
+                    "leave attention only through proportional attention, so prop_attn=False would train "
+                    "another model than the one that merges at inference. Drop prop_attn=False "
+                    "(CLI: --method-option prop_attn=false, or the --config file's options) for training; "
+                    "evaluate the trained modules with it if you like, or fine-tune the ViT with it in "
+                    "--mode backbone (hard merges)"
+                )
         self._check_schedule()
         for flag, value in (("--batch-size", self.batch_size), ("--checkpoint-every", self.checkpoint_every)):
             _require_int(flag, value, minimum=1)
@@ -246,8 +267,7 @@ class TrainConfig:
         # The per-sample seed (seed, epoch, index) must fit torch's 64-bit seed.
         _require_int("--seed", self.seed, minimum=0, maximum=MAX_SEED)
         # A negative learning rate is gradient ascent, NaN/inf a run that diverges at step 1.
-        _require_positive("--lr", self.lr)
-        for flag, value in (("--backbone-lr", self.backbone_lr), ("--tau", self.tau)):
+        for flag, value in (("--lr", self.lr), ("--backbone-lr", self.backbone_lr), ("--tau", self.tau)):
             if value is not None:
                 _require_positive(flag, value)
         _require_positive("--epochs", self.epochs)
@@ -318,17 +338,29 @@ def unused_settings(method: str, mode: str) -> tuple:
     return ()
 
 
+def learning_rates(config: TrainConfig) -> tuple:
+    """``(lr, backbone_lr)`` a run of ``config`` trains with: the given ones, else the defaults
+    (lr: 1e-3 for dtem's merge embeddings, 1e-5 for the ViT of the other methods; backbone_lr:
+    1e-5), and None for one the method and mode do not read. The CLI's defaults are these."""
+    unused = unused_settings(config.method, config.mode)
+    lr = config.lr
+    if lr is None:
+        lr = DEFAULT_LR if config.method == "dtem" else DEFAULT_VIT_LR
+    backbone_lr = DEFAULT_BACKBONE_LR if config.backbone_lr is None else config.backbone_lr
+    return (None if "lr" in unused else lr), (None if "backbone_lr" in unused else backbone_lr)
+
+
 def _with_used_settings(config: TrainConfig, model: nn.Module) -> TrainConfig:
     """``config`` as the patched ``model`` runs it: the DTEM shape and tau its merge modules
-    got, the default backbone_lr where one is read, and None for every setting not read."""
+    got, the learning rates it trains with (:func:`learning_rates`), and None for every setting
+    not read."""
     changes = {name: None for name in unused_settings(config.method, config.mode)}
+    changes["lr"], changes["backbone_lr"] = learning_rates(config)
     if config.method == "dtem":
         reducer = adapter_for(model).reducer
         changes.update(embed_dim=reducer.embed_dim, hidden_dim=reducer.hidden_dim)
         if "tau" not in changes:
             changes["tau"] = reducer.tau
-        if "backbone_lr" not in changes and config.backbone_lr is None:
-            changes["backbone_lr"] = DEFAULT_BACKBONE_LR
     return dataclasses.replace(config, **changes)
 
 
@@ -349,8 +381,9 @@ def _require_positive(flag: str, value) -> None:
 
 
 # -- data -------------------------------------------------------------------------------
-def train_transform(image_size: int):
-    """RandomResizedCrop + horizontal flip + ImageNet normalisation."""
+def train_transform(image_size: int, mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None):
+    """RandomResizedCrop + horizontal flip + normalisation with ``mean``/``std`` (per channel,
+    on [0, 1] pixels; default ImageNet's). The trainer passes the model's own statistics."""
     from torchvision import transforms
 
     from .evaluation.data import IMAGENET_MEAN, IMAGENET_STD
@@ -359,7 +392,7 @@ def train_transform(image_size: int):
         transforms.RandomResizedCrop(image_size, scale=(0.35, 1.0)),
         transforms.RandomHorizontalFlip(),
         transforms.ToTensor(),
-        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        transforms.Normalize(IMAGENET_MEAN if mean is None else mean, IMAGENET_STD if std is None else std),
     ])
 
 
@@ -411,7 +444,10 @@ def training_set(model: nn.Module, root, limit: Optional[int] = None, labels_nee
 
     inputs = inputs_for(model)
     if inputs.kind == "images":
-        return training_images(root, train_transform(inputs.image_size), limit, labels_needed)
+        # Evaluation's statistics (the ones the weights came with): train and eval see alike inputs.
+        settings = inputs.preprocessing()
+        transform = train_transform(inputs.image_size, settings["mean"], settings["std"])
+        return training_images(root, transform, limit, labels_needed)
     classes, files = folder_classes(inputs, root)
     if limit is not None and limit < len(files):
         files = [files[i * len(files) // limit] for i in range(limit)]
@@ -444,6 +480,11 @@ def epoch_indices(num_samples: int, seed: int, epoch: int, rank: int = 0, world:
     order = torch.randperm(num_samples, generator=generator).tolist()
     usable = num_samples - num_samples % world
     return order[rank:usable:world]
+
+
+def _loader_seed(seed: int, epoch: int) -> int:
+    """The DataLoader generator's seed for ``epoch`` (apart from the permutation's and the samples')."""
+    return (seed * 100_019 + epoch) * 2 + 1
 
 
 class _StepSampler(torch.utils.data.Sampler):
@@ -507,7 +548,10 @@ def build_model(config: TrainConfig, model: Optional[nn.Module] = None) -> nn.Mo
 def _check_schedule_fits(config: TrainConfig, reducer, adapter) -> None:
     """Refuse an ``r`` the first block cannot remove, and a per-block list that some block would
     clamp (training would run another schedule than the one written out). A constant ``r``
-    may clamp in late blocks, as ToMe's constant schedules do (r=16 on ViT-Tiny: 10 in the last)."""
+    may clamp in late blocks, as ToMe's constant schedules do (r=16 on ViT-Tiny: 10 in the last),
+    but DTEM's soft training must clamp every block as the patched model does: with
+    ``matching="agglomerative"`` the patch clamps to clustering's limit, which the soft
+    bipartite merge cannot reach, so the whole schedule is checked there."""
     from .core.matching import bipartite_max_reduction
     from .core.schedule import format_schedule, resolve_schedule
 
@@ -531,6 +575,22 @@ def _check_schedule_fits(config: TrainConfig, reducer, adapter) -> None:
             f"than it can with {config.method}: the model has {num_tokens} tokens ({prefix} protected), and "
             f"block {block} can remove at most {effective[block]}{clamped}; lower r there"
         )
+    if config.method == "dtem" and config.mode != "backbone" and "train_r" not in config.method_options:
+        # The patched schedule is clamped with the reducer's own limit (clustering's, for
+        # agglomerative matching), which a late block of a constant r may reach while the soft
+        # bipartite merge of training cannot (train_r clamps to the soft limit in every block).
+        patched = resolve_schedule(config.r, num_blocks, num_tokens, prefix, reducer.max_reduction, warn=False)
+        if patched != effective:
+            block = next(i for i, (a, b) in enumerate(zip(patched, effective)) if a != b)
+            soft, r = list(effective), config.r
+            raise ValueError(
+                f"--r {format_schedule(config.r)} with matching='agglomerative' removes {patched[block]} tokens "
+                f"in block {block}, but dtem {config.mode} training merges through the soft bipartite merge, "
+                f"which can remove at most {effective[block]} there: train the schedule it can run, "
+                f"r={soft} (CLI: --r {format_schedule(soft)}), or set train_r={r} (CLI: --method-option "
+                f"train_r={r}), which clamps each block to what the soft merge can remove; --mode backbone "
+                "trains through the clustering itself"
+            )
 
 
 def _check_trainable(model: nn.Module):
@@ -580,7 +640,32 @@ def build_teacher(config: TrainConfig, student: nn.Module) -> nn.Module:
         check_teacher(teacher, adapter.num_classes, adapter.input_size)
     else:
         check_teacher(teacher, adapter.num_classes, input_shape=inputs.shape, what=inputs.kind)
+    _check_teacher_statistics(config, inputs, inputs_for(teacher))
     return teacher
+
+
+def _input_statistics(inputs) -> dict:
+    """How a file becomes this model's input, as far as the values go (mean, std, ...)."""
+    if inputs.kind == "images":
+        settings = inputs.preprocessing()
+        return {"mean": [float(v) for v in settings["mean"]], "std": [float(v) for v in settings["std"]]}
+    return inputs._settings()
+
+
+def _check_teacher_statistics(config: TrainConfig, student, teacher) -> None:
+    """The teacher gets the student's input tensors: refuse one whose weights expect others.
+
+    Refused rather than re-normalised: the student and its teacher then read one input, and
+    a teacher of other statistics is a choice to make explicit (convert its folder's settings).
+    """
+    ours, theirs = _input_statistics(student), _input_statistics(teacher)
+    if ours != theirs:
+        raise ValueError(
+            f"the teacher {config.teacher} expects inputs prepared with {theirs}, but the student's (and so "
+            f"the teacher's, which sees the same batches) are prepared with {ours}: use a teacher trained with "
+            "the student's statistics (for hf:DIR, the normalisation its preprocessor_config.json sets), or drop "
+            "--teacher to distil from the unmodified student"
+        )
 
 
 def _default_architecture() -> str:
@@ -590,29 +675,40 @@ def _default_architecture() -> str:
 
 
 def _set_train_mode(model: nn.Module, config: TrainConfig) -> list:
-    """Freeze what the mode freezes; return the optimizer's parameter groups."""
+    """Freeze what the mode freezes and unfreeze what it trains; return the optimizer's
+    parameter groups (a group left empty raises: the run would train nothing there)."""
+    lr, backbone_lr = learning_rates(config)
     if config.method in PARAMETER_FREE_METHODS:
         model.train()
-        return [{"params": [p for p in model.parameters() if p.requires_grad], "lr": config.lr}]
+        return _trainable_groups([("the ViT", list(model.parameters()), lr)])
     reducer = adapter_for(model).reducer
     reducer_ids = {id(p) for p in reducer.parameters()}
     backbone = [p for p in model.parameters() if id(p) not in reducer_ids]
+    modules = list(reducer.parameters())
     if config.mode == "modular":
-        for p in backbone:
-            p.requires_grad_(False)
         model.eval()  # the frozen ViT: no dropout / drop-path
         reducer.train()  # soft merging
-        return [{"params": list(reducer.parameters()), "lr": config.lr}]
+        return _trainable_groups([("the merge modules", modules, lr)], frozen=backbone)
     model.train()
     if config.mode == "backbone":
-        for p in reducer.parameters():
-            p.requires_grad_(False)
         reducer.eval()  # the hard merge of inference
-        return [{"params": [p for p in backbone if p.requires_grad], "lr": config.backbone_lr}]
-    return [
-        {"params": list(reducer.parameters()), "lr": config.lr},
-        {"params": [p for p in backbone if p.requires_grad], "lr": config.backbone_lr},
-    ]
+        return _trainable_groups([("the ViT", backbone, backbone_lr)], frozen=modules)
+    return _trainable_groups([("the merge modules", modules, lr), ("the ViT", backbone, backbone_lr)])
+
+
+def _trainable_groups(groups: list, frozen: Sequence[nn.Parameter] = ()) -> list:
+    """``[(what, parameters, lr)]`` -> AdamW's groups, with ``requires_grad`` set on each side:
+    a model passed in keeps the flags of its last use (a modular run freezes the ViT), which
+    would silently leave a later run's ViT out of training."""
+    for parameter in frozen:
+        parameter.requires_grad_(False)
+    for what, parameters, _ in groups:
+        if not parameters:
+            raise ValueError(f"no parameters to train in {what}: the run would leave it as it is; check "
+                             "that the model is the one meant, or choose a --mode that trains what it has")
+        for parameter in parameters:
+            parameter.requires_grad_(True)
+    return [{"params": parameters, "lr": lr} for _, parameters, lr in groups]
 
 
 def _reducer_prefix(model: nn.Module) -> str:
@@ -812,16 +908,45 @@ def _eval_root(config: TrainConfig) -> Optional[Path]:
 
 
 # -- distributed ------------------------------------------------------------------------
-def _distributed() -> tuple:
-    """``(rank, world, local_rank)``; initialises the process group under torchrun."""
+def _process_device(device: Optional[torch.device], local_rank: int, world: int, cuda_available: bool,
+                    cuda_count: int = 0) -> torch.device:
+    """The device this process trains on: ``device`` as asked, except that under torchrun
+    (``world > 1``) a bare ``cuda`` means this process's GPU, ``cuda:LOCAL_RANK`` (a bare one
+    would put every process on the current device, GPU 0); None: ``cuda:LOCAL_RANK`` when CUDA
+    is available, else the CPU."""
+    if device is None:
+        if not cuda_available:
+            return torch.device("cpu")
+    elif device.type != "cuda" or device.index is not None or world <= 1:
+        return device
+    if cuda_count and local_rank >= cuda_count:
+        raise ValueError(f"torchrun started local rank {local_rank}, but this machine has {cuda_count} CUDA "
+                         f"device(s): start at most {cuda_count} processes per node (--nproc_per_node)")
+    return torch.device("cuda", local_rank)
+
+
+def _process_group_backend(device: torch.device) -> str:
+    """NCCL for CUDA tensors, gloo for the others (NCCL cannot reduce CPU tensors, even on a GPU machine)."""
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def _distributed(device: Optional[torch.device]) -> tuple:
+    """``(rank, world, device)``: this process's device (:func:`_process_device`); under
+    torchrun, the process group is initialised with the backend that device needs."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0")) if world > 1 else 0
+    cuda_available = torch.cuda.is_available()
+    device = _process_device(device, local_rank, world, cuda_available,
+                             torch.cuda.device_count() if cuda_available else 0)
     if world <= 1:
-        return 0, 1, 0
+        return 0, 1, device
     import torch.distributed as dist
 
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # NCCL's collectives run on the current device
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
+        dist.init_process_group(_process_group_backend(device))
+    return dist.get_rank(), dist.get_world_size(), device
 
 
 # -- the loop ---------------------------------------------------------------------------
@@ -848,6 +973,7 @@ def train(
     """
     from tqdm.auto import tqdm
 
+    from .api import is_patched
     from .commands.arguments import parse_device
     from .distillation import teacher_logits, training_loss
     from .evaluation.data import _class_names
@@ -856,11 +982,15 @@ def train(
     from .mixing import mix_batch
 
     config.check()
+    if model is not None and is_patched(model):
+        # Its copy would be a merging teacher, and its merge policy would be replaced unseen.
+        raise ValueError(
+            "the model passed to train is already patched (it merges tokens); train patches it itself, and "
+            "the default teacher is a copy of the model as given: unpatch it first: tokenmerge.unpatch(model)"
+        )
     device = parse_device(config.device) if config.device is not None else None
-    rank, world, local_rank = _distributed()
+    rank, world, device = _distributed(device)
     is_main = rank == 0
-    if device is None:
-        device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     amp_dtype = torch.bfloat16 if device.type == "cuda" else None
     out = Path(config.out)
     if is_main:
@@ -942,6 +1072,10 @@ def train(
         loader = torch.utils.data.DataLoader(
             data, batch_size=config.batch_size, sampler=_StepSampler(epoch, indices, start_batch * config.batch_size),
             num_workers=config.num_workers, drop_last=True,
+            # Its own seed source: each iter() of a loader without one draws a seed from the
+            # global RNG, and a resumed run builds one more iterator than the run it replays,
+            # which would shift every later dropout and drop-path mask.
+            generator=torch.Generator().manual_seed(_loader_seed(config.seed, epoch)),
         )
         for images, labels in loader:
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
@@ -1025,7 +1159,10 @@ def _finish(model: nn.Module, config: TrainConfig, out: Path) -> dict:
     if config.mode != "modular" and adapter.family == "transformers":
         files["model"] = str(_save_hf_model(model, out / HF_MODEL_NAME))
     elif config.mode != "modular":
-        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        # Without the merge policy, as for Hugging Face: the file loads into the unpatched
+        # architecture (load_model(checkpoint=...)); DTEM's modules are in their own file.
+        prefix = _reducer_prefix(model)
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if not k.startswith(prefix)}
         files["model"] = str(save_safetensors(state, out / MODEL_NAME, what="the trained model"))
     results = {"files": files, "accuracy": {}}
     eval_root = _eval_root(config)

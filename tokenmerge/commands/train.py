@@ -178,7 +178,6 @@ def config_from_args(args):
                          "drop --lr")
     mode = "end2end" if method in PARAMETER_FREE_METHODS else args.mode
     _refuse_unused(args, method, mode)
-    lr = args.lr if args.lr is not None else (1e-3 if method == "dtem" else 1e-5)
     eval_r = args.eval_r if args.eval_r is not None else [r]
     for flag, value in (("--distill-weight", args.distill_weight), ("--distill-temperature", args.distill_temperature)):
         if value is not None and not args.distill:
@@ -189,7 +188,9 @@ def config_from_args(args):
         model_kwargs=args.model_kwargs, num_classes=args.num_classes, r=r, tau=args.tau,
         init_modules=args.init_modules,
         embed_dim=args.embed_dim, hidden_dim=args.hidden_dim, epochs=args.epochs,
-        max_steps=args.max_steps, batch_size=args.batch_size, lr=lr, backbone_lr=args.backbone_lr,
+        max_steps=args.max_steps, batch_size=args.batch_size,
+        # None: the run's defaults (tokenmerge.training.learning_rates), the API's too.
+        lr=args.lr, backbone_lr=args.backbone_lr,
         weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, limit=args.limit,
         seed=args.seed, out=str(args.out), checkpoint_every=args.checkpoint_every,
         num_workers=args.num_workers, device=args.device, eval_data=args.eval_data,

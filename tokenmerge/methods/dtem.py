@@ -278,7 +278,8 @@ class DTEM(SizeAwareReducer):
             raise ValueError(
                 f"DTEM trains through the soft bipartite merge, which removes at most {limit} of "
                 f"{live} live tokens in a block, and the schedule asks for r={r} (fine with "
-                f"matching='agglomerative' in eval mode): train with train_r={limit} or a smaller r"
+                f"matching='agglomerative' in eval mode): train with train_r={limit} (CLI: --method-option "
+                f"train_r={limit}) or a smaller r"
             )
         metric = self._embedding(state.x, block_index)
         x, pos = state.x, state.pos
