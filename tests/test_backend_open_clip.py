@@ -161,6 +161,26 @@ def test_whole_clip_model_patches_its_image_tower():
     assert torch.equal(model.encode_image(x), reference)
 
 
+@pytest.mark.parametrize("undo", ["tower", "zero-shot"])
+def test_unpatching_the_tower_or_a_zero_shot_wrapper_unpatches_the_clip(undo):
+    from tokenmerge.zero_shot import ZeroShotClassifier
+
+    model = tokenmerge.patch(_clip(), r=3)
+    zero_shot = ZeroShotClassifier(model, torch.randn(3, 16))
+    # Either way, the tower the clip runs is open_clip's own again: nothing merges.
+    tokenmerge.unpatch(model.visual if undo == "tower" else zero_shot)
+    assert type(model.visual) is VisionTransformer
+    assert not tokenmerge.is_patched(model) and not tokenmerge.is_patched(zero_shot)
+    if undo == "tower":
+        tokenmerge.unpatch(model)  # nothing merges any more, but the clip's stale marker goes
+    assert "tokenmerge_config" not in model.__dict__  # the clip's marker went with the patch
+    # What needs an unmodified model takes it (here it gets as far as checking its options).
+    with pytest.raises(ValueError, match="options must not hold threshold"):
+        tokenmerge.calibrate_thresholds(model, [], r=2, options={"threshold": 0.5})
+    tokenmerge.patch(model.visual, r=3)  # the tower alone, patched again, merges inside the clip
+    assert tokenmerge.is_patched(model) and tokenmerge.is_patched(zero_shot)
+
+
 def test_adapter_geometry_and_staged_features():
     model = tower(pool_type="avg")
     adapter = adapter_for(model)
@@ -331,6 +351,9 @@ def test_whole_coca_model_merges_before_its_attentional_pooler():
     text = dict(context_length=8, vocab_size=64, width=32, heads=2, layers=1, embed_cls=True, output_tokens=True)
     decoder = dict(context_length=8, vocab_size=64, width=32, heads=2, layers=1)
     model = open_clip.CoCa(embed_dim=32, multimodal_cfg=decoder, text_cfg=text, vision_cfg=vision).eval()
+    # open_clip (3.3.0) never initialises the decoder's projection (torch.empty): whatever memory
+    # it got could make the logits below non-finite.
+    torch.nn.init.normal_(model.text_decoder.text_projection, std=32 ** -0.5)
     x = images()
     text_ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(2))
     reference = model.encode_image(x)

@@ -223,3 +223,26 @@ def test_dense_features_of_a_hugging_face_folder(hf_vit_dir):
     assert dense.shape == (2, 16, 32)
     for features in dense:  # per image, 16 patches share the 10 merged patch tokens
         assert features.unique(dim=0).shape[0] == 17 - 2 * 3 - 1
+
+
+def _open_clip_tower(**kwargs):
+    VisionTransformer = pytest.importorskip("open_clip.transformer").VisionTransformer
+    torch.manual_seed(0)
+    return VisionTransformer(image_size=64, patch_size=16, width=32, layers=2, heads=2, mlp_ratio=2, output_dim=16,
+                             **kwargs).eval()
+
+
+@pytest.mark.parametrize("make, where", [
+    (lambda: _open_clip_tower(patch_dropout=0.5), "patch_dropout"),
+    (lambda: timm.create_model("vit_tiny_patch16_224", img_size=64, depth=2, num_classes=5, patch_drop_rate=0.5),
+     "patch_drop"),
+], ids=["open_clip", "timm"])
+@pytest.mark.parametrize("patched", [False, True])
+def test_patch_dropout_in_train_mode_is_refused(make, where, patched):
+    model = make().train()
+    if patched:
+        tokenmerge.patch(model, "tome", r=2, trace_source=True)
+    with pytest.raises(ValueError, match=rf"{where} drops patches at random in train mode \(prob=0.5\).*"
+                                         r"call model.eval\(\) first"):
+        tokenmerge.dense_features(model, _images())
+    assert tokenmerge.dense_features(model.eval(), _images(), output="map").shape[-2:] == (4, 4)

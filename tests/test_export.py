@@ -3,6 +3,8 @@ cannot be exported exactly is refused with a clear error."""
 
 from __future__ import annotations
 
+import sys
+
 import onnxruntime as ort
 import pytest
 import torch
@@ -19,6 +21,11 @@ from .conftest import HF_TINY, tiny_hf_classifier
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+# The CLI's way to the architecture of tiny_vit() (random weights: the checkpoint is not needed).
+TINY_CLI = ["vit_tiny_patch16_224", "--num-classes", "4", "--model-kwargs",
+            '{"img_size": 32, "patch_size": 4, "embed_dim": 32, "depth": 3, "num_heads": 2}']
 
 
 def tiny_vit(**kwargs):
@@ -134,6 +141,63 @@ def test_torch_export_program_matches(tmp_path):
         images = torch.randn(batch, 3, 32, 32)
         torch.testing.assert_close(program.module()(images), model(images), atol=1e-5, rtol=0)
         torch.testing.assert_close(loaded.module()(images), model(images), atol=1e-5, rtol=0)
+
+
+def test_torch_export_program_of_a_bfloat16_model_runs_in_bfloat16():
+    model = tokenmerge.patch(tiny_vit().to(torch.bfloat16), method="tome", r=8)
+    program = export_program(model)
+    images = torch.randn(3, 3, 32, 32, dtype=torch.bfloat16)
+    out = program.module()(images)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, model(images))
+
+
+def test_torch_export_program_batch_sizes():
+    model = tokenmerge.patch(tiny_vit(), method="tome", r=8)
+    # A dynamic batch is traced at 2 or more whatever the example batch: a batch of 1 would
+    # specialise the program to it.
+    program = export_program(model, batch_size=1)
+    for batch in (1, 3):
+        images = torch.randn(batch, 3, 32, 32)
+        torch.testing.assert_close(program.module()(images), model(images), atol=1e-5, rtol=0)
+    static = export_program(model, batch_size=1, dynamic_batch=False)
+    images = torch.randn(1, 3, 32, 32)
+    torch.testing.assert_close(static.module()(images), model(images), atol=1e-5, rtol=0)
+    for bad in (0, -2, 1.5, True, "2"):
+        with pytest.raises(ValueError, match=f"batch_size must be a positive int, got {bad!r}"):
+            export_program(model, batch_size=bad)
+
+
+def test_atc_with_a_threshold_is_refused_naming_the_fixed_r_form(tmp_path):
+    model = tokenmerge.patch(tiny_vit(), method="atc", r=8, threshold=0.5)
+    with pytest.raises(ValueError, match=r"cannot export method 'atc'.*drop the threshold \(use a fixed r\) to "
+                                         r"export; the deterministic methods export \(atc, "):
+        export_onnx(model, tmp_path / "m.onnx")
+    assert not (tmp_path / "m.onnx").exists()
+    tokenmerge.patch(model, method="atc", r=8)  # the same method at a fixed r exports
+    assert_onnx_matches(model, export_onnx(model, tmp_path / "m.onnx").path)
+
+
+def test_a_missing_onnx_package_names_the_install(tmp_path, monkeypatch, capsys):
+    model = tokenmerge.patch(tiny_vit(), method="tome", r=8)
+    monkeypatch.setitem(sys.modules, "onnx", None)  # what `import onnx` meets where it is not installed
+    with pytest.raises(ImportError, match=r"onnx is not installed: pip install 'tokenmerge\[export\]'"):
+        export_onnx(model, tmp_path / "m.onnx")
+    assert list(tmp_path.iterdir()) == []
+    # The CLI says so too, and offers no --no-check: that skips ONNX Runtime, not onnx.
+    out = tmp_path / "cli.onnx"
+    assert main(["export", *TINY_CLI, "--method", "tome", "--r", "8", "--onnx", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "onnx is not installed: pip install 'tokenmerge[export]'" in err and "--no-check" not in err
+    assert not out.exists()
+
+
+def test_a_missing_onnxruntime_offers_to_skip_the_check(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    out = tmp_path / "cli.onnx"
+    assert main(["export", *TINY_CLI, "--method", "tome", "--r", "8", "--onnx", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "onnxruntime is not installed" in err and "pass --no-check to export without checking" in err
 
 
 def test_random_method_is_refused(tmp_path):

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import tokenmerge
+from tokenmerge.api import shared_copy
 from tokenmerge.cli import main
 from tokenmerge.evaluation.visualize import fill_groups, group_image, load_display_image, merge_groups
 from tokenmerge.models import load_model
@@ -183,3 +184,94 @@ def test_fill_groups_gives_a_token_one_colour_in_every_panel():
     assert np.allclose(out[0, 3, 0], out[0, 2, 2 - 2]) and not np.allclose(out[0, 3, 0], [9, 9, 9])
     with pytest.raises(ValueError, match="does not match"):
         fill_groups(frames, pixels[:, :1], num_tokens=4)
+
+
+def _tiny_timm_vit(img_size=64, depth=3, **kwargs):
+    import timm
+
+    torch.manual_seed(0)
+    return timm.create_model("vit_tiny_patch16_224", img_size=img_size, depth=depth, num_classes=5, **kwargs).eval()
+
+
+def _own_source(model, image):
+    """The source map of the model's own traced forward (a traced copy: the model is left alone)."""
+    from tokenmerge.backends.adapter import adapter_for
+
+    adapter = adapter_for(model)
+    config = adapter.config
+    traced = tokenmerge.patch(
+        shared_copy(model), method=adapter_for(model).reducer, r=config.schedule, trace_source=True,
+        num_protected=config.num_protected, prop_attn=config.prop_attn, mlp_share=config.mlp_share,
+        attention_impl=config.attention_impl, layout=config.layout,
+    )
+    with torch.inference_mode():
+        state, _ = adapter_for(traced).final_state(image.unsqueeze(0))
+    return state
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("options", [dict(mlp_share=0.5), dict(prop_attn=False)])
+def test_groups_are_the_ones_the_model_forms_under_every_option(options):
+    model = tokenmerge.patch(_tiny_timm_vit(img_size=96, depth=6), method="tome", r=5, **options)
+    # Several images: with random weights an option changes some images' groups, not all.
+    for seed in range(3):
+        image = torch.randn(3, 96, 96, generator=torch.Generator().manual_seed(seed))
+        groups = merge_groups(model, image)
+        state = _own_source(model, image)
+        assert groups.num_tokens == state.x.shape[1]
+        assert torch.equal(groups.source.reshape(-1), state.source[0])
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_local_layout_has_no_lasting_groups_and_is_refused():
+    model = tokenmerge.patch(_tiny_timm_vit(), method="tome", r=4, layout="local")
+    with pytest.raises(ValueError, match="layout='local'.*puts each one back.*patch with layout='global'"):
+        merge_groups(model, torch.randn(3, 64, 64))
+
+
+def _open_clip_attention_pool_tower():
+    from open_clip.transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    return VisionTransformer(image_size=64, patch_size=16, width=32, layers=3, heads=2, mlp_ratio=2, output_dim=16,
+                             attentional_pool=True, attn_pooler_heads=2, attn_pooler_queries=4).eval()
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("make", [lambda: _tiny_timm_vit(global_pool="map"), _open_clip_attention_pool_tower],
+                         ids=["timm-map", "open_clip-attn-pool"])
+def test_groups_when_the_class_token_may_merge(make):
+    # An attention-pool head reads every token, so patch() lets the class token merge.
+    model = tokenmerge.patch(make(), method="tome", r=4, num_protected=0)
+    image = torch.randn(3, 64, 64, generator=torch.Generator().manual_seed(0))
+    groups = merge_groups(model, image)
+    state = _own_source(model, image)
+    assert groups.source.shape == (4, 4) and groups.num_tokens == state.x.shape[1]
+    assert torch.equal(groups.source.reshape(-1), state.source[0, 1:])  # the class token's entry is no patch
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_groups_of_a_bfloat16_model():
+    model = tokenmerge.patch(_tiny_timm_vit().to(torch.bfloat16), method="tome", r=4)
+    image = torch.randn(3, 64, 64, generator=torch.Generator().manual_seed(0))  # float32, as images load
+    groups = merge_groups(model, image)
+    state = _own_source(model, image.to(torch.bfloat16))
+    assert torch.equal(groups.source.reshape(-1), state.source[0])
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_an_image_size_that_leaves_pixels_past_the_last_patch(tiny_image_folder):
+    from tokenmerge.evaluation.visualize import visualize_merging
+
+    # 56 pixels: three 16-pixel patches a side, the last 8 rows and columns dropped by the patch embedding.
+    model = tokenmerge.patch(_tiny_timm_vit(img_size=56, depth=2), method="tome", r=2)
+    figure, groups = visualize_merging(model, tiny_image_folder / "class0" / "0.png")
+    assert groups.source.shape == (3, 3) and len(figure.axes) == 2
+    # 2x2 patches of 2x2 pixels in a 5x5 image: the fifth row and column join the last patches.
+    image = np.zeros((5, 5, 3), dtype=np.float32)
+    image[2:4, 2:4] = 1.0  # patch (1, 1), token 3; its extra pixels are black
+    out = group_image(image, np.array([[0, 1], [2, 3]]), num_tokens=4, border=(9, 9, 9), patch_size=(2, 2))
+    assert np.allclose(out[4, 4], 4 / 9) and np.allclose(out[3, 3], 4 / 9)  # one group of 9 pixels
+    assert np.allclose(out[4, 1], [9, 9, 9]) and np.allclose(out[4, 0], 0.0)  # token 2 runs to the bottom
+    with pytest.raises(ValueError, match="smaller than its 2x2 patches of 4x4 pixels"):
+        group_image(image, np.array([[0, 1], [2, 3]]), 4, patch_size=(4, 4))

@@ -124,6 +124,16 @@ def test_class_names_from_lines_or_a_folder_mapping(tmp_path):
     assert read_class_names(mapping) == ["tench", "English springer", "cassette player"]  # sorted folders
 
 
+def test_class_names_files_with_a_byte_order_mark(tmp_path):
+    # Some editors (Notepad) start UTF-8 files with a byte-order mark.
+    lines = tmp_path / "names.txt"
+    lines.write_text("\ufefftench\nEnglish springer\n", encoding="utf-8")
+    assert read_class_names(lines, ["n01", "n02"]) == ["tench", "English springer"]
+    mapping = tmp_path / "names.json"
+    mapping.write_text("\ufeff" + json.dumps({"n02": "English springer", "n01": "tench"}), encoding="utf-8")
+    assert read_class_names(mapping, ["n01", "n02"]) == ["tench", "English springer"]
+
+
 @pytest.mark.parametrize("text, folders, message", [
     ("a\nb\n", ["x", "y", "z"], "has 2 names but the data folder has 3 classes (x, y, z)"),
     ("\n \n", None, "holds no names"),

@@ -260,6 +260,8 @@ def unpatch(model: nn.Module) -> nn.Module:
     """Restore a patched model to its original classes and behaviour (in place)."""
     _refuse_compiled(model, "unpatch")
     if not is_patched(model):
+        # A wrapper's marker outlives unpatching its tower or trunk alone, which cannot reach it.
+        model.__dict__.pop("tokenmerge_config", None)
         return model
     return _adapter(model, "unpatch").unpatch()
 
@@ -267,11 +269,12 @@ def unpatch(model: nn.Module) -> nn.Module:
 def is_patched(model: nn.Module) -> bool:
     """Whether ``model`` is patched, or holds a patched trunk or tower (``hf_classifier.vit``,
     ``clip.visual``: patched on their own, they still merge inside ``model``)."""
-    marked = getattr(type(model), "_tokenmerge_base", None) is not None or hasattr(model, "tokenmerge_config")
-    if marked:
-        return True
+    if getattr(type(model), "_tokenmerge_base", None) is not None:
+        return True  # its own class is swapped (e.g. a Hugging Face wrapper's size-weighted head)
     try:
         adapter = adapter_for(model)
     except TypeError:  # no family supports it: its own marks are all there is to read
-        return False
+        return hasattr(model, "tokenmerge_config")
+    # Not the wrapper's tokenmerge_config attribute: it outlives unpatching the tower or trunk on
+    # its own (unpatch(clip.visual) cannot reach the clip), whose class says whether it merges.
     return adapter.is_patched

@@ -91,6 +91,18 @@ def unmerge_to_grid(
     return dense.transpose(1, 2).reshape(B, C, *grid)
 
 
+def _refuse_patch_dropout(model: nn.Module) -> None:
+    """Refuse a model whose patch dropout is on (timm's ``patch_drop``, open_clip's
+    ``patch_dropout``, in train mode): it drops random patches before the blocks, so the tokens
+    no longer cover the patch grid, and the error that would follow blames the merge."""
+    for name, module in model.named_modules():
+        if type(module).__name__ == "PatchDropout" and module.training and getattr(module, "prob", 0) > 0:
+            raise ValueError(
+                f"{name or 'the model'} drops patches at random in train mode (prob={module.prob:g}), "
+                "and dense features need every patch: call model.eval() first"
+            )
+
+
 def dense_features(
     model: nn.Module,
     images: torch.Tensor,
@@ -114,10 +126,13 @@ def dense_features(
         output: ``"tokens"`` or ``"map"``.
         fill: value for discarded patches, ``[C]`` or ``[B, C]``.
         **forward_kwargs: passed to the forward (e.g. ``interpolate_pos_encoding=True``).
+
+    A model whose patch dropout is active (train mode) is refused: call ``model.eval()``.
     """
     from .backends.adapter import adapter_for
 
     adapter = adapter_for(model)  # an unsupported model: a TypeError naming it and what is supported
+    _refuse_patch_dropout(model)
     state, num_protected = adapter.final_state(images, **forward_kwargs)
     grid = adapter.input_grid(images)
     return unmerge_to_grid(state.x, state.source, num_protected, adapter.num_prefix_tokens, grid, output, fill)

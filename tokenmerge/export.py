@@ -23,9 +23,10 @@ names what is supported when it refuses. Refused, with the reason and the fix: m
 adapter supports, models without a classification head (a Hugging Face trunk such as
 ``ViTModel``, ``CLIPModel``; open_clip models excepted, see above) or taking other inputs
 than images (audio, video), timm ``dynamic_img_size`` models once patched (their schedule
-follows the input size), methods whose plan is random at inference
-(:attr:`TokenReducer.export_refusal`), ``torch.compile`` wrappers, and an ``image_size``
-other than the model's.
+follows the input size), methods whose plan a static graph cannot hold (``random`` draws it at
+inference, ATC with a threshold keeps a token count per image;
+:attr:`TokenReducer.export_refusal`), ``torch.compile`` wrappers, and an ``image_size`` other
+than the model's.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .backends.adapter import input_placement
 from .evaluation.sweep import evaluation_mode
 
 __all__ = ["DEFAULT_OPSET", "OnnxExport", "check_exportable", "export_onnx", "export_program", "onnx_session"]
@@ -170,11 +172,14 @@ def check_exportable(model: nn.Module, image_size=None) -> tuple:
     if patched:
         reducer = adapter.reducer
         if reducer.export_refusal:
-            raise ValueError(
-                f"cannot export method {reducer.name!r} ({type(reducer).__name__}): "
-                f"{reducer.export_refusal}; export a deterministic method (tome, dtem, tcvit, mctf, "
-                "pitome, evit, prune, drop)"
-            )
+            from .methods import get_method_class, list_methods
+
+            exportable = ", ".join(name for name in list_methods() if get_method_class(name).export_refusal is None)
+            # A per-image threshold is what is refused, not the method: its fixed-r form exports.
+            fix = (f"drop the threshold (use a fixed r) to export; the deterministic methods export ({exportable})"
+                   if reducer.per_image else f"export a deterministic method ({exportable})")
+            raise ValueError(f"cannot export method {reducer.name!r} ({type(reducer).__name__}): "
+                             f"{reducer.export_refusal}; {fix}")
     wanted = _requested_size(image_size)
     if wanted is not None and wanted != built_for and not (adapter.takes_any_image_size and not patched):
         raise ValueError(
@@ -216,13 +221,24 @@ def _write_onnx(model: nn.Module, images: torch.Tensor, path: Path, dynamic_batc
         )
 
 
+def _require_onnx() -> None:
+    """The exporter writes through the ``onnx`` package; without it torch raises its own
+    ``OnnxExporterError`` deep in the export, which names neither package nor extra."""
+    try:
+        import onnx  # noqa: F401
+    except ImportError:
+        raise ImportError("onnx is not installed: pip install 'tokenmerge[export]' (or pip install onnx)",
+                          name="onnx") from None
+
+
 def onnx_session(path, threads: Optional[int] = None):
     """An ONNX Runtime CPU session for ``path`` (``threads``: intra-op threads, default ORT's)."""
     try:
         import onnxruntime as ort
     except ImportError:
         raise ImportError(
-            "onnxruntime is not installed: pip install 'tokenmerge[export]' (or pip install onnxruntime)"
+            "onnxruntime is not installed: pip install 'tokenmerge[export]' (or pip install onnxruntime)",
+            name="onnxruntime",
         ) from None
     options = ort.SessionOptions()
     if threads is not None:
@@ -283,6 +299,7 @@ def export_onnx(
 
     size = check_exportable(model, image_size)
     _check_opset(opset)
+    _require_onnx()
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     device = next(model.parameters()).device
@@ -317,11 +334,20 @@ def export_program(model: nn.Module, image_size=None, batch_size: int = 2, dynam
     whose module maps images to logits (a Hugging Face model's ``logits`` tensor), or to the
     image embedding for an open_clip model without zero-shot classes.
 
-    ``batch_size`` is the example batch; keep it >= 2 with ``dynamic_batch`` (torch.export
-    specialises a batch of 1).
+    The program runs where the model is, in its dtype (its example images are made on the
+    device and in the dtype of the model's first floating-point parameter).
+
+    ``batch_size`` is the example batch, the program's fixed batch with ``dynamic_batch=False``.
+    With ``dynamic_batch`` the program takes any batch, and the example is traced at a batch of
+    at least 2 (torch.export specialises a batch of 1).
     """
     size = check_exportable(model, image_size)
-    images = _example_images(batch_size, size)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if dynamic_batch:
+        batch_size = max(batch_size, 2)
+    device, dtype = input_placement(model)
+    images = _example_images(batch_size, size).to(device=device, dtype=dtype)
     dynamic_shapes = ({0: torch.export.Dim("batch")},) if dynamic_batch else None
     # Traced with gradients off, the merge code's own no_grad blocks change nothing, so the
     # graph holds no grad-mode switches: a program with them saves but fails to load.

@@ -126,7 +126,9 @@ def read_class_names(path, folders: Optional[Sequence[str]] = None) -> list:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--class-names file {str(path)!r} does not exist")
-    text = path.read_text(encoding="utf-8")
+    # utf-8-sig drops the byte-order mark some editors write, which would otherwise break the
+    # JSON or stick to the first class name.
+    text = path.read_text(encoding="utf-8-sig")
     if path.suffix.lower() == ".json" or text.lstrip().startswith("{"):
         return _names_from_mapping(path, text, folders)
     names = [line.strip() for line in text.splitlines() if line.strip()]

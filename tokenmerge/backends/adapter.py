@@ -78,6 +78,15 @@ def logits_of(output) -> torch.Tensor:
     return logits
 
 
+def input_placement(model: nn.Module) -> tuple:
+    """``(device, dtype)`` of the model's first floating-point parameter, which its input must
+    match (a bfloat16 model's patch embedding refuses float32 images)."""
+    for parameter in model.parameters():
+        if parameter.is_floating_point():
+            return parameter.device, parameter.dtype
+    return torch.device("cpu"), torch.get_default_dtype()
+
+
 class ModelAdapter:
     """What tokenmerge needs from one model of a family. Bound to ``model``; cheap to create.
 

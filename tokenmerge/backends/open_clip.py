@@ -564,6 +564,11 @@ def unpatch_open_clip(model: nn.Module) -> nn.Module:
     restore_classes(tower)
     if tower is not model:
         model.__dict__.pop("tokenmerge_config", None)
+        # A ZeroShotClassifier shares the tower of its clip, which carries its own marker when
+        # the clip was patched before being wrapped.
+        zero_shot = _zero_shot(model)
+        if zero_shot is not None:
+            zero_shot.clip.__dict__.pop("tokenmerge_config", None)
     return model
 
 

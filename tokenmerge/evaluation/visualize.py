@@ -25,6 +25,7 @@ map leaving the last block is the one after block ``K``, computed with public AP
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import warnings
 from pathlib import Path
@@ -34,7 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..backends.adapter import adapter_for
+from ..backends.adapter import adapter_for, input_placement
 from ..core.schedule import ScheduleClampedWarning
 
 __all__ = ["MergeGroups", "merge_groups", "fill_groups", "group_image", "spectrogram_cells", "load_display_image",
@@ -73,12 +74,17 @@ def _truncated_copy(model: nn.Module, block: int) -> nn.Module:
     adapter = adapter_for(model)
     schedule = list(adapter.schedule())
     cut = schedule[:block] + [0] * (len(schedule) - block)
+    # Every field of the config is a keyword of patch(): passing all of them keeps the options
+    # that change which tokens merge (prop_attn, mlp_share, ...), so the copy forms the model's
+    # own groups; a field patch() did not take would fail loudly instead of being dropped.
     config = adapter.config
+    settings = {field.name: getattr(config, field.name) for field in dataclasses.fields(config)
+                if field.name != "schedule"}
+    settings["trace_source"] = True
     clone = copy.deepcopy(model)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ScheduleClampedWarning)
-        return tokenmerge.patch(clone, method=adapter_for(clone).reducer, r=cut, trace_source=True,
-                                attention_impl=config.attention_impl, num_protected=config.num_protected)
+        return tokenmerge.patch(clone, method=adapter_for(clone).reducer, r=cut, **settings)
 
 
 @torch.inference_mode()
@@ -86,23 +92,33 @@ def merge_groups(model: nn.Module, inputs: torch.Tensor, block: Optional[int] = 
     """Source map of one model input (no batch dimension: a normalised image ``[3, H, W]``,
     spectrogram ``[frames, mel bins]`` or clip ``[T, 3, H, W]``) after ``block`` (default: the last).
 
-    ``model`` must be patched (:func:`tokenmerge.patch`); it is not modified.
+    ``model`` must be patched (:func:`tokenmerge.patch`) in the global layout (under
+    ``layout="local"`` no group outlasts its block: refused); it is not modified.
     """
     adapter = adapter_for(model)
     adapter.require_patched()
+    if adapter.config.layout != "global":
+        raise ValueError(
+            f"cannot draw merge groups of a model patched with layout={adapter.config.layout!r}: every block "
+            "merges its tokens and then puts each one back in its slot, so no group outlasts a block and "
+            "the model keeps all its tokens; patch with layout='global' (the default) to see the groups"
+        )
     depth = adapter.num_blocks
     block = depth if block is None else int(block)
     if not 1 <= block <= depth:
         raise ValueError(f"--block must lie in 1..{depth} (the model has {depth} blocks), got {block}")
     traced = adapter_for(_truncated_copy(model, block).eval())
-    batch = inputs.unsqueeze(0).to(next(traced.model.parameters()).device)
+    device, dtype = input_placement(traced.model)
+    batch = inputs.unsqueeze(0).to(device=device, dtype=dtype)
     state, num_protected = traced.final_state(batch)
     grid = traced.input_grid(batch)
     prefix = traced.num_prefix_tokens
-    # Sources cover the unprotected tokens only; protected patch tokens (VideoMAE's first
-    # tubelet under num_protected=1) are never merged and keep their own index.
-    kept = torch.arange(prefix, num_protected, dtype=state.source.dtype)
-    source = torch.cat([kept, state.source[0].cpu()]).reshape(grid)
+    # Sources cover the tokens from num_protected on. Protected patch tokens (VideoMAE's first
+    # tubelet under num_protected=1) are never merged and keep their own index; prefix tokens
+    # left unprotected (an attention-pool head's class token) have sources but are no patch.
+    kept = torch.arange(prefix, max(prefix, num_protected), dtype=state.source.dtype)
+    merged = state.source[0, max(0, prefix - num_protected):].cpu()
+    source = torch.cat([kept, merged]).reshape(grid)
     counts = traced.tokens_per_block(prefix + math.prod(grid))
     return MergeGroups(source, int(state.x.shape[1]), block, counts[0])
 
@@ -139,23 +155,33 @@ def fill_groups(image: np.ndarray, pixels: np.ndarray, num_tokens: int,
 
 
 def group_image(image: np.ndarray, source: np.ndarray, num_tokens: int,
-                border=(1.0, 1.0, 1.0), discarded=(0.12, 0.12, 0.12)) -> np.ndarray:
+                border=(1.0, 1.0, 1.0), discarded=(0.12, 0.12, 0.12), patch_size=None) -> np.ndarray:
     """Fill every group of patches with its mean colour and outline the groups.
 
     Args:
         image: ``[H, W, 3]`` float RGB in ``[0, 1]``.
-        source: ``[gh, gw]`` token index per patch (``H`` and ``W`` multiples of ``gh``, ``gw``).
+        source: ``[gh, gw]`` token index per patch.
         num_tokens: indices ``>= num_tokens`` are discarded patches (drawn in ``discarded``).
+        patch_size: ``(ph, pw)`` pixels of one patch. The image must hold the ``gh x gw``
+            patches; pixels past the last whole patch (which a patch embedding drops) are drawn
+            with the last patch. Default: ``H`` and ``W`` are multiples of ``gh``, ``gw``.
 
     Returns:
         ``[H, W, 3]`` float RGB.
     """
     height, width, _ = image.shape
     gh, gw = source.shape
-    if height % gh or width % gw:
-        raise ValueError(f"image {height}x{width} is not a whole number of {gh}x{gw} patches")
-    pixels = np.repeat(np.repeat(source, height // gh, axis=0), width // gw, axis=1)
-    return fill_groups(image, pixels, num_tokens, border, discarded)
+    if patch_size is None:
+        if height % gh or width % gw:
+            raise ValueError(f"image {height}x{width} is not a whole number of {gh}x{gw} patches: "
+                             "pass the model's patch_size")
+        patch_size = (height // gh, width // gw)
+    ph, pw = (int(s) for s in patch_size)
+    if height < gh * ph or width < gw * pw:
+        raise ValueError(f"image {height}x{width} is smaller than its {gh}x{gw} patches of {ph}x{pw} pixels")
+    rows = np.minimum(np.arange(height) // ph, gh - 1)
+    columns = np.minimum(np.arange(width) // pw, gw - 1)
+    return fill_groups(image, source[rows[:, None], columns[None, :]], num_tokens, border, discarded)
 
 
 def spectrogram_cells(source: np.ndarray, mel_bins: int, frames: int, kernel: tuple, stride: tuple) -> np.ndarray:
@@ -270,7 +296,7 @@ def visualize_merging(model: nn.Module, path, block: Optional[int] = None, title
         left, right = figure.subplots(1, 2)
         left.imshow(display)
         left.set_title(f"input: {source.size} patches")
-        right.imshow(group_image(display, source, groups.num_tokens))
+        right.imshow(group_image(display, source, groups.num_tokens, patch_size=adapter.patch_size))
         right.set_title(after)
         for ax in (left, right):
             ax.set_axis_off()
