@@ -97,3 +97,24 @@ def test_bad_configurations_are_refused():
     tokenmerge.patch(model, r=2)
     with pytest.raises(ValueError, match="pass the model before patching"):
         ConfidenceCascade(model, r=4, fraction=0.1)
+
+
+def test_for_budget_spends_the_budget_on_the_fallback():
+    from tokenmerge.evaluation.flops import count_gflops
+
+    model = _vit()
+    full = count_gflops(model, image_size=32)
+    fast = count_gflops(tokenmerge.patch(tokenmerge.api.shared_copy(model), r=4), image_size=32)
+    target = fast + 0.25 * full
+    model.train()
+    cascade = ConfidenceCascade.for_budget(model, target, r=4)
+    assert model.training  # counting did not leave the user's model in eval mode
+    assert cascade.fraction == pytest.approx(0.25)
+    assert cascade_gflops(fast, full, cascade.fraction) == pytest.approx(target)
+    with pytest.raises(ValueError, match="merged member alone costs .* over the budget.*larger r"):
+        ConfidenceCascade.for_budget(model, fast * 0.9, r=4)
+    with pytest.raises(ValueError, match="unmodified model fits it"):
+        ConfidenceCascade.for_budget(model, fast + full * 1.1, r=4)
+    for bad in (0, -1.0, True, "1"):
+        with pytest.raises(ValueError, match="target_gflops must be a positive number"):
+            ConfidenceCascade.for_budget(model, bad, r=4)

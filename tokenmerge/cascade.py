@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from .api import is_patched, patch, shared_copy
-from .backends.adapter import logits_of
+from .backends.adapter import adapter_for, input_placement, logits_of
 
 __all__ = ["ConfidenceCascade", "top1_margin", "select_fallback", "cascade_gflops"]
 
@@ -109,6 +109,30 @@ class ConfidenceCascade(nn.Module):
         self.fast = patch(shared_copy(model), **patch_kwargs)
         self.fast.train(model.training)
         self.last_fallback: Optional[torch.Tensor] = None
+
+    @classmethod
+    def for_budget(cls, model: nn.Module, target_gflops: float, **patch_kwargs) -> "ConfidenceCascade":
+        """The cascade by ``fraction`` whose mean counted GFLOPs per image is ``target_gflops``:
+        the merged member's (``patch_kwargs``) plus ``fraction`` x the unmodified model's, both
+        counted at the model's input size (:func:`tokenmerge.evaluation.flops.count_gflops`)."""
+        from .evaluation.flops import count_gflops
+        from .evaluation.sweep import evaluation_mode
+
+        if isinstance(target_gflops, bool) or not isinstance(target_gflops, (int, float)) or not target_gflops > 0:
+            raise ValueError(f"target_gflops must be a positive number, got {target_gflops!r}")
+        adapter = adapter_for(model)
+        device, dtype = input_placement(model)
+        images = torch.randn(1, 3, *adapter.input_size, device=device, dtype=dtype)
+        with evaluation_mode(model):  # counting runs it in eval mode; the caller's mode comes back
+            full = count_gflops(model, images=images)
+        fast = count_gflops(patch(shared_copy(model), **patch_kwargs), images=images)
+        if fast > target_gflops:
+            raise ValueError(f"the merged member alone costs {fast:.3f} GFLOPs, over the budget of "
+                             f"{target_gflops:.3f}: merge more (a larger r)")
+        if target_gflops > fast + full:
+            raise ValueError(f"a budget of {target_gflops:.3f} GFLOPs is more than the merged pass and the "
+                             f"unmodified one together ({fast + full:.3f}): the unmodified model fits it")
+        return cls(model, fraction=(target_gflops - fast) / full, **patch_kwargs)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         logits = logits_of(self.fast(images))
