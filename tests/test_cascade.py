@@ -118,3 +118,22 @@ def test_for_budget_spends_the_budget_on_the_fallback():
     for bad in (0, -1.0, True, "1"):
         with pytest.raises(ValueError, match="target_gflops must be a positive number"):
             ConfidenceCascade.for_budget(model, bad, r=4)
+
+
+def test_for_budget_measures_a_per_image_member_on_the_images_given():
+    from tokenmerge.evaluation.flops import count_gflops
+    from tokenmerge.evaluation.thresholds import PerImageCost
+
+    model = _vit()
+    member = {"method": "atc", "r": 6, "options": {"threshold": [0.5, 0.5, 0.5]}}
+    images = _images(6)
+    full = count_gflops(model, image_size=32)
+    cost = PerImageCost(model, member, images, base_gflops=full)()[0].mean().item()
+    target = cost + 0.125 * full
+    cascade = ConfidenceCascade.for_budget(model, target, images=images, **member)
+    assert cascade.fraction == pytest.approx(0.125)
+    # The same member given as keywords, as tokenmerge.patch takes them.
+    same = ConfidenceCascade.for_budget(model, target, images=images, method="atc", r=6, threshold=[0.5] * 3)
+    assert same.fraction == pytest.approx(0.125)
+    with pytest.raises(ValueError, match="per-image member .* pass images="):
+        ConfidenceCascade.for_budget(model, target, **member)

@@ -111,28 +111,46 @@ class ConfidenceCascade(nn.Module):
         self.last_fallback: Optional[torch.Tensor] = None
 
     @classmethod
-    def for_budget(cls, model: nn.Module, target_gflops: float, **patch_kwargs) -> "ConfidenceCascade":
+    def for_budget(cls, model: nn.Module, target_gflops: float, images: Optional[torch.Tensor] = None,
+                   **patch_kwargs) -> "ConfidenceCascade":
         """The cascade by ``fraction`` whose mean counted GFLOPs per image is ``target_gflops``:
-        the merged member's (``patch_kwargs``) plus ``fraction`` x the unmodified model's, both
-        counted at the model's input size (:func:`tokenmerge.evaluation.flops.count_gflops`)."""
+        the merged member's (``patch_kwargs``) plus ``fraction`` x the unmodified model's.
+
+        A fixed member is counted at the model's input size
+        (:func:`tokenmerge.evaluation.flops.count_gflops`). A per-image member (ATC with a
+        ``threshold``) costs what its images need, so its mean is measured on ``images``
+        (``[N, 3, H, W]``, e.g. the calibration images its thresholds came from), each image as
+        it runs alone (:class:`tokenmerge.evaluation.thresholds.PerImageCost`).
+        """
         from .evaluation.flops import count_gflops
         from .evaluation.sweep import evaluation_mode
+        from .evaluation.thresholds import PerImageCost
 
         if isinstance(target_gflops, bool) or not isinstance(target_gflops, (int, float)) or not target_gflops > 0:
             raise ValueError(f"target_gflops must be a positive number, got {target_gflops!r}")
-        adapter = adapter_for(model)
+        cascade = cls(model, fraction=0.0, **patch_kwargs)
         device, dtype = input_placement(model)
-        images = torch.randn(1, 3, *adapter.input_size, device=device, dtype=dtype)
+        probe = torch.randn(1, 3, *adapter_for(model).input_size, device=device, dtype=dtype)
         with evaluation_mode(model):  # counting runs it in eval mode; the caller's mode comes back
-            full = count_gflops(model, images=images)
-        fast = count_gflops(patch(shared_copy(model), **patch_kwargs), images=images)
+            full = count_gflops(model, images=probe)
+        if adapter_for(cascade.fast).reducer.per_image:
+            if images is None:
+                raise ValueError("a per-image member (a threshold) costs what its images need: pass images= "
+                                 "(calibration images, e.g. those its thresholds were calibrated on)")
+            options = {k: v for k, v in patch_kwargs.items() if k not in ("method", "r", "options")}
+            config = {"method": patch_kwargs.get("method", "tome"), "r": patch_kwargs["r"],
+                      "options": {**(patch_kwargs.get("options") or {}), **options}}
+            fast = PerImageCost(model, config, images, base_gflops=full)()[0].mean().item()
+        else:
+            fast = count_gflops(cascade.fast, images=probe)
         if fast > target_gflops:
             raise ValueError(f"the merged member alone costs {fast:.3f} GFLOPs, over the budget of "
                              f"{target_gflops:.3f}: merge more (a larger r)")
         if target_gflops > fast + full:
             raise ValueError(f"a budget of {target_gflops:.3f} GFLOPs is more than the merged pass and the "
                              f"unmodified one together ({fast + full:.3f}): the unmodified model fits it")
-        return cls(model, fraction=(target_gflops - fast) / full, **patch_kwargs)
+        cascade.fraction = (target_gflops - fast) / full
+        return cascade
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         logits = logits_of(self.fast(images))
