@@ -7,6 +7,9 @@ batch, so load on the shared machine hits them alike. Each speedup is a ratio to
 unmodified model measured in the same run. ``--compile`` runs every model (the unmodified
 one too) through ``torch.compile``, times them one after another instead of interleaved,
 and reports each one's first call, which compiles it; ``--repeats 0`` times batch 1 only.
+``--cascade-fraction F`` adds, for each configuration, a ``tokenmerge.ConfidenceCascade`` of it
+by fraction (each batch runs ``floor(F x batch)`` images again unmodified; at batch 1 that is
+none, so its batch-1 row times the member alone).
 
     python benchmarks/per_image_speed.py --configs benchmarks/results/per_image/vit_tiny_r16/best.json --threads 1
 """
@@ -71,6 +74,8 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="time torch.compile'd models, one at a time")
     parser.add_argument("--dynamic", action="store_true", help="torch.compile(dynamic=True)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed batch-1 calls per model first")
+    parser.add_argument("--cascade-fraction", type=float, default=None,
+                        help="also time a ConfidenceCascade of each configuration by this fraction")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -83,6 +88,9 @@ def main() -> None:
               f"ATC r={args.r}": tokenmerge.patch(load_model(), method="atc", r=args.r)}
     for path in args.configs:
         models[str(path)] = tokenmerge.patch(load_model(), **json.loads(path.read_text()))
+        if args.cascade_fraction is not None:
+            models[f"cascade of {path}, fraction {args.cascade_fraction}"] = tokenmerge.ConfidenceCascade(
+                load_model(), fraction=args.cascade_fraction, **json.loads(path.read_text()))
     models = {name: model.eval() for name, model in models.items()}
     if args.compile:
         latency, batched, first_call = {}, {}, {}
