@@ -26,7 +26,7 @@ import timm
 import torch
 
 import tokenmerge
-from tokenmerge.cascade import ConfidenceCascade, cascade_gflops
+from tokenmerge.cascade import ConfidenceCascade, cascade_gflops, select_fallback
 from tokenmerge.evaluation.flops import count_gflops
 from tokenmerge.evaluation.throughput import measure_throughput
 from tokenmerge.evaluation.tune import read_config
@@ -60,12 +60,13 @@ def main() -> None:
         method, r, fraction = spec.split(":")
         name = f"cascade {method} r={r}, fraction {fraction}"
         variants[name] = ConfidenceCascade(build(), method=method, r=int(r), fraction=float(fraction)).eval()
-        gflops[name] = cascade_gflops(count_gflops(variants[name].fast), gflops["unmodified"],
-                                      int(float(fraction) * args.batch_size) / args.batch_size)
+        # The share of each batch the cascade itself picks (select_fallback's rounding).
+        share = select_fallback(torch.zeros(args.batch_size), fraction=float(fraction)).float().mean().item()
+        gflops[name] = cascade_gflops(count_gflops(variants[name].fast), gflops["unmodified"], share)
     speed = measure_throughput(variants, batch_size=args.batch_size, warmup=3, repeats=args.repeats)
     base = speed["unmodified"]["images_per_s"]
     rows = []
-    for name, model in variants.items():
+    for name in variants:
         rows.append({"variant": name, "gflops": gflops[name], "images_per_s": speed[name]["images_per_s"],
                      "speedup": speed[name]["images_per_s"] / base})
         print(f"{name:60s} {rows[-1]['gflops']:.3f} GFLOPs  {rows[-1]['images_per_s']:7.1f} im/s  x{rows[-1]['speedup']:.2f}")
